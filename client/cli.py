@@ -1,0 +1,260 @@
+"""``zmesh``: run the daemons and manage the mesh from a terminal or a script.
+
+Tables for people, ``--json`` for scripts.  Every error is one line,
+``error: CODE: message``, and the exit code is the error's stable
+``exit_code`` (see docs/cli.md).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+
+from mesh.config import Settings, default_db, default_manager
+from mesh.errors import InvalidArgument, MeshError
+
+manager_option = click.option("--manager", "-m", default=None, metavar="ADDR",
+                              help="Manager address (default: $ZMESH_MANAGER or tcp://127.0.0.1:5555).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a MeshError as one line and exit with its code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MeshError as exc:
+            click.echo(f"error: {exc.code}: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _client(manager: Optional[str]):
+    from .api import Client
+    return Client(manager or default_manager())
+
+
+def _labels(values: Sequence[str]) -> Dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"labels look like key=value, got {v!r}", param_hint="--label")
+        out[key] = val
+    return out
+
+
+def _when(ts: Optional[float]) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _table(rows: List[Dict[str, Any]], columns: List[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(r.get(c, "")) for c in columns])
+    Console().print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zeromesh", message="zeromesh %(version)s")
+def main() -> None:
+    """zeromesh: a ZeroMQ executor mesh for Python."""
+
+
+# -- daemons -----------------------------------------------------------------------
+@main.command()
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True,
+              help="Endpoint to bind (tcp://HOST:PORT, tcp://HOST:* for any port, ipc://PATH).")
+@click.option("--db", default=None, help="SQLite database (default: $ZMESH_DB or ~/.local/share/zeromesh/manager.db).")
+@click.option("--endpoint-file", default=None, help="Write the bound endpoint here once serving.")
+@click.option("--log-level", default=None)
+def manager(bind: str, db: Optional[str], endpoint_file: Optional[str], log_level: Optional[str]) -> None:
+    """Run the session manager in the foreground."""
+    from mesh import log
+    from mesh.manager import run
+    log.setup(log_level or "")
+    run(bind, db or os.environ.get("ZMESH_DB") or default_db(), Settings.load(), endpoint_file)
+
+
+@main.command()
+@manager_option
+@click.option("--slots", type=click.IntRange(1, 4096), default=None,
+              help="Instances this executor runs at once (default: CPU count).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label for placement; repeatable.")
+@click.option("--name", default=None, help="Executor id (default: HOSTNAME-RANDOM).")
+@click.option("--log-level", default=None)
+def executor(manager: Optional[str], slots: Optional[int], labels: Sequence[str], name: Optional[str],
+             log_level: Optional[str]) -> None:
+    """Run an executor daemon in the foreground (one per machine)."""
+    from executor.daemon import ExecutorDaemon
+    from mesh import log
+    log.setup(log_level or "")
+    daemon = ExecutorDaemon(manager or default_manager(), slots or os.cpu_count() or 1, _labels(labels), name)
+    sys.exit(daemon.run())
+
+
+@main.command()
+@click.option("--executors", "-n", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--slots", type=click.IntRange(1, 4096), default=2, show_default=True, help="Slots per executor.")
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option("--db", default=None, help="SQLite database (default: a fresh one in a temporary directory).")
+def up(executors: int, slots: int, bind: str, db: Optional[str]) -> None:
+    """Run a manager and executors on this machine in the foreground (Ctrl-C stops them)."""
+    from .local import LocalMesh
+    mesh = LocalMesh(executors=executors, slots=slots, db=db, bind=bind)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        mesh.start()
+        click.echo(f"zeromesh up: manager {mesh.endpoint}, {executors} executors x {slots} slots, "
+                   f"db {mesh.db}, logs {mesh.log_dir}")
+        click.echo(f"try: ZMESH_MANAGER={mesh.endpoint} zmesh list -e")
+        while not stop["now"]:
+            if mesh.manager is not None and mesh.manager.poll() is not None:
+                raise click.ClickException(f"the manager exited; see {mesh.log_dir}/manager.log")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    except MeshError as exc:
+        click.echo(f"error: {exc.code}: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    finally:
+        mesh.stop()
+
+
+# -- registry ------------------------------------------------------------------------
+@main.command()
+@manager_option
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False), help="Application spec (YAML).")
+@click.option("--replace", is_flag=True, help="Replace an application of the same name.")
+@json_option
+@_errors
+def register(manager: Optional[str], path: str, replace: bool, as_json: bool) -> None:
+    """Register an application from its YAML spec."""
+    from mesh.spec import load_spec
+    spec = load_spec(path)
+    with _client(manager) as c:
+        app = c.register_application(spec, replace=replace)
+    click.echo(json.dumps(app) if as_json else f"registered {app['name']}")
+
+
+@main.command()
+@manager_option
+@click.option("-a", "--app", "name", required=True, help="Application name.")
+@_errors
+def unregister(manager: Optional[str], name: str) -> None:
+    """Remove an application from the registry."""
+    with _client(manager) as c:
+        c.unregister_application(name)
+    click.echo(f"unregistered {name}")
+
+
+# -- listings ------------------------------------------------------------------------
+KINDS = {
+    "a": ("applications", ["name", "command", "labels", "created"]),
+    "s": ("sessions", ["id", "application", "state", "pending", "running", "succeeded", "failed", "created"]),
+    "e": ("executors", ["id", "state", "hostname", "slots", "used_slots", "cpu", "memory", "gpu", "labels"]),
+}
+
+
+def _kind(a: bool, s: bool, e: bool) -> str:
+    chosen = [k for k, on in (("a", a), ("s", s), ("e", e)) if on]
+    if len(chosen) != 1:
+        raise click.UsageError("choose one of -a (applications), -s (sessions), -e (executors)")
+    return chosen[0]
+
+
+def _rows(kind: str, c: Any) -> List[Dict[str, Any]]:
+    return {"a": c.list_applications, "s": c.list_sessions, "e": c.list_executors}[kind]()
+
+
+def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
+    from mesh.resources import format_bytes
+    r = dict(r)
+    r["created"] = _when(r.get("created_at"))
+    if kind == "e":
+        r["memory"] = format_bytes(r.get("memory") or 0)
+    if isinstance(r.get("labels"), dict):
+        r["labels"] = ",".join(f"{k}={v}" for k, v in r["labels"].items()) or "-"
+    return r
+
+
+@main.command(name="list")
+@manager_option
+@click.option("-a", "apps", is_flag=True, help="Applications.")
+@click.option("-s", "sessions", is_flag=True, help="Sessions.")
+@click.option("-e", "executors", is_flag=True, help="Executors.")
+@json_option
+@_errors
+def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, as_json: bool) -> None:
+    """List applications (-a), sessions (-s) or executors (-e)."""
+    kind = _kind(apps, sessions, executors)
+    with _client(manager) as c:
+        rows = _rows(kind, c)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    title, columns = KINDS[kind]
+    _table([_human(kind, r) for r in rows], columns, title)
+
+
+@main.command()
+@manager_option
+@click.option("-a", "--app", "app", default=None, help="Application name.")
+@click.option("-s", "--session", "session", default=None, help="Session id.")
+@click.option("-e", "--executor", "executor_id", default=None, help="Executor id.")
+@json_option
+@_errors
+def view(manager: Optional[str], app: Optional[str], session: Optional[str], executor_id: Optional[str],
+         as_json: bool) -> None:
+    """Show one application, session or executor in full."""
+    from mesh.errors import NotFound
+    chosen = [(k, v) for k, v in (("a", app), ("s", session), ("e", executor_id)) if v]
+    if len(chosen) != 1:
+        raise click.UsageError("choose one of -a NAME, -s SESSION_ID, -e EXECUTOR_ID")
+    kind, key = chosen[0]
+    with _client(manager) as c:
+        if kind == "a":
+            obj = c.get_application(key)
+        elif kind == "s":
+            obj = c.get_session(key)
+        else:
+            obj = next((e for e in c.list_executors() if e["id"] == key), None)
+    if obj is None:
+        raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
+    if as_json:
+        click.echo(json.dumps(obj, default=str))
+        return
+    for k, v in _human(kind, obj).items():
+        if k not in ("spec", "capabilities"):
+            click.echo(f"{k:>18}: {v}")
+
+
+@main.command()
+@manager_option
+@click.option("-s", "--session", "session", required=True, help="Session id.")
+@_errors
+def close(manager: Optional[str], session: str) -> None:
+    """Close a session: pending tasks are cancelled, its instances released."""
+    with _client(manager) as c:
+        info = c.close_session(session)
+    click.echo(f"closed {info['id']} ({info['succeeded']} succeeded, {info['failed']} failed, "
+               f"{info['cancelled']} cancelled)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""One DEALER connection to the manager, shared safely by many threads.
+
+ZeroMQ sockets are not thread-safe, so one I/O thread owns the socket.  Caller
+threads append to a queue and wake the I/O thread through a pipe (at most one
+wake-up byte per batch).  The I/O thread drains the queue into as few messages
+as possible (all submits of one session go out as one SUBMIT), drains every
+received message per wake-up, and resolves ``concurrent.futures.Future``s.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+import zmq
+
+from mesh.config import Settings, default_manager
+from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, Unavailable, from_wire
+from mesh.protocol import Cmd, decode, encode
+
+log = logging.getLogger("zeromesh.client")
+
+MAX_BATCH = 1024  # tasks per SUBMIT message
+
+
+class Connection:
+    def __init__(self, manager: Optional[str] = None, settings: Optional[Settings] = None) -> None:
+        self.manager = manager or default_manager()
+        self.settings = settings or Settings.load()
+        self._out: Deque[Tuple[Any, ...]] = collections.deque()
+        self._calls: Dict[int, Tuple[concurrent.futures.Future, float, str]] = {}
+        self._tasks: Dict[int, Tuple[concurrent.futures.Future, Callable[[bytes], Any]]] = {}
+        self._rids = itertools.count(1)
+        self._tags = itertools.count(1)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._closed = False
+        self._ctx = zmq.Context.instance()
+        self._thread = threading.Thread(target=self._io, name="zmesh-io", daemon=True)
+        self._started = threading.Event()
+        self._thread.start()
+        self._started.wait(5)
+
+    # -- caller side (any thread) --------------------------------------------------
+    def call(self, method: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
+        """A control call; raises the manager's typed error, or Unavailable on silence."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        limit = self.settings.request_timeout if timeout is None else timeout
+        self._push(("call", method, args or {}, fut, time.monotonic() + limit))
+        return fut.result()
+
+    def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._push(("task", sid, payload, fut, decode_result))
+        return fut
+
+    def _push(self, item: Tuple[Any, ...]) -> None:
+        if self._closed:
+            raise Unavailable("this connection is closed")
+        self._out.append(item)
+        if not self._wake_pending:
+            with self._wake_lock:
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- I/O thread ---------------------------------------------------------------------
+    def _io(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self.manager)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._started.set()
+        try:
+            while not self._closed:
+                poller.poll(timeout=100 if self._calls else 500)
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                self._wake_pending = False
+                self._send_queued(sock)
+                self._receive(sock)
+                if self._calls:
+                    self._expire_calls()
+        finally:
+            sock.close(linger=0)
+            self._fail_all(Unavailable("the connection to the manager was closed"))
+
+    def _send_queued(self, sock: zmq.Socket) -> None:
+        out = self._out
+        batches: Dict[str, Tuple[List[int], List[Any]]] = {}
+        while out:
+            item = out.popleft()
+            if item[0] == "task":
+                _, sid, payload, fut, decode_result = item
+                tag = next(self._tags)
+                self._tasks[tag] = (fut, decode_result)
+                tags, frames = batches.setdefault(sid, ([], []))
+                tags.append(tag)
+                frames.append(payload)
+                if len(tags) >= MAX_BATCH:
+                    self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
+                    del batches[sid]
+            else:
+                _, method, args, fut, deadline = item
+                rid = next(self._rids)
+                self._calls[rid] = (fut, deadline, method)
+                self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args})
+        for sid, (tags, frames) in batches.items():
+            self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
+
+    def _send(self, sock: zmq.Socket, cmd: Cmd, header: Any, payloads: List[Any] = ()) -> None:  # type: ignore[assignment]
+        sock.send_multipart(encode(cmd, header, payloads), copy=False)
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        for _ in range(10000):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frames)
+            except ProtocolError as exc:
+                log.warning("bad message from manager: %s", exc)
+                continue
+            if msg.cmd is Cmd.RESULT:
+                for (tag, err), payload in zip(msg.header[1], msg.payloads):
+                    entry = self._tasks.pop(tag, None)
+                    if entry is None:
+                        continue
+                    fut, decode_result = entry
+                    if err is not None:
+                        fut.set_exception(from_wire(err))
+                        continue
+                    try:
+                        fut.set_result(decode_result(payload))
+                    except Exception as exc:  # the result class may be unknown here
+                        fut.set_exception(exc)
+            elif msg.cmd is Cmd.REPLY:
+                h = msg.header
+                entry = self._calls.pop(h["rid"], None)
+                if entry is None:
+                    if h["rid"] == -1:
+                        log.warning("manager rejected a message: %s", (h.get("error") or {}).get("message"))
+                    continue
+                fut = entry[0]
+                if h["ok"]:
+                    fut.set_result(h.get("result"))
+                else:
+                    fut.set_exception(from_wire(h.get("error")))
+
+    def _expire_calls(self) -> None:
+        now = time.monotonic()
+        for rid, (fut, deadline, method) in list(self._calls.items()):
+            if now > deadline:
+                del self._calls[rid]
+                fut.set_exception(Unavailable(
+                    f"the manager at {self.manager} did not answer {method!r} in time; is it running?",
+                    manager=self.manager, method=method))
+
+    def _fail_all(self, exc: MeshError) -> None:
+        for fut, *_ in list(self._calls.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+        for fut, _ in list(self._tasks.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+        self._calls.clear()
+        self._tasks.clear()
+        while self._out:
+            item = self._out.popleft()
+            fut = item[3]
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+__all__ = ["Connection", "DeadlineExceeded"]

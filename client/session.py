@@ -1,0 +1,115 @@
+"""``Session``: the user's handle on one job of one application.
+
+Requests are cloudpickled in the caller's thread and travel to an instance as
+opaque bytes; responses come back the same way.  The context is encoded as a
+msgpack document when it is one (so the mesh can patch it) and cloudpickled
+whole otherwise (see docs/context.md).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Dict, List, Optional
+
+import cloudpickle
+
+from mesh import patch
+from mesh.errors import DeadlineExceeded
+from mesh.protocol import pack, unpack
+
+from .connection import Connection
+
+
+def encode_context(value: Any) -> Dict[str, Any]:
+    if patch.is_document(value):
+        return {"kind": "doc", "context": pack(value)}
+    return {"kind": "blob", "context": cloudpickle.dumps(value)}
+
+
+def decode_context(kind: str, data: bytes) -> Any:
+    return unpack(data) if kind == "doc" else cloudpickle.loads(data)
+
+
+class Session:
+    """Open a new session of application ``name``, or reopen ``session_id``.
+
+    Thread-safe: many threads may submit through one session; all tasks share
+    one connection to the manager.
+    """
+
+    def __init__(self, name: Optional[str] = None, *, session_id: Optional[str] = None, ctx: Any = None,
+                 resreq: Optional[Dict[str, Any]] = None, manager: Optional[str] = None,
+                 connection: Optional[Connection] = None) -> None:
+        if (name is None) == (session_id is None):
+            raise ValueError("Session takes an application name or session_id=..., exactly one of them")
+        self._own = connection is None
+        self._conn = connection or Connection(manager)
+        try:
+            if session_id is not None:
+                info = self._conn.call("open_session", {"id": session_id})
+            else:
+                args: Dict[str, Any] = {"app": name, "resreq": resreq}
+                if ctx is not None:
+                    args.update(encode_context(ctx))
+                info = self._conn.call("create_session", args)
+        except BaseException:
+            if self._own:
+                self._conn.close()
+            raise
+        self._id: str = info["id"]
+        self.application: str = info["application"]
+        self._closed = False
+
+    def id(self) -> str:
+        return self._id
+
+    def submit(self, req: Any = None) -> "concurrent.futures.Future[Any]":
+        """Queue one task; the future resolves to the entrypoint's return value or raises its error."""
+        return self._conn.submit(self._id, cloudpickle.dumps(req), cloudpickle.loads)
+
+    def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
+        fut = self.submit(req)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceeded(f"no result within {timeout}s (the task keeps running)",
+                                   session=self._id) from None
+
+    def map(self, reqs: Any, timeout: Optional[float] = None) -> List[Any]:
+        futs = [self.submit(r) for r in reqs]
+        return [f.result(timeout) for f in futs]
+
+    def context(self) -> Any:
+        r = self._conn.call("get_context", {"id": self._id})
+        return decode_context(r["kind"], r["data"])
+
+    def update_context(self, value: Any) -> int:
+        """Replace the context; returns its new version."""
+        if patch.is_document(value):
+            return self._conn.call("write_context", {"id": self._id, "value": pack(value)})["version"]
+        return self._conn.call("write_context", {"id": self._id, "blob": cloudpickle.dumps(value)})["version"]
+
+    def patch_context(self, ops: List[Dict[str, Any]]) -> int:
+        patch.validate_ops(ops)
+        return self._conn.call("write_context", {"id": self._id, "ops": list(ops)})["version"]
+
+    def info(self) -> Dict[str, Any]:
+        return self._conn.call("get_session", {"id": self._id})
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.call("close_session", {"id": self._id})
+        finally:
+            if self._own:
+                self._conn.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session({self._id!r})"

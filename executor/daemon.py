@@ -1,0 +1,238 @@
+"""The executor daemon: one per machine.  Advertises capabilities, launches
+and supervises service instances, reports their exits.
+
+Instances talk to the manager directly over their own DEALER sockets (tasks do
+not pass through this process); the daemon only owns their lifecycle.  It is a
+plain blocking loop: a poller on the manager socket with a short timeout, in
+which it also reaps child processes.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import zmq
+
+from mesh.config import Settings
+from mesh.errors import ProtocolError
+from mesh.log import event
+from mesh.protocol import Cmd, decode, encode
+from mesh.spec import AppSpec
+
+from .capabilities import detect
+
+log = logging.getLogger("zeromesh.executor")
+
+STDERR_TAIL = 2000  # bytes of a crashed instance's stderr reported to the manager
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it if the executor dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # own process group: the executor can stop the instance's children too
+
+
+@dataclass
+class Child:
+    iid: str
+    app: str
+    proc: subprocess.Popen
+    log_path: str
+    stopping: bool = False
+    kill_at: float = 0.0
+
+
+class ExecutorDaemon:
+    def __init__(self, manager: str, slots: int, labels: Optional[Dict[str, str]] = None,
+                 name: Optional[str] = None, settings: Optional[Settings] = None,
+                 run_dir: Optional[str] = None) -> None:
+        self.manager = manager
+        self.slots = slots
+        self.labels = dict(labels or {})
+        self.id = name or f"{socket.gethostname()}-{secrets.token_hex(2)}"
+        self.settings = settings or Settings.load()
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
+        self.children: Dict[str, Child] = {}
+        self._running = True
+        self.ctx = zmq.Context.instance()
+        self.sock: Optional[zmq.Socket] = None
+        self.heartbeat = self.settings.heartbeat_interval
+        self.liveness = self.settings.liveness
+
+    # -- connection --------------------------------------------------------
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        s.connect(self.manager)
+        self.sock = s
+        self._send(Cmd.EXEC_HELLO, {"id": self.id, "caps": detect(self.slots, self.labels)})
+        self.last_heard = time.monotonic()
+        self.last_sent = time.monotonic()
+
+    def _send(self, cmd: Cmd, header: object) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(encode(cmd, header), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected yet; the heartbeat/hello cycle covers it
+        self.last_sent = time.monotonic()
+
+    # -- instances ---------------------------------------------------------
+    def _launch(self, iid: str, app: AppSpec) -> None:
+        env = dict(os.environ)
+        env.update(app.environments)
+        env.update({"ZMESH_MANAGER": self.manager, "ZMESH_INSTANCE_ID": iid, "ZMESH_EXECUTOR_ID": self.id,
+                    "ZMESH_APP": app.name})
+        # The executor's own Python environment comes first on PATH, so `command: python3` finds zeromesh.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        log_path = os.path.join(self.run_dir, f"{iid}.log")
+        try:
+            with open(log_path, "wb") as out:
+                proc = subprocess.Popen([app.command, *app.arguments], cwd=app.working_directory or None,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        preexec_fn=_die_with_parent)
+        except OSError as exc:
+            where = f" in {app.working_directory}" if app.working_directory else ""
+            self._send(Cmd.EXITED, {"iid": iid, "code": -1,
+                                    "reason": f"cannot start {app.command!r}{where}: {exc.strerror or exc}"})
+            return
+        self.children[iid] = Child(iid, app.name, proc, log_path)
+        event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid)
+
+    def _stop(self, iid: str, grace: float = 5.0) -> None:
+        child = self.children.get(iid)
+        if child is None:
+            self._send(Cmd.EXITED, {"iid": iid, "code": 0, "reason": "stopped"})
+            return
+        child.stopping = True
+        child.kill_at = time.monotonic() + grace
+        try:
+            os.killpg(child.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for iid, child in list(self.children.items()):
+            code = child.proc.poll()
+            if code is None:
+                if child.stopping and now >= child.kill_at:
+                    try:
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                continue
+            del self.children[iid]
+            if child.stopping:
+                reason = "stopped"
+            else:
+                reason = f"instance exited with code {code}" + _tail(child.log_path)
+                event(log, logging.WARNING, "instance crashed", instance=iid, code=code)
+            self._send(Cmd.EXITED, {"iid": iid, "code": code, "reason": reason})
+
+    def _stop_all(self, grace: float) -> None:
+        for iid in list(self.children):
+            self._stop(iid, grace)
+        deadline = time.monotonic() + grace + 1.0
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        for child in self.children.values():
+            try:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- main loop -----------------------------------------------------------
+    def _on_message(self, frames: List[bytes]) -> None:
+        msg = decode(frames)
+        self.last_heard = time.monotonic()
+        h = msg.header
+        if msg.cmd is Cmd.WELCOME:
+            self.heartbeat = h["heartbeat_ms"] / 1000.0
+            self.liveness = h["liveness"]
+            event(log, logging.INFO, "joined manager", executor=self.id, manager=self.manager)
+        elif msg.cmd is Cmd.LAUNCH:
+            try:
+                app = AppSpec.from_dict(h["app"])
+            except Exception as exc:
+                self._send(Cmd.EXITED, {"iid": h["iid"], "code": -1, "reason": f"bad application spec: {exc}"})
+                return
+            self._launch(h["iid"], app)
+        elif msg.cmd is Cmd.STOP:
+            self._stop(h["iid"])
+        elif msg.cmd is Cmd.GONE:
+            event(log, logging.WARNING, "manager does not know us; rejoining", reason=h["reason"])
+            self._stop_all(grace=1.0)
+            self._connect()
+        elif msg.cmd is Cmd.HEARTBEAT:
+            pass
+        else:
+            raise ProtocolError(f"{msg.cmd.name} is not sent to executors")
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self._connect()
+        event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots)
+        poller = zmq.Poller()
+        while self._running:
+            assert self.sock is not None
+            poller.register(self.sock, zmq.POLLIN)
+            ready = dict(poller.poll(timeout=50))
+            poller.unregister(self.sock)
+            if self.sock in ready:
+                for _ in range(1000):
+                    try:
+                        frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        self._on_message(frames)
+                    except ProtocolError as exc:
+                        event(log, logging.WARNING, "bad message from manager", error=str(exc))
+            self._reap()
+            now = time.monotonic()
+            if now - self.last_sent >= self.heartbeat:
+                self._send(Cmd.HEARTBEAT, {"labels": self.labels})
+            if now - self.last_heard > self.heartbeat * self.liveness:
+                event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(now - self.last_heard, 1))
+                self._stop_all(grace=1.0)
+                self._connect()
+        self._stop_all(grace=5.0)
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        event(log, logging.INFO, "executor stopped", executor=self.id)
+        return 0
+
+    def stop(self) -> None:
+        self._running = False
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - STDERR_TAIL))
+            text = f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return f"; output ends with:\n{text}" if text else ""

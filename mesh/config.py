@@ -1,0 +1,66 @@
+"""Every timer and limit of the mesh, named, documented and overridable.
+
+Values come from the dataclass defaults, then from ``ZMESH_<NAME>`` environment
+variables (so tests and systemd units can shrink or raise them without code),
+then from explicit keyword arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+DEFAULT_MANAGER = "tcp://127.0.0.1:5555"
+
+
+def default_manager() -> str:
+    """Where clients look for the manager: ``ZMESH_MANAGER`` or loopback:5555."""
+    return os.environ.get("ZMESH_MANAGER") or DEFAULT_MANAGER
+
+
+def default_db() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "zeromesh", "manager.db")
+
+
+@dataclass(frozen=True)
+class Settings:
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats each side sends when it has nothing else to say."""
+    liveness: int = 3
+    """Missed heartbeat intervals after which a silent peer is declared dead."""
+    prefetch: int = 16
+    """Tasks kept queued ahead at each instance (credit); an app spec may override it."""
+    flush_interval: float = 0.02
+    """Seconds between group commits of task and context changes to SQLite."""
+    idle_timeout: float = 60.0
+    """Seconds an instance bound to no session is kept warm before it is stopped."""
+    max_message_size: int = 256 * 1024 * 1024
+    """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
+    request_timeout: float = 10.0
+    """Seconds a client waits for a control reply before raising Unavailable."""
+    snapshot_every: int = 200
+    """Context patches between two snapshots written to the patch log."""
+    instance_start_timeout: float = 30.0
+    """Seconds a launched instance has to say hello before it counts as crashed."""
+    restart_backoff: float = 0.5
+    """Seconds an executor waits before it reports a crashed instance's slot free again."""
+
+    @classmethod
+    def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in fields(cls):
+            raw = env.get("ZMESH_" + f.name.upper())
+            if raw is not None:
+                values[f.name] = type(f.default)(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def dead_after(self) -> float:
+        return self.heartbeat_interval * self.liveness

@@ -1,0 +1,221 @@
+"""Control calls (REQUEST -> REPLY): registry, sessions, contexts, listings.
+
+Rare compared with tasks, so clarity beats speed here.  Every handler takes
+the request's ``args`` map and returns a msgpack-able value or raises a
+:class:`MeshError`, which goes back to the caller with its stable code.
+Changes that a user acts on (register, create, close) are committed to SQLite
+before the reply is sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional
+
+from .context import DOC, KINDS, Document
+from .errors import (AlreadyExists, Cancelled, FailedPrecondition, Internal, InvalidArgument, MeshError,
+                     NotFound)
+from .log import event
+from .protocol import VERSION, Cmd, Message
+from .resources import Resources
+from .spec import AppSpec
+from .state import CANCELLED, CLOSED, OPEN, App, Session
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+log = logging.getLogger("zeromesh.manager")
+
+
+def _arg(args: Dict[str, Any], name: str, typ: type, required: bool = True) -> Any:
+    if name not in args or args[name] is None:
+        if required:
+            raise InvalidArgument(f"argument {name!r} is required", argument=name)
+        return None
+    value = args[name]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise InvalidArgument(f"argument {name!r} must be {typ.__name__}", argument=name)
+    return value
+
+
+class Control:
+    def __init__(self, manager: "Manager") -> None:
+        self.m = manager
+        self.methods: Dict[str, Callable[[Dict[str, Any]], Any]] = {
+            name[3:]: getattr(self, name) for name in dir(self) if name.startswith("do_")
+        }
+
+    def handle(self, identity: bytes, msg: Message) -> None:
+        rid, method, args = msg.header["rid"], msg.header["method"], msg.header["args"]
+        fn = self.methods.get(method)
+        if fn is None:
+            self._reply(identity, rid, error=InvalidArgument(f"unknown method {method!r}", method=method))
+            return
+        try:
+            result = fn(args)
+        except MeshError as exc:
+            self._reply(identity, rid, error=exc)
+            return
+        except Exception as exc:
+            log.exception("control call %s failed", method)
+            self._reply(identity, rid, error=Internal(f"{method} failed: {type(exc).__name__}: {exc}"))
+            return
+        if asyncio.iscoroutine(result):
+            asyncio.ensure_future(self._finish(identity, rid, method, result))
+        else:
+            self._reply(identity, rid, result=result)
+
+    async def _finish(self, identity: bytes, rid: int, method: str, coro: Awaitable[Any]) -> None:
+        try:
+            self._reply(identity, rid, result=await coro)
+        except MeshError as exc:
+            self._reply(identity, rid, error=exc)
+        except Exception as exc:
+            log.exception("control call %s failed", method)
+            self._reply(identity, rid, error=Internal(f"{method} failed: {type(exc).__name__}: {exc}"))
+        self.m.wake()
+
+    def _reply(self, identity: bytes, rid: int, result: Any = None, error: Optional[MeshError] = None) -> None:
+        if error is None:
+            self.m.send(identity, Cmd.REPLY, {"rid": rid, "ok": True, "result": result})
+        else:
+            self.m.send(identity, Cmd.REPLY, {"rid": rid, "ok": False, "error": error.to_wire()})
+
+    # -- helpers ------------------------------------------------------------------
+    def _app(self, name: str) -> App:
+        app = self.m.apps.get(name)
+        if app is None:
+            raise NotFound(f"application {name!r} is not registered", application=name)
+        return app
+
+    def _session(self, sid: str, open_only: bool = False) -> Session:
+        s = self.m.sessions.get(sid)
+        if s is None:
+            raise NotFound(f"session {sid!r} does not exist", session=sid)
+        if open_only and s.state != OPEN:
+            raise FailedPrecondition(f"session {sid!r} is closed", session=sid)
+        return s
+
+    # -- methods --------------------------------------------------------------------
+    def do_ping(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        return {"protocol": VERSION, "time": time.time(), "endpoint": self.m.endpoint}
+
+    def do_stats(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        return {**self.m.stats, "tasks_in_memory": len(self.m.tasks), "sessions": len(self.m.sessions),
+                "executors": len(self.m.executors), "instances": len(self.m.instances)}
+
+    async def do_register_app(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        spec = AppSpec.from_dict(_arg(args, "spec", dict))
+        replace = bool(args.get("replace", False))
+        old = self.m.apps.get(spec.name)
+        if old is not None and not replace:
+            raise AlreadyExists(f"application {spec.name!r} is already registered; unregister it or update it",
+                                application=spec.name)
+        created = old.created_at if old else time.time()
+        await self.m.writer.call(self.m.store.put_app, spec.name, spec.to_dict(), created)
+        self.m.apps[spec.name] = App(spec, created)
+        event(log, logging.INFO, "application registered", application=spec.name)
+        return self.m.apps[spec.name].view()
+
+    async def do_unregister_app(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        name = _arg(args, "name", str)
+        self._app(name)
+        open_sessions = [s.id for s in self.m.sessions.values() if s.app == name and s.state == OPEN]
+        if open_sessions:
+            raise FailedPrecondition(
+                f"application {name!r} has {len(open_sessions)} open session(s) ({', '.join(open_sessions[:3])}); "
+                "close them first", application=name, sessions=open_sessions)
+        await self.m.writer.call(self.m.store.delete_app, name)
+        self.m.apps.pop(name, None)
+        for inst in list(self.m.instances.values()):
+            if inst.app == name and not inst.stopping:
+                self.m.stop_instance(inst)
+        event(log, logging.INFO, "application unregistered", application=name)
+        return {"name": name}
+
+    def do_get_app(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self._app(_arg(args, "name", str)).view()
+
+    def do_list_apps(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [a.view() for a in sorted(self.m.apps.values(), key=lambda a: a.spec.name)]
+
+    async def do_create_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        app = self._app(_arg(args, "app", str))
+        kind = _arg(args, "kind", str, required=False) or DOC
+        if kind not in KINDS:
+            raise InvalidArgument(f"context kind must be one of {KINDS}", argument="kind")
+        data = _arg(args, "context", bytes, required=False)
+        doc = Document.from_wire(kind, data) if data is not None else Document()
+        resreq = args.get("resreq")
+        req = Resources.parse(resreq) if resreq else app.spec.resreq
+        sid = _arg(args, "session_id", str, required=False)
+        if sid is None:
+            sid = f"{app.spec.name}-{secrets.token_hex(3)}"
+            while sid in self.m.sessions:
+                sid = f"{app.spec.name}-{secrets.token_hex(3)}"
+        elif sid in self.m.sessions:
+            raise AlreadyExists(f"session {sid!r} already exists", session=sid)
+        now = time.time()
+        s = Session(sid, app.spec.name, req, now, doc)
+        await self.m.writer.call(self._persist_new_session, s)
+        self.m.sessions[sid] = s
+        event(log, logging.INFO, "session opened", session=sid, application=app.spec.name)
+        return s.view()
+
+    def _persist_new_session(self, s: Session) -> None:
+        store = self.m.store
+        with store.db:
+            store.put_session(s.id, s.app, s.state, s.created_at, None, s.resreq.to_dict(), s.owner)
+            store.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
+                             (s.id, 0, s.context.kind, s.context.encoded()))
+
+    def do_get_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self._session(_arg(args, "id", str)).view()
+
+    def do_open_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        return self._session(_arg(args, "id", str), open_only=True).view()
+
+    def do_list_sessions(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [s.view() for s in sorted(self.m.sessions.values(), key=lambda s: s.created_at)]
+
+    async def do_close_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        s = self._session(_arg(args, "id", str))
+        if s.state == OPEN:
+            s.state = CLOSED
+            s.closed_at = time.time()
+            while s.pending:
+                t = self.m.tasks.get(s.pending.popleft())
+                if t is not None:
+                    self.m.fail_task(t, Cancelled(f"session {s.id!r} was closed", session=s.id), CANCELLED)
+            await self.m.writer.call(self.m.store.put_session, s.id, s.app, s.state, s.created_at, s.closed_at,
+                                     s.resreq.to_dict(), s.owner)
+            self.m.writer.submit(self.m.store.drop_context, s.id)
+            self.m.plan_soon()
+            event(log, logging.INFO, "session closed", session=s.id)
+        return s.view()
+
+    def do_list_executors(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [e.view() for e in sorted(self.m.executors.values(), key=lambda e: e.id)]
+
+    def do_get_context(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        s = self._session(_arg(args, "id", str))
+        return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
+
+    def do_write_context(self, args: Dict[str, Any]) -> Dict[str, Any]:
+        s = self._session(_arg(args, "id", str), open_only=True)
+        ops = _arg(args, "ops", list, required=False)
+        blob = _arg(args, "blob", bytes, required=False)
+        if blob is None and ops is None:
+            value = _arg(args, "value", bytes, required=False)
+            if value is None:
+                raise InvalidArgument("write_context needs 'ops', 'blob' or 'value'")
+            ops = [{"op": "replace", "path": "", "value": Document.from_wire(DOC, value).value}]
+        try:
+            version = self.m.apply_context_write(s, ops, blob)
+        except MeshError as exc:
+            if exc.code == "conflict":
+                s.conflicts += 1
+            raise
+        return {"version": version}

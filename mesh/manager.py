@@ -1,0 +1,576 @@
+"""The session manager: one asyncio (uvloop) process, one ROUTER socket.
+
+Clients, executors and service instances all connect with DEALER sockets.  The
+hot path (SUBMIT -> TASKS -> DONE -> RESULT) moves payload frames untouched:
+nothing is unpickled here.  Each wake-up drains every message already queued;
+each instance is kept ``prefetch`` tasks ahead (credit), so instances never
+wait for a round trip to the manager.  Placement decisions come from
+:mod:`mesh.scheduler`; control calls are handled by :mod:`mesh.control`;
+persistence is group-committed by :mod:`mesh.store` on its own thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import zmq
+
+from . import scheduler
+from .config import Settings
+from .context import Document
+from .errors import MeshError, ProtocolError, TaskFailed
+from .log import event
+from .protocol import Cmd, Message, decode, encode, pack, unpack
+from .resources import Resources
+from .spec import AppSpec
+from .state import (ALIVE, CANCELLED, CLOSED, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
+                    Instance, Session, Task)
+from .store import Batch, Store, Writer
+
+log = logging.getLogger("zeromesh.manager")
+
+DRAIN_BATCH = 4096  # messages handled per wake-up before timers get a turn
+
+
+class Manager:
+    def __init__(self, bind: str, db: str, settings: Optional[Settings] = None) -> None:
+        self.settings = settings or Settings.load()
+        self.bind_addr = bind
+        self.store = Store(db)
+        self.writer = Writer(self.store)
+        self.apps: Dict[str, App] = {}
+        self.sessions: Dict[str, Session] = {}
+        self.executors: Dict[str, Executor] = {}
+        self.instances: Dict[str, Instance] = {}
+        self.peers: Dict[bytes, Any] = {}          # identity -> Executor | Instance
+        self.tasks: Dict[int, Task] = {}
+        self.batch = Batch()
+        self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
+                                      "tasks_submitted": 0, "tasks_finished": 0, "send_failures": 0}
+        self._iids = itertools.count(1)
+        self._plan_pending = False
+        self._closing = False
+        self.endpoint = ""
+        self._load()
+        from .control import Control  # control handlers need the manager's state; imported late to stay one-way
+        self.control = Control(self)
+
+    # -- start-up ------------------------------------------------------------
+    def _load(self) -> None:
+        """Reload registry, open sessions, contexts and unfinished tasks from SQLite."""
+        for name, spec, created in self.store.load_apps():
+            self.apps[name] = App(AppSpec.from_dict(spec), created)
+        for rec in self.store.load_sessions():
+            if rec["state"] != OPEN:
+                continue
+            doc = Document()
+            saved = self.store.load_context(rec["id"])
+            if saved is not None:
+                kind, version, data, patches = saved
+                doc = Document.from_wire(kind, data, version)
+                doc.replay(patches)
+            self.sessions[rec["id"]] = Session(rec["id"], rec["app"], Resources.parse(rec["resreq"]),
+                                               rec["created_at"], doc, owner=rec["owner"])
+        self._next_tid = itertools.count(self.store.max_task_id() + 1)
+        for tid, sid, attempts, payload in self.store.load_unfinished_tasks():
+            s = self.sessions.get(sid)
+            if s is None or payload is None:
+                continue
+            t = Task(tid, sid, b"", -1, payload, attempts)
+            self.tasks[tid] = t
+            s.pending.append(tid)
+
+    # -- socket plumbing -----------------------------------------------------
+    def _open_socket(self) -> None:
+        self.ctx = zmq.Context.instance()
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a send to a vanished peer raises instead of vanishing
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_size)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.bind(self.bind_addr)
+        self.endpoint = s.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.sock = s
+
+    def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:
+        try:
+            self.sock.send_multipart([identity, *encode(cmd, header, payloads)], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN
+            self.stats["send_failures"] += 1
+            event(log, logging.DEBUG, "send failed", cmd=cmd.name, error=exc.strerror)
+            return False
+
+    def wake(self) -> None:
+        """Re-check the socket after sending outside the reader (the FD is edge-triggered)."""
+        self.loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            self.stats["messages_in"] += 1
+            identity = frames[0]
+            try:
+                msg = decode(frames[1:])
+            except ProtocolError as exc:
+                self._protocol_error(identity, exc)
+                continue
+            try:
+                self._handle(identity, msg)
+            except ProtocolError as exc:
+                self._protocol_error(identity, exc)
+            except Exception:  # a bug must not kill the mesh for everyone else
+                log.exception("handler failed for %s", msg.cmd.name)
+        self.loop.call_soon(self._on_readable)  # more queued: give timers a turn first
+
+    def _protocol_error(self, identity: bytes, exc: ProtocolError) -> None:
+        self.stats["protocol_errors"] += 1
+        if self.stats["protocol_errors"] <= 10 or self.stats["protocol_errors"] % 1000 == 0:
+            event(log, logging.WARNING, "protocol error", peer=identity.hex(), error=str(exc),
+                  total=self.stats["protocol_errors"])
+        self.send(identity, Cmd.REPLY, {"rid": -1, "ok": False, "error": exc.to_wire()})
+
+    def _handle(self, identity: bytes, msg: Message) -> None:
+        cmd = msg.cmd
+        if cmd is Cmd.SUBMIT:
+            self._on_submit(identity, msg)
+        elif cmd is Cmd.DONE:
+            self._on_done(identity, msg)
+        elif cmd is Cmd.REQUEST:
+            self.control.handle(identity, msg)
+        elif cmd is Cmd.CTX_WRITE:
+            self._on_ctx_write(identity, msg)
+        elif cmd is Cmd.HEARTBEAT:
+            self._on_heartbeat(identity, msg)
+        elif cmd is Cmd.EXEC_HELLO:
+            self._on_exec_hello(identity, msg)
+        elif cmd is Cmd.INST_HELLO:
+            self._on_inst_hello(identity, msg)
+        elif cmd is Cmd.EXITED:
+            self._on_exited(identity, msg)
+        else:
+            raise ProtocolError(f"{cmd.name} is not a command peers send to the manager")
+
+    # -- tasks: the hot path -------------------------------------------------
+    def _on_submit(self, identity: bytes, msg: Message) -> None:
+        sid, tags = msg.header
+        s = self.sessions.get(sid)
+        if s is None or s.state != OPEN:
+            from .errors import FailedPrecondition, NotFound
+            err = (NotFound(f"session {sid!r} does not exist", session=sid) if s is None
+                   else FailedPrecondition(f"session {sid!r} is closed", session=sid)).to_wire()
+            self.send(identity, Cmd.RESULT, [sid, [[tag, err] for tag in tags]], [b""] * len(tags))
+            return
+        now = time.time()
+        was_idle = not s.pending
+        new = self.batch.new_tasks
+        for tag, payload in zip(tags, msg.payloads):
+            tid = next(self._next_tid)
+            t = Task(tid, sid, identity, tag, payload)
+            t.created_at = now
+            self.tasks[tid] = t
+            s.pending.append(tid)
+            s.bytes_in += len(payload)
+            new.append((tid, sid, PENDING, 0, now, payload))
+        self.stats["tasks_submitted"] += len(tags)
+        self._dispatch(s)
+        if was_idle and s.pending:
+            self.plan_soon()
+
+    def _dispatch(self, s: Session) -> None:
+        """Give each ready instance of ``s`` as many pending tasks as it has credit for."""
+        pending = s.pending
+        if not pending:
+            return
+        tasks = self.tasks
+        for inst in s.instances:
+            if inst.identity is None or inst.draining:
+                continue
+            credit = inst.prefetch - len(inst.inflight)
+            if credit <= 0:
+                continue
+            items: List[List[int]] = []
+            frames: List[Any] = []
+            while credit > 0 and pending:
+                t = tasks.get(pending.popleft())
+                if t is None or t.state != PENDING:
+                    continue
+                t.state = RUNNING
+                t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
+                t.instance = inst.id
+                inst.inflight.add(t.id)
+                items.append([t.id, t.attempt])
+                frames.append(t.payload)
+                credit -= 1
+            if items:
+                s.running += len(items)
+                self.send(inst.identity, Cmd.TASKS, [s.id, items], frames)
+            if not pending:
+                return
+
+    def _on_done(self, identity: bytes, msg: Message) -> None:
+        inst = self.peers.get(identity)
+        if not isinstance(inst, Instance):
+            self.send(identity, Cmd.GONE, {"reason": "unknown instance"})
+            return
+        now = time.time()
+        out: Dict[Tuple[bytes, str], Tuple[List[Any], List[Any]]] = {}
+        finished = self.batch.finished
+        for (tid, err), payload in zip(msg.header, msg.payloads):
+            t = self.tasks.get(tid)
+            if t is None or t.instance != inst.id or t.state != RUNNING:
+                continue  # a late answer for a task reassigned elsewhere: dropped
+            inst.inflight.discard(tid)
+            del self.tasks[tid]
+            s = self.sessions.get(t.sid)
+            state = SUCCEEDED if err is None else FAILED
+            t.state = state
+            if s is not None:
+                s.running -= 1
+                s.counts[state] += 1
+            finished.append((state, tid, now, payload if err is None else None,
+                             None if err is None else pack(err).hex(), t.attempt))
+            if t.client:
+                items, frames = out.setdefault((t.client, t.sid), ([], []))
+                items.append([t.tag, err])
+                frames.append(payload if err is None else b"")
+        self.stats["tasks_finished"] += len(msg.header)
+        for (client, sid), (items, frames) in out.items():
+            self.send(client, Cmd.RESULT, [sid, items], frames)
+        s = inst.session
+        if s is not None and s.pending and not inst.draining:
+            self._dispatch(s)
+        if not inst.inflight:
+            inst.idle_since = now
+            if inst.draining or s is None or s.state != OPEN or not s.pending:
+                self.plan_soon()
+
+    def fail_task(self, t: Task, error: MeshError, state: str = FAILED) -> None:
+        """Finish a task without a result (cancelled, or out of retries)."""
+        self.tasks.pop(t.id, None)
+        t.state = state
+        s = self.sessions.get(t.sid)
+        if s is not None:
+            s.counts[state] += 1
+        err = error.to_wire()
+        self.batch.finished.append((state, t.id, time.time(), None, pack(err).hex(), t.attempt))
+        if t.client:
+            self.send(t.client, Cmd.RESULT, [t.sid, [[t.tag, err]]], [b""])
+
+    def _requeue(self, inst: Instance, reason: str) -> None:
+        """The instance is gone: its tasks run again elsewhere, within the app's retry budget."""
+        s = inst.session
+        app = self.apps.get(inst.app)
+        max_retries = app.spec.max_retries if app else 0
+        for tid in sorted(inst.inflight):
+            t = self.tasks.get(tid)
+            if t is None:
+                continue
+            if s is not None:
+                s.running -= 1
+            if t.attempt > max_retries:
+                self.fail_task(t, TaskFailed(
+                    f"task {tid} failed: {t.attempt} attempts died (max_retries={max_retries}); "
+                    f"last on executor {inst.executor}: {reason}",
+                    type="InstanceLost", attempts=t.attempt, executor=inst.executor, reason=reason))
+            elif s is not None and s.state == OPEN:
+                t.state = PENDING
+                t.instance = None
+                s.pending.appendleft(tid)
+        inst.inflight.clear()
+
+    # -- context writes --------------------------------------------------------
+    def apply_context_write(self, s: Session, ops: Optional[List[Any]], blob: Optional[bytes],
+                            writer: Optional[Instance] = None, seq: Optional[int] = None) -> int:
+        """Sequence one write: apply, log, broadcast to every replica in version order."""
+        version = s.context.apply(ops, blob)
+        s.bytes_in += len(blob) if blob is not None else 0
+        self.batch.patches.append((s.id, version, pack(ops) if ops is not None else None, blob))
+        s.patches_since_snapshot += 1
+        if s.patches_since_snapshot >= self.settings.snapshot_every:
+            self.snapshot(s)
+        payloads = [] if ops is not None else [blob]
+        for inst in s.instances:
+            if inst.identity is not None:
+                mine = inst is writer
+                self.send(inst.identity, Cmd.CTX_PATCH,
+                          {"sid": s.id, "version": version, "ops": ops, "seq": seq if mine else None}, payloads)
+        return version
+
+    def snapshot(self, s: Session) -> None:
+        s.patches_since_snapshot = 0
+        self.batch.snapshots.append((s.id, s.context.version, s.context.kind, s.context.encoded()))
+
+    def _on_ctx_write(self, identity: bytes, msg: Message) -> None:
+        inst = self.peers.get(identity)
+        h = msg.header
+        s = self.sessions.get(h["sid"])
+        if not isinstance(inst, Instance) or s is None or inst.session is not s:
+            from .errors import FailedPrecondition
+            err = FailedPrecondition(f"instance is not bound to session {h['sid']!r}")
+            self.send(identity, Cmd.CTX_REJECT, {"sid": h["sid"], "seq": h["seq"], "error": err.to_wire()})
+            return
+        s.bytes_in += len(msg.header["ops"] and pack(msg.header["ops"]) or b"")
+        try:
+            blob = bytes(msg.payloads[0]) if msg.payloads else None
+            self.apply_context_write(s, h["ops"], blob, writer=inst, seq=h["seq"])
+        except MeshError as exc:
+            if exc.code == "conflict":
+                s.conflicts += 1
+            self.send(identity, Cmd.CTX_REJECT, {"sid": s.id, "seq": h["seq"], "error": exc.to_wire()})
+
+    # -- executors and instances ------------------------------------------------
+    def _welcome(self, identity: bytes) -> None:
+        self.send(identity, Cmd.WELCOME, {"heartbeat_ms": int(self.settings.heartbeat_interval * 1000),
+                                          "liveness": self.settings.liveness})
+
+    def _on_exec_hello(self, identity: bytes, msg: Message) -> None:
+        eid, caps = msg.header["id"], msg.header["caps"]
+        old = self.executors.get(eid)
+        if old is not None:
+            self._lose_executor(old, "executor reconnected")
+        try:
+            slots = int(caps.get("slots", 1))
+            capacity = Resources(float(caps.get("cpu", 0)), int(caps.get("memory", 0)), int(caps.get("gpu", 0)))
+            labels = {str(k): str(v) for k, v in dict(caps.get("labels") or {}).items()}
+        except (TypeError, ValueError):
+            raise ProtocolError("EXEC_HELLO: capabilities are malformed") from None
+        now = time.time()
+        ex = Executor(eid, identity, caps, slots, capacity, labels, now, now)
+        self.executors[eid] = ex
+        self.peers[identity] = ex
+        event(log, logging.INFO, "executor joined", executor=eid, slots=slots, host=caps.get("hostname"))
+        self._welcome(identity)
+        self.plan_soon()
+
+    def _on_heartbeat(self, identity: bytes, msg: Message) -> None:
+        peer = self.peers.get(identity)
+        if isinstance(peer, Executor):
+            peer.last_seen = time.time()
+            if "labels" in msg.header and isinstance(msg.header["labels"], dict):
+                peer.labels = {str(k): str(v) for k, v in msg.header["labels"].items()}
+        elif peer is None:
+            self.send(identity, Cmd.GONE, {"reason": "unknown peer; introduce yourself again"})
+
+    def _on_inst_hello(self, identity: bytes, msg: Message) -> None:
+        inst = self.instances.get(msg.header["iid"])
+        if inst is None or inst.stopping or inst.executor != msg.header["eid"]:
+            self.send(identity, Cmd.GONE, {"reason": f"instance {msg.header['iid']} is not expected"})
+            return
+        inst.identity = identity
+        inst.pid = msg.header["pid"]
+        inst.idle_since = time.time()
+        self.peers[identity] = inst
+        self._welcome(identity)
+        self._bind(inst, inst.session)
+        if inst.session is not None:
+            self._dispatch(inst.session)
+        self.plan_soon()
+
+    def _bind(self, inst: Instance, s: Optional[Session]) -> None:
+        """Point an instance at a session (or none) and send it that session's context."""
+        old = inst.session
+        if old is not None and old is not s and inst in old.instances:
+            old.instances.remove(inst)
+        inst.session = s
+        inst.draining = False
+        if s is not None and inst not in s.instances:
+            s.instances.append(inst)
+        if inst.identity is None:
+            return  # it gets BIND when it says hello
+        if s is None:
+            self.send(inst.identity, Cmd.BIND, {"sid": None, "app": inst.app, "kind": "doc", "version": 0}, [pack(None)])
+        else:
+            self.send(inst.identity, Cmd.BIND, {"sid": s.id, "app": inst.app, "kind": s.context.kind,
+                                                "version": s.context.version}, [s.context.encoded()])
+
+    def _on_exited(self, identity: bytes, msg: Message) -> None:
+        ex = self.peers.get(identity)
+        if not isinstance(ex, Executor):
+            return
+        inst = self.instances.get(msg.header["iid"])
+        if inst is None or inst.executor != ex.id:
+            return
+        reason = msg.header["reason"] or f"instance exited with code {msg.header['code']}"
+        if not inst.stopping:
+            event(log, logging.WARNING, "instance died", instance=inst.id, executor=ex.id, reason=reason)
+        self._remove_instance(inst, reason)
+        self.plan_soon()
+
+    def _remove_instance(self, inst: Instance, reason: str) -> None:
+        self._requeue(inst, reason)
+        self.instances.pop(inst.id, None)
+        if inst.identity is not None:
+            self.peers.pop(inst.identity, None)
+        if inst.session is not None and inst in inst.session.instances:
+            inst.session.instances.remove(inst)
+        ex = self.executors.get(inst.executor)
+        if ex is not None and inst.id in ex.instances:
+            ex.instances.discard(inst.id)
+            ex.used_slots -= 1
+            ex.allocated = ex.allocated - inst.resreq
+        if inst.session is not None:
+            self._dispatch(inst.session)
+
+    def _lose_executor(self, ex: Executor, reason: str) -> None:
+        event(log, logging.WARNING, "executor lost", executor=ex.id, reason=reason)
+        ex.state = LOST
+        for iid in list(ex.instances):
+            inst = self.instances.get(iid)
+            if inst is not None:
+                if inst.identity is not None:
+                    self.send(inst.identity, Cmd.GONE, {"reason": f"executor {ex.id} lost: {reason}"})
+                self._remove_instance(inst, f"executor {ex.id} lost: {reason}")
+        self.executors.pop(ex.id, None)
+        self.peers.pop(ex.identity, None)
+        self.plan_soon()
+
+    # -- placement ----------------------------------------------------------------
+    def plan_soon(self) -> None:
+        if not self._plan_pending:
+            self._plan_pending = True
+            self.loop.call_soon(self._plan)
+
+    def _plan(self) -> None:
+        self._plan_pending = False
+        now = time.time()
+        sessions = []
+        for s in self.sessions.values():
+            if s.state != OPEN:
+                continue
+            app = self.apps.get(s.app)
+            if app is None:
+                continue
+            sessions.append(scheduler.SessionView(
+                s.id, s.app, len(s.pending) + s.running, s.resreq, dict(app.spec.labels),
+                app.spec.max_instances, s.created_at))
+        executors = [scheduler.ExecutorView(e.id, e.slots, e.used_slots, e.capacity, e.allocated, e.labels,
+                                            e.state != ALIVE) for e in self.executors.values()]
+        instances = [scheduler.InstanceView(
+            i.id, i.executor, i.app,
+            i.session.id if i.session is not None and i.session.state == OPEN else None,
+            i.resreq, i.ready, bool(i.inflight), i.draining, i.stopping, i.idle_since)
+            for i in self.instances.values()]
+        for action in scheduler.plan(sessions, executors, instances, now, self.settings.idle_timeout):
+            self._carry_out(action, now)
+
+    def _carry_out(self, action: scheduler.Action, now: float) -> None:
+        if isinstance(action, scheduler.Launch):
+            s, ex = self.sessions[action.session], self.executors[action.executor]
+            app = self.apps[s.app]
+            iid = f"{ex.id}.{next(self._iids)}"
+            inst = Instance(iid, ex.id, s.app, s.resreq, app.spec.prefetch or self.settings.prefetch,
+                            launched_at=now, idle_since=now)
+            self.instances[iid] = inst
+            ex.instances.add(iid)
+            ex.used_slots += 1
+            ex.allocated = ex.allocated + s.resreq
+            self._bind(inst, s)
+            event(log, logging.INFO, "launch instance", instance=iid, session=s.id, executor=ex.id)
+            self.send(ex.identity, Cmd.LAUNCH, {"iid": iid, "app": app.spec.to_dict()})
+        elif isinstance(action, scheduler.Rebind):
+            inst = self.instances[action.instance]
+            s = self.sessions.get(action.session) if action.session else None
+            self._bind(inst, s)
+            if s is not None:
+                self._dispatch(s)
+        elif isinstance(action, scheduler.Stop):
+            inst = self.instances[action.instance]
+            self.stop_instance(inst)
+        elif isinstance(action, scheduler.Drain):
+            self.instances[action.instance].draining = True
+
+    def stop_instance(self, inst: Instance) -> None:
+        inst.stopping = True
+        if inst.session is not None and inst in inst.session.instances:
+            inst.session.instances.remove(inst)
+        ex = self.executors.get(inst.executor)
+        if ex is not None:
+            self.send(ex.identity, Cmd.STOP, {"iid": inst.id})
+
+    # -- timers ---------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Heartbeats out, dead peers evicted, slow starters given up on, placement re-run."""
+        now = time.time()
+        dead_after = self.settings.dead_after
+        for ex in list(self.executors.values()):
+            if now - ex.last_seen > dead_after:
+                self._lose_executor(ex, f"no heartbeat for {now - ex.last_seen:.1f}s")
+            else:
+                self.send(ex.identity, Cmd.HEARTBEAT, {})
+        for inst in list(self.instances.values()):
+            if not inst.ready and not inst.stopping and now - inst.launched_at > self.settings.instance_start_timeout:
+                event(log, logging.WARNING, "instance did not start in time", instance=inst.id)
+                self.stop_instance(inst)
+        self._plan()
+        self.wake()
+        self.loop.call_later(min(self.settings.heartbeat_interval, 0.5), self._tick)
+
+    def _flush(self) -> None:
+        if self.batch:
+            batch, self.batch = self.batch, Batch()
+            self.writer.submit(self.store.write, batch)
+        if not self._closing:
+            self.loop.call_later(self.settings.flush_interval, self._flush)
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def serve(self, ready_file: Optional[str] = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._open_socket()
+        self._stopped = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.loop.add_signal_handler(sig, self._stopped.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
+        self.loop.call_soon(self._tick)
+        self.loop.call_soon(self._flush)
+        self.loop.call_soon(self._on_readable)
+        event(log, logging.INFO, "manager serving", endpoint=self.endpoint, db=self.store.path,
+              sessions=len(self.sessions), apps=len(self.apps), pending=len(self.tasks))
+        if ready_file:
+            tmp = ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(self.endpoint)
+            os.replace(tmp, ready_file)
+        await self._stopped.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        for s in self.sessions.values():
+            if s.state == OPEN:
+                self.snapshot(s)
+        batch, self.batch = self.batch, Batch()
+        await self.writer.call(self.store.write, batch)
+        self.writer.close()
+        self.sock.close(linger=0)
+        event(log, logging.INFO, "manager stopped")
+
+
+def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None) -> None:
+    """Run a manager in the foreground until SIGINT/SIGTERM."""
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # uvloop is optional where it does not build (e.g. Windows)
+        pass
+    manager = Manager(bind, db, settings)
+    asyncio.run(manager.serve(ready_file))

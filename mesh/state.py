@@ -1,0 +1,131 @@
+"""The manager's in-memory records and their public (wire/CLI) views.
+
+States are plain strings so that they read the same in SQLite, on the wire and
+in ``--json`` output.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional, Set
+
+from .context import Document
+from .resources import Resources
+from .spec import AppSpec
+
+# Session states
+OPEN = "open"        # accepts tasks
+CLOSED = "closed"    # accepts nothing; pending tasks were cancelled
+
+# Task states
+PENDING = "pending"      # queued in the manager
+RUNNING = "running"      # sent to an instance (attempt counted)
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+# Executor states
+ALIVE = "alive"          # heartbeating
+DRAINING = "draining"    # takes no new instances
+LOST = "lost"            # missed its heartbeats; evicted
+
+
+@dataclass
+class App:
+    spec: AppSpec
+    created_at: float
+
+    def view(self) -> Dict[str, Any]:
+        d = self.spec.to_dict()
+        return {"name": self.spec.name, "command": self.spec.command, "arguments": list(self.spec.arguments),
+                "working_directory": self.spec.working_directory, "labels": dict(self.spec.labels),
+                "description": self.spec.description, "created_at": self.created_at, "spec": d}
+
+
+class Task:
+    """One unit of work.  ``__slots__``: the manager may hold 100,000s of these."""
+
+    __slots__ = ("id", "sid", "client", "tag", "payload", "attempt", "state", "instance", "created_at")
+
+    def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0) -> None:
+        self.id = tid
+        self.sid = sid
+        self.client = client
+        self.tag = tag
+        self.payload = payload
+        self.attempt = attempt
+        self.state = PENDING
+        self.instance: Optional[str] = None
+        self.created_at = time.time()
+
+
+@dataclass
+class Session:
+    id: str
+    app: str
+    resreq: Resources
+    created_at: float
+    context: Document
+    state: str = OPEN
+    owner: str = ""
+    closed_at: Optional[float] = None
+    pending: Deque[int] = field(default_factory=collections.deque)
+    running: int = 0
+    instances: List["Instance"] = field(default_factory=list)
+    counts: Dict[str, int] = field(default_factory=lambda: collections.Counter())
+    bytes_in: int = 0
+    conflicts: int = 0
+    patches_since_snapshot: int = 0
+
+    def view(self) -> Dict[str, Any]:
+        return {"id": self.id, "application": self.app, "state": self.state, "created_at": self.created_at,
+                "closed_at": self.closed_at, "resreq": self.resreq.to_dict(), "pending": len(self.pending),
+                "running": self.running, "succeeded": self.counts[SUCCEEDED], "failed": self.counts[FAILED],
+                "cancelled": self.counts[CANCELLED], "instances": len(self.instances),
+                "context_version": self.context.version, "context_kind": self.context.kind,
+                "bytes_in": self.bytes_in, "conflicts": self.conflicts}
+
+
+@dataclass
+class Executor:
+    id: str
+    identity: bytes
+    caps: Dict[str, Any]
+    slots: int
+    capacity: Resources
+    labels: Dict[str, str]
+    last_seen: float
+    joined_at: float
+    state: str = ALIVE
+    used_slots: int = 0
+    allocated: Resources = field(default_factory=Resources)
+    instances: Set[str] = field(default_factory=set)
+
+    def view(self) -> Dict[str, Any]:
+        return {"id": self.id, "state": self.state, "slots": self.slots, "used_slots": self.used_slots,
+                "instances": len(self.instances), "hostname": self.caps.get("hostname"),
+                "cpu": self.capacity.cpu, "memory": self.capacity.memory, "gpu": self.capacity.gpu,
+                "labels": dict(self.labels), "python": self.caps.get("python"),
+                "last_seen": self.last_seen, "joined_at": self.joined_at, "capabilities": dict(self.caps)}
+
+
+@dataclass
+class Instance:
+    id: str
+    executor: str
+    app: str
+    resreq: Resources
+    prefetch: int
+    session: Optional[Session] = None
+    identity: Optional[bytes] = None   # set by INST_HELLO; None while starting
+    inflight: Set[int] = field(default_factory=set)
+    draining: bool = False
+    stopping: bool = False
+    launched_at: float = 0.0
+    idle_since: float = 0.0
+    pid: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.identity is not None

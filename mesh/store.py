@@ -1,0 +1,173 @@
+"""SQLite (WAL) persistence for what must survive a manager restart.
+
+The manager owns one :class:`Store` and calls it from a single writer thread
+(:class:`Writer`), so the event loop never blocks on disk.  Task and context
+changes reach the store in batches (group commit every ``flush_interval``);
+registry and session changes are written one by one and awaited before the
+manager replies, because a user acts on those replies.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS apps (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, app TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
+    closed_at REAL, resreq TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS snapshots (
+    session TEXT PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS patches (
+    session TEXT NOT NULL, version INTEGER NOT NULL, ops BLOB, blob BLOB,
+    PRIMARY KEY (session, version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY, session TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL, finished_at REAL, input BLOB, output BLOB, error TEXT);
+CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session, id);
+"""
+SCHEMA_VERSION = "1"
+
+
+@dataclass
+class Batch:
+    """Changes collected by the event loop between two group commits."""
+
+    new_tasks: List[Tuple[int, str, str, int, float, bytes]] = field(default_factory=list)
+    finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]] = field(default_factory=list)
+    patches: List[Tuple[str, int, Optional[bytes], Optional[bytes]]] = field(default_factory=list)
+    snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.new_tasks or self.finished or self.patches or self.snapshots)
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- registry -------------------------------------------------------------
+    def put_app(self, name: str, spec: Dict[str, Any], created_at: float) -> None:
+        self.db.execute(
+            "INSERT INTO apps VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET spec=excluded.spec",
+            (name, json.dumps(spec), created_at),
+        )
+
+    def delete_app(self, name: str) -> None:
+        self.db.execute("DELETE FROM apps WHERE name=?", (name,))
+
+    def load_apps(self) -> List[Tuple[str, Dict[str, Any], float]]:
+        rows = self.db.execute("SELECT name, spec, created_at FROM apps").fetchall()
+        return [(n, json.loads(s), c) for n, s, c in rows]
+
+    # -- sessions -------------------------------------------------------------
+    def put_session(self, sid: str, app: str, state: str, created_at: float,
+                    closed_at: Optional[float], resreq: Dict[str, Any], owner: str = "") -> None:
+        self.db.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "state=excluded.state, closed_at=excluded.closed_at",
+            (sid, app, state, created_at, closed_at, json.dumps(resreq), owner),
+        )
+
+    def load_sessions(self) -> List[Dict[str, Any]]:
+        cur = self.db.execute("SELECT id, app, state, created_at, closed_at, resreq, owner FROM sessions")
+        return [
+            {"id": r[0], "app": r[1], "state": r[2], "created_at": r[3], "closed_at": r[4],
+             "resreq": json.loads(r[5]), "owner": r[6]}
+            for r in cur.fetchall()
+        ]
+
+    def drop_context(self, sid: str) -> None:
+        """A closed session's context is no longer needed; its task records stay."""
+        with self.db:
+            self.db.execute("DELETE FROM patches WHERE session=?", (sid,))
+            self.db.execute("DELETE FROM snapshots WHERE session=?", (sid,))
+
+    # -- contexts -------------------------------------------------------------
+    def load_context(self, sid: str) -> Optional[Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]]:
+        """The newest snapshot and the patches logged after it, in version order."""
+        snap = self.db.execute("SELECT version, kind, data FROM snapshots WHERE session=?", (sid,)).fetchone()
+        if snap is None:
+            return None
+        patches = self.db.execute(
+            "SELECT version, ops, blob FROM patches WHERE session=? AND version>? ORDER BY version",
+            (sid, snap[0]),
+        ).fetchall()
+        return snap[1], snap[0], snap[2], patches
+
+    # -- tasks ----------------------------------------------------------------
+    def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes]]:
+        return self.db.execute(
+            "SELECT id, session, attempts, input FROM tasks WHERE state IN ('pending', 'running') ORDER BY id"
+        ).fetchall()
+
+    def max_task_id(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM tasks").fetchone()[0]
+
+    def get_task(self, tid: int) -> Optional[Dict[str, Any]]:
+        r = self.db.execute(
+            "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks WHERE id=?", (tid,)
+        ).fetchone()
+        if r is None:
+            return None
+        return {"id": r[0], "session": r[1], "state": r[2], "attempts": r[3], "created_at": r[4],
+                "finished_at": r[5], "error": json.loads(r[6]) if r[6] else None}
+
+    def task_counts(self, sid: str) -> Dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM tasks WHERE session=? GROUP BY state", (sid,))
+        return dict(rows.fetchall())
+
+    def write(self, batch: Batch) -> None:
+        """One group commit: every change the event loop collected since the last."""
+        with self.db:
+            if batch.new_tasks:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO tasks (id, session, state, attempts, created_at, input) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", batch.new_tasks)
+            if batch.finished:
+                self.db.executemany(
+                    "UPDATE tasks SET state=?, attempts=?, finished_at=?, output=?, error=?, input=NULL "
+                    "WHERE id=?", [(s, a, t, o, e, i) for (s, i, t, o, e, a) in batch.finished])
+            if batch.patches:
+                self.db.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?, ?)", batch.patches)
+            for sid, version, kind, data in batch.snapshots:
+                self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, version, kind, data))
+                self.db.execute("DELETE FROM patches WHERE session=? AND version<=?", (sid, version))
+
+
+class Writer:
+    """Runs every store call on one thread, so SQLite never blocks the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-store")
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
+        return self._pool.submit(fn, *args)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+setup(
+    name="zeromesh",
+    version="0.1.0",
+    description="A ZeroMQ peer-to-peer executor mesh for Python",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=["mesh", "executor", "client"],
+    package_data={"mesh": ["py.typed"], "executor": ["py.typed"], "client": ["py.typed"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "pyzmq>=25",
+        "msgpack>=1.0",
+        "cloudpickle>=2.0",
+        "uvloop>=0.17; sys_platform != 'win32'",
+        "click>=8.0",
+        "PyYAML>=6.0",
+        "rich>=13",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+        "bench": ["ray", "dask[distributed]"],
+    },
+    entry_points={"console_scripts": ["zmesh=client.cli:main"]},
+)
