@@ -32,6 +32,8 @@ class Settings:
     """Missed heartbeat intervals after which a silent peer is declared dead."""
     prefetch: int = 16
     """Tasks kept queued ahead at each instance (credit); an app spec may override it."""
+    queue_target: float = 0.005
+    """Seconds of work kept queued at each instance; credit is this over the measured task time."""
     flush_interval: float = 0.02
     """Seconds between group commits of task and context changes to SQLite."""
     idle_timeout: float = 60.0

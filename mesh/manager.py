@@ -195,10 +195,16 @@ class Manager:
         if not pending:
             return
         tasks = self.tasks
-        for inst in s.instances:
+        instances = s.instances
+        n = len(instances)
+        s.rr += 1
+        target = self.settings.queue_target
+        now = time.time()
+        for k in range(n):
+            inst = instances[(s.rr + k) % n]
             if inst.identity is None or inst.draining:
                 continue
-            credit = inst.prefetch - len(inst.inflight)
+            credit = inst.credit_limit(target) - len(inst.inflight)
             if credit <= 0:
                 continue
             items: List[List[int]] = []
@@ -210,11 +216,13 @@ class Manager:
                 t.state = RUNNING
                 t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
                 t.instance = inst.id
-                inst.inflight.add(t.id)
                 items.append([t.id, t.attempt])
                 frames.append(t.payload)
                 credit -= 1
             if items:
+                if not inst.inflight:
+                    inst.busy_since = now
+                inst.inflight.update(i[0] for i in items)
                 s.running += len(items)
                 self.send(inst.identity, Cmd.TASKS, [s.id, items], frames)
             if not pending:
@@ -247,6 +255,7 @@ class Manager:
                 items.append([t.tag, err])
                 frames.append(payload if err is None else b"")
         self.stats["tasks_finished"] += len(msg.header)
+        inst.observe(now, len(msg.header))
         for (client, sid), (items, frames) in out.items():
             self.send(client, Cmd.RESULT, [sid, items], frames)
         s = inst.session

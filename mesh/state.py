@@ -73,6 +73,7 @@ class Session:
     pending: Deque[int] = field(default_factory=collections.deque)
     running: int = 0
     instances: List["Instance"] = field(default_factory=list)
+    rr: int = 0                        # round-robin start for dispatch
     counts: Dict[str, int] = field(default_factory=lambda: collections.Counter())
     bytes_in: int = 0
     conflicts: int = 0
@@ -125,6 +126,29 @@ class Instance:
     launched_at: float = 0.0
     idle_since: float = 0.0
     pid: int = 0
+    busy_since: float = 0.0
+    last_done: float = 0.0
+    task_time: float = -1.0            # EWMA of seconds per task; < 0 until the first answer
+
+    def credit_limit(self, queue_target: float) -> int:
+        """Tasks to keep queued here: ``queue_target`` seconds of work, 1..prefetch.
+
+        Fast tasks fill the whole prefetch window (throughput); slow tasks get
+        one at a time, so a burst spreads over every instance instead of
+        queueing behind the first one (balance).
+        """
+        if self.task_time < 0:
+            return 1
+        if self.task_time <= 0:
+            return self.prefetch
+        return max(1, min(self.prefetch, int(queue_target / self.task_time)))
+
+    def observe(self, now: float, n: int) -> None:
+        """Fold ``n`` answers arriving at ``now`` into the per-task time estimate."""
+        start = max(self.last_done, self.busy_since)
+        self.last_done = now
+        per = max(0.0, now - start) / max(1, n)
+        self.task_time = per if self.task_time < 0 else 0.8 * self.task_time + 0.2 * per
 
     @property
     def ready(self) -> bool:
