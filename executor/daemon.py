@@ -54,6 +54,7 @@ class Child:
     log_path: str
     stopping: bool = False
     kill_at: float = 0.0
+    reason: str = ""
 
 
 class ExecutorDaemon:
@@ -117,12 +118,13 @@ class ExecutorDaemon:
         self.children[iid] = Child(iid, app.name, proc, log_path)
         event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid)
 
-    def _stop(self, iid: str, grace: float = 5.0) -> None:
+    def _stop(self, iid: str, grace: float = 5.0, reason: str = "stopped") -> None:
         child = self.children.get(iid)
         if child is None:
-            self._send(Cmd.EXITED, {"iid": iid, "code": 0, "reason": "stopped"})
+            self._send(Cmd.EXITED, {"iid": iid, "code": 0, "reason": reason})
             return
         child.stopping = True
+        child.reason = reason
         child.kill_at = time.monotonic() + grace
         try:
             os.killpg(child.proc.pid, signal.SIGTERM)
@@ -142,15 +144,15 @@ class ExecutorDaemon:
                 continue
             del self.children[iid]
             if child.stopping:
-                reason = "stopped"
+                reason = child.reason
             else:
                 reason = f"instance exited with code {code}" + _tail(child.log_path)
                 event(log, logging.WARNING, "instance crashed", instance=iid, code=code)
             self._send(Cmd.EXITED, {"iid": iid, "code": code, "reason": reason})
 
-    def _stop_all(self, grace: float) -> None:
+    def _stop_all(self, grace: float, reason: str) -> None:
         for iid in list(self.children):
-            self._stop(iid, grace)
+            self._stop(iid, grace, reason)
         deadline = time.monotonic() + grace + 1.0
         while self.children and time.monotonic() < deadline:
             self._reap()
@@ -181,7 +183,7 @@ class ExecutorDaemon:
             self._stop(h["iid"])
         elif msg.cmd is Cmd.GONE:
             event(log, logging.WARNING, "manager does not know us; rejoining", reason=h["reason"])
-            self._stop_all(grace=1.0)
+            self._stop_all(grace=1.0, reason="the manager forgot this executor")
             self._connect()
         elif msg.cmd is Cmd.HEARTBEAT:
             pass
@@ -215,9 +217,9 @@ class ExecutorDaemon:
                 self._send(Cmd.HEARTBEAT, {"labels": self.labels})
             if now - self.last_heard > self.heartbeat * self.liveness:
                 event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(now - self.last_heard, 1))
-                self._stop_all(grace=1.0)
+                self._stop_all(grace=1.0, reason="the manager went silent")
                 self._connect()
-        self._stop_all(grace=5.0)
+        self._stop_all(grace=5.0, reason="the executor is shutting down")
         if self.sock is not None:
             self.sock.close(linger=0)
         event(log, logging.INFO, "executor stopped", executor=self.id)

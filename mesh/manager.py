@@ -138,7 +138,7 @@ class Manager:
     def _protocol_error(self, identity: bytes, exc: ProtocolError) -> None:
         self.stats["protocol_errors"] += 1
         if self.stats["protocol_errors"] <= 10 or self.stats["protocol_errors"] % 1000 == 0:
-            event(log, logging.WARNING, "protocol error", peer=identity.hex(), error=str(exc),
+            event(log, logging.WARNING, "protocol error", peer=identity.hex()[:16], error=str(exc),
                   total=self.stats["protocol_errors"])
         self.send(identity, Cmd.REPLY, {"rid": -1, "ok": False, "error": exc.to_wire()})
 

@@ -1,0 +1,65 @@
+"""Process faults on a private mesh: an executor killed mid-stream, the manager restarted."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from client import Client, Session
+from client.local import LocalMesh
+from conftest import FAST, tools_spec
+
+
+@pytest.fixture
+def private_mesh(tmp_path):
+    m = LocalMesh(executors=2, slots=2, env=FAST, log_dir=str(tmp_path))
+    with m:
+        with Client(m.endpoint) as c:
+            c.register_application(tools_spec())
+        yield m
+
+
+def _wait(pred, timeout=20.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_killed_executor_tasks_run_elsewhere(private_mesh):
+    m = private_mesh
+    with Session("tools", manager=m.endpoint) as s:
+        futs = [s.submit(("sleep", 0.02)) for _ in range(150)]
+        assert _wait(lambda: sum(f.done() for f in futs) >= 20)
+        LocalMesh.end(m.executors[0], signal.SIGKILL)
+        pids = [f.result(60) for f in futs]
+        assert len(pids) == 150
+        with Client(m.endpoint) as c:
+            assert _wait(lambda: [e["id"] for e in c.list_executors()] == ["exec-1"])
+            info = c.get_session(s.id())
+        assert info["succeeded"] == 150 and info["failed"] == 0
+
+
+def test_manager_restart_keeps_registry_sessions_and_context(private_mesh):
+    m = private_mesh
+    s = Session("tools", ctx={"log": []}, manager=m.endpoint)
+    sid = s.id()
+    assert s.invoke(("echo", 1), timeout=30) == 1
+    s.patch_context([{"op": "add", "path": "/log/-", "value": "before"}])
+    s._conn.close()
+    time.sleep(0.3)  # past one group commit
+    LocalMesh.end(m.manager, signal.SIGKILL)
+    m.start_manager()
+    with Client(m.endpoint) as c:
+        assert c.get_application("tools") is not None
+        assert _wait(lambda: len(c.list_executors()) == 2), "executors rejoin a restarted manager by themselves"
+    again = Session(session_id=sid, manager=m.endpoint)
+    try:
+        assert again.context() == {"log": ["before"]}
+        again.patch_context([{"op": "add", "path": "/log/-", "value": "after"}])
+        assert again.invoke(("context", None), timeout=30) == {"log": ["before", "after"]}
+    finally:
+        again.close()
