@@ -19,6 +19,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import zmq
 
+from mesh import transport
 from mesh.config import Settings, default_manager
 from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, Unavailable, from_wire
 from mesh.protocol import Cmd, decode, encode
@@ -82,11 +83,7 @@ class Connection:
 
     # -- I/O thread ---------------------------------------------------------------------
     def _io(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.manager)
+        sock = transport.dealer(self.manager, ctx=self._ctx)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 
 import zmq
 
+from mesh import transport
 from mesh.config import Settings
 from mesh.errors import ProtocolError
 from mesh.log import event
@@ -69,24 +70,16 @@ class ExecutorDaemon:
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
         self.children: Dict[str, Child] = {}
         self._running = True
-        self.ctx = zmq.Context.instance()
         self.sock: Optional[zmq.Socket] = None
-        self.heartbeat = self.settings.heartbeat_interval
-        self.liveness = self.settings.liveness
+        self.live = transport.Liveness(self.settings.heartbeat_interval, self.settings.liveness)
 
     # -- connection --------------------------------------------------------
     def _connect(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
-        s = self.ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RECONNECT_IVL, 100)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        s.connect(self.manager)
-        self.sock = s
+        self.sock = transport.dealer(self.manager)
+        self.live = transport.Liveness(self.live.interval, self.live.liveness)
         self._send(Cmd.EXEC_HELLO, {"id": self.id, "caps": detect(self.slots, self.labels)})
-        self.last_heard = time.monotonic()
-        self.last_sent = time.monotonic()
 
     def _send(self, cmd: Cmd, header: object) -> None:
         assert self.sock is not None
@@ -94,7 +87,7 @@ class ExecutorDaemon:
             self.sock.send_multipart(encode(cmd, header), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet; the heartbeat/hello cycle covers it
-        self.last_sent = time.monotonic()
+        self.live.sent()
 
     # -- instances ---------------------------------------------------------
     def _launch(self, iid: str, app: AppSpec) -> None:
@@ -166,11 +159,11 @@ class ExecutorDaemon:
     # -- main loop -----------------------------------------------------------
     def _on_message(self, frames: List[bytes]) -> None:
         msg = decode(frames)
-        self.last_heard = time.monotonic()
+        self.live.heard()
         h = msg.header
         if msg.cmd is Cmd.WELCOME:
-            self.heartbeat = h["heartbeat_ms"] / 1000.0
-            self.liveness = h["liveness"]
+            self.live.interval = h["heartbeat_ms"] / 1000.0
+            self.live.liveness = h["liveness"]
             event(log, logging.INFO, "joined manager", executor=self.id, manager=self.manager)
         elif msg.cmd is Cmd.LAUNCH:
             try:
@@ -212,11 +205,10 @@ class ExecutorDaemon:
                     except ProtocolError as exc:
                         event(log, logging.WARNING, "bad message from manager", error=str(exc))
             self._reap()
-            now = time.monotonic()
-            if now - self.last_sent >= self.heartbeat:
+            if self.live.should_ping():
                 self._send(Cmd.HEARTBEAT, {"labels": self.labels})
-            if now - self.last_heard > self.heartbeat * self.liveness:
-                event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(now - self.last_heard, 1))
+            if self.live.dead():
+                event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(self.live.silent_for(), 1))
                 self._stop_all(grace=1.0, reason="the manager went silent")
                 self._connect()
         self._stop_all(grace=5.0, reason="the executor is shutting down")

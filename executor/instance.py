@@ -24,7 +24,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import cloudpickle
 import zmq
 
-from mesh import patch
+from mesh import patch, transport
 from mesh.errors import Conflict, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
 from mesh.log import event, setup
 from mesh.protocol import Cmd, Message, decode, encode, unpack
@@ -185,10 +185,7 @@ class Instance:
         return _CREATED.get(module.__name__, self)
 
     def _serve(self, manager: str, iid: str, eid: str) -> None:
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(manager)
+        sock = transport.dealer(manager, linger_ms=1000)
         self._sock = sock
         sock.send_multipart(encode(Cmd.INST_HELLO, {"iid": iid, "eid": eid, "pid": os.getpid()}))
         event(log, logging.INFO, "instance serving", instance=iid, manager=manager)

@@ -20,10 +20,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 
-from . import scheduler
+from . import scheduler, transport
 from .config import Settings
 from .context import Document
-from .errors import MeshError, ProtocolError, TaskFailed
+from .errors import FailedPrecondition, MeshError, NotFound, ProtocolError, TaskFailed
 from .log import event
 from .protocol import Cmd, Message, decode, encode, pack, unpack
 from .resources import Resources
@@ -87,16 +87,8 @@ class Manager:
 
     # -- socket plumbing -----------------------------------------------------
     def _open_socket(self) -> None:
-        self.ctx = zmq.Context.instance()
-        s = self.ctx.socket(zmq.ROUTER)
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a send to a vanished peer raises instead of vanishing
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_size)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.RCVHWM, 0)
-        s.bind(self.bind_addr)
-        self.endpoint = s.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.sock = s
+        self.sock = transport.router(self.bind_addr, self.settings.max_message_size)
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:
         try:
@@ -168,7 +160,6 @@ class Manager:
         sid, tags = msg.header
         s = self.sessions.get(sid)
         if s is None or s.state != OPEN:
-            from .errors import FailedPrecondition, NotFound
             err = (NotFound(f"session {sid!r} does not exist", session=sid) if s is None
                    else FailedPrecondition(f"session {sid!r} is closed", session=sid)).to_wire()
             self.send(identity, Cmd.RESULT, [sid, [[tag, err] for tag in tags]], [b""] * len(tags))
@@ -327,7 +318,6 @@ class Manager:
         h = msg.header
         s = self.sessions.get(h["sid"])
         if not isinstance(inst, Instance) or s is None or inst.session is not s:
-            from .errors import FailedPrecondition
             err = FailedPrecondition(f"instance is not bound to session {h['sid']!r}")
             self.send(identity, Cmd.CTX_REJECT, {"sid": h["sid"], "seq": h["seq"], "error": err.to_wire()})
             return
@@ -575,11 +565,11 @@ class Manager:
 
 
 def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None) -> None:
-    """Run a manager in the foreground until SIGINT/SIGTERM."""
+    """Run a manager in the foreground until SIGINT/SIGTERM, on uvloop where it is installed."""
+    manager = Manager(bind, db, settings)
     try:
         import uvloop
-        uvloop.install()
     except ImportError:  # uvloop is optional where it does not build (e.g. Windows)
-        pass
-    manager = Manager(bind, db, settings)
-    asyncio.run(manager.serve(ready_file))
+        asyncio.run(manager.serve(ready_file))
+    else:
+        uvloop.run(manager.serve(ready_file))

@@ -190,3 +190,34 @@ def test_cli_unreachable_manager_is_unavailable_not_a_hang(tmp_path):
     r = _zmesh("list", "-a", "--manager", "tcp://127.0.0.1:1", env={**os.environ, "ZMESH_REQUEST_TIMEOUT": "1"})
     assert r.returncode == errors.Unavailable.exit_code
     assert "unavailable" in r.stderr
+
+
+def test_one_session_shared_by_many_threads(mesh):
+    import concurrent.futures as cf
+    with Session("tools") as s:
+        with cf.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: s.invoke(("echo", i), timeout=60), range(200)))
+        assert results == list(range(200))
+
+
+def test_zmesh_up_starts_and_stops_a_local_mesh(tmp_path):
+    import signal as sig
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "up", "--executors", "2", "--slots", "1",
+                             "--bind", "tcp://127.0.0.1:*", "--db", str(tmp_path / "up.db")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("zeromesh up: manager tcp://127.0.0.1:"), line
+        endpoint = line.split()[3].rstrip(",")
+        from client import Client
+        with Client(endpoint) as c:
+            assert len(c.list_executors()) == 2
+    finally:
+        proc.send_signal(sig.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    with pytest.raises(errors.Unavailable):
+        from client import Client
+        with Client(endpoint) as c:
+            c.ping(timeout=1)

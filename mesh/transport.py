@@ -1,0 +1,60 @@
+"""Sockets and liveness: how every zeromesh peer sets up its ZeroMQ sockets.
+
+One place for socket options, so the manager, executors, instances and
+clients agree on them (docs/protocol.md, "Sockets" and "Heartbeats").
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import zmq
+
+RECONNECT_IVL_MS = 100       # first reconnect attempt after a lost connection
+RECONNECT_IVL_MAX_MS = 2000  # reconnect backoff ceiling
+
+
+def router(bind: str, max_message_size: int, ctx: Optional[zmq.Context] = None) -> zmq.Socket:
+    """The manager's socket.  ROUTER_MANDATORY: a send to a vanished peer fails loudly."""
+    s = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.bind(bind)
+    return s
+
+
+def dealer(endpoint: str, linger_ms: int = 0, ctx: Optional[zmq.Context] = None) -> zmq.Socket:
+    """A peer's socket to the manager; reconnects by itself with capped backoff."""
+    s = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, linger_ms)
+    s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    s.connect(endpoint)
+    return s
+
+
+class Liveness:
+    """Paranoid-Pirate style bookkeeping: any traffic counts, silence is measured."""
+
+    def __init__(self, interval: float, liveness: int) -> None:
+        self.interval = interval
+        self.liveness = liveness
+        self.last_heard = self.last_sent = time.monotonic()
+
+    def heard(self) -> None:
+        self.last_heard = time.monotonic()
+
+    def sent(self) -> None:
+        self.last_sent = time.monotonic()
+
+    def should_ping(self) -> bool:
+        return time.monotonic() - self.last_sent >= self.interval
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    def dead(self) -> bool:
+        return self.silent_for() > self.interval * self.liveness
