@@ -54,6 +54,8 @@ class Instance:
         self._sock: Optional[zmq.Socket] = None
         self._backlog: Deque[Message] = collections.deque()
         self._seq = 0
+        self._answers: Dict[int, Any] = {}   # seq of our own writes -> error or None once answered
+        self.resyncs = 0                 # snapshots fetched after a gap (for tests and logs)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     # -- declaring the service ---------------------------------------------------
@@ -122,27 +124,59 @@ class Instance:
             msg = decode(self._sock.recv_multipart())
             if msg.cmd is Cmd.CTX_PATCH:
                 self._apply_patch(msg)
-                if msg.header["seq"] == seq:
-                    return
-            elif msg.cmd is Cmd.CTX_REJECT and msg.header["seq"] == seq:
-                raise from_wire(msg.header["error"])
+                if msg.header["seq"] is not None:
+                    self._answers[msg.header["seq"]] = None
+            elif msg.cmd is Cmd.CTX_REJECT:
+                self._answers[msg.header["seq"]] = msg.header["error"]
             else:
                 self._backlog.append(msg)   # tasks that arrived meanwhile run after this one
+            if seq in self._answers:
+                error = self._answers.pop(seq)
+                if error is not None:
+                    raise from_wire(error)
+                return
         raise Unavailable(f"the manager did not confirm a context write within {WRITE_TIMEOUT:.0f}s")
 
     def _apply_patch(self, msg: Message) -> None:
+        """Apply one sequenced write to the replica; on a version gap, fetch a snapshot."""
         h = msg.header
-        if h["sid"] != self._sid:
+        if h["sid"] != self._sid or h["version"] <= self._version:
+            return  # another session's, or already in the snapshot we hold
+        if h["version"] != self._version + 1:
+            self._resync()
             return
         if h["ops"] is None:
             self._kind, self._value = "blob", bytes(msg.payloads[0])
         else:
             try:
                 self._value = patch.apply_patch(self._value, h["ops"])
-                self._kind = "doc"
             except MeshError:
-                pass  # cannot happen for ops the manager applied; the next BIND resynchronises
+                self._resync()  # cannot apply what the manager applied: our replica is wrong
+                return
+            self._kind = "doc"
         self._version = h["version"]
+
+    def _resync(self) -> None:
+        """Ask for a snapshot and wait for it; everything else that arrives waits in the backlog."""
+        assert self._sock is not None and self._sid is not None
+        self.resyncs += 1
+        self._sock.send_multipart(encode(Cmd.RESYNC, {"sid": self._sid, "have": self._version}))
+        deadline = time.monotonic() + WRITE_TIMEOUT
+        while time.monotonic() < deadline:
+            if not self._sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
+                continue
+            msg = decode(self._sock.recv_multipart())
+            if msg.cmd is Cmd.BIND:
+                self._bind(msg)
+                return
+            if msg.cmd is Cmd.CTX_PATCH:  # older than the snapshot, so already in it
+                if msg.header["seq"] is not None:
+                    self._answers[msg.header["seq"]] = None
+            elif msg.cmd is Cmd.CTX_REJECT:
+                self._answers[msg.header["seq"]] = msg.header["error"]
+            else:
+                self._backlog.append(msg)
+        raise Unavailable(f"the manager did not resend the context within {WRITE_TIMEOUT:.0f}s")
 
     def _bind(self, msg: Message) -> None:
         h = msg.header
@@ -205,8 +239,10 @@ class Instance:
                     continue
             cmd = msg.cmd
             if cmd is Cmd.TASKS:
+                if msg.header[0] == self._sid and msg.header[1] > self._version:
+                    self._resync()  # the task was sent after writes this replica has not seen
                 started = time.monotonic()
-                for (tid, attempt), payload in zip(msg.header[1], msg.payloads):
+                for (tid, attempt), payload in zip(msg.header[2], msg.payloads):
                     err, out = self._run_one(payload)
                     done.append([tid, err])
                     frames.append(out)

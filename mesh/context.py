@@ -58,6 +58,8 @@ class Document:
             if blob is None:
                 raise InvalidArgument("a context write needs ops or a blob")
             self.kind, self.value = BLOB, bytes(blob)
+        elif self.kind == BLOB and _whole_replacement(ops):
+            self.kind, self.value = DOC, patch.copy_document(ops[0]["value"])
         else:
             if self.kind != DOC:
                 raise InvalidArgument("this session's context is an opaque object: replace it whole, it has no paths to patch")
@@ -72,3 +74,9 @@ class Document:
         for version, ops, blob in entries:
             self.apply(unpack(ops) if ops is not None else None, blob)
             self.version = version
+
+
+def _whole_replacement(ops: List[Any]) -> bool:
+    """``[{"op": "replace", "path": "", "value": doc}]``: turns an opaque context back into a document."""
+    return (len(ops) == 1 and isinstance(ops[0], dict) and ops[0].get("op") == "replace"
+            and ops[0].get("path") == "" and "value" in ops[0])

@@ -152,6 +152,8 @@ class Manager:
             self._on_inst_hello(identity, msg)
         elif cmd is Cmd.EXITED:
             self._on_exited(identity, msg)
+        elif cmd is Cmd.RESYNC:
+            self._on_resync(identity, msg)
         else:
             raise ProtocolError(f"{cmd.name} is not a command peers send to the manager")
 
@@ -215,7 +217,7 @@ class Manager:
                     inst.busy_since = now
                 inst.inflight.update(i[0] for i in items)
                 s.running += len(items)
-                self.send(inst.identity, Cmd.TASKS, [s.id, items], frames)
+                self.send(inst.identity, Cmd.TASKS, [s.id, s.context.version, items], frames)
             if not pending:
                 return
 
@@ -330,6 +332,18 @@ class Manager:
                 s.conflicts += 1
             self.send(identity, Cmd.CTX_REJECT, {"sid": s.id, "seq": h["seq"], "error": exc.to_wire()})
 
+    def _on_resync(self, identity: bytes, msg: Message) -> None:
+        """A replica saw a version gap: send it a fresh snapshot (the Clone pattern's repair)."""
+        inst = self.peers.get(identity)
+        if not isinstance(inst, Instance):
+            self.send(identity, Cmd.GONE, {"reason": "unknown instance"})
+            return
+        s = inst.session
+        self.stats["resyncs"] = self.stats.get("resyncs", 0) + 1
+        event(log, logging.INFO, "replica resync", instance=inst.id, session=msg.header["sid"],
+              have=msg.header["have"], version=s.context.version if s else None)
+        self._bind(inst, s, keep_draining=True)
+
     # -- executors and instances ------------------------------------------------
     def _welcome(self, identity: bytes) -> None:
         self.send(identity, Cmd.WELCOME, {"heartbeat_ms": int(self.settings.heartbeat_interval * 1000),
@@ -378,13 +392,13 @@ class Manager:
             self._dispatch(inst.session)
         self.plan_soon()
 
-    def _bind(self, inst: Instance, s: Optional[Session]) -> None:
+    def _bind(self, inst: Instance, s: Optional[Session], keep_draining: bool = False) -> None:
         """Point an instance at a session (or none) and send it that session's context."""
         old = inst.session
         if old is not None and old is not s and inst in old.instances:
             old.instances.remove(inst)
         inst.session = s
-        inst.draining = False
+        inst.draining = inst.draining and keep_draining
         if s is not None and inst not in s.instances:
             s.instances.append(inst)
         if inst.identity is None:

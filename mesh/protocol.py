@@ -41,11 +41,12 @@ class Cmd(enum.IntEnum):
     EXITED = 0x24       # executor -> manager: {iid, code, reason}
     INST_HELLO = 0x30   # instance -> manager: {iid, eid, pid}
     BIND = 0x31         # manager -> instance: {sid|nil, app, kind, version} + [context bytes]
-    TASKS = 0x32        # manager -> instance: [sid, [[tid, attempt]...]] + one payload per task
+    TASKS = 0x32        # manager -> instance: [sid, context version, [[tid, attempt]...]] + one payload per task
     DONE = 0x33         # instance -> manager: [[tid, error|nil]...] + one payload per task
     CTX_WRITE = 0x34    # instance/client -> manager: {sid, seq, base, ops|nil} + [blob] when ops is nil
     CTX_PATCH = 0x35    # manager -> instance: {sid, version, ops|nil, seq|nil} + [blob] when ops is nil
     CTX_REJECT = 0x36   # manager -> instance: {sid, seq, error}
+    RESYNC = 0x37       # instance -> manager: {sid, have}: replica saw a gap; answered with BIND
 
 
 @dataclass
@@ -115,18 +116,20 @@ HEADERS: Dict[Cmd, Callable[[Any], Optional[str]]] = {
     Cmd.EXITED: _map(iid=_str, code=_is_int, reason=_str),
     Cmd.INST_HELLO: _map(iid=_str, eid=_str, pid=_is_int),
     Cmd.BIND: _map(sid=_opt_str, app=_str, kind=_str, version=_is_int),
-    Cmd.TASKS: _sid_list(lambda items: _pairs(items, _is_int, _is_int)),
+    Cmd.TASKS: lambda h: None if (isinstance(h, list) and len(h) == 3 and isinstance(h[0], str) and _is_int(h[1])
+                                  and _pairs(h[2], _is_int, _is_int)) else "header must be [sid, version, [[tid, attempt]...]]",
     Cmd.DONE: lambda h: None if _pairs(h, _is_int, _err) else "header must be [[task_id, error|nil]...]",
     Cmd.CTX_WRITE: _map(sid=_str, seq=_is_int, base=_is_int, ops=_opt_list),
     Cmd.CTX_PATCH: _map(sid=_str, version=_is_int, ops=_opt_list, seq=_opt_int),
     Cmd.CTX_REJECT: _map(sid=_str, seq=_is_int, error=lambda v: isinstance(v, dict)),
+    Cmd.RESYNC: _map(sid=_str, have=_is_int),
 }
 
 # How many payload frames each command carries; None means "one per header item".
 _PAYLOADS: Dict[Cmd, Callable[[Any], int]] = {
     Cmd.SUBMIT: lambda h: len(h[1]),
     Cmd.RESULT: lambda h: len(h[1]),
-    Cmd.TASKS: lambda h: len(h[1]),
+    Cmd.TASKS: lambda h: len(h[2]),
     Cmd.DONE: lambda h: len(h),
     Cmd.BIND: lambda h: 1,
     Cmd.CTX_WRITE: lambda h: 0 if h["ops"] is not None else 1,

@@ -24,6 +24,12 @@ def tools(req):
     if op == "incr":
         ins.patch_context([{"op": "incr", "path": "/n", "value": arg}])
         return None
+    if op == "cas":               # compare-and-set: replace /v with arg[1] only if it is arg[0]
+        ins.patch_context([{"op": "test", "path": "/v", "value": arg[0]},
+                           {"op": "replace", "path": "/v", "value": arg[1]}])
+        return None
+    if op == "replica":           # what this instance's replica holds, and how often it resynced
+        return os.getpid(), ins.context(), ins.resyncs
     if op == "raise":
         raise ValueError(f"bad value {arg!r}")
     if op == "crash":
