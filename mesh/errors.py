@@ -32,7 +32,10 @@ class MeshError(Exception):
 
 
 def _rebuild(cls: Type[MeshError], message: str, details: Dict[str, Any]) -> MeshError:
-    return cls(message, **details)
+    """Details are set after construction: a peer's key may be named ``message``."""
+    exc = cls(message)
+    exc.details = dict(details)
+    return exc
 
 
 class InvalidArgument(MeshError):
@@ -145,4 +148,4 @@ def from_wire(err: Optional[Dict[str, Any]]) -> MeshError:
         return Internal(f"malformed error from peer: {err!r}")
     cls = ERRORS.get(str(err.get("code")), Internal)
     details = err.get("details")
-    return cls(str(err.get("message", "")), **(details if isinstance(details, dict) else {}))
+    return _rebuild(cls, str(err.get("message", "")), details if isinstance(details, dict) else {})

@@ -145,9 +145,21 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _str_keys(d: Dict[Any, Any]) -> Dict[Any, Any]:
+    for k in d:
+        if type(k) is not str:
+            raise ValueError("map keys must be strings")
+    return d
+
+
 def unpack(data: Any) -> Any:
-    """Decode one msgpack value with no ext types and str map keys only."""
-    return msgpack.unpackb(data, raw=False, ext_hook=_no_ext, strict_map_key=True)
+    """Decode one msgpack value: str map keys only, no ext types.
+
+    The one ext type msgpack decodes natively (-1, timestamp) comes out as a
+    float of seconds, so no foreign object type can reach a handler.
+    """
+    return msgpack.unpackb(data, raw=False, ext_hook=_no_ext, strict_map_key=True,
+                           object_hook=_str_keys, timestamp=1)
 
 
 def encode(cmd: Cmd, header: Any, payloads: Sequence[Frame] = ()) -> List[Frame]:

@@ -130,6 +130,7 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
     spare.sort(key=lambda i: (i.session is not None, i.idle_since))
     taken: set = set()
 
+    given: Dict[str, int] = {}   # instances this call gives each session (rebinds, launches, slots freed)
     for s in wanting:
         have = len(owned.get(s.id, ()))
         target = min(s.demand, s.max_instances or s.demand)
@@ -138,11 +139,12 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
         want = target - have
         while want > 0:
             reuse = next((i for i in spare if i.id not in taken and i.app == s.app and i.resreq == s.resreq
-                          and _labels_match(s, execs[i.executor]) if i.executor in execs), None)
+                          and i.executor in execs and _labels_match(s, execs[i.executor])), None)
             if reuse is not None:
                 taken.add(reuse.id)
                 actions.append(Rebind(reuse.id, s.id))
                 want -= 1
+                given[s.id] = given.get(s.id, 0) + 1
                 continue
             hosts = [e for e in executors if fits(s, e)]
             if hosts:
@@ -151,6 +153,7 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
                 host.allocated = host.allocated + s.resreq
                 actions.append(Launch(s.id, host.id))
                 want -= 1
+                given[s.id] = given.get(s.id, 0) + 1
                 continue
             victim = next((i for i in spare if i.id not in taken and i.executor in execs
                            and _labels_match(s, execs[i.executor])), None)
@@ -158,12 +161,13 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
                 taken.add(victim.id)
                 actions.append(Stop(victim.id))
                 want -= 1  # the slot comes back when the instance exits; count it as given
+                given[s.id] = given.get(s.id, 0) + 1
                 continue
             break
 
     if contended:
         for s in wanting:
-            if len(owned.get(s.id, ())) >= min(share, s.demand):
+            if len(owned.get(s.id, ())) + given.get(s.id, 0) >= min(share, s.demand):
                 continue
             rich = max(owned.items(), key=lambda kv: len(kv[1]), default=None)
             if rich is None or len(rich[1]) <= share or rich[0] == s.id:
