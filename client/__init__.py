@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from .api import Client
 from .connection import Connection
+from .objects import ObjectRef, delete_object, get_object, patch_object, put_object, update_object
 from .session import Session
 
-__all__ = ["Client", "Connection", "Session"]
+__all__ = ["Client", "Connection", "ObjectRef", "Session", "delete_object", "get_object", "patch_object",
+           "put_object", "update_object"]

@@ -52,9 +52,14 @@ class Connection:
     # -- caller side (any thread) --------------------------------------------------
     def call(self, method: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
         """A control call; raises the manager's typed error, or Unavailable on silence."""
+        return self.call_blob(method, args, timeout=timeout)[0]
+
+    def call_blob(self, method: str, args: Optional[Dict[str, Any]] = None, blob: Optional[Any] = None,
+                  timeout: Optional[float] = None) -> Tuple[Any, Optional[bytes]]:
+        """A control call whose bulk data travels as its own frame both ways: (result, blob or None)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         limit = self.settings.request_timeout if timeout is None else timeout
-        self._push(("call", method, args or {}, fut, time.monotonic() + limit))
+        self._push(("call", method, args or {}, fut, time.monotonic() + limit, blob))
         return fut.result()
 
     def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any]) -> concurrent.futures.Future:
@@ -120,10 +125,13 @@ class Connection:
                     self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
                     del batches[sid]
             else:
-                _, method, args, fut, deadline = item
+                _, method, args, fut, deadline, blob = item
                 rid = next(self._rids)
                 self._calls[rid] = (fut, deadline, method)
-                self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args})
+                if blob is None:
+                    self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args})
+                else:
+                    self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args, "blob": True}, [blob])
         for sid, (tags, frames) in batches.items():
             self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
 
@@ -163,7 +171,7 @@ class Connection:
                     continue
                 fut = entry[0]
                 if h["ok"]:
-                    fut.set_result(h.get("result"))
+                    fut.set_result((h.get("result"), msg.payloads[0] if msg.payloads else None))
                 else:
                     fut.set_exception(from_wire(h.get("error")))
 

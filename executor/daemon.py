@@ -30,6 +30,7 @@ from mesh.log import event
 from mesh.protocol import Cmd, decode, encode
 from mesh.spec import AppSpec
 
+from .cache_proxy import CacheProxy
 from .capabilities import detect
 
 log = logging.getLogger("zeromesh.executor")
@@ -71,6 +72,8 @@ class ExecutorDaemon:
         self.children: Dict[str, Child] = {}
         self._running = True
         self.sock: Optional[zmq.Socket] = None
+        self.cache = CacheProxy(self.run_dir, int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30))),
+                                self._send_frames)
         self.live = transport.Liveness(self.settings.heartbeat_interval, self.settings.liveness)
 
     # -- connection --------------------------------------------------------
@@ -82,9 +85,12 @@ class ExecutorDaemon:
         self._send(Cmd.EXEC_HELLO, {"id": self.id, "caps": detect(self.slots, self.labels)})
 
     def _send(self, cmd: Cmd, header: object) -> None:
+        self._send_frames(cmd, header, [])
+
+    def _send_frames(self, cmd: Cmd, header: object, payloads: List[object]) -> None:
         assert self.sock is not None
         try:
-            self.sock.send_multipart(encode(cmd, header), flags=zmq.NOBLOCK)
+            self.sock.send_multipart(encode(cmd, header, payloads), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet; the heartbeat/hello cycle covers it
         self.live.sent()
@@ -94,7 +100,7 @@ class ExecutorDaemon:
         env = dict(os.environ)
         env.update(app.environments)
         env.update({"ZMESH_MANAGER": self.manager, "ZMESH_INSTANCE_ID": iid, "ZMESH_EXECUTOR_ID": self.id,
-                    "ZMESH_APP": app.name})
+                    "ZMESH_APP": app.name, "ZMESH_OBJECT_CACHE": self.cache.endpoint})
         # The executor's own Python environment comes first on PATH, so `command: python3` finds zeromesh.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         log_path = os.path.join(self.run_dir, f"{iid}.log")
@@ -180,6 +186,8 @@ class ExecutorDaemon:
             self._connect()
         elif msg.cmd is Cmd.HEARTBEAT:
             pass
+        elif msg.cmd is Cmd.REPLY and self.cache.on_reply(msg):
+            pass
         else:
             raise ProtocolError(f"{msg.cmd.name} is not sent to executors")
 
@@ -192,8 +200,12 @@ class ExecutorDaemon:
         while self._running:
             assert self.sock is not None
             poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.cache.sock, zmq.POLLIN)
             ready = dict(poller.poll(timeout=50))
             poller.unregister(self.sock)
+            poller.unregister(self.cache.sock)
+            if self.cache.sock in ready:
+                self.cache.on_instance()
             if self.sock in ready:
                 for _ in range(1000):
                     try:
@@ -206,7 +218,7 @@ class ExecutorDaemon:
                         event(log, logging.WARNING, "bad message from manager", error=str(exc))
             self._reap()
             if self.live.should_ping():
-                self._send(Cmd.HEARTBEAT, {"labels": self.labels})
+                self._send(Cmd.HEARTBEAT, {"labels": self.labels, "cache": self.cache.stats()})
             if self.live.dead():
                 event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(self.live.silent_for(), 1))
                 self._stop_all(grace=1.0, reason="the manager went silent")
@@ -214,6 +226,7 @@ class ExecutorDaemon:
         self._stop_all(grace=5.0, reason="the executor is shutting down")
         if self.sock is not None:
             self.sock.close(linger=0)
+        self.cache.close()
         event(log, logging.INFO, "executor stopped", executor=self.id)
         return 0
 

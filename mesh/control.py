@@ -40,6 +40,16 @@ def _arg(args: Dict[str, Any], name: str, typ: type, required: bool = True) -> A
     return value
 
 
+class WithBlob:
+    """A reply whose bulk data travels as its own frame (zero-copy), not inside the header."""
+
+    __slots__ = ("result", "blob")
+
+    def __init__(self, result: Any, blob: Any) -> None:
+        self.result = result
+        self.blob = blob
+
+
 class Control:
     def __init__(self, manager: "Manager") -> None:
         self.m = manager
@@ -54,7 +64,7 @@ class Control:
             self._reply(identity, rid, error=InvalidArgument(f"unknown method {method!r}", method=method))
             return
         try:
-            result = fn(args)
+            result = fn(args, msg.payloads[0] if msg.payloads else None)
         except MeshError as exc:
             self._reply(identity, rid, error=exc)
             return
@@ -78,7 +88,10 @@ class Control:
         self.m.wake()
 
     def _reply(self, identity: bytes, rid: int, result: Any = None, error: Optional[MeshError] = None) -> None:
-        if error is None:
+        if isinstance(result, WithBlob):
+            self.m.send(identity, Cmd.REPLY, {"rid": rid, "ok": True, "result": result.result, "blob": True},
+                        [result.blob])
+        elif error is None:
             self.m.send(identity, Cmd.REPLY, {"rid": rid, "ok": True, "result": result})
         else:
             self.m.send(identity, Cmd.REPLY, {"rid": rid, "ok": False, "error": error.to_wire()})
@@ -99,14 +112,15 @@ class Control:
         return s
 
     # -- methods --------------------------------------------------------------------
-    def do_ping(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_ping(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return {"protocol": VERSION, "time": time.time(), "endpoint": self.m.endpoint}
 
-    def do_stats(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_stats(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return {**self.m.stats, "tasks_in_memory": len(self.m.tasks), "sessions": len(self.m.sessions),
+                "objects": len(self.m.objects.items), "object_bytes_out": self.m.objects.bytes_out,
                 "executors": len(self.m.executors), "instances": len(self.m.instances)}
 
-    async def do_register_app(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    async def do_register_app(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         spec = AppSpec.from_dict(_arg(args, "spec", dict))
         replace = bool(args.get("replace", False))
         old = self.m.apps.get(spec.name)
@@ -119,7 +133,7 @@ class Control:
         event(log, logging.INFO, "application registered", application=spec.name)
         return self.m.apps[spec.name].view()
 
-    async def do_unregister_app(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    async def do_unregister_app(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         name = _arg(args, "name", str)
         self._app(name)
         open_sessions = [s.id for s in self.m.sessions.values() if s.app == name and s.state == OPEN]
@@ -135,13 +149,13 @@ class Control:
         event(log, logging.INFO, "application unregistered", application=name)
         return {"name": name}
 
-    def do_get_app(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_get_app(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return self._app(_arg(args, "name", str)).view()
 
-    def do_list_apps(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def do_list_apps(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> List[Dict[str, Any]]:
         return [a.view() for a in sorted(self.m.apps.values(), key=lambda a: a.spec.name)]
 
-    async def do_create_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    async def do_create_session(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         app = self._app(_arg(args, "app", str))
         kind = _arg(args, "kind", str, required=False) or DOC
         if kind not in KINDS:
@@ -171,16 +185,16 @@ class Control:
             store.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
                              (s.id, 0, s.context.kind, s.context.encoded()))
 
-    def do_get_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_get_session(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return self._session(_arg(args, "id", str)).view()
 
-    def do_open_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_open_session(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return self._session(_arg(args, "id", str), open_only=True).view()
 
-    def do_list_sessions(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def do_list_sessions(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> List[Dict[str, Any]]:
         return [s.view() for s in sorted(self.m.sessions.values(), key=lambda s: s.created_at)]
 
-    async def do_close_session(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    async def do_close_session(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         s = self._session(_arg(args, "id", str))
         if s.state == OPEN:
             s.state = CLOSED
@@ -192,18 +206,19 @@ class Control:
             await self.m.writer.call(self.m.store.put_session, s.id, s.app, s.state, s.created_at, s.closed_at,
                                      s.resreq.to_dict(), s.owner)
             self.m.writer.submit(self.m.store.drop_context, s.id)
+            self.m.delete_objects(self.m.objects.of_session(s.id))
             self.m.plan_soon()
             event(log, logging.INFO, "session closed", session=s.id)
         return s.view()
 
-    def do_list_executors(self, args: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def do_list_executors(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> List[Dict[str, Any]]:
         return [e.view() for e in sorted(self.m.executors.values(), key=lambda e: e.id)]
 
-    def do_get_context(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_get_context(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         s = self._session(_arg(args, "id", str))
         return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
 
-    def do_write_context(self, args: Dict[str, Any]) -> Dict[str, Any]:
+    def do_write_context(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         s = self._session(_arg(args, "id", str), open_only=True)
         ops = _arg(args, "ops", list, required=False)
         blob = _arg(args, "blob", bytes, required=False)
@@ -219,3 +234,41 @@ class Control:
                 s.conflicts += 1
             raise
         return {"version": version}
+
+    # -- object cache -------------------------------------------------------------------
+    def do_put_object(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        if blob is None:
+            raise InvalidArgument("put_object carries the object as a blob frame")
+        sid = _arg(args, "session", str, required=False)
+        if sid is not None:
+            self._session(sid, open_only=True)
+        ttl = args.get("ttl")
+        if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+            raise InvalidArgument("ttl must be a positive number of seconds", argument="ttl")
+        obj = self.m.objects.put(_arg(args, "kind", str), blob, sid, time.time() + ttl if ttl else None)
+        self.m.persist_object(obj)
+        return {"key": obj.key, "version": obj.doc.version}
+
+    def do_get_object(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Any:
+        have = _arg(args, "have", int, required=False) or 0
+        header, data = self.m.objects.get(_arg(args, "key", str), have)
+        return header if data is None else WithBlob(header, data)
+
+    def do_update_object(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        if blob is None:
+            raise InvalidArgument("update_object carries the object as a blob frame")
+        obj = self.m.objects.update(_arg(args, "key", str), _arg(args, "kind", str), blob)
+        self.m.persist_object(obj)
+        return {"key": obj.key, "version": obj.doc.version}
+
+    def do_patch_object(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        ops = _arg(args, "ops", list)
+        obj = self.m.objects.patch(_arg(args, "key", str), ops)
+        self.m.persist_object(obj, ops)
+        return {"key": obj.key, "version": obj.doc.version}
+
+    def do_delete_object(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        key = _arg(args, "key", str)
+        self.m.objects.delete(key)
+        self.m.delete_objects([key])
+        return {"key": key}

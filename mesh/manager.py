@@ -30,7 +30,8 @@ from .resources import Resources
 from .spec import AppSpec
 from .state import (ALIVE, CANCELLED, CLOSED, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
                     Instance, Session, Task)
-from .store import Batch, Store, Writer
+from .objects import Objects, StoredObject
+from .store import OBJECT_PREFIX, Batch, Store, Writer
 
 log = logging.getLogger("zeromesh.manager")
 
@@ -49,6 +50,7 @@ class Manager:
         self.instances: Dict[str, Instance] = {}
         self.peers: Dict[bytes, Any] = {}          # identity -> Executor | Instance
         self.tasks: Dict[int, Task] = {}
+        self.objects = Objects()
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "send_failures": 0}
@@ -76,6 +78,13 @@ class Manager:
                 doc.replay(patches)
             self.sessions[rec["id"]] = Session(rec["id"], rec["app"], Resources.parse(rec["resreq"]),
                                                rec["created_at"], doc, owner=rec["owner"])
+        for key, sid, expires_at in self.store.load_objects():
+            saved = self.store.load_context(OBJECT_PREFIX + key)
+            if saved is not None:
+                kind, version, data, patches = saved
+                doc = Document.from_wire(kind, data, version)
+                doc.replay(patches)
+                self.objects.load(key, doc, sid, expires_at)
         self._next_tid = itertools.count(self.store.max_task_id() + 1)
         for tid, sid, attempts, payload in self.store.load_unfinished_tasks():
             s = self.sessions.get(sid)
@@ -344,6 +353,21 @@ class Manager:
               have=msg.header["have"], version=s.context.version if s else None)
         self._bind(inst, s, keep_draining=True)
 
+    # -- objects -------------------------------------------------------------------
+    def persist_object(self, obj: StoredObject, ops: Optional[List[Any]] = None) -> None:
+        """Log a patch, or snapshot the object (new, replaced, or every ``snapshot_every`` patches)."""
+        doc = obj.doc
+        if ops is not None and doc.version % self.settings.snapshot_every:
+            self.batch.patches.append((OBJECT_PREFIX + obj.key, doc.version, pack(ops), None))
+        else:
+            self.batch.objects.append(obj.row())
+            self.batch.snapshots.append((OBJECT_PREFIX + obj.key, doc.version, doc.kind, doc.encoded()))
+
+    def delete_objects(self, keys: List[str]) -> None:
+        for key in keys:
+            self.objects.items.pop(key, None)
+            self.batch.deleted_objects.append(key)
+
     # -- executors and instances ------------------------------------------------
     def _welcome(self, identity: bytes) -> None:
         self.send(identity, Cmd.WELCOME, {"heartbeat_ms": int(self.settings.heartbeat_interval * 1000),
@@ -374,6 +398,8 @@ class Manager:
             peer.last_seen = time.time()
             if "labels" in msg.header and isinstance(msg.header["labels"], dict):
                 peer.labels = {str(k): str(v) for k, v in msg.header["labels"].items()}
+            if isinstance(msg.header.get("cache"), dict):
+                peer.cache = msg.header["cache"]
         elif peer is None:
             self.send(identity, Cmd.GONE, {"reason": "unknown peer; introduce yourself again"})
 
@@ -527,6 +553,9 @@ class Manager:
             if not inst.ready and not inst.stopping and now - inst.launched_at > self.settings.instance_start_timeout:
                 event(log, logging.WARNING, "instance did not start in time", instance=inst.id)
                 self.stop_instance(inst)
+        expired = self.objects.expired(now)
+        if expired:
+            self.delete_objects(expired)
         self._plan()
         self.wake()
         self.loop.call_later(min(self.settings.heartbeat_interval, 0.5), self._tick)

@@ -28,8 +28,8 @@ Frame = Union[bytes, memoryview, Any]  # bytes or zmq.Frame
 
 
 class Cmd(enum.IntEnum):
-    REQUEST = 0x01      # peer -> manager: control call {rid, method, args}
-    REPLY = 0x02        # manager -> peer: {rid, ok, result | error}
+    REQUEST = 0x01      # peer -> manager: control call {rid, method, args, blob?} + [blob] when blob is true
+    REPLY = 0x02        # manager -> peer: {rid, ok, result | error, blob?} + [blob] when blob is true
     GONE = 0x0F         # manager -> peer: "I do not know you" {reason}; peer re-introduces itself or exits
     HEARTBEAT = 0x0E    # both ways, any time {}; any traffic counts as liveness
     SUBMIT = 0x10       # client -> manager: [sid, [tag...]] + one payload per tag
@@ -132,6 +132,8 @@ _PAYLOADS: Dict[Cmd, Callable[[Any], int]] = {
     Cmd.TASKS: lambda h: len(h[2]),
     Cmd.DONE: lambda h: len(h),
     Cmd.BIND: lambda h: 1,
+    Cmd.REQUEST: lambda h: 1 if h.get("blob") is True else 0,
+    Cmd.REPLY: lambda h: 1 if h.get("blob") is True else 0,
     Cmd.CTX_WRITE: lambda h: 0 if h["ops"] is not None else 1,
     Cmd.CTX_PATCH: lambda h: 0 if h["ops"] is not None else 1,
 }

@@ -102,9 +102,10 @@ class Executor:
     used_slots: int = 0
     allocated: Resources = field(default_factory=Resources)
     instances: Set[str] = field(default_factory=set)
+    cache: Dict[str, Any] = field(default_factory=dict)   # the executor's object-cache counters
 
     def view(self) -> Dict[str, Any]:
-        return {"id": self.id, "state": self.state, "slots": self.slots, "used_slots": self.used_slots,
+        return {"id": self.id, "state": self.state, "cache": dict(self.cache), "slots": self.slots, "used_slots": self.used_slots,
                 "instances": len(self.instances), "hostname": self.caps.get("hostname"),
                 "cpu": self.capacity.cpu, "memory": self.capacity.memory, "gpu": self.capacity.gpu,
                 "labels": dict(self.labels), "python": self.caps.get("python"),

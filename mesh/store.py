@@ -33,8 +33,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY, session TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
     created_at REAL NOT NULL, finished_at REAL, input BLOB, output BLOB, error TEXT);
 CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session, id);
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
 """
 SCHEMA_VERSION = "1"
+OBJECT_PREFIX = "obj/"  # objects share the snapshot and patch tables with contexts, under this prefix
 
 
 @dataclass
@@ -45,9 +48,12 @@ class Batch:
     finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]] = field(default_factory=list)
     patches: List[Tuple[str, int, Optional[bytes], Optional[bytes]]] = field(default_factory=list)
     snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
+    objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
+    deleted_objects: List[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.new_tasks or self.finished or self.patches or self.snapshots)
+        return bool(self.new_tasks or self.finished or self.patches or self.snapshots or self.objects
+                    or self.deleted_objects)
 
 
 class Store:
@@ -114,6 +120,9 @@ class Store:
         ).fetchall()
         return snap[1], snap[0], snap[2], patches
 
+    def load_objects(self) -> List[Tuple[str, Optional[str], Optional[float]]]:
+        return self.db.execute("SELECT key, session, expires_at FROM objects").fetchall()
+
     # -- tasks ----------------------------------------------------------------
     def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes]]:
         return self.db.execute(
@@ -152,6 +161,12 @@ class Store:
             for sid, version, kind, data in batch.snapshots:
                 self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, version, kind, data))
                 self.db.execute("DELETE FROM patches WHERE session=? AND version<=?", (sid, version))
+            if batch.objects:
+                self.db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)", batch.objects)
+            for key in batch.deleted_objects:
+                self.db.execute("DELETE FROM objects WHERE key=?", (key,))
+                self.db.execute("DELETE FROM snapshots WHERE session=?", (OBJECT_PREFIX + key,))
+                self.db.execute("DELETE FROM patches WHERE session=?", (OBJECT_PREFIX + key,))
 
 
 class Writer:

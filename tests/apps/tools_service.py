@@ -30,6 +30,12 @@ def tools(req):
         return None
     if op == "replica":           # what this instance's replica holds, and how often it resynced
         return os.getpid(), ins.context(), ins.resyncs
+    if op == "getobj":            # read an object through the executor's cache
+        from client import get_object
+        ref, pause = arg
+        obj = get_object(ref)
+        time.sleep(pause)
+        return os.environ["ZMESH_EXECUTOR_ID"], obj.get("n"), len(obj["data"])
     if op == "raise":
         raise ValueError(f"bad value {arg!r}")
     if op == "crash":

@@ -1,0 +1,103 @@
+"""The object cache API: large data travels once, then follows by patches.
+
+``put_object`` stores an object in the manager and returns a small, picklable
+:class:`ObjectRef` to pass inside requests.  ``get_object`` always returns the
+newest version, fetching only what the local cache lacks.  Inside a service
+instance, reads go through the executor's shared cache (``ZMESH_OBJECT_CACHE``),
+so each machine fetches an object once however many instances read it.
+Documents come back as private copies; opaque objects as a shared, read-only
+instance (unpickled once per version).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
+
+import cloudpickle
+
+from mesh import patch
+from mesh.cache import ObjectCache
+from mesh.context import DOC
+from mesh.protocol import pack
+
+from .connection import Connection
+
+CACHE_BYTES = int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30)))
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    key: str
+    version: int
+
+
+_lock = threading.Lock()
+_conns: Dict[str, Connection] = {}
+cache = ObjectCache(CACHE_BYTES)
+
+
+def _conn(endpoint: Optional[str] = None) -> Connection:
+    from mesh.config import default_manager
+    endpoint = endpoint or default_manager()
+    with _lock:
+        c = _conns.get(endpoint)
+        if c is None:
+            c = _conns[endpoint] = Connection(endpoint)
+        return c
+
+
+def _encode(obj: Any) -> Dict[str, Any]:
+    if patch.is_document(obj):
+        return {"kind": DOC, "data": pack(obj)}
+    return {"kind": "blob", "data": cloudpickle.dumps(obj)}
+
+
+def _sid(session: Any) -> Optional[str]:
+    if session is None or isinstance(session, str):
+        return session
+    return session.id()
+
+
+def put_object(obj: Any, *, session: Any = None, ttl: Optional[float] = None) -> ObjectRef:
+    """Store ``obj``; with ``session`` it is deleted with the session, else at ``ttl`` or delete_object."""
+    enc = _encode(obj)
+    r, _ = _conn().call_blob("put_object", {"kind": enc["kind"], "session": _sid(session), "ttl": ttl}, enc["data"])
+    return ObjectRef(r["key"], r["version"])
+
+
+def get_object(ref: Union[ObjectRef, str]) -> Any:
+    key = ref if isinstance(ref, str) else ref.key
+    reader = _conn(os.environ.get("ZMESH_OBJECT_CACHE"))
+    with _lock:
+        have = cache.version(key)
+    header, data = reader.call_blob("get_object", {"key": key, "have": have})
+    with _lock:
+        entry = cache.apply(key, header, data)
+        if entry.kind == DOC:
+            return patch.copy_document(entry.value)
+        if entry.obj is None:
+            entry.obj = cloudpickle.loads(entry.value)
+        return entry.obj
+
+
+def update_object(ref: Union[ObjectRef, str], obj: Any) -> ObjectRef:
+    key = ref if isinstance(ref, str) else ref.key
+    enc = _encode(obj)
+    r, _ = _conn().call_blob("update_object", {"key": key, "kind": enc["kind"]}, enc["data"])
+    return ObjectRef(key, r["version"])
+
+
+def patch_object(ref: Union[ObjectRef, str], ops: List[Dict[str, Any]]) -> ObjectRef:
+    key = ref if isinstance(ref, str) else ref.key
+    patch.validate_ops(ops)
+    r = _conn().call("patch_object", {"key": key, "ops": list(ops)})
+    return ObjectRef(key, r["version"])
+
+
+def delete_object(ref: Union[ObjectRef, str]) -> None:
+    key = ref if isinstance(ref, str) else ref.key
+    _conn().call("delete_object", {"key": key})
+    with _lock:
+        cache.forget(key)

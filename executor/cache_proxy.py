@@ -1,0 +1,121 @@
+"""The executor's shared object cache, served to its instances over ipc://.
+
+Instances on this machine ask here instead of the manager (``get_object``);
+the proxy asks the manager only for what its own cache lacks (its version in
+``have``), and concurrent requests for one key share one fetch.  So a 50 MB
+object crosses the network once per executor, and a patch arrives as a patch.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import zmq
+
+from mesh.cache import ObjectCache
+from mesh.errors import InvalidArgument, ProtocolError
+from mesh.log import event
+from mesh.protocol import Cmd, Message, decode, encode
+
+log = logging.getLogger("zeromesh.executor")
+
+Waiter = Tuple[bytes, int, int]  # instance identity, its rid, the version it holds
+
+
+class CacheProxy:
+    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None]) -> None:
+        self.cache = ObjectCache(max_bytes)
+        self.endpoint = f"ipc://{os.path.join(run_dir, 'objects.sock')}"
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+        self._ask = ask_manager
+        self._rids = itertools.count(1)
+        self._fetching: Dict[int, str] = {}          # our rid at the manager -> key
+        self._waiters: Dict[str, List[Waiter]] = {}
+        self.fetches = 0
+
+    def stats(self) -> Dict[str, int]:
+        return {**self.cache.stats, "fetches": self.fetches, "bytes": self.cache.size, "entries": len(self.cache.entries)}
+
+    def on_instance(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            try:
+                msg = decode(frames[1:])
+            except ProtocolError as exc:
+                self._reply(identity, -1, error=exc.to_wire())
+                continue
+            if msg.cmd is not Cmd.REQUEST:
+                continue
+            args, rid = msg.header["args"], msg.header["rid"]
+            key, have = args.get("key"), args.get("have", 0)
+            if msg.header["method"] != "get_object" or not isinstance(key, str) or not isinstance(have, int):
+                err = InvalidArgument("the executor's object cache answers get_object {key: str, have: int} only")
+                self._reply(identity, rid, error=err.to_wire())
+                continue
+            self._get(identity, rid, key, have)
+
+    def _get(self, identity: bytes, rid: int, key: str, have: int) -> None:
+        waiting = self._waiters.setdefault(key, [])
+        waiting.append((identity, rid, have))
+        if len(waiting) > 1:
+            return  # one fetch per key at a time; this reader rides along
+        mrid = next(self._rids)
+        self._fetching[mrid] = key
+        self.fetches += 1
+        self._ask(Cmd.REQUEST, {"rid": mrid, "method": "get_object",
+                                "args": {"key": key, "have": self.cache.version(key)}}, [])
+
+    def on_reply(self, msg: Message) -> bool:
+        """Handle the manager's answer to one of our fetches; False if it was not ours."""
+        key = self._fetching.pop(msg.header["rid"], None)
+        if key is None:
+            return False
+        waiters = self._waiters.pop(key, [])
+        if not msg.header["ok"]:
+            for identity, rid, _ in waiters:
+                self._reply(identity, rid, error=msg.header.get("error"))
+            return True
+        header = msg.header["result"]
+        before = self.cache.version(key)
+        try:
+            entry = self.cache.apply(key, header, msg.payloads[0] if msg.payloads else None)
+        except Exception as exc:  # a patch that does not apply: refetch whole next time
+            self.cache.forget(key)
+            event(log, logging.WARNING, "object cache entry dropped", key=key, error=str(exc))
+            for identity, rid, _ in waiters:
+                self._get(identity, rid, key, 0)
+            return True
+        for identity, rid, have in waiters:
+            base = {"key": key, "version": entry.version, "kind": entry.kind}
+            if have == entry.version:
+                self._reply(identity, rid, result={**base, "mode": "same"})
+            elif header["mode"] == "patches" and have == before:
+                self._reply(identity, rid, result={**base, "mode": "patches", "patches": header["patches"]})
+            else:
+                self._reply(identity, rid, result={**base, "mode": "full"}, blob=entry.encoded())
+        return True
+
+    def _reply(self, identity: bytes, rid: int, result: Any = None, error: Any = None, blob: Optional[bytes] = None) -> None:
+        if error is not None:
+            header = {"rid": rid, "ok": False, "error": error}
+        else:
+            header = {"rid": rid, "ok": True, "result": result}
+        payloads = []
+        if blob is not None:
+            header["blob"] = True
+            payloads = [blob]
+        try:
+            self.sock.send_multipart([identity, *encode(Cmd.REPLY, header, payloads)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass  # the instance is gone
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,96 @@
+"""The object cache's source of truth: versioned objects kept by the manager.
+
+An object is a :class:`~mesh.context.Document` (a msgpack document that can be
+patched, or an opaque blob replaced whole) with a key, an optional owning
+session (deleted with it) and an optional time to live.  Readers say which
+version they hold; the answer is the cheapest that brings them up to date:
+nothing (``same``), the patches since (``patches``), or the whole object
+(``full``).  This module is pure state; the manager persists what it returns.
+"""
+from __future__ import annotations
+
+import collections
+import secrets
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from .context import DOC, KINDS, Document
+from .errors import InvalidArgument, NotFound
+
+PATCH_HISTORY = 64  # recent patches kept per object, so a reader a few versions behind gets patches
+
+
+class StoredObject:
+    __slots__ = ("key", "doc", "session", "expires_at", "recent")
+
+    def __init__(self, key: str, doc: Document, session: Optional[str], expires_at: Optional[float]) -> None:
+        self.key = key
+        self.doc = doc
+        self.session = session
+        self.expires_at = expires_at
+        self.recent: Deque[Tuple[int, Optional[List[Any]]]] = collections.deque(maxlen=PATCH_HISTORY)
+
+    def row(self) -> Tuple[str, Optional[str], Optional[float]]:
+        return (self.key, self.session, self.expires_at)
+
+
+class Objects:
+    def __init__(self) -> None:
+        self.items: Dict[str, StoredObject] = {}
+        self.bytes_out = 0
+
+    def _get(self, key: str) -> StoredObject:
+        obj = self.items.get(key)
+        if obj is None:
+            raise NotFound(f"object {key!r} does not exist (deleted, expired, or its session closed)", key=key)
+        return obj
+
+    def put(self, kind: str, data: bytes, session: Optional[str], expires_at: Optional[float]) -> StoredObject:
+        if kind not in KINDS:
+            raise InvalidArgument(f"object kind must be one of {KINDS}", argument="kind")
+        key = secrets.token_hex(8)
+        obj = StoredObject(key, Document.from_wire(kind, data, 1), session, expires_at)
+        self.items[key] = obj
+        return obj
+
+    def load(self, key: str, doc: Document, session: Optional[str], expires_at: Optional[float]) -> None:
+        self.items[key] = StoredObject(key, doc, session, expires_at)
+
+    def get(self, key: str, have: int) -> Tuple[Dict[str, Any], Optional[bytes]]:
+        """What a reader holding version ``have`` needs: (reply header, data frame or None)."""
+        obj = self._get(key)
+        doc = obj.doc
+        if have == doc.version:
+            return {"key": key, "version": doc.version, "kind": doc.kind, "mode": "same"}, None
+        if 0 < have < doc.version and obj.recent and obj.recent[0][0] <= have + 1:
+            patches = [ops for v, ops in obj.recent if v > have]
+            if all(p is not None for p in patches):
+                return {"key": key, "version": doc.version, "kind": doc.kind, "mode": "patches",
+                        "patches": patches}, None
+        data = doc.encoded()
+        self.bytes_out += len(data)
+        return {"key": key, "version": doc.version, "kind": doc.kind, "mode": "full"}, data
+
+    def update(self, key: str, kind: str, data: bytes) -> StoredObject:
+        obj = self._get(key)
+        new = Document.from_wire(kind, data, obj.doc.version + 1)
+        obj.doc = new
+        obj.recent.append((new.version, None))
+        return obj
+
+    def patch(self, key: str, ops: List[Any]) -> StoredObject:
+        obj = self._get(key)
+        if obj.doc.kind != DOC:
+            raise InvalidArgument(f"object {key!r} is opaque (a pickled object): update it whole", key=key)
+        obj.doc.apply(ops, None)
+        obj.recent.append((obj.doc.version, ops))
+        return obj
+
+    def delete(self, key: str) -> None:
+        self._get(key)
+        del self.items[key]
+
+    def expired(self, now: float) -> List[str]:
+        return [k for k, o in self.items.items() if o.expires_at is not None and o.expires_at <= now]
+
+    def of_session(self, sid: str) -> List[str]:
+        return [k for k, o in self.items.items() if o.session == sid]

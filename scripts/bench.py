@@ -1,0 +1,479 @@
+"""zeromesh benchmark: throughput, latency and manager cost, each next to the raw-ZeroMQ limit.
+
+One command, nothing to set up: it starts a manager and an executor on
+loopback (client.local.LocalMesh), registers a no-op service
+(scripts/bench_apps/noop_service.py), runs for a bounded time, prints a
+table and optionally writes JSON.  The raw-pyzmq limit (scripts/bench_limit.py)
+is measured in the same run, interleaved with zeromesh (limit, zeromesh,
+limit, zeromesh, ...); with ``--repeat N`` every figure is the median of N.
+
+Figures:
+
+* throughput of no-op tasks with 1 and 2 instances: one Session streams tasks
+  with ``--window`` in flight for ``--seconds`` after a warm-up that proves
+  every instance is serving (each instance process used CPU during it);
+* latency p50/p99 of ``Session.invoke`` one task at a time, payload 0 B,
+  100 KiB and 10 MiB;
+* manager CPU seconds per 10,000 tasks (utime+stime of the manager process
+  around each throughput run);
+* manager RSS per queued task: ``--queued`` tasks submitted to a session whose
+  app fits no executor (``labels: {never: match}``), so all of them wait in
+  the manager.
+
+Ratios: throughput is zeromesh / limit (1.0 = as fast as raw ZeroMQ); latency
+is zeromesh / limit (1.0 = no overhead, higher is slower).  CPU and RSS have
+no raw counterpart and no ratio.
+
+Usage: python scripts/bench.py [--seconds 3] [--repeat 1] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import bench_limit  # noqa: E402
+from client import Client, Session  # noqa: E402
+from client import local  # noqa: E402
+from client.local import LocalMesh  # noqa: E402
+from mesh.config import Settings  # noqa: E402
+
+APPS = os.path.join(HERE, "bench_apps")
+MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop
+RESULT_WAIT = 30.0           # seconds any single task may take before the run is declared broken
+WARMUP_LIMIT = 60.0          # seconds the instances have to start and serve
+SIZES = (("0 B", 0), ("100 KiB", 100 * 1024), ("10 MiB", 10 * 1024 * 1024))
+
+FULL = {"seconds": 3.0, "warmup": 0.5, "window": 2000, "queued": 100_000,
+        "latency_counts": {"0 B": 2000, "100 KiB": 300, "10 MiB": 20}, "latency_seconds": 10.0}
+QUICK = {"seconds": 0.5, "warmup": 0.2, "window": 500, "queued": 5_000,
+         "latency_counts": {"0 B": 100, "100 KiB": 20, "10 MiB": 3}, "latency_seconds": 3.0}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# -- processes ---------------------------------------------------------------------
+_libc: Any = None
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    pass
+
+
+def _end_with_us() -> None:
+    """In the child before exec: SIGTERM it if this benchmark dies (Linux), so a
+    killed benchmark leaves no manager or executor behind."""
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class BenchMesh(LocalMesh):
+    """LocalMesh whose daemons also end when the benchmark process dies."""
+
+    def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
+        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
+        try:
+            return subprocess.Popen(local._cli(*args), env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, preexec_fn=_end_with_us)
+        finally:
+            log.close()
+
+
+def noop_spec(name: str = "noop", **spec: Any) -> Dict[str, Any]:
+    return {"metadata": {"name": name},
+            "spec": {"working_directory": APPS, "command": sys.executable,
+                     "arguments": ["noop_service.py"], **spec}}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def children(ppid: int, marker: str) -> List[int]:
+    """PIDs of ``ppid``'s children whose command line contains ``marker``."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != ppid:
+                    continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    out.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+class Bench:
+    """The meshes of one run, started lazily, all stopped by ``close``."""
+
+    def __init__(self, env: Dict[str, str], log_dir: str) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.meshes: Dict[str, BenchMesh] = {}
+        self.sessions: Dict[str, Session] = {}
+
+    def mesh(self, key: str, slots: int) -> BenchMesh:
+        m = self.meshes.get(key)
+        if m is None:
+            d = os.path.join(self.log_dir, key)
+            os.makedirs(d, exist_ok=True)
+            m = BenchMesh(executors=1, slots=slots, env=self.env, log_dir=d)
+            self.meshes[key] = m   # registered before start, so close() ends a half-started mesh
+            m.start()
+            with Client(m.endpoint) as c:
+                c.register_application(noop_spec())
+        return m
+
+    def session(self, slots: int) -> Tuple[BenchMesh, Session]:
+        key = f"slots{slots}"
+        m = self.mesh(key, slots)
+        s = self.sessions.get(key)
+        if s is None:
+            s = self.sessions[key] = Session("noop", manager=m.endpoint)
+        return m, s
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            try:
+                s.close()
+            except Exception:
+                pass
+        for m in self.meshes.values():
+            m.stop()
+
+
+# -- throughput ----------------------------------------------------------------------
+def stream(session: Session, seconds: float, window: int) -> Tuple[int, float]:
+    """Keep ``window`` no-op tasks in flight for ``seconds``; (tasks completed, elapsed).
+
+    Results are collected oldest first; completions out of order are counted
+    when the older ones finish, which evens out over a run.  Everything still
+    in flight at the end is awaited (not counted), so the next phase starts idle.
+    """
+    futs: Deque[Any] = collections.deque()
+    done = 0
+    start = time.perf_counter()
+    end = start + seconds
+    try:
+        for _ in range(MAX_LOOPS):
+            if time.perf_counter() >= end:
+                break
+            for _ in range(window - len(futs)):
+                futs.append(session.submit(None))
+            futs[0].result(RESULT_WAIT)
+            while futs and futs[0].done():
+                futs.popleft().result()
+                done += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        for f in futs:
+            f.result(RESULT_WAIT)
+    return done, elapsed
+
+
+def warm_up(mesh: BenchMesh, session: Session, instances: int, seconds: float, window: int) -> Dict[str, Any]:
+    """Stream until ``instances`` instance processes exist and each one used CPU
+    during the last burst, i.e. each was launched, said hello and ran tasks."""
+    assert mesh.executors
+    epid = mesh.executors[0].pid
+    t0 = time.monotonic()
+    rounds = 0
+    for rounds in range(1, MAX_LOOPS):
+        before = {p: _cpu_or_zero(p) for p in children(epid, "noop_service.py")}
+        stream(session, seconds, window)
+        pids = children(epid, "noop_service.py")
+        busy = [p for p in pids if _cpu_or_zero(p) > before.get(p, 0.0)]
+        if len(pids) >= instances and len(busy) >= instances:
+            return {"instances": len(pids), "rounds": rounds, "seconds": round(time.monotonic() - t0, 2)}
+        if time.monotonic() - t0 > WARMUP_LIMIT:
+            break
+    raise BenchError(f"{instances} instance(s) were not all serving after {WARMUP_LIMIT:.0f}s "
+                     f"({rounds} warm-up rounds); see {mesh.log_dir}")
+
+
+def mesh_throughput(bench: Bench, instances: int, seconds: float, warmup: float, window: int) -> Dict[str, Any]:
+    m, s = bench.session(instances)
+    warm = warm_up(m, s, instances, warmup, window)
+    assert m.manager is not None
+    pid = m.manager.pid
+    cpu0 = cpu_seconds(pid)
+    done, elapsed = stream(s, seconds, window)
+    cpu = cpu_seconds(pid) - cpu0
+    if done <= 0:
+        raise BenchError("no task completed during the throughput run")
+    return {"tasks": done, "seconds": round(elapsed, 3), "tasks_per_s": round(done / elapsed, 1),
+            "manager_cpu_s": round(cpu, 3), "manager_cpu_s_per_10k": round(cpu / done * 10_000, 4),
+            "warmup": warm}
+
+
+# -- latency ---------------------------------------------------------------------------
+def percentiles(samples_us: List[float]) -> Dict[str, Any]:
+    """Same definitions as bench_limit.latency."""
+    xs = sorted(samples_us)
+    n = len(xs)
+    if not n:
+        raise BenchError("no latency samples")
+    return {"count": n, "p50_us": round(xs[n // 2], 1), "p99_us": round(xs[min(n - 1, int(n * 0.99))], 1),
+            "mean_us": round(sum(xs) / n, 1)}
+
+
+def mesh_latency(bench: Bench, count: int, payload: int, max_seconds: float) -> Dict[str, Any]:
+    """``invoke`` one task at a time on one warm instance; the round trip includes pickling."""
+    _, s = bench.session(1)
+    body = b"x" * payload
+    warm = min(100, max(2, count // 10))
+    samples: List[float] = []
+    deadline = time.monotonic() + max_seconds
+    for i in range(warm + count):
+        if time.monotonic() > deadline:
+            break
+        t = time.perf_counter_ns()
+        out = s.invoke(body, timeout=RESULT_WAIT)
+        dt = time.perf_counter_ns() - t
+        if len(out) != payload:
+            raise BenchError("the no-op returned a payload of the wrong size")
+        if i >= warm:
+            samples.append(dt / 1000.0)
+    return percentiles(samples)
+
+
+# -- memory ------------------------------------------------------------------------------
+def queued_memory(bench: Bench, queued: int) -> Dict[str, Any]:
+    """Manager RSS growth with ``queued`` tasks waiting for an instance that never starts."""
+    m = bench.mesh("memory", 1)
+    with Client(m.endpoint) as c:
+        c.register_application(noop_spec("noop-nowhere", labels={"never": "match"}))
+    assert m.manager is not None
+    pid = m.manager.pid
+    s = Session("noop-nowhere", manager=m.endpoint)
+    try:
+        time.sleep(0.2)
+        before = rss_bytes(pid)
+        t0 = time.monotonic()
+        futs = [s.submit(None) for _ in range(queued)]
+        submit_s = time.monotonic() - t0
+        info: Dict[str, Any] = {}
+        deadline = time.monotonic() + 120
+        for _ in range(MAX_LOOPS):
+            info = s.info()
+            if info["pending"] >= queued or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if info.get("pending", 0) < queued:
+            raise BenchError(f"only {info.get('pending')} of {queued} tasks reached the manager in time")
+        queued_s = time.monotonic() - t0
+        after = rss_bytes(pid)
+        for _ in range(20):  # let the group commit run and the RSS settle; keep the highest reading
+            time.sleep(0.1)
+            after = max(after, rss_bytes(pid))
+        t1 = time.monotonic()
+        s.close()
+        close_s = time.monotonic() - t1
+        # The close reply follows every cancellation on the same socket, so all futures are resolved.
+        cancelled = sum(1 for f in futs if f.done() and type(f.exception()).__name__ == "Cancelled")
+    finally:
+        s.close()
+    return {"queued": queued, "rss_before": before, "rss_after": after,
+            "bytes_per_queued_task": round((after - before) / queued, 1),
+            "submit_s": round(submit_s, 3), "queued_s": round(queued_s, 3), "close_s": round(close_s, 3),
+            "cancelled": cancelled}
+
+
+# -- run ----------------------------------------------------------------------------------
+def median(xs: List[float]) -> float:
+    return round(statistics.median(xs), 4 if max(xs) < 10 else 1)
+
+
+def ratio(a: float, b: float) -> Optional[float]:
+    return round(a / b, 3) if b else None
+
+
+def run(opts: argparse.Namespace) -> Dict[str, Any]:
+    cfg = dict(QUICK if opts.quick else FULL)
+    seconds = opts.seconds if opts.seconds is not None else cfg["seconds"]
+    window = opts.window or cfg["window"]
+    queued = opts.queued if opts.queued is not None else cfg["queued"]
+    env: Dict[str, str] = {}
+    if opts.prefetch is not None:
+        env["ZMESH_PREFETCH"] = str(opts.prefetch)
+    if opts.queue_target is not None:
+        env["ZMESH_QUEUE_TARGET"] = str(opts.queue_target)
+    settings = Settings.load({**os.environ, **env})
+    credit = opts.credit or settings.prefetch
+    log_dir = tempfile.mkdtemp(prefix="zmesh-bench-")
+    started = time.monotonic()
+    raw: Dict[str, Any] = {"throughput": {str(n): {"limit": [], "zeromesh": []} for n in opts.instances},
+                           "latency": {label: {"limit": [], "zeromesh": []} for label, _ in SIZES}}
+    bench = Bench(env, log_dir)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not opts.silent else (lambda msg: None)
+    try:
+        for rep in range(opts.repeat):
+            for n in opts.instances:
+                say(f"[{rep + 1}/{opts.repeat}] throughput, {n} instance(s): limit ...")
+                raw["throughput"][str(n)]["limit"].append(bench_limit.throughput(
+                    workers=n, seconds=seconds, payload=0, credit=credit, window=window, warmup=cfg["warmup"]))
+                say(f"[{rep + 1}/{opts.repeat}] throughput, {n} instance(s): zeromesh ...")
+                raw["throughput"][str(n)]["zeromesh"].append(
+                    mesh_throughput(bench, n, seconds, cfg["warmup"], window))
+            for label, size in SIZES:
+                count = cfg["latency_counts"][label]
+                say(f"[{rep + 1}/{opts.repeat}] latency {label}: limit, zeromesh ...")
+                raw["latency"][label]["limit"].append(bench_limit.latency(
+                    workers=1, count=count, payload=size, max_seconds=cfg["latency_seconds"]))
+                raw["latency"][label]["zeromesh"].append(
+                    mesh_latency(bench, count, size, cfg["latency_seconds"]))
+        say(f"manager memory with {queued} tasks queued ...")
+        memory = queued_memory(bench, queued)
+    finally:
+        bench.close()
+    total = time.monotonic() - started
+
+    result: Dict[str, Any] = {
+        "settings": {"quick": opts.quick, "repeat": opts.repeat, "seconds": seconds, "window": window,
+                     "limit_credit": credit, "prefetch": settings.prefetch, "queue_target": settings.queue_target,
+                     "queued": queued, "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                     "log_dir": log_dir},
+        "throughput": {}, "latency": {}, "manager": {}, "runs": raw,
+    }
+    for n in opts.instances:
+        r = raw["throughput"][str(n)]
+        zm = median([x["tasks_per_s"] for x in r["zeromesh"]])
+        lim = median([x["tasks_per_s"] for x in r["limit"]])
+        result["throughput"][str(n)] = {"tasks_per_s": zm, "limit_tasks_per_s": lim, "ratio": ratio(zm, lim)}
+        result["manager"][f"cpu_s_per_10k_tasks_{n}"] = median(
+            [x["manager_cpu_s_per_10k"] for x in r["zeromesh"]])
+    for label, _ in SIZES:
+        r = raw["latency"][label]
+        entry: Dict[str, Any] = {"count": r["zeromesh"][-1]["count"]}
+        for p in ("p50_us", "p99_us"):
+            zm = median([x[p] for x in r["zeromesh"]])
+            lim = median([x[p] for x in r["limit"]])
+            entry.update({p: zm, "limit_" + p: lim, "ratio_" + p[:3]: ratio(zm, lim)})
+        result["latency"][label] = entry
+    first = str(opts.instances[0])
+    result["manager"]["cpu_s_per_10k_tasks"] = result["manager"][f"cpu_s_per_10k_tasks_{first}"]
+    result["manager"]["rss_bytes_per_queued_task"] = memory["bytes_per_queued_task"]
+    result["manager"]["queued_memory"] = memory
+    result["total_seconds"] = round(total, 1)
+    return result
+
+
+# -- output --------------------------------------------------------------------------------
+def rows(res: Dict[str, Any]) -> List[Tuple[str, str, str, str, str]]:
+    def num(v: Any, fmt: str = ",.0f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    out = []
+    for n, r in res["throughput"].items():
+        out.append((f"throughput no-op, {n} inst.", "tasks/s", num(r["tasks_per_s"]),
+                    num(r["limit_tasks_per_s"]), num(r["ratio"], ".2f")))
+    for label, r in res["latency"].items():
+        for p in ("p50", "p99"):
+            out.append((f"latency {label} {p} (n={r['count']})", "us", num(r[p + "_us"]),
+                        num(r[f"limit_{p}_us"]), num(r[f"ratio_{p}"], ".2f")))
+    m = res["manager"]
+    for n in res["throughput"]:
+        out.append((f"manager CPU / 10k tasks, {n} inst.", "s", num(m[f"cpu_s_per_10k_tasks_{n}"], ".3f"), "-", "-"))
+    q = m["queued_memory"]
+    out.append((f"manager RSS / queued task ({q['queued']:,})", "bytes", num(m["rss_bytes_per_queued_task"]),
+                "-", "-"))
+    return out
+
+
+def show(res: Dict[str, Any]) -> None:
+    st = res["settings"]
+    title = (f"zeromesh vs raw ZeroMQ ({st['cpus']} CPUs, window {st['window']}, prefetch {st['prefetch']}, "
+             f"repeat {st['repeat']}, {res['total_seconds']} s)")
+    header = ("figure", "unit", "zeromesh", "limit", "ratio")
+    caption = "ratio = zeromesh / limit: throughput higher is better, latency lower is better"
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print("%-40s%8s%12s%12s%8s" % header)
+        for r in rows(res):
+            print("%-40s%8s%12s%12s%8s" % r)
+        print(caption)
+        return
+    t = Table(title=escape(title), caption=escape(caption))
+    t.add_column(header[0])
+    t.add_column(header[1])
+    for h in header[2:]:
+        t.add_column(h, justify="right")
+    for r in rows(res):
+        t.add_row(*(escape(c) for c in r))
+    Console(width=max(100, Console().width)).print(t)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=None, help="measured seconds per throughput run (default 3)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every figure; medians are reported")
+    ap.add_argument("--window", type=int, default=None, help="tasks kept in flight (default 2000)")
+    ap.add_argument("--instances", type=int, nargs="+", default=[1, 2], help="instance counts to measure")
+    ap.add_argument("--queued", type=int, default=None, help="tasks queued for the RSS figure (default 100000)")
+    ap.add_argument("--prefetch", type=int, default=None, help="sets ZMESH_PREFETCH for the mesh")
+    ap.add_argument("--queue-target", type=float, default=None, help="sets ZMESH_QUEUE_TARGET for the mesh")
+    ap.add_argument("--credit", type=int, default=None, help="raw limit's credit per worker (default: prefetch)")
+    ap.add_argument("--quick", action="store_true", help="tiny counts and durations (< 20 s), for tests")
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    opts = ap.parse_args(argv)
+    if opts.repeat < 1 or (opts.seconds is not None and opts.seconds <= 0) or min(opts.instances) < 1:
+        ap.error("--repeat, --seconds and --instances must be positive")
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the finally blocks that end every child
+
+    signal.signal(signal.SIGTERM, _terminate)
+    res = run(opts)
+    show(res)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Object cache: versioned objects, one fetch per executor, patches travel as patches."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from client import Client, Session, delete_object, get_object, patch_object, put_object, update_object
+from client import objects as client_objects
+from mesh import errors
+
+
+def _cache_stats(client, wanted):
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        stats = {e["id"]: e["cache"] for e in client.list_executors()}
+        if wanted(stats):
+            return stats
+        time.sleep(0.1)
+    return stats
+
+
+def test_put_get_update_patch_delete_roundtrip(mesh):
+    ref = put_object({"a": [1, 2]})
+    assert ref.version == 1 and get_object(ref) == {"a": [1, 2]}
+    ref2 = patch_object(ref, [{"op": "add", "path": "/a/-", "value": 3}])
+    assert ref2.version == 2
+    before = dict(client_objects.cache.stats)
+    assert get_object(ref) == {"a": [1, 2, 3]}, "an old ref still reads the newest version"
+    assert client_objects.cache.stats["patches"] == before["patches"] + 1, "the reader got a patch, not the object"
+    ref3 = update_object(ref, {1, 2})   # an opaque object replaces the document whole
+    assert get_object(ref3) == {1, 2}
+    with pytest.raises(errors.InvalidArgument, match="opaque"):
+        patch_object(ref3, [{"op": "add", "path": "/x", "value": 1}])
+    delete_object(ref)
+    with pytest.raises(errors.NotFound, match=ref.key):
+        get_object(ref)
+
+
+def test_session_objects_die_with_the_session_and_ttl_expires(mesh):
+    with Session("tools") as s:
+        ref = put_object([1], session=s)
+        assert get_object(ref) == [1]
+    with pytest.raises(errors.NotFound):
+        get_object(ref)
+    short = put_object("brief", ttl=0.3)
+    assert get_object(short) == "brief"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            get_object(short)
+        except errors.NotFound:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the object outlived its ttl")
+    with pytest.raises(errors.InvalidArgument, match="ttl"):
+        put_object("x", ttl=-1)
+
+
+def test_large_object_is_fetched_once_per_executor_then_patched(mesh, client):
+    data = b"\x07" * (50 * 1024 * 1024)
+    ref = put_object({"n": 0, "data": data})
+    before = {e["id"]: dict(e["cache"]) for e in client.list_executors()}
+    with Session("tools") as s:
+        results = [f.result(120) for f in [s.submit(("getobj", (ref, 0.15))) for _ in range(20)]]
+        assert all(n == 0 and size == len(data) for _, n, size in results)
+        used = {eid for eid, _, _ in results}
+        assert len(used) == 2, f"tasks ran on {used}; the test needs both executors"
+        stats = _cache_stats(client, lambda st: all(st[e].get("fetches", 0) - before[e].get("fetches", 0) >= 1
+                                                     for e in used))
+        for eid in used:
+            assert stats[eid]["full"] - before[eid].get("full", 0) == 1, f"{eid} fetched the object more than once"
+        patch_object(ref, [{"op": "incr", "path": "/n", "value": 1}])
+        results = [f.result(120) for f in [s.submit(("getobj", (ref, 0.15))) for _ in range(20)]]
+        assert all(n == 1 for _, n, _ in results)
+        after = _cache_stats(client, lambda st: all(st[e]["patches"] - before[e].get("patches", 0) >= 1
+                                                    for e in {eid for eid, _, _ in results}))
+        for eid in {eid for eid, _, _ in results}:
+            assert after[eid]["patches"] - before[eid].get("patches", 0) >= 1
+            assert after[eid]["full"] - before[eid].get("full", 0) == 1, "the patch arrived as a whole object"
+    delete_object(ref)
