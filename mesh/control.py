@@ -199,10 +199,10 @@ class Control:
         if s.state == OPEN:
             s.state = CLOSED
             s.closed_at = time.time()
-            while s.pending:
-                t = self.m.tasks.get(s.pending.popleft())
-                if t is not None:
-                    self.m.fail_task(t, Cancelled(f"session {s.id!r} was closed", session=s.id), CANCELLED)
+            cancelled = [t for t in (self.m.tasks.get(tid) for tid in s.pending) if t is not None]
+            s.pending.clear()
+            self.m.waiting.discard(s.id)
+            self.m.fail_tasks(cancelled, Cancelled(f"session {s.id!r} was closed", session=s.id), CANCELLED)
             await self.m.writer.call(self.m.store.put_session, s.id, s.app, s.state, s.created_at, s.closed_at,
                                      s.resreq.to_dict(), s.owner)
             self.m.writer.submit(self.m.store.drop_context, s.id)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
@@ -55,6 +56,7 @@ class Manager:
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "send_failures": 0}
         self._iids = itertools.count(1)
+        self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
         self._plan_pending = False
         self._closing = False
         self.endpoint = ""
@@ -176,8 +178,7 @@ class Manager:
             self.send(identity, Cmd.RESULT, [sid, [[tag, err] for tag in tags]], [b""] * len(tags))
             return
         now = time.time()
-        was_idle = not s.pending
-        new = self.batch.new_tasks
+        add = self.batch.add_task
         for tag, payload in zip(tags, msg.payloads):
             tid = next(self._next_tid)
             t = Task(tid, sid, identity, tag, payload)
@@ -185,11 +186,9 @@ class Manager:
             self.tasks[tid] = t
             s.pending.append(tid)
             s.bytes_in += len(payload)
-            new.append((tid, sid, PENDING, 0, now, payload))
+            add(tid, sid, now, payload)
         self.stats["tasks_submitted"] += len(tags)
         self._dispatch(s)
-        if was_idle and s.pending:
-            self.plan_soon()
 
     def _dispatch(self, s: Session) -> None:
         """Give each ready instance of ``s`` as many pending tasks as it has credit for."""
@@ -228,7 +227,13 @@ class Manager:
                 s.running += len(items)
                 self.send(inst.identity, Cmd.TASKS, [s.id, s.context.version, items], frames)
             if not pending:
-                return
+                break
+        if pending:
+            if s.id not in self.waiting:
+                self.waiting.add(s.id)
+                self.plan_soon()   # more work than credit: maybe more instances
+        else:
+            self.waiting.discard(s.id)
 
     def _on_done(self, identity: bytes, msg: Message) -> None:
         inst = self.peers.get(identity)
@@ -236,8 +241,8 @@ class Manager:
             self.send(identity, Cmd.GONE, {"reason": "unknown instance"})
             return
         now = time.time()
-        out: Dict[Tuple[bytes, str], Tuple[List[Any], List[Any]]] = {}
-        finished = self.batch.finished
+        out: Dict[Tuple[bytes, str], Tuple[List[Any], List[Any], List[int]]] = {}
+        finish = self.batch.finish_task
         for (tid, err), payload in zip(msg.header, msg.payloads):
             t = self.tasks.get(tid)
             if t is None or t.instance != inst.id or t.state != RUNNING:
@@ -250,35 +255,43 @@ class Manager:
             if s is not None:
                 s.running -= 1
                 s.counts[state] += 1
-            finished.append((state, tid, now, payload if err is None else None,
-                             None if err is None else pack(err).hex(), t.attempt))
-            if t.client:
-                items, frames = out.setdefault((t.client, t.sid), ([], []))
-                items.append([t.tag, err])
-                frames.append(payload if err is None else b"")
+            finish(tid, state, t.attempt, now, None if err is None else _json(err))
+            items, frames, tids = out.setdefault((t.client, t.sid), ([], [], []))
+            items.append([t.tag, err])
+            frames.append(payload if err is None else b"")
+            tids.append(tid)
         self.stats["tasks_finished"] += len(msg.header)
         inst.observe(now, len(msg.header))
-        for (client, sid), (items, frames) in out.items():
-            self.send(client, Cmd.RESULT, [sid, items], frames)
+        for (client, sid), (items, frames, tids) in out.items():
+            if not (client and self.send(client, Cmd.RESULT, [sid, items], frames)):
+                for tid, (_, err), payload in zip(tids, items, frames):
+                    if err is None:
+                        self.batch.keep_output(tid, payload, now)
         s = inst.session
         if s is not None and s.pending and not inst.draining:
             self._dispatch(s)
         if not inst.inflight:
             inst.idle_since = now
-            if inst.draining or s is None or s.state != OPEN or not s.pending:
-                self.plan_soon()
+            if self.waiting or inst.draining or s is None or s.state != OPEN:
+                self.plan_soon()   # an idle instance may serve a session that waits
 
-    def fail_task(self, t: Task, error: MeshError, state: str = FAILED) -> None:
-        """Finish a task without a result (cancelled, or out of retries)."""
-        self.tasks.pop(t.id, None)
-        t.state = state
-        s = self.sessions.get(t.sid)
-        if s is not None:
-            s.counts[state] += 1
+    def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = FAILED) -> None:
+        """Finish tasks without a result (cancelled, or out of retries): one RESULT per client."""
+        now = time.time()
         err = error.to_wire()
-        self.batch.finished.append((state, t.id, time.time(), None, pack(err).hex(), t.attempt))
-        if t.client:
-            self.send(t.client, Cmd.RESULT, [t.sid, [[t.tag, err]]], [b""])
+        text = _json(err)
+        out: Dict[Tuple[bytes, str], List[List[Any]]] = {}
+        for t in tasks:
+            self.tasks.pop(t.id, None)
+            t.state = state
+            s = self.sessions.get(t.sid)
+            if s is not None:
+                s.counts[state] += 1
+            self.batch.finish_task(t.id, state, t.attempt, now, text)
+            if t.client:
+                out.setdefault((t.client, t.sid), []).append([t.tag, err])
+        for (client, sid), items in out.items():
+            self.send(client, Cmd.RESULT, [sid, items], [b""] * len(items))
 
     def _requeue(self, inst: Instance, reason: str) -> None:
         """The instance is gone: its tasks run again elsewhere, within the app's retry budget."""
@@ -292,7 +305,7 @@ class Manager:
             if s is not None:
                 s.running -= 1
             if t.attempt > max_retries:
-                self.fail_task(t, TaskFailed(
+                self.fail_tasks([t], TaskFailed(
                     f"task {tid} failed: {t.attempt} attempts died (max_retries={max_retries}); "
                     f"last on executor {inst.executor}: {reason}",
                     type="InstanceLost", attempts=t.attempt, executor=inst.executor, reason=reason))
@@ -605,6 +618,10 @@ class Manager:
         self.writer.close()
         self.sock.close(linger=0)
         event(log, logging.INFO, "manager stopped")
+
+
+def _json(err: Dict[str, Any]) -> str:
+    return json.dumps(err, default=str)
 
 
 def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None) -> None:

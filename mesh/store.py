@@ -44,15 +44,35 @@ OBJECT_PREFIX = "obj/"  # objects share the snapshot and patch tables with conte
 class Batch:
     """Changes collected by the event loop between two group commits."""
 
-    new_tasks: List[Tuple[int, str, str, int, float, bytes]] = field(default_factory=list)
+    # rows not yet written, by task id: a task that ends within one commit window is written once,
+    # already finished and without its input (most tasks, at high throughput)
+    tasks: Dict[int, List[Any]] = field(default_factory=dict)
     finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]] = field(default_factory=list)
     patches: List[Tuple[str, int, Optional[bytes], Optional[bytes]]] = field(default_factory=list)
     snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
     objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
     deleted_objects: List[str] = field(default_factory=list)
 
+    def add_task(self, tid: int, sid: str, created_at: float, payload: Any) -> None:
+        self.tasks[tid] = [tid, sid, "pending", 0, created_at, None, payload, None, None]
+
+    def finish_task(self, tid: int, state: str, attempts: int, when: float, error: Optional[str]) -> None:
+        row = self.tasks.get(tid)
+        if row is not None:
+            row[2], row[3], row[5], row[6], row[8] = state, attempts, when, None, error
+        else:
+            self.finished.append((state, attempts, when, None, error, tid))
+
+    def keep_output(self, tid: int, output: Any, when: float) -> None:
+        """A result that could not be delivered is kept for the client to collect."""
+        row = self.tasks.get(tid)
+        if row is not None:
+            row[7] = output
+        else:
+            self.finished.append(("succeeded", -1, when, output, None, tid))
+
     def __bool__(self) -> bool:
-        return bool(self.new_tasks or self.finished or self.patches or self.snapshots or self.objects
+        return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
                     or self.deleted_objects)
 
 
@@ -132,6 +152,10 @@ class Store:
     def max_task_id(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM tasks").fetchone()[0]
 
+    def get_output(self, tid: int) -> Optional[bytes]:
+        r = self.db.execute("SELECT output FROM tasks WHERE id=?", (tid,)).fetchone()
+        return r[0] if r else None
+
     def get_task(self, tid: int) -> Optional[Dict[str, Any]]:
         r = self.db.execute(
             "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks WHERE id=?", (tid,)
@@ -148,14 +172,13 @@ class Store:
     def write(self, batch: Batch) -> None:
         """One group commit: every change the event loop collected since the last."""
         with self.db:
-            if batch.new_tasks:
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO tasks (id, session, state, attempts, created_at, input) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", batch.new_tasks)
+            if batch.tasks:
+                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                    batch.tasks.values())
             if batch.finished:
                 self.db.executemany(
-                    "UPDATE tasks SET state=?, attempts=?, finished_at=?, output=?, error=?, input=NULL "
-                    "WHERE id=?", [(s, a, t, o, e, i) for (s, i, t, o, e, a) in batch.finished])
+                    "UPDATE tasks SET state=?, attempts=MAX(attempts, ?), finished_at=?, "
+                    "output=COALESCE(?, output), error=COALESCE(?, error), input=NULL WHERE id=?", batch.finished)
             if batch.patches:
                 self.db.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?, ?)", batch.patches)
             for sid, version, kind, data in batch.snapshots:
