@@ -48,9 +48,11 @@ class Session:
                 info = self._conn.call("open_session", {"id": session_id})
             else:
                 args: Dict[str, Any] = {"app": name, "resreq": resreq}
+                blob = None
                 if ctx is not None:
-                    args.update(encode_context(ctx))
-                info = self._conn.call("create_session", args)
+                    enc = encode_context(ctx)
+                    args["kind"], blob = enc["kind"], enc["context"]
+                info, _ = self._conn.call_blob("create_session", args, blob)
         except BaseException:
             if self._own:
                 self._conn.close()
@@ -84,9 +86,9 @@ class Session:
 
     def update_context(self, value: Any) -> int:
         """Replace the context; returns its new version."""
-        if patch.is_document(value):
-            return self._conn.call("write_context", {"id": self._id, "value": pack(value)})["version"]
-        return self._conn.call("write_context", {"id": self._id, "blob": cloudpickle.dumps(value)})["version"]
+        enc = encode_context(value)
+        result, _ = self._conn.call_blob("write_context", {"id": self._id, "kind": enc["kind"]}, enc["context"])
+        return result["version"]
 
     def patch_context(self, ops: List[Dict[str, Any]]) -> int:
         patch.validate_ops(ops)

@@ -160,7 +160,7 @@ class Control:
         kind = _arg(args, "kind", str, required=False) or DOC
         if kind not in KINDS:
             raise InvalidArgument(f"context kind must be one of {KINDS}", argument="kind")
-        data = _arg(args, "context", bytes, required=False)
+        data = blob if blob is not None else _arg(args, "context", bytes, required=False)
         doc = Document.from_wire(kind, data) if data is not None else Document()
         resreq = args.get("resreq")
         req = Resources.parse(resreq) if resreq else app.spec.resreq
@@ -219,20 +219,18 @@ class Control:
         return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
 
     def do_write_context(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        """Ops in the header, or a whole new value in the blob frame (``kind`` says how it is encoded)."""
         s = self._session(_arg(args, "id", str), open_only=True)
         ops = _arg(args, "ops", list, required=False)
-        blob = _arg(args, "blob", bytes, required=False)
-        if blob is None and ops is None:
-            value = _arg(args, "value", bytes, required=False)
-            if value is None:
-                raise InvalidArgument("write_context needs 'ops', 'blob' or 'value'")
-            ops = [{"op": "replace", "path": "", "value": Document.from_wire(DOC, value).value}]
-        try:
-            version = self.m.apply_context_write(s, ops, blob)
-        except MeshError as exc:
-            if exc.code == "conflict":
-                s.conflicts += 1
-            raise
+        if ops is None:
+            if blob is None:
+                raise InvalidArgument("write_context needs 'ops' or a blob frame with the new value")
+            if (_arg(args, "kind", str, required=False) or DOC) == DOC:
+                ops = [{"op": "replace", "path": "", "value": Document.from_wire(DOC, blob).value}]
+                blob = None
+        elif blob is not None:
+            raise InvalidArgument("write_context takes 'ops' or a blob frame, not both")
+        version = self.m.apply_context_write(s, ops, blob)
         return {"version": version}
 
     # -- object cache -------------------------------------------------------------------

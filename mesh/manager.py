@@ -24,7 +24,7 @@ import zmq
 from . import scheduler, transport
 from .config import Settings
 from .context import Document
-from .errors import FailedPrecondition, MeshError, NotFound, ProtocolError, TaskFailed
+from .errors import Conflict, FailedPrecondition, MeshError, NotFound, ProtocolError, TaskFailed
 from .log import event
 from .protocol import Cmd, Message, decode, encode, pack, unpack
 from .resources import Resources
@@ -318,10 +318,19 @@ class Manager:
     # -- context writes --------------------------------------------------------
     def apply_context_write(self, s: Session, ops: Optional[List[Any]], blob: Optional[bytes],
                             writer: Optional[Instance] = None, seq: Optional[int] = None) -> int:
-        """Sequence one write: apply, log, broadcast to every replica in version order."""
-        version = s.context.apply(ops, blob)
-        s.bytes_in += len(blob) if blob is not None else 0
-        self.batch.patches.append((s.id, version, pack(ops) if ops is not None else None, blob))
+        """Sequence one write: apply, log, broadcast to every replica in version order.
+
+        Counts the write's bytes in ``s.bytes_in`` and failed ``test`` ops in ``s.conflicts``.
+        """
+        packed = pack(ops) if ops is not None else None
+        s.bytes_in += len(packed) if packed is not None else len(blob or b"")
+        try:
+            version = s.context.apply(ops, blob)
+        except MeshError as exc:
+            if exc.code == Conflict.code:
+                s.conflicts += 1
+            raise
+        self.batch.patches.append((s.id, version, packed, blob))
         s.patches_since_snapshot += 1
         if s.patches_since_snapshot >= self.settings.snapshot_every:
             self.snapshot(s)
@@ -345,13 +354,10 @@ class Manager:
             err = FailedPrecondition(f"instance is not bound to session {h['sid']!r}")
             self.send(identity, Cmd.CTX_REJECT, {"sid": h["sid"], "seq": h["seq"], "error": err.to_wire()})
             return
-        s.bytes_in += len(msg.header["ops"] and pack(msg.header["ops"]) or b"")
         try:
             blob = bytes(msg.payloads[0]) if msg.payloads else None
             self.apply_context_write(s, h["ops"], blob, writer=inst, seq=h["seq"])
         except MeshError as exc:
-            if exc.code == "conflict":
-                s.conflicts += 1
             self.send(identity, Cmd.CTX_REJECT, {"sid": s.id, "seq": h["seq"], "error": exc.to_wire()})
 
     def _on_resync(self, identity: bytes, msg: Message) -> None:
