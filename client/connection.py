@@ -136,13 +136,12 @@ class Connection:
             self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
 
     def _send(self, sock: zmq.Socket, cmd: Cmd, header: Any, payloads: List[Any] = ()) -> None:  # type: ignore[assignment]
-        sock.send_multipart(encode(cmd, header, payloads), copy=False)
+        transport.send(sock, encode(cmd, header, payloads), flags=0)
 
     def _receive(self, sock: zmq.Socket) -> None:
         for _ in range(10000):
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
+            frames = transport.recv(sock)
+            if frames is None:
                 return
             try:
                 msg = decode(frames)

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -229,9 +230,11 @@ class Instance:
             if self._backlog:
                 msg = self._backlog.popleft()
             else:
-                if done and not sock.poll(0):
-                    self._flush(done, frames)
-                raw = sock.recv_multipart()
+                raw = transport.recv(sock)
+                if raw is None:
+                    self._flush(done, frames)   # nothing else queued: answer now
+                    sock.poll()
+                    continue
                 try:
                     msg = decode(raw)
                 except MeshError as exc:
@@ -263,7 +266,7 @@ class Instance:
     def _flush(self, done: List[List[Any]], frames: List[Any]) -> None:
         if done:
             assert self._sock is not None
-            self._sock.send_multipart(encode(Cmd.DONE, list(done), list(frames)), copy=False)
+            transport.send(self._sock, encode(Cmd.DONE, done, frames), flags=0)
             done.clear()
             frames.clear()
 
@@ -283,13 +286,21 @@ class Instance:
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 result = self._loop.run_until_complete(result)
-            return None, cloudpickle.dumps(result)
+            return None, _dumps(result)
         except MeshError as exc:
             return exc.to_wire(), b""
         except BaseException as exc:  # noqa: B902 - the task failed, the instance lives on
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return _failure(exc), b""
+
+
+def _dumps(result: Any) -> bytes:
+    """Plain pickle when it can (4x faster); cloudpickle for lambdas, local classes and the like."""
+    try:
+        return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(result)
 
 
 def _failure(exc: BaseException, message: Optional[str] = None) -> Dict[str, Any]:

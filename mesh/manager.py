@@ -103,7 +103,7 @@ class Manager:
 
     def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:
         try:
-            self.sock.send_multipart([identity, *encode(cmd, header, payloads)], flags=zmq.NOBLOCK, copy=False)
+            transport.send(self.sock, [identity, *encode(cmd, header, payloads)])
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH (peer gone) or EAGAIN
             self.stats["send_failures"] += 1
@@ -116,12 +116,13 @@ class Manager:
 
     def _on_readable(self) -> None:
         sock = self.sock
+        recv = transport.recv
         for _ in range(DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
+                frames = recv(sock)
             except zmq.ZMQError:
+                return
+            if frames is None:
                 return
             self.stats["messages_in"] += 1
             identity = frames[0]
