@@ -119,7 +119,7 @@ class Manager:
         recv = transport.recv
         for _ in range(DRAIN_BATCH):
             try:
-                frames = recv(sock)
+                frames = recv(sock, 4)   # identity + 3 header frames as bytes, payloads zero-copy
             except zmq.ZMQError:
                 return
             if frames is None:

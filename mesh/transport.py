@@ -52,13 +52,18 @@ def send(sock: zmq.Socket, frames: Sequence[Any], flags: int = NOBLOCK) -> None:
         sock.send(f, more if i < last else flags, copy=len(f) < COPY_THRESHOLD)
 
 
-def recv(sock: zmq.Socket) -> Optional[List[bytes]]:
-    """One whole message if one is waiting, else None (no exception on the common empty case)."""
+def recv(sock: zmq.Socket, copied: int = 3) -> Optional[List[Any]]:
+    """One whole message if one is waiting, else None (no exception on the common empty case).
+
+    The first ``copied`` frames (routing and header frames, all small) arrive
+    as bytes; payload frames after them arrive as ``zmq.Frame`` without a
+    copy, so a 10 MiB payload is never copied by a peer that only forwards it.
+    """
     if not sock.getsockopt(EVENTS) & POLLIN:
         return None
     frames = [sock.recv(NOBLOCK)]
     while sock.getsockopt(RCVMORE):
-        frames.append(sock.recv(NOBLOCK))
+        frames.append(sock.recv(NOBLOCK, copy=len(frames) < copied))
     return frames
 
 
