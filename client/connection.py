@@ -13,6 +13,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
@@ -21,7 +22,7 @@ import zmq
 
 from mesh import transport
 from mesh.config import Settings, default_manager
-from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, Unavailable, from_wire
+from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, ResourceExhausted, Unavailable, from_wire
 from mesh.protocol import Cmd, decode, encode
 
 log = logging.getLogger("zeromesh.client")
@@ -35,7 +36,13 @@ class Connection:
         self.settings = settings or Settings.load()
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
         self._calls: Dict[int, Tuple[concurrent.futures.Future, float, str]] = {}
-        self._tasks: Dict[int, Tuple[concurrent.futures.Future, Callable[[bytes], Any]]] = {}
+        # tag -> (future, decoder, session id, payload): the payload is kept until the answer
+        # arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
+        self._tasks: Dict[int, Tuple[concurrent.futures.Future, Callable[[bytes], Any], str, Any]] = {}
+        self.client_id = secrets.token_hex(8)
+        self._window = threading.BoundedSemaphore(self.settings.max_inflight)
+        self._boot: Optional[str] = None
+        self._last_ping = 0.0
         self._rids = itertools.count(1)
         self._tags = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
@@ -63,7 +70,15 @@ class Connection:
         return fut.result()
 
     def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any]) -> concurrent.futures.Future:
+        """Queue one task.  Blocks while ``max_inflight`` tasks of this connection await answers:
+        a client that submits faster than the mesh drains is slowed, not dropped."""
+        if len(payload) > self.settings.max_message_size:
+            raise ResourceExhausted(
+                f"request of {len(payload)} bytes exceeds max_message_size ({self.settings.max_message_size})",
+                limit="max_message_size", size=len(payload))
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._window.acquire()
+        fut.add_done_callback(lambda _: self._window.release())
         self._push(("task", sid, payload, fut, decode_result))
         return fut
 
@@ -95,7 +110,7 @@ class Connection:
         self._started.set()
         try:
             while not self._closed:
-                poller.poll(timeout=100 if self._calls else 500)
+                poller.poll(timeout=100 if (self._calls or self._tasks) else 500)
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
@@ -103,6 +118,8 @@ class Connection:
                 self._wake_pending = False
                 self._send_queued(sock)
                 self._receive(sock)
+                if self._tasks and time.monotonic() - self._last_ping >= self.settings.heartbeat_interval:
+                    self._ping(sock)
                 if self._calls:
                     self._expire_calls()
         finally:
@@ -117,12 +134,12 @@ class Connection:
             if item[0] == "task":
                 _, sid, payload, fut, decode_result = item
                 tag = next(self._tags)
-                self._tasks[tag] = (fut, decode_result)
+                self._tasks[tag] = (fut, decode_result, sid, payload)
                 tags, frames = batches.setdefault(sid, ([], []))
                 tags.append(tag)
                 frames.append(payload)
                 if len(tags) >= MAX_BATCH:
-                    self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
+                    self._send(sock, Cmd.SUBMIT, [sid, tags, self.client_id, False], frames)
                     del batches[sid]
             else:
                 _, method, args, fut, deadline, blob = item
@@ -133,7 +150,29 @@ class Connection:
                 else:
                     self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args, "blob": True}, [blob])
         for sid, (tags, frames) in batches.items():
-            self._send(sock, Cmd.SUBMIT, [sid, tags], frames)
+            self._send(sock, Cmd.SUBMIT, [sid, tags, self.client_id, False], frames)
+
+    def _ping(self, sock: zmq.Socket) -> None:
+        """While answers are owed, ask the manager who it is: a new boot id means it restarted."""
+        self._last_ping = time.monotonic()
+        rid = next(self._rids)
+        self._calls[rid] = (None, self._last_ping + self.settings.request_timeout, "ping")
+        self._send(sock, Cmd.REQUEST, {"rid": rid, "method": "ping", "args": {}})
+
+    def _on_ping(self, sock: zmq.Socket, result: Any) -> None:
+        boot = result.get("boot") if isinstance(result, dict) else None
+        if self._boot is not None and boot != self._boot and self._tasks:
+            log.warning("manager restarted; resending %d unanswered tasks", len(self._tasks))
+            batches: Dict[str, Tuple[List[int], List[Any]]] = {}
+            for tag, (_, _, sid, payload) in self._tasks.items():
+                tags, frames = batches.setdefault(sid, ([], []))
+                tags.append(tag)
+                frames.append(payload)
+            for sid, (tags, frames) in batches.items():
+                for i in range(0, len(tags), MAX_BATCH):
+                    self._send(sock, Cmd.SUBMIT, [sid, tags[i:i + MAX_BATCH], self.client_id, True],
+                               frames[i:i + MAX_BATCH])
+        self._boot = boot
 
     def _send(self, sock: zmq.Socket, cmd: Cmd, header: Any, payloads: List[Any] = ()) -> None:  # type: ignore[assignment]
         transport.send(sock, encode(cmd, header, payloads), flags=0)
@@ -152,8 +191,8 @@ class Connection:
                 for (tag, err), payload in zip(msg.header[1], msg.payloads):
                     entry = self._tasks.pop(tag, None)
                     if entry is None:
-                        continue
-                    fut, decode_result = entry
+                        continue             # answered already: a duplicate after a resend
+                    fut, decode_result = entry[0], entry[1]
                     if err is not None:
                         fut.set_exception(from_wire(err))
                         continue
@@ -169,6 +208,10 @@ class Connection:
                         log.warning("manager rejected a message: %s", (h.get("error") or {}).get("message"))
                     continue
                 fut = entry[0]
+                if fut is None:              # our own liveness ping
+                    if h["ok"]:
+                        self._on_ping(sock, h.get("result"))
+                    continue
                 if h["ok"]:
                     fut.set_result((h.get("result"), msg.payloads[0] if msg.payloads else None))
                 else:
@@ -179,15 +222,17 @@ class Connection:
         for rid, (fut, deadline, method) in list(self._calls.items()):
             if now > deadline:
                 del self._calls[rid]
+                if fut is None:
+                    continue
                 fut.set_exception(Unavailable(
                     f"the manager at {self.manager} did not answer {method!r} in time; is it running?",
                     manager=self.manager, method=method))
 
     def _fail_all(self, exc: MeshError) -> None:
         for fut, *_ in list(self._calls.values()):
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(exc)
-        for fut, _ in list(self._tasks.values()):
+        for fut, *_ in list(self._tasks.values()):
             if not fut.done():
                 fut.set_exception(exc)
         self._calls.clear()

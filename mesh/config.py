@@ -40,6 +40,10 @@ class Settings:
     """Seconds an instance bound to no session is kept warm before it is stopped."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
+    max_inflight: int = 100_000
+    """Tasks one client connection may have awaiting answers; submit() blocks beyond it."""
+    max_pending: int = 1_000_000
+    """Tasks one session may have queued in the manager; more are refused (ResourceExhausted)."""
     request_timeout: float = 10.0
     """Seconds a client waits for a control reply before raising Unavailable."""
     snapshot_every: int = 200

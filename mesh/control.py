@@ -113,7 +113,7 @@ class Control:
 
     # -- methods --------------------------------------------------------------------
     def do_ping(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
-        return {"protocol": VERSION, "time": time.time(), "endpoint": self.m.endpoint}
+        return {"protocol": VERSION, "time": time.time(), "endpoint": self.m.endpoint, "boot": self.m.boot}
 
     def do_stats(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return {**self.m.stats, "tasks_in_memory": len(self.m.tasks), "sessions": len(self.m.sessions),

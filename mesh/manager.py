@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 import logging
 import os
 import signal
@@ -24,7 +25,8 @@ import zmq
 from . import scheduler, transport
 from .config import Settings
 from .context import Document
-from .errors import Conflict, FailedPrecondition, MeshError, NotFound, ProtocolError, TaskFailed
+from .errors import (Conflict, FailedPrecondition, MeshError, NotFound, ProtocolError, ResourceExhausted,
+                     TaskFailed)
 from .log import event
 from .protocol import Cmd, Message, decode, encode, pack, unpack
 from .resources import Resources
@@ -51,6 +53,8 @@ class Manager:
         self.instances: Dict[str, Instance] = {}
         self.peers: Dict[bytes, Any] = {}          # identity -> Executor | Instance
         self.tasks: Dict[int, Task] = {}
+        self.by_tag: Dict[Tuple[str, int], int] = {}   # (client id, tag) -> task id, for resends
+        self.boot = secrets.token_hex(8)                 # changes at every start: clients resend when it does
         self.objects = Objects()
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
@@ -88,12 +92,13 @@ class Manager:
                 doc.replay(patches)
                 self.objects.load(key, doc, sid, expires_at)
         self._next_tid = itertools.count(self.store.max_task_id() + 1)
-        for tid, sid, attempts, payload in self.store.load_unfinished_tasks():
+        for tid, sid, attempts, payload, cid, tag in self.store.load_unfinished_tasks():
             s = self.sessions.get(sid)
             if s is None or payload is None:
                 continue
-            t = Task(tid, sid, b"", -1, payload, attempts)
+            t = Task(tid, sid, b"", tag, payload, attempts, cid)  # the client re-attaches when it resends
             self.tasks[tid] = t
+            self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
 
     # -- socket plumbing -----------------------------------------------------
@@ -171,25 +176,74 @@ class Manager:
 
     # -- tasks: the hot path -------------------------------------------------
     def _on_submit(self, identity: bytes, msg: Message) -> None:
-        sid, tags = msg.header
+        sid, tags, cid, resend = msg.header
         s = self.sessions.get(sid)
         if s is None or s.state != OPEN:
             err = (NotFound(f"session {sid!r} does not exist", session=sid) if s is None
                    else FailedPrecondition(f"session {sid!r} is closed", session=sid)).to_wire()
             self.send(identity, Cmd.RESULT, [sid, [[tag, err] for tag in tags]], [b""] * len(tags))
             return
+        if resend:
+            asyncio.ensure_future(self._on_resend(identity, s, tags, cid, msg.payloads))
+            return
+        self._enqueue(identity, s, tags, cid, msg.payloads)
+
+    def _enqueue(self, identity: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any]) -> None:
+        room = self.settings.max_pending - len(s.pending)
+        if room < len(tags):
+            refused = list(tags[max(room, 0):])
+            err = ResourceExhausted(
+                f"session {s.id!r} has {len(s.pending)} tasks queued; max_pending is {self.settings.max_pending}",
+                limit="max_pending", session=s.id).to_wire()
+            self.send(identity, Cmd.RESULT, [s.id, [[tag, err] for tag in refused]], [b""] * len(refused))
+            tags, payloads = tags[:max(room, 0)], payloads[:max(room, 0)]
         now = time.time()
         add = self.batch.add_task
-        for tag, payload in zip(tags, msg.payloads):
+        sid = s.id
+        for tag, payload in zip(tags, payloads):
             tid = next(self._next_tid)
-            t = Task(tid, sid, identity, tag, payload)
+            t = Task(tid, sid, identity, tag, payload, 0, cid)
             t.created_at = now
             self.tasks[tid] = t
+            self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
             s.bytes_in += len(payload)
-            add(tid, sid, now, payload)
+            add(tid, sid, now, payload, cid, tag)
         self.stats["tasks_submitted"] += len(tags)
         self._dispatch(s)
+
+    async def _on_resend(self, identity: bytes, s: Session, tags: List[int], cid: str, payloads: List[Any]) -> None:
+        """A client that lost its connection resends what it has no answer for: each task runs or
+        answers once from the client's view (docs/reliability.md)."""
+        fresh_tags, fresh_payloads, lookup = [], [], []
+        for tag, payload in zip(tags, payloads):
+            tid = self.by_tag.get((cid, tag))
+            t = self.tasks.get(tid) if tid is not None else None
+            if t is not None:
+                t.client = identity          # still queued or running: answer the new connection
+            else:
+                lookup.append((tag, payload))
+        if lookup:
+            self._flush()
+            known = await self.writer.call(self.store.find_by_tags, cid, [tag for tag, _ in lookup])
+            items, frames = [], []
+            for tag, payload in lookup:
+                state, output, error = known.get(tag, (None, None, None))
+                if state == SUCCEEDED and output is not None:
+                    items.append([tag, None])
+                    frames.append(output)
+                elif state in (FAILED, CANCELLED) and error:
+                    items.append([tag, json.loads(error)])
+                    frames.append(b"")
+                else:                           # unknown, or its answer died with the old manager
+                    fresh_tags.append(tag)
+                    fresh_payloads.append(payload)
+            if items:
+                self.send(identity, Cmd.RESULT, [s.id, items], frames)
+        if fresh_tags and s.state == OPEN:
+            self._enqueue(identity, s, fresh_tags, cid, fresh_payloads)
+        self.stats["tasks_resent"] = self.stats.get("tasks_resent", 0) + len(tags)
+        self.wake()
 
     def _dispatch(self, s: Session) -> None:
         """Give each ready instance of ``s`` as many pending tasks as it has credit for."""
@@ -250,6 +304,7 @@ class Manager:
                 continue  # a late answer for a task reassigned elsewhere: dropped
             inst.inflight.discard(tid)
             del self.tasks[tid]
+            self.by_tag.pop((t.cid, t.tag), None)
             s = self.sessions.get(t.sid)
             state = SUCCEEDED if err is None else FAILED
             t.state = state
@@ -284,6 +339,7 @@ class Manager:
         out: Dict[Tuple[bytes, str], List[List[Any]]] = {}
         for t in tasks:
             self.tasks.pop(t.id, None)
+            self.by_tag.pop((t.cid, t.tag), None)
             t.state = state
             s = self.sessions.get(t.sid)
             if s is not None:
@@ -581,11 +637,15 @@ class Manager:
         self.loop.call_later(min(self.settings.heartbeat_interval, 0.5), self._tick)
 
     def _flush(self) -> None:
+        """Hand the changes collected so far to the writer thread (one group commit)."""
         if self.batch:
             batch, self.batch = self.batch, Batch()
             self.writer.submit(self.store.write, batch)
+
+    def _flush_timer(self) -> None:
+        self._flush()
         if not self._closing:
-            self.loop.call_later(self.settings.flush_interval, self._flush)
+            self.loop.call_later(self.settings.flush_interval, self._flush_timer)
 
     # -- lifecycle --------------------------------------------------------------------
     async def serve(self, ready_file: Optional[str] = None) -> None:
@@ -599,7 +659,7 @@ class Manager:
                 pass
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
         self.loop.call_soon(self._tick)
-        self.loop.call_soon(self._flush)
+        self.loop.call_soon(self._flush_timer)
         self.loop.call_soon(self._on_readable)
         event(log, logging.INFO, "manager serving", endpoint=self.endpoint, db=self.store.path,
               sessions=len(self.sessions), apps=len(self.apps), pending=len(self.tasks))

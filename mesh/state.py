@@ -46,12 +46,14 @@ class App:
 class Task:
     """One unit of work.  ``__slots__``: the manager may hold 100,000s of these."""
 
-    __slots__ = ("id", "sid", "client", "tag", "payload", "attempt", "state", "instance", "created_at")
+    __slots__ = ("id", "sid", "client", "cid", "tag", "payload", "attempt", "state", "instance", "created_at")
 
-    def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0) -> None:
+    def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0,
+                 cid: str = "") -> None:
         self.id = tid
         self.sid = sid
-        self.client = client
+        self.client = client     # the submitter's current ROUTER identity (changes when it reconnects)
+        self.cid = cid           # the submitter's stable client id; (cid, tag) names the task for resends
         self.tag = tag
         self.payload = payload
         self.attempt = attempt

@@ -31,8 +31,10 @@ CREATE TABLE IF NOT EXISTS patches (
     PRIMARY KEY (session, version)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY, session TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
-    created_at REAL NOT NULL, finished_at REAL, input BLOB, output BLOB, error TEXT);
+    created_at REAL NOT NULL, finished_at REAL, input BLOB, output BLOB, error TEXT,
+    client TEXT NOT NULL DEFAULT '', tag INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session, id);
+CREATE INDEX IF NOT EXISTS tasks_by_client ON tasks (client, tag);
 CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
 """
@@ -53,8 +55,8 @@ class Batch:
     objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
     deleted_objects: List[str] = field(default_factory=list)
 
-    def add_task(self, tid: int, sid: str, created_at: float, payload: Any) -> None:
-        self.tasks[tid] = [tid, sid, "pending", 0, created_at, None, payload, None, None]
+    def add_task(self, tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> None:
+        self.tasks[tid] = [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
 
     def finish_task(self, tid: int, state: str, attempts: int, when: float, error: Optional[str]) -> None:
         row = self.tasks.get(tid)
@@ -144,10 +146,21 @@ class Store:
         return self.db.execute("SELECT key, session, expires_at FROM objects").fetchall()
 
     # -- tasks ----------------------------------------------------------------
-    def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes]]:
+    def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes, str, int]]:
         return self.db.execute(
-            "SELECT id, session, attempts, input FROM tasks WHERE state IN ('pending', 'running') ORDER BY id"
-        ).fetchall()
+            "SELECT id, session, attempts, input, client, tag FROM tasks WHERE state IN ('pending', 'running') "
+            "ORDER BY id").fetchall()
+
+    def find_by_tags(self, client: str, tags: List[int]) -> Dict[int, Tuple[str, Optional[bytes], Optional[str]]]:
+        """A resending client's tasks that this database knows: tag -> (state, output, error)."""
+        out: Dict[int, Tuple[str, Optional[bytes], Optional[str]]] = {}
+        for i in range(0, len(tags), 500):
+            chunk = tags[i:i + 500]
+            rows = self.db.execute(
+                f"SELECT tag, state, output, error FROM tasks WHERE client=? AND tag IN ({','.join('?' * len(chunk))})",
+                (client, *chunk)).fetchall()
+            out.update({r[0]: (r[1], r[2], r[3]) for r in rows})
+        return out
 
     def max_task_id(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM tasks").fetchone()[0]
@@ -173,7 +186,7 @@ class Store:
         """One group commit: every change the event loop collected since the last."""
         with self.db:
             if batch.tasks:
-                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                     batch.tasks.values())
             if batch.finished:
                 self.db.executemany(

@@ -29,7 +29,7 @@ VALID: Dict[Cmd, List[Tuple[Any, int]]] = {
                 ({"rid": 2, "ok": False, "error": {"code": "not_found", "message": "x"}}, 0)],
     Cmd.GONE: [({"reason": "unknown peer"}, 0)],
     Cmd.HEARTBEAT: [({}, 0)],
-    Cmd.SUBMIT: [(["s1", [1, 2, 3]], 3), (["s1", []], 0)],
+    Cmd.SUBMIT: [(["s1", [1, 2, 3], "c1", False], 3), (["s1", [], "c1", True], 0)],
     Cmd.RESULT: [(["s1", [[1, None], [2, {"code": "task_failed", "message": "boom"}]]], 2)],
     Cmd.EXEC_HELLO: [({"id": "e1", "caps": {"slots": 2}}, 0)],
     Cmd.WELCOME: [({"heartbeat_ms": 200, "liveness": 5}, 0)],
@@ -274,8 +274,12 @@ def test_map_header_specific_wrong_types(cmd: Cmd, header: Any) -> None:
 
 
 LIST_CASES: List[Tuple[Cmd, Any]] = []
-for _cmd, _items in ((Cmd.SUBMIT, [[1, "x"], [1.5], [[1]], [None]]),
-                     (Cmd.RESULT, [[1], [[1]], [[1, None, 3]], [["1", None]], [[1, "err"]], [[1, []]], [5]])):
+# SUBMIT: [sid, [tag...], client id, resend]
+LIST_CASES += [(Cmd.SUBMIT, h) for h in (
+    {"sid": "s"}, "s", None, ["s"], ["s", []], ["s", [], "c"], ["s", [], "c", False, 1], [1, [], "c", False],
+    ["s", {}, "c", False], ["s", [], 1, False], ["s", [], "c", 0], ["s", [], "c", None], [b"s", [], "c", False],
+    ["s", [1, "x"], "c", False], ["s", [1.5], "c", False], ["s", [[1]], "c", False], ["s", [None], "c", False])]
+for _cmd, _items in ((Cmd.RESULT, [[1], [[1]], [[1, None, 3]], [["1", None]], [[1, "err"]], [[1, []]], [5]]),):
     LIST_CASES += [(_cmd, {"sid": "s"}), (_cmd, "s"), (_cmd, None), (_cmd, ["s"]), (_cmd, ["s", [], 1]),
                    (_cmd, [1, []]), (_cmd, [None, []]), (_cmd, ["s", {}]), (_cmd, ["s", None]),
                    (_cmd, [b"s", []])]
@@ -312,7 +316,7 @@ def test_list_header_wrong_shape(cmd: Cmd, header: Any) -> None:
     (Cmd.CTX_PATCH, {"sid": "s", "version": 1, "ops": [], "seq": True}, 0),
     (Cmd.CTX_REJECT, {"sid": "s", "seq": False, "error": {}}, 0),
     (Cmd.RESYNC, {"sid": "s", "have": True}, 0),
-    (Cmd.SUBMIT, ["s", [1, True]], 2),
+    (Cmd.SUBMIT, ["s", [1, True], "c", False], 2),
     (Cmd.RESULT, ["s", [[True, None]]], 1),
     (Cmd.TASKS, ["s", 1, [[1, True]]], 1),
     (Cmd.TASKS, ["s", 1, [[False, 0]]], 1),
@@ -327,9 +331,9 @@ def test_bool_is_not_an_int(cmd: Cmd, header: Any, n: int) -> None:
 @pytest.mark.parametrize("cmd,header,n,expected", [
     (Cmd.HEARTBEAT, {}, 1, 0),
     (Cmd.REQUEST, {"rid": 1, "method": "m", "args": {}}, 2, 0),
-    (Cmd.SUBMIT, ["s", [1, 2]], 1, 2),
-    (Cmd.SUBMIT, ["s", [1, 2]], 3, 2),
-    (Cmd.SUBMIT, ["s", []], 1, 0),
+    (Cmd.SUBMIT, ["s", [1, 2], "c", False], 1, 2),
+    (Cmd.SUBMIT, ["s", [1, 2], "c", False], 3, 2),
+    (Cmd.SUBMIT, ["s", [], "c", False], 1, 0),
     (Cmd.RESULT, ["s", [[1, None]]], 0, 1),
     (Cmd.TASKS, ["s", 5, [[1, 0], [2, 0], [3, 0]]], 2, 3),
     (Cmd.TASKS, ["s", 5, []], 1, 0),

@@ -63,3 +63,18 @@ def test_manager_restart_keeps_registry_sessions_and_context(private_mesh):
         assert again.invoke(("context", None), timeout=30) == {"log": ["before", "after"]}
     finally:
         again.close()
+
+
+def test_manager_killed_with_tasks_queued_and_running_every_future_completes(private_mesh):
+    m = private_mesh
+    with Session("tools", manager=m.endpoint) as s:
+        futs = [s.submit(("sleep", 0.02)) for _ in range(200)]
+        assert _wait(lambda: sum(f.done() for f in futs) >= 30)
+        LocalMesh.end(m.manager, signal.SIGKILL)
+        time.sleep(0.3)
+        m.start_manager()
+        pids = [f.result(90) for f in futs]          # every future completes, each exactly once
+        assert len(pids) == 200 and all(isinstance(p, int) for p in pids)
+        with Client(m.endpoint) as c:
+            stats = c.stats()
+        assert stats["tasks_resent"] > 0, "the client resent what it had no answer for"
