@@ -71,6 +71,9 @@ class ExecutorDaemon:
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
         self.children: Dict[str, Child] = {}
         self._running = True
+        self.grace = self.settings.drain_grace
+        self._drain_deadline: Optional[float] = None
+        self._drain_sent = False
         self.sock: Optional[zmq.Socket] = None
         self.cache = CacheProxy(self.run_dir, int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30))),
                                 self._send_frames)
@@ -192,7 +195,7 @@ class ExecutorDaemon:
             raise ProtocolError(f"{msg.cmd.name} is not sent to executors")
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGTERM, lambda *_: self.drain())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         self._connect()
         event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots)
@@ -217,6 +220,14 @@ class ExecutorDaemon:
                     except ProtocolError as exc:
                         event(log, logging.WARNING, "bad message from manager", error=str(exc))
             self._reap()
+            if self._drain_deadline is not None:
+                if not self._drain_sent:
+                    self._send(Cmd.DRAIN, {})
+                    self._drain_sent = True
+                    event(log, logging.INFO, "draining", executor=self.id, instances=len(self.children),
+                          grace_s=self.grace)
+                if not self.children or time.monotonic() > self._drain_deadline:
+                    break
             if self.live.should_ping():
                 self._send(Cmd.HEARTBEAT, {"labels": self.labels, "cache": self.cache.stats()})
             if self.live.dead():
@@ -232,6 +243,11 @@ class ExecutorDaemon:
 
     def stop(self) -> None:
         self._running = False
+
+    def drain(self) -> None:
+        """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.grace
 
 
 def _tail(path: str) -> str:

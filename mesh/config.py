@@ -50,8 +50,10 @@ class Settings:
     """Context patches between two snapshots written to the patch log."""
     instance_start_timeout: float = 30.0
     """Seconds a launched instance has to say hello before it counts as crashed."""
-    restart_backoff: float = 0.5
-    """Seconds an executor waits before it reports a crashed instance's slot free again."""
+    drain_grace: float = 30.0
+    """Seconds a draining executor (SIGTERM) gives running tasks before it stops their instances."""
+    start_failures: int = 3
+    """Instances of one app that may die before saying hello, in a row, before its queued tasks fail."""
 
     @classmethod
     def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":

@@ -211,6 +211,14 @@ class Control:
             event(log, logging.INFO, "session closed", session=s.id)
         return s.view()
 
+    def do_drain_executor(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        eid = _arg(args, "id", str)
+        ex = self.m.executors.get(eid)
+        if ex is None:
+            raise NotFound(f"executor {eid!r} is not connected", executor=eid)
+        self.m.drain_executor(ex)
+        return ex.view()
+
     def do_list_executors(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> List[Dict[str, Any]]:
         return [e.view() for e in sorted(self.m.executors.values(), key=lambda e: e.id)]
 

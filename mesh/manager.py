@@ -31,7 +31,7 @@ from .log import event
 from .protocol import Cmd, Message, decode, encode, pack, unpack
 from .resources import Resources
 from .spec import AppSpec
-from .state import (ALIVE, CANCELLED, CLOSED, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
+from .state import (ALIVE, CANCELLED, CLOSED, DRAINING, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
                     Instance, Session, Task)
 from .objects import Objects, StoredObject
 from .store import OBJECT_PREFIX, Batch, Store, Writer
@@ -58,9 +58,11 @@ class Manager:
         self.objects = Objects()
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
-                                      "tasks_submitted": 0, "tasks_finished": 0, "send_failures": 0}
+                                      "tasks_submitted": 0, "tasks_finished": 0, "tasks_retried": 0,
+                                      "send_failures": 0}
         self._iids = itertools.count(1)
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
+        self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
         self._plan_pending = False
         self._closing = False
         self.endpoint = ""
@@ -171,6 +173,10 @@ class Manager:
             self._on_exited(identity, msg)
         elif cmd is Cmd.RESYNC:
             self._on_resync(identity, msg)
+        elif cmd is Cmd.DRAIN:
+            ex = self.peers.get(identity)
+            if isinstance(ex, Executor):
+                self.drain_executor(ex)
         else:
             raise ProtocolError(f"{cmd.name} is not a command peers send to the manager")
 
@@ -328,7 +334,10 @@ class Manager:
             self._dispatch(s)
         if not inst.inflight:
             inst.idle_since = now
-            if self.waiting or inst.draining or s is None or s.state != OPEN:
+            ex = self.executors.get(inst.executor)
+            if ex is not None and ex.state == DRAINING:
+                self.stop_instance(inst)
+            elif self.waiting or inst.draining or s is None or s.state != OPEN:
                 self.plan_soon()   # an idle instance may serve a session that waits
 
     def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = FAILED) -> None:
@@ -370,6 +379,7 @@ class Manager:
                 t.state = PENDING
                 t.instance = None
                 s.pending.appendleft(tid)
+                self.stats["tasks_retried"] += 1
         inst.inflight.clear()
 
     # -- context writes --------------------------------------------------------
@@ -486,6 +496,7 @@ class Manager:
             return
         inst.identity = identity
         inst.pid = msg.header["pid"]
+        self.start_failures.pop(inst.app, None)
         inst.idle_since = time.time()
         self.peers[identity] = inst
         self._welcome(identity)
@@ -522,7 +533,24 @@ class Manager:
         if not inst.stopping:
             event(log, logging.WARNING, "instance died", instance=inst.id, executor=ex.id, reason=reason)
         self._remove_instance(inst, reason)
+        if not inst.ready and not inst.stopping:
+            self._start_failed(inst.app, reason)
         self.plan_soon()
+
+    def _start_failed(self, app: str, reason: str) -> None:
+        """An app whose instances keep dying before hello fails its queued tasks instead of looping."""
+        n = self.start_failures[app] = self.start_failures.get(app, 0) + 1
+        if n < self.settings.start_failures:
+            return
+        self.start_failures[app] = 0
+        err = TaskFailed(f"application {app!r} failed to start {n} times in a row; last: {reason}",
+                         type="StartFailed", application=app, reason=reason)
+        for s in self.sessions.values():
+            if s.app == app and s.state == OPEN and s.pending:
+                doomed = [self.tasks[tid] for tid in s.pending if tid in self.tasks]
+                s.pending.clear()
+                self.waiting.discard(s.id)
+                self.fail_tasks(doomed, err)
 
     def _remove_instance(self, inst: Instance, reason: str) -> None:
         self._requeue(inst, reason)
@@ -538,6 +566,21 @@ class Manager:
             ex.allocated = ex.allocated - inst.resreq
         if inst.session is not None:
             self._dispatch(inst.session)
+
+    def drain_executor(self, ex: Executor) -> None:
+        """No new instances or tasks on ``ex``; each of its instances stops once its tasks are done."""
+        if ex.state == DRAINING:
+            return
+        ex.state = DRAINING
+        event(log, logging.INFO, "executor draining", executor=ex.id, instances=len(ex.instances))
+        for iid in list(ex.instances):
+            inst = self.instances.get(iid)
+            if inst is None or inst.stopping:
+                continue
+            inst.draining = True
+            if not inst.inflight:
+                self.stop_instance(inst)
+        self.plan_soon()
 
     def _lose_executor(self, ex: Executor, reason: str) -> None:
         event(log, logging.WARNING, "executor lost", executor=ex.id, reason=reason)

@@ -39,6 +39,7 @@ class Cmd(enum.IntEnum):
     LAUNCH = 0x22       # manager -> executor: {iid, app}
     STOP = 0x23         # manager -> executor: {iid}
     EXITED = 0x24       # executor -> manager: {iid, code, reason}
+    DRAIN = 0x25        # executor -> manager: {}: take no new work here; STOP each instance once idle
     INST_HELLO = 0x30   # instance -> manager: {iid, eid, pid}
     BIND = 0x31         # manager -> instance: {sid|nil, app, kind, version} + [context bytes]
     TASKS = 0x32        # manager -> instance: [sid, context version, [[tid, attempt]...]] + one payload per task
@@ -117,6 +118,7 @@ HEADERS: Dict[Cmd, Callable[[Any], Optional[str]]] = {
     Cmd.LAUNCH: _map(iid=_str, app=lambda v: isinstance(v, dict)),
     Cmd.STOP: _map(iid=_str),
     Cmd.EXITED: _map(iid=_str, code=_is_int, reason=_str),
+    Cmd.DRAIN: lambda h: None if isinstance(h, dict) else "header must be a map",
     Cmd.INST_HELLO: _map(iid=_str, eid=_str, pid=_is_int),
     Cmd.BIND: _map(sid=_opt_str, app=_str, kind=_str, version=_is_int),
     Cmd.TASKS: lambda h: None if (isinstance(h, list) and len(h) == 3 and isinstance(h[0], str) and _is_int(h[1])

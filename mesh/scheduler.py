@@ -139,7 +139,8 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
         want = target - have
         while want > 0:
             reuse = next((i for i in spare if i.id not in taken and i.app == s.app and i.resreq == s.resreq
-                          and i.executor in execs and _labels_match(s, execs[i.executor])), None)
+                          and i.executor in execs and not execs[i.executor].draining
+                          and _labels_match(s, execs[i.executor])), None)
             if reuse is not None:
                 taken.add(reuse.id)
                 actions.append(Rebind(reuse.id, s.id))

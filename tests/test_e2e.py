@@ -221,3 +221,16 @@ def test_zmesh_up_starts_and_stops_a_local_mesh(tmp_path):
         from client import Client
         with Client(endpoint) as c:
             c.ping(timeout=1)
+
+
+def test_app_that_cannot_start_fails_its_tasks_with_the_reason(mesh, client):
+    client.register_application({"metadata": {"name": "broken"},
+                                 "spec": {"command": "/nonexistent/python", "arguments": ["x.py"]}})
+    try:
+        with Session("broken") as s:
+            with pytest.raises(errors.TaskFailed, match="failed to start 3 times.*nonexistent"):
+                s.invoke(("echo", 1), timeout=60)
+        with Session("tools") as s:
+            assert s.invoke(("echo", "fine"), timeout=30) == "fine"
+    finally:
+        client.unregister_application("broken")

@@ -78,3 +78,20 @@ def test_manager_killed_with_tasks_queued_and_running_every_future_completes(pri
         with Client(m.endpoint) as c:
             stats = c.stats()
         assert stats["tasks_resent"] > 0, "the client resent what it had no answer for"
+
+
+def test_sigterm_drains_an_executor_running_tasks_finish_and_it_exits_0(private_mesh):
+    m = private_mesh
+    with Session("tools", manager=m.endpoint) as s:
+        futs = [s.submit(("sleep", 0.3)) for _ in range(8)]
+        assert _wait(lambda: any(f.done() for f in futs), timeout=30)
+        m.executors[0].send_signal(signal.SIGTERM)
+        assert m.executors[0].wait(30) == 0
+        assert all(isinstance(f.result(60), int) for f in futs)
+        with Client(m.endpoint) as c:
+            info = c.get_session(s.id())
+            assert info["failed"] == 0
+            assert c.stats()["tasks_retried"] == 0, "a running task was cut off instead of finishing"
+            assert _wait(lambda: [e["id"] for e in c.list_executors()] == ["exec-1"] or
+                         all(e["state"] != "alive" for e in c.list_executors() if e["id"] == "exec-0"))
+        assert s.invoke(("echo", "after"), timeout=30) == "after"
