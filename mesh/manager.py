@@ -59,7 +59,7 @@ class Manager:
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "tasks_retried": 0,
-                                      "send_failures": 0}
+                                      "late_answers_dropped": 0, "send_failures": 0}
         self._iids = itertools.count(1)
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
@@ -322,7 +322,9 @@ class Manager:
             items.append([t.tag, err])
             frames.append(payload if err is None else b"")
             tids.append(tid)
-        self.stats["tasks_finished"] += len(msg.header)
+        accepted = sum(len(items) for items, _, _ in out.values())
+        self.stats["tasks_finished"] += accepted
+        self.stats["late_answers_dropped"] += len(msg.header) - accepted
         inst.observe(now, len(msg.header))
         for (client, sid), (items, frames, tids) in out.items():
             if not (client and self.send(client, Cmd.RESULT, [sid, items], frames)):

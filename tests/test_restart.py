@@ -1,6 +1,7 @@
 """Process faults on a private mesh: an executor killed mid-stream, the manager restarted."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -95,3 +96,40 @@ def test_sigterm_drains_an_executor_running_tasks_finish_and_it_exits_0(private_
             assert _wait(lambda: [e["id"] for e in c.list_executors()] == ["exec-1"] or
                          all(e["state"] != "alive" for e in c.list_executors() if e["id"] == "exec-0"))
         assert s.invoke(("echo", "after"), timeout=30) == "after"
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_frozen_executor_is_evicted_its_tasks_reassigned_and_it_rejoins(private_mesh):
+    m = private_mesh
+    frozen = m.executors[0]
+    with Session("tools", manager=m.endpoint) as s, Client(m.endpoint) as c:
+        futs = [s.submit(("sleep", 0.02)) for _ in range(120)]
+        assert _wait(lambda: sum(f.done() for f in futs) >= 10)
+        pids = [frozen.pid, *_children(frozen.pid)]   # the whole machine freezes: daemon and instances
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert _wait(lambda: "exec-0" not in [e["id"] for e in c.list_executors()], timeout=20)
+            results = [f.result(60) for f in futs]
+            assert len(results) == 120
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert _wait(lambda: "exec-0" in [e["id"] for e in c.list_executors()], timeout=20), "it rejoins"
+        time.sleep(0.5)   # late answers from the thawed instances arrive now, and must be dropped
+        info = c.get_session(s.id())
+        assert info["succeeded"] == 120 and info["failed"] == 0
+        assert c.stats()["tasks_finished"] == 120, "a late answer was counted as a second result"
+        assert s.invoke(("echo", "ok"), timeout=30) == "ok"
