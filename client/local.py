@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from mesh.errors import Unavailable
 
@@ -39,10 +39,11 @@ class LocalMesh:
         self.executors: List[subprocess.Popen] = []
         self.endpoint = ""
 
-    def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: List[str], prefix: Sequence[str] = ()) -> subprocess.Popen:
         log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
         try:
-            return subprocess.Popen(_cli(*args), env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            return subprocess.Popen([*prefix, *_cli(*args)], env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log)
         finally:
             log.close()
 
@@ -65,13 +66,15 @@ class LocalMesh:
         raise Unavailable(f"manager did not start; see {self.log_dir}/manager.log")
 
     def add_executor(self, slots: Optional[int] = None, labels: Optional[Dict[str, str]] = None,
-                     name: Optional[str] = None) -> subprocess.Popen:
+                     name: Optional[str] = None, prefix: Sequence[str] = ()) -> subprocess.Popen:
+        """Start one more executor; ``prefix`` wraps its command (e.g. ``ip netns exec NS``),
+        which must exec the executor so that its PID is the executor's."""
         i = len(self.executors)
         args = ["executor", "--manager", self.endpoint, "--slots", str(slots or self.slots),
                 "--name", name or f"exec-{i}"]
         for k, v in (labels or (self.labels[i] if i < len(self.labels) else {})).items():
             args += ["--label", f"{k}={v}"]
-        p = self._spawn(f"executor-{i}", args)
+        p = self._spawn(f"executor-{i}", args, prefix)
         self.executors.append(p)
         return p
 

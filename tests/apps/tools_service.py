@@ -43,6 +43,9 @@ def tools(req):
     if op == "sleep":
         time.sleep(arg)
         return os.getpid()
+    if op == "where":             # sleep, then say which executor ran this
+        time.sleep(arg)
+        return os.environ["ZMESH_EXECUTOR_ID"]
     raise KeyError(op)
 
 
