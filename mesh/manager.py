@@ -535,8 +535,9 @@ class Manager:
         if not inst.stopping:
             event(log, logging.WARNING, "instance died", instance=inst.id, executor=ex.id, reason=reason)
         self._remove_instance(inst, reason)
-        if not inst.ready and not inst.stopping:
-            self._start_failed(inst.app, reason)
+        code = msg.header["code"]
+        if not inst.ready and not inst.stopping and (code > 0 or code == -1):
+            self._start_failed(inst.app, reason)  # it failed by itself (not killed by a signal) before hello
         self.plan_soon()
 
     def _start_failed(self, app: str, reason: str) -> None:
