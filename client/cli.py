@@ -256,5 +256,16 @@ def close(manager: Optional[str], session: str) -> None:
                f"{info['cancelled']} cancelled)")
 
 
+@main.command()
+@manager_option
+@click.option("-e", "--executor", "executor_id", required=True, help="Executor id.")
+@_errors
+def drain(manager: Optional[str], executor_id: str) -> None:
+    """Drain an executor: no new work; its instances stop once their tasks are done."""
+    with _client(manager) as c:
+        c.conn.call("drain_executor", {"id": executor_id})
+    click.echo(f"draining {executor_id}")
+
+
 if __name__ == "__main__":
     main()

@@ -74,7 +74,7 @@ class LocalMesh:
                 "--name", name or f"exec-{i}"]
         for k, v in (labels or (self.labels[i] if i < len(self.labels) else {})).items():
             args += ["--label", f"{k}={v}"]
-        p = self._spawn(f"executor-{i}", args, prefix)
+        p = self._spawn(f"executor-{i}", args, prefix) if prefix else self._spawn(f"executor-{i}", args)
         self.executors.append(p)
         return p
 

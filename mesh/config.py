@@ -40,6 +40,8 @@ class Settings:
     """Seconds an instance bound to no session is kept warm before it is stopped."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
+    max_context_size: int = 64 * 1024 * 1024
+    """Largest encoded session context; a write that would pass it is refused (ResourceExhausted)."""
     max_inflight: int = 100_000
     """Tasks one client connection may have awaiting answers; submit() blocks beyond it."""
     max_pending: int = 1_000_000

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional
 
 from .context import DOC, KINDS, Document
 from .errors import (AlreadyExists, Cancelled, FailedPrecondition, Internal, InvalidArgument, MeshError,
-                     NotFound)
+                     NotFound, ResourceExhausted)
 from .log import event
 from .protocol import VERSION, Cmd, Message
 from .resources import Resources
@@ -161,6 +161,9 @@ class Control:
         if kind not in KINDS:
             raise InvalidArgument(f"context kind must be one of {KINDS}", argument="kind")
         data = blob if blob is not None else _arg(args, "context", bytes, required=False)
+        if data is not None and len(data) > self.m.settings.max_context_size:
+            raise ResourceExhausted(f"the context is {len(data)} bytes; max_context_size is "
+                                    f"{self.m.settings.max_context_size}", limit="max_context_size")
         doc = Document.from_wire(kind, data) if data is not None else Document()
         resreq = args.get("resreq")
         req = Resources.parse(resreq) if resreq else app.spec.resreq

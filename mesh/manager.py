@@ -394,7 +394,7 @@ class Manager:
         packed = pack(ops) if ops is not None else None
         s.bytes_in += len(packed) if packed is not None else len(blob or b"")
         try:
-            version = s.context.apply(ops, blob)
+            version = s.context.apply(ops, blob, self.settings.max_context_size, len(packed or b""))
         except MeshError as exc:
             if exc.code == Conflict.code:
                 s.conflicts += 1

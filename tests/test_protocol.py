@@ -47,6 +47,7 @@ VALID: Dict[Cmd, List[Tuple[Any, int]]] = {
                     ({"sid": "s1", "version": 3, "ops": [], "seq": 4}, 0)],
     Cmd.CTX_REJECT: [({"sid": "s1", "seq": 1, "error": {"code": "conflict", "message": "test failed"}}, 0)],
     Cmd.RESYNC: [({"sid": "s1", "have": 3}, 0)],
+    Cmd.DRAIN: [({}, 0)],
 }
 
 VALID_CASES = [(cmd, header, n) for cmd, cases in VALID.items() for header, n in cases]
@@ -212,6 +213,7 @@ FIELD_KINDS: Dict[Cmd, Dict[str, str]] = {
     Cmd.CTX_PATCH: {"sid": "str", "version": "int", "ops": "opt_list", "seq": "opt_int"},
     Cmd.CTX_REJECT: {"sid": "str", "seq": "int", "error": "map"},
     Cmd.RESYNC: {"sid": "str", "have": "int"},
+    Cmd.DRAIN: {},
 }
 ACCEPTS: Dict[str, Any] = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
