@@ -17,12 +17,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
-from mesh.config import Settings, default_db, default_manager
+from mesh.config import Settings, default_manager
 from mesh.errors import InvalidArgument, MeshError
 
 manager_option = click.option("--manager", "-m", default=None, metavar="ADDR",
                               help="Manager address (default: $ZMESH_MANAGER or tcp://127.0.0.1:5555).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+config_option = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                             help="YAML config file; ZMESH_* environment variables and flags override it.")
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,34 +78,68 @@ def main() -> None:
 
 
 # -- daemons -----------------------------------------------------------------------
+def _daemon_config(config_path: Optional[str], flags: Dict[str, Any], kind: str) -> Dict[str, Any]:
+    """Effective daemon settings: defaults < --config file < ZMESH_* env < flags."""
+    from mesh import settings_file as sf
+    keys, defaults = ((sf.MANAGER_KEYS, sf.manager_defaults()) if kind == "manager"
+                      else (sf.EXECUTOR_KEYS, sf.executor_defaults()))
+    return sf.values(sf.load_layers(config_path, os.environ, flags, keys, defaults=defaults))
+
+
+def _log_level_reloader(config_path: Optional[str], flags: Dict[str, Any], kind: str) -> Callable[[], None]:
+    """SIGHUP: re-read the config and apply its log_level (the rest needs a restart)."""
+    def reload() -> None:
+        import logging
+        level = _daemon_config(config_path, flags, kind)["log_level"] or "INFO"
+        logging.getLogger("zeromesh").setLevel(level.upper())
+    return reload
+
+
 @main.command()
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True,
-              help="Endpoint to bind (tcp://HOST:PORT, tcp://HOST:* for any port, ipc://PATH).")
+@config_option
+@click.option("--bind", default=None,
+              help="Endpoint to bind (tcp://HOST:PORT, tcp://HOST:* for any port, ipc://PATH) "
+                   "[default: tcp://127.0.0.1:5555].")
 @click.option("--db", default=None, help="SQLite database (default: $ZMESH_DB or ~/.local/share/zeromesh/manager.db).")
 @click.option("--endpoint-file", default=None, help="Write the bound endpoint here once serving.")
 @click.option("--log-level", default=None)
-def manager(bind: str, db: Optional[str], endpoint_file: Optional[str], log_level: Optional[str]) -> None:
+@_errors
+def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], endpoint_file: Optional[str],
+            log_level: Optional[str]) -> None:
     """Run the session manager in the foreground."""
     from mesh import log
     from mesh.manager import run
-    log.setup(log_level or "")
-    run(bind, db or os.environ.get("ZMESH_DB") or default_db(), Settings.load(), endpoint_file)
+    flags = {"bind": bind, "db": db, "log_level": log_level}
+    cfg = _daemon_config(config_path, flags, "manager")
+    log.setup(cfg["log_level"], cfg["log_format"])
+    settings = Settings.load(heartbeat_interval=cfg["heartbeat_interval"], liveness=cfg["liveness"])
+    run(cfg["bind"], cfg["db"], settings, endpoint_file, on_reload=_log_level_reloader(config_path, flags, "manager"))
 
 
 @main.command()
+@config_option
 @manager_option
 @click.option("--slots", type=click.IntRange(1, 4096), default=None,
               help="Instances this executor runs at once (default: CPU count).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label for placement; repeatable.")
 @click.option("--name", default=None, help="Executor id (default: HOSTNAME-RANDOM).")
 @click.option("--log-level", default=None)
-def executor(manager: Optional[str], slots: Optional[int], labels: Sequence[str], name: Optional[str],
-             log_level: Optional[str]) -> None:
+@_errors
+def executor(config_path: Optional[str], manager: Optional[str], slots: Optional[int], labels: Sequence[str],
+             name: Optional[str], log_level: Optional[str]) -> None:
     """Run an executor daemon in the foreground (one per machine)."""
     from executor.daemon import ExecutorDaemon
     from mesh import log
-    log.setup(log_level or "")
-    daemon = ExecutorDaemon(manager or default_manager(), slots or os.cpu_count() or 1, _labels(labels), name)
+    flags = {"manager": manager, "slots": slots, "labels": _labels(labels) or None, "name": name,
+             "log_level": log_level}
+    cfg = _daemon_config(config_path, flags, "executor")
+    if not 1 <= cfg["slots"] <= 4096:
+        raise InvalidArgument(f"slots must be between 1 and 4096, got {cfg['slots']}")
+    log.setup(cfg["log_level"])
+    # systemd's RuntimeDirectory= (/run/zeromesh-executor-NAME) when run as a unit, else a temporary directory
+    daemon = ExecutorDaemon(cfg["manager"], cfg["slots"], cfg["labels"], cfg["name"],
+                            run_dir=os.environ.get("RUNTIME_DIRECTORY") or None)
+    daemon.on_reload = _log_level_reloader(config_path, flags, "executor")
     sys.exit(daemon.run())
 
 
@@ -134,6 +170,37 @@ def up(executors: int, slots: int, bind: str, db: Optional[str]) -> None:
         sys.exit(exc.exit_code)
     finally:
         mesh.stop()
+
+
+@main.group(name="config")
+def config_group() -> None:
+    """Daemon configuration files."""
+
+
+@config_group.command(name="show")
+@click.option("--manager-config", default=None, metavar="PATH",
+              help="Manager config file (default: /etc/zeromesh/manager.yaml if it exists).")
+@click.option("--executor-config", default=None, metavar="PATH",
+              help="Executor config file, e.g. /etc/zeromesh/executor.d/NAME.yaml.")
+@json_option
+@_errors
+def config_show(manager_config: Optional[str], executor_config: Optional[str], as_json: bool) -> None:
+    """Print the effective daemon configuration, each value with its source.
+
+    The environment layer is this shell's ZMESH_* variables, not a unit's Environment=.
+    """
+    from mesh import settings_file as sf
+    if manager_config and executor_config:
+        raise click.UsageError("choose one of --manager-config, --executor-config")
+    if executor_config:
+        layers = sf.load_layers(executor_config, os.environ, {}, sf.EXECUTOR_KEYS, defaults=sf.executor_defaults())
+    else:
+        path = manager_config or (sf.MANAGER_CONFIG if os.path.exists(sf.MANAGER_CONFIG) else None)
+        layers = sf.load_layers(path, os.environ, {}, sf.MANAGER_KEYS, defaults=sf.manager_defaults())
+    if as_json:
+        click.echo(json.dumps({k: {"value": v, "source": src} for k, (v, src) in layers.items()}))
+    else:
+        click.echo(sf.format_layers(layers))
 
 
 # -- registry ------------------------------------------------------------------------

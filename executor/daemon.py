@@ -19,11 +19,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import zmq
 
-from mesh import transport
+from mesh import sdnotify, transport
 from mesh.config import Settings
 from mesh.errors import ProtocolError
 from mesh.log import event
@@ -74,6 +74,9 @@ class ExecutorDaemon:
         self.grace = self.settings.drain_grace
         self._drain_deadline: Optional[float] = None
         self._drain_sent = False
+        self._joined = False
+        self._reload_requested = False
+        self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self.sock: Optional[zmq.Socket] = None
         self.cache = CacheProxy(self.run_dir, int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30))),
                                 self._send_frames)
@@ -174,6 +177,12 @@ class ExecutorDaemon:
             self.live.interval = h["heartbeat_ms"] / 1000.0
             self.live.liveness = h["liveness"]
             event(log, logging.INFO, "joined manager", executor=self.id, manager=self.manager)
+            line = f"joined {self.manager} as {self.id}, {self.slots} slots"
+            if self._joined:
+                sdnotify.status(line)       # a rejoin after the manager restarted
+            else:
+                sdnotify.ready(line)
+            self._joined = True
         elif msg.cmd is Cmd.LAUNCH:
             try:
                 app = AppSpec.from_dict(h["app"])
@@ -197,6 +206,10 @@ class ExecutorDaemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.drain())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
+        sdnotify.status(f"waiting for the manager at {self.manager}")
+        ping_every = sdnotify.watchdog_interval()
+        next_ping = 0.0
         self._connect()
         event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots)
         poller = zmq.Poller()
@@ -220,8 +233,15 @@ class ExecutorDaemon:
                     except ProtocolError as exc:
                         event(log, logging.WARNING, "bad message from manager", error=str(exc))
             self._reap()
+            if ping_every is not None and time.monotonic() >= next_ping:
+                sdnotify.watchdog()     # from the loop itself: a stuck loop gets restarted
+                next_ping = time.monotonic() + ping_every
+            if self._reload_requested:
+                self._reload()
             if self._drain_deadline is not None:
                 if not self._drain_sent:
+                    sdnotify.stopping()
+                    sdnotify.status(f"draining: {len(self.children)} instances, up to {self.grace:g}s")
                     self._send(Cmd.DRAIN, {})
                     self._drain_sent = True
                     event(log, logging.INFO, "draining", executor=self.id, instances=len(self.children),
@@ -232,8 +252,11 @@ class ExecutorDaemon:
                 self._send(Cmd.HEARTBEAT, {"labels": self.labels, "cache": self.cache.stats()})
             if self.live.dead():
                 event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(self.live.silent_for(), 1))
+                sdnotify.status(f"the manager at {self.manager} went silent; reconnecting")
                 self._stop_all(grace=1.0, reason="the manager went silent")
                 self._connect()
+        if not self._drain_sent:        # SIGINT: no drain
+            sdnotify.stopping()
         self._stop_all(grace=5.0, reason="the executor is shutting down")
         if self.sock is not None:
             self.sock.close(linger=0)
@@ -243,6 +266,18 @@ class ExecutorDaemon:
 
     def stop(self) -> None:
         self._running = False
+
+    def _reload(self) -> None:
+        self._reload_requested = False
+        sdnotify.reloading()
+        try:
+            if self.on_reload is not None:
+                self.on_reload()
+        except Exception as exc:  # a bad edit of the config file must not take the executor down
+            event(log, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc))
+        else:
+            event(log, logging.INFO, "configuration reloaded", executor=self.id)
+        sdnotify.ready()
 
     def drain(self) -> None:
         """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""

@@ -18,11 +18,11 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import zmq
 
-from . import scheduler, transport
+from . import scheduler, sdnotify, transport
 from .config import Settings
 from .context import Document
 from .errors import (Conflict, FailedPrecondition, MeshError, NotFound, ProtocolError, ResourceExhausted,
@@ -66,6 +66,7 @@ class Manager:
         self._plan_pending = False
         self._closing = False
         self.endpoint = ""
+        self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self._load()
         from .control import Control  # control handlers need the manager's state; imported late to stay one-way
         self.control = Control(self)
@@ -703,6 +704,10 @@ class Manager:
                 self.loop.add_signal_handler(sig, self._stopped.set)
             except (NotImplementedError, RuntimeError):
                 pass
+        try:  # without a handler SIGHUP (systemctl reload) would kill the manager
+            self.loop.add_signal_handler(signal.SIGHUP, self._reload)
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
         self.loop.call_soon(self._tick)
         self.loop.call_soon(self._flush_timer)
@@ -714,8 +719,38 @@ class Manager:
             with open(tmp, "w") as f:
                 f.write(self.endpoint)
             os.replace(tmp, ready_file)
+        sdnotify.ready(self.status_line())
+        self.loop.call_soon(self._sd_tick)
         await self._stopped.wait()
+        sdnotify.stopping()
         await self.shutdown()
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` (STATUS=)."""
+        running = sum(s.running for s in self.sessions.values())
+        open_ = sum(1 for s in self.sessions.values() if s.state == OPEN)
+        alive = sum(1 for e in self.executors.values() if e.state != LOST)
+        return (f"serving {self.endpoint}: {open_} sessions, {len(self.tasks)} tasks in flight "
+                f"({running} running), {alive} executors, {len(self.instances)} instances")
+
+    def _sd_tick(self) -> None:
+        """WATCHDOG=1 from the event loop itself (a stuck loop stops pinging) and STATUS= every 5 s."""
+        if self._closing:
+            return
+        sdnotify.watchdog()
+        sdnotify.status(self.status_line())
+        self.loop.call_later(min(sdnotify.watchdog_interval() or 5.0, 5.0), self._sd_tick)
+
+    def _reload(self) -> None:
+        sdnotify.reloading()
+        try:
+            if self.on_reload is not None:
+                self.on_reload()
+        except Exception as exc:  # a bad edit of the config file must not take the manager down
+            event(log, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc))
+        else:
+            event(log, logging.INFO, "configuration reloaded")
+        sdnotify.ready(self.status_line())
 
     def stop(self) -> None:
         self._stopped.set()
@@ -737,9 +772,15 @@ def _json(err: Dict[str, Any]) -> str:
     return json.dumps(err, default=str)
 
 
-def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None) -> None:
-    """Run a manager in the foreground until SIGINT/SIGTERM, on uvloop where it is installed."""
+def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None,
+        on_reload: Optional[Callable[[], None]] = None) -> None:
+    """Run a manager in the foreground until SIGINT/SIGTERM, on uvloop where it is installed.
+
+    Under systemd (``Type=notify``) it sends READY=1 once serving, WATCHDOG=1 and
+    STATUS= from the loop, STOPPING=1 on shutdown; SIGHUP calls ``on_reload``.
+    """
     manager = Manager(bind, db, settings)
+    manager.on_reload = on_reload
     try:
         import uvloop
     except ImportError:  # uvloop is optional where it does not build (e.g. Windows)
