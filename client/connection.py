@@ -43,6 +43,7 @@ class Connection:
         self._window = threading.BoundedSemaphore(self.settings.max_inflight)
         self._boot: Optional[str] = None
         self._last_ping = 0.0
+        self._last_answer = time.monotonic()
         self._rids = itertools.count(1)
         self._tags = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
@@ -118,8 +119,13 @@ class Connection:
                 self._wake_pending = False
                 self._send_queued(sock)
                 self._receive(sock)
-                if self._tasks and time.monotonic() - self._last_ping >= self.settings.heartbeat_interval:
-                    self._ping(sock)
+                if self._tasks:
+                    now = time.monotonic()
+                    if now - self._last_ping >= self.settings.heartbeat_interval:
+                        self._ping(sock)
+                    if now - self._last_answer >= self.settings.resend_after:
+                        # answers may have been kept for us (we were too slow to read): ask again
+                        self._resend(sock, "no answer for %.0fs" % (now - self._last_answer))
                 if self._calls:
                     self._expire_calls()
         finally:
@@ -162,17 +168,23 @@ class Connection:
     def _on_ping(self, sock: zmq.Socket, result: Any) -> None:
         boot = result.get("boot") if isinstance(result, dict) else None
         if self._boot is not None and boot != self._boot and self._tasks:
-            log.warning("manager restarted; resending %d unanswered tasks", len(self._tasks))
-            batches: Dict[str, Tuple[List[int], List[Any]]] = {}
-            for tag, (_, _, sid, payload) in self._tasks.items():
-                tags, frames = batches.setdefault(sid, ([], []))
-                tags.append(tag)
-                frames.append(payload)
-            for sid, (tags, frames) in batches.items():
-                for i in range(0, len(tags), MAX_BATCH):
-                    self._send(sock, Cmd.SUBMIT, [sid, tags[i:i + MAX_BATCH], self.client_id, True],
-                               frames[i:i + MAX_BATCH])
+            self._resend(sock, "the manager restarted")
         self._boot = boot
+
+    def _resend(self, sock: zmq.Socket, why: str) -> None:
+        """Send every unanswered task again, flagged as a resend: the manager re-attaches it,
+        answers it from its database, or (if it never got it) runs it.  Idempotent."""
+        log.warning("%s; resending %d unanswered tasks", why, len(self._tasks))
+        self._last_answer = time.monotonic()
+        batches: Dict[str, Tuple[List[int], List[Any]]] = {}
+        for tag, (_, _, sid, payload) in self._tasks.items():
+            tags, frames = batches.setdefault(sid, ([], []))
+            tags.append(tag)
+            frames.append(payload)
+        for sid, (tags, frames) in batches.items():
+            for i in range(0, len(tags), MAX_BATCH):
+                self._send(sock, Cmd.SUBMIT, [sid, tags[i:i + MAX_BATCH], self.client_id, True],
+                           frames[i:i + MAX_BATCH])
 
     def _send(self, sock: zmq.Socket, cmd: Cmd, header: Any, payloads: List[Any] = ()) -> None:  # type: ignore[assignment]
         transport.send(sock, encode(cmd, header, payloads), flags=0)
@@ -188,6 +200,7 @@ class Connection:
                 log.warning("bad message from manager: %s", exc)
                 continue
             if msg.cmd is Cmd.RESULT:
+                self._last_answer = time.monotonic()
                 for (tag, err), payload in zip(msg.header[1], msg.payloads):
                     entry = self._tasks.pop(tag, None)
                     if entry is None:

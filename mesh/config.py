@@ -42,6 +42,11 @@ class Settings:
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
     max_context_size: int = 64 * 1024 * 1024
     """Largest encoded session context; a write that would pass it is refused (ResourceExhausted)."""
+    send_hwm: int = 10_000
+    """Messages queued towards one peer before sends to it fail (a peer that stopped reading);
+    undelivered answers are kept in the database and collected by the client's resend."""
+    resend_after: float = 60.0
+    """Seconds without any answer after which a client resends its unanswered tasks (idempotent)."""
     max_inflight: int = 100_000
     """Tasks one client connection may have awaiting answers; submit() blocks beyond it."""
     max_pending: int = 1_000_000

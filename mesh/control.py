@@ -118,6 +118,7 @@ class Control:
     def do_stats(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
         return {**self.m.stats, "tasks_in_memory": len(self.m.tasks), "sessions": len(self.m.sessions),
                 "objects": len(self.m.objects.items), "object_bytes_out": self.m.objects.bytes_out,
+                "store_backlog": self.m.writer.backlog(),
                 "executors": len(self.m.executors), "instances": len(self.m.instances)}
 
     async def do_register_app(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:

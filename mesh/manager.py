@@ -106,7 +106,7 @@ class Manager:
 
     # -- socket plumbing -----------------------------------------------------
     def _open_socket(self) -> None:
-        self.sock = transport.router(self.bind_addr, self.settings.max_message_size)
+        self.sock = transport.router(self.bind_addr, self.settings.max_message_size, self.settings.send_hwm)
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:

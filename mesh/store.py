@@ -216,6 +216,10 @@ class Writer:
     def submit(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
         return self._pool.submit(fn, *args)
 
+    def backlog(self) -> int:
+        """Calls waiting for the writer thread (a slow disk shows here first)."""
+        return self._pool._work_queue.qsize()
+
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self.submit(fn, *args))
 

@@ -14,13 +14,20 @@ RECONNECT_IVL_MS = 100       # first reconnect attempt after a lost connection
 RECONNECT_IVL_MAX_MS = 2000  # reconnect backoff ceiling
 
 
-def router(bind: str, max_message_size: int, ctx: Optional[zmq.Context] = None) -> zmq.Socket:
-    """The manager's socket.  ROUTER_MANDATORY: a send to a vanished peer fails loudly."""
+def router(bind: str, max_message_size: int, send_hwm: int = 0, ctx: Optional[zmq.Context] = None) -> zmq.Socket:
+    """The manager's socket.
+
+    ROUTER_MANDATORY: a send to a vanished peer, or to one whose queue is at
+    ``send_hwm`` messages (a peer that stopped reading), fails at once instead
+    of being dropped silently or growing memory; the manager keeps what it
+    could not deliver.  Receives are not capped: input is bounded by the
+    clients' windows and the manager's queue limits.
+    """
     s = (ctx or zmq.Context.instance()).socket(zmq.ROUTER)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-    s.setsockopt(zmq.SNDHWM, 0)
+    s.setsockopt(zmq.SNDHWM, send_hwm)
     s.setsockopt(zmq.RCVHWM, 0)
     s.bind(bind)
     return s

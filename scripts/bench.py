@@ -24,7 +24,19 @@ Ratios: throughput is zeromesh / limit (1.0 = as fast as raw ZeroMQ); latency
 is zeromesh / limit (1.0 = no overhead, higher is slower).  CPU and RSS have
 no raw counterpart and no ratio.
 
-Usage: python scripts/bench.py [--seconds 3] [--repeat 1] [--quick] [--json out.json]
+With ``--peers``, after those figures (and with every zeromesh process
+stopped) Ray and Dask distributed are measured by scripts/bench_peers.py, each
+in its own subprocess with a time budget, with as many workers as zeromesh
+instances: throughput of no-op tasks streamed with the same window, latency
+p50/p99 of one no-op at a time (0 B), and start-up seconds; zeromesh's own
+start-up (manager + executor until a first task returns) is measured for
+comparison.  Each peer row gives peer / limit (as above) and the zeromesh
+speed-up: zeromesh throughput / peer throughput, peer latency / zeromesh
+latency, peer start-up / zeromesh start-up (above 1 = zeromesh is faster).
+Peers are measured once, whatever ``--repeat``; a peer that cannot be
+imported is reported missing with the reason.
+
+Usage: python scripts/bench.py [--seconds 3] [--repeat 1] [--quick] [--peers] [--json out.json]
 """
 from __future__ import annotations
 
@@ -48,6 +60,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import bench_limit  # noqa: E402
+import bench_peers  # noqa: E402
 from client import Client, Session  # noqa: E402
 from client import local  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
@@ -318,6 +331,81 @@ def queued_memory(bench: Bench, queued: int) -> Dict[str, Any]:
             "cancelled": cancelled}
 
 
+def mesh_startup(bench: Bench) -> Dict[str, Any]:
+    """Seconds from starting a fresh manager + executor until a first no-op returns
+    (includes registering the app and launching its instance), like the peers' start-up."""
+    t0 = time.perf_counter()
+    m = bench.mesh("startup", 1)
+    s = Session("noop", manager=m.endpoint)
+    try:
+        s.invoke(None, timeout=WARMUP_LIMIT)
+        elapsed = time.perf_counter() - t0
+    finally:
+        s.close()
+    return {"startup_s": round(elapsed, 3)}
+
+
+# -- peers ---------------------------------------------------------------------------------
+PEER_BUDGET = {"ray": 120.0, "dask": 90.0}    # seconds per peer subprocess (full run)
+PEER_BUDGET_QUICK = {"ray": 75.0, "dask": 45.0}
+# peer -> kind -> table label; kinds are the keys bench_peers reports under throughput/latency
+PEER_KINDS = {"ray": (("task", "Ray task"), ("actor", "Ray actor")), "dask": (("submit", "Dask submit"),)}
+
+
+def measure_peers(opts: argparse.Namespace, cfg: Dict[str, Any], seconds: float, window: int,
+                  log_dir: str, say: Any) -> Dict[str, Any]:
+    pcfg = bench_peers.QUICK if opts.quick else bench_peers.FULL
+    budget = PEER_BUDGET_QUICK if opts.quick else PEER_BUDGET
+    out = {}
+    for peer in bench_peers.PEERS:
+        say(f"peer {peer}: {opts.instances} worker(s), budget {budget[peer]:.0f}s ...")
+        out[peer] = bench_peers.measure(peer, opts.instances, seconds, cfg["warmup"], window,
+                                        pcfg["latency_count"], pcfg["latency_seconds"], budget[peer],
+                                        log_dir=log_dir)
+    return out
+
+
+def compare_peers(raw: Dict[str, Any], res: Dict[str, Any]) -> Dict[str, Any]:
+    """Peer figures next to the limit and zeromesh (res holds zeromesh's medians)."""
+    lat0 = res["latency"]["0 B"]
+    zm_start = res.get("startup", {}).get("startup_s")
+    out: Dict[str, Any] = {}
+    for peer, kinds in PEER_KINDS.items():
+        r = raw.get(peer) or bench_peers.missing("not measured")
+        if not r.get("available"):
+            out[peer] = {"available": False, "reason": r.get("reason", "unknown")}
+            continue
+        p: Dict[str, Any] = {"available": True, "version": r.get("version"), "startup_s": r.get("startup_s"),
+                             "zeromesh_startup_s": zm_start,
+                             "startup_speedup": ratio(r["startup_s"], zm_start) if r.get("startup_s") and zm_start
+                             else None,
+                             "throughput": {}, "latency": {}}
+        for key in ("error", "window", "startup_s_by_workers", "wall_s", "log"):
+            if key in r:
+                p[key] = r[key]
+        for kind, _ in kinds:
+            tp: Dict[str, Any] = {}
+            for n, zm in res["throughput"].items():
+                got = r.get("throughput", {}).get(kind, {}).get(n)
+                v = got["tasks_per_s"] if got else None
+                tp[n] = {"tasks_per_s": v, "limit_tasks_per_s": zm["limit_tasks_per_s"],
+                         "ratio": ratio(v, zm["limit_tasks_per_s"]) if v else None,
+                         "zeromesh_tasks_per_s": zm["tasks_per_s"],
+                         "zeromesh_speedup": ratio(zm["tasks_per_s"], v) if v else None}
+            p["throughput"][kind] = tp
+            got = r.get("latency", {}).get(kind)
+            lat: Dict[str, Any] = {"count": got["count"] if got else None}
+            for q in ("p50_us", "p99_us"):
+                v = got[q] if got else None
+                lat.update({q: v, "limit_" + q: lat0["limit_" + q],
+                            "ratio_" + q[:3]: ratio(v, lat0["limit_" + q]) if v else None,
+                            "zeromesh_" + q: lat0[q],
+                            "zeromesh_speedup_" + q[:3]: ratio(v, lat0[q]) if v else None})
+            p["latency"][kind] = lat
+        out[peer] = p
+    return out
+
+
 # -- run ----------------------------------------------------------------------------------
 def median(xs: List[float]) -> float:
     return round(statistics.median(xs), 4 if max(xs) < 10 else 1)
@@ -363,8 +451,16 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                     mesh_latency(bench, count, size, cfg["latency_seconds"]))
         say(f"manager memory with {queued} tasks queued ...")
         memory = queued_memory(bench, queued)
+        if opts.peers:
+            say("zeromesh start-up ...")
+            startup = mesh_startup(bench)
     finally:
         bench.close()
+    peers_raw: Dict[str, Any] = {}
+    if opts.peers:
+        peers_started = time.monotonic()
+        peers_raw = measure_peers(opts, cfg, seconds, window, log_dir, say)
+        peers_seconds = time.monotonic() - peers_started
     total = time.monotonic() - started
 
     result: Dict[str, Any] = {
@@ -394,6 +490,11 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     result["manager"]["rss_bytes_per_queued_task"] = memory["bytes_per_queued_task"]
     result["manager"]["queued_memory"] = memory
     result["total_seconds"] = round(total, 1)
+    if opts.peers:
+        result["startup"] = startup
+        result["peers"] = compare_peers(peers_raw, result)
+        result["peers_seconds"] = round(peers_seconds, 1)
+        raw["peers"] = peers_raw
     return result
 
 
@@ -417,6 +518,70 @@ def rows(res: Dict[str, Any]) -> List[Tuple[str, str, str, str, str]]:
     out.append((f"manager RSS / queued task ({q['queued']:,})", "bytes", num(m["rss_bytes_per_queued_task"]),
                 "-", "-"))
     return out
+
+
+def peer_rows(res: Dict[str, Any]) -> List[Tuple[str, ...]]:
+    def num(v: Any, fmt: str = ",.0f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    out: List[Tuple[str, ...]] = [("zeromesh start-up", "s", "-", "-", "-",
+                                   num(res["startup"]["startup_s"], ".2f"), "-")]
+    for peer, kinds in PEER_KINDS.items():
+        p = res["peers"][peer]
+        name = kinds[0][1].split()[0]
+        if not p["available"]:
+            out.append((f"{name}: missing ({p['reason'][:100]})", "-", "-", "-", "-", "-", "-"))
+            continue
+        out.append((f"{name} start-up", "s", num(p["startup_s"], ".2f"), "-", "-",
+                    num(p["zeromesh_startup_s"], ".2f"), num(p["startup_speedup"], ".1f")))
+        win = f", window {p['window']}" if p.get("window") and p["window"] != res["settings"]["window"] else ""
+        for kind, label in kinds:
+            for n, t in p["throughput"][kind].items():
+                out.append((f"{label} throughput, {n} worker(s){win}", "tasks/s", num(t["tasks_per_s"]),
+                            num(t["limit_tasks_per_s"]), num(t["ratio"], ".2f"),
+                            num(t["zeromesh_tasks_per_s"]), num(t["zeromesh_speedup"], ".1f")))
+        for kind, label in kinds:
+            lat = p["latency"][kind]
+            for q in ("p50", "p99"):
+                out.append((f"{label} latency 0 B {q} (n={num(lat['count'], 'd')})", "us",
+                            num(lat[q + "_us"]), num(lat[f"limit_{q}_us"]), num(lat[f"ratio_{q}"], ".2f"),
+                            num(lat[f"zeromesh_{q}_us"]), num(lat[f"zeromesh_speedup_{q}"], ".1f")))
+        if p.get("error"):
+            out.append((f"{name}: incomplete ({p['error'][:100]})", "-", "-", "-", "-", "-", "-"))
+    return out
+
+
+def _table(title: str, header: Tuple[str, ...], body: List[Tuple[str, ...]], caption: str,
+           width: int = 100) -> None:
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+    except ImportError:
+        fmt = "%-44s%8s" + "%12s" * (len(header) - 2)
+        print(title)
+        print(fmt % header)
+        for r in body:
+            print(fmt % r)
+        print(caption)
+        return
+    t = Table(title=escape(title), caption=escape(caption))
+    t.add_column(header[0])
+    t.add_column(header[1])
+    for h in header[2:]:
+        t.add_column(h, justify="right")
+    for r in body:
+        t.add_row(*(escape(c) for c in r))
+    Console(width=max(width, Console().width)).print(t)
+
+
+def show_peers(res: Dict[str, Any]) -> None:
+    title = (f"peers vs raw ZeroMQ and zeromesh (same worker counts, window {res['settings']['window']}, "
+             f"measured once, {res['peers_seconds']} s)")
+    header = ("figure", "unit", "peer", "limit", "peer/limit", "zeromesh", "zm speed-up")
+    caption = ("start-up: until a first task returns; peer/limit as above; zm speed-up = zeromesh/peer "
+               "tasks/s, peer/zeromesh latency and start-up (above 1: zeromesh faster)")
+    _table(title, header, peer_rows(res), caption, width=120)
 
 
 def show(res: Dict[str, Any]) -> None:
@@ -444,6 +609,8 @@ def show(res: Dict[str, Any]) -> None:
     for r in rows(res):
         t.add_row(*(escape(c) for c in r))
     Console(width=max(100, Console().width)).print(t)
+    if "peers" in res:
+        show_peers(res)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -457,6 +624,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--queue-target", type=float, default=None, help="sets ZMESH_QUEUE_TARGET for the mesh")
     ap.add_argument("--credit", type=int, default=None, help="raw limit's credit per worker (default: prefetch)")
     ap.add_argument("--quick", action="store_true", help="tiny counts and durations (< 20 s), for tests")
+    ap.add_argument("--peers", action="store_true",
+                    help="also measure Ray and Dask distributed (scripts/bench_peers.py), ~2 more minutes")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     opts = ap.parse_args(argv)

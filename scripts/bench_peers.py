@@ -14,7 +14,9 @@ Same shapes as scripts/bench.py measures for zeromesh, so the numbers compare:
   ``distributed.scheduler.worker-saturation`` = inf): start-up (cluster
   creation until a first future returns) per worker count; throughput of
   ``client.submit`` streaming with ``window`` futures in flight; latency
-  p50/p99 of one future at a time (1 worker).
+  p50/p99 of one future at a time (1 worker).  The window is capped at
+  DASK_MAX_WINDOW; what is in flight after a run is cancelled and the
+  scheduler left to empty before the next one.
 
 Each peer runs in its own subprocess (``measure``), which ends on SIGTERM by
 unwinding through ``ray.shutdown()`` / ``client.close()`` + ``cluster.close()``,
@@ -45,6 +47,9 @@ MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop
 RESULT_WAIT = 30.0           # seconds any single task may take before the run is declared broken
 WARMUP_LIMIT = 60.0          # seconds workers have to start and serve
 PEERS = ("ray", "dask")
+# Dask moves ~100-1,000 no-op tasks/s here, so a deeper window buys nothing but seconds
+# spent cancelling what is in flight after each run (cancels queue behind the tasks).
+DASK_MAX_WINDOW = 500
 
 FULL = {"seconds": 3.0, "warmup": 0.5, "window": 2000, "latency_count": 1000, "latency_seconds": 5.0}
 QUICK = {"seconds": 0.5, "warmup": 0.2, "window": 500, "latency_count": 100, "latency_seconds": 2.0}
@@ -201,7 +206,10 @@ def ray_figures(instances: List[int], seconds: float, warmup: float, window: int
 
 # -- Dask ------------------------------------------------------------------------------
 def _dask_stream(client: Any, fn: Callable[..., Any], seconds: float, window: int) -> Dict[str, Any]:
-    """Keep ``window`` futures in flight for ``seconds``, collected oldest first (as bench.stream)."""
+    """Keep ``window`` futures in flight for ``seconds``, collected oldest first (as bench.stream).
+
+    What is still in flight at the end is cancelled, not awaited: at Dask's rate a full
+    window can take many seconds to drain."""
     futs: Deque[Any] = collections.deque()
     done = 0
     start = time.perf_counter()
@@ -218,9 +226,28 @@ def _dask_stream(client: Any, fn: Callable[..., Any], seconds: float, window: in
                 done += 1
         elapsed = time.perf_counter() - start
     finally:
-        for f in futs:
-            f.result(timeout=RESULT_WAIT)
+        if futs:
+            client.cancel(list(futs))
+            futs.clear()
+            _dask_settle(client)
     return _rate(done, elapsed)
+
+
+def _dask_settle(client: Any) -> None:
+    """Wait (bounded) until the scheduler has forgotten every task, so cancellations
+    are not processed during the next measurement."""
+    deadline = time.monotonic() + RESULT_WAIT
+    for _ in range(MAX_LOOPS):
+        left = client.run_on_scheduler(_scheduler_tasks)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise PeerError(f"the Dask scheduler still held {left} tasks {RESULT_WAIT:.0f}s after cancelling")
+        time.sleep(0.05)
+
+
+def _scheduler_tasks(dask_scheduler: Any) -> int:
+    return len(dask_scheduler.tasks)
 
 
 def dask_figures(instances: List[int], seconds: float, warmup: float, window: int, latency_count: int,
@@ -232,8 +259,10 @@ def dask_figures(instances: List[int], seconds: float, warmup: float, window: in
     from distributed import Client, LocalCluster
 
     dask.config.set({"distributed.scheduler.worker-saturation": float("inf")})
+    window = min(window, DASK_MAX_WINDOW)
     res: Dict[str, Any] = {"available": True, "version": distributed.__version__, "worker_saturation": "inf",
-                           "throughput": {"submit": {}}, "latency": {}, "startup_s_by_workers": {}}
+                           "window": window, "throughput": {"submit": {}}, "latency": {},
+                           "startup_s_by_workers": {}}
     report(res)
 
     def noop(x: Any = None) -> Any:   # nested: cloudpickle ships it by value to the workers
@@ -330,7 +359,7 @@ def measure(peer: str, instances: List[int], seconds: float, warmup: float, wind
     except (OSError, ValueError):
         res = missing(f"{peer} produced no figures (exit {proc.returncode}); see {log_path}")
     if timed_out:
-        res.setdefault("error", f"stopped after its {timeout:.0f}s budget; see {log_path}")
+        res["error"] = f"stopped after its {timeout:.0f}s budget; see {log_path}"
     elif proc.returncode and res.get("available", True) and "error" not in res:
         res["error"] = f"exit {proc.returncode}; see {log_path}"
     res["wall_s"] = wall
