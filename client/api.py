@@ -1,12 +1,100 @@
-"""``Client``: the management API (registry, sessions, executors)."""
+"""``Client``: the management API (registry, sessions, tasks, executors, metrics).
+
+Conventions people know from hub and REST clients: ``get_x(id)`` returns the
+object or ``None``; ``find_x(filter=..., page=..., sort=...)`` returns a
+:class:`Page` of typed records, filtered, sorted and paged by the manager::
+
+    c.find_sessions(filter={"state": "open", "created_at": (">=", t0)},
+                    page={"limit": 50, "offset": 0}, sort={"by": "created_at", "order": "descending"})
+
+Filter ops: ``=`` ``!`` ``~`` (substring) ``<`` ``<=`` ``>`` ``>=``.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Generic, List, Mapping, Optional, Type, TypeVar
 
 from mesh.errors import NotFound
 from mesh.spec import AppSpec, load_spec
 
 from .connection import Connection
+
+T = TypeVar("T")
+
+
+def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in d.items() if k in names})  # newer managers may send more fields
+
+
+@dataclass
+class Application:
+    name: str
+    command: str = ""
+    arguments: List[str] = field(default_factory=list)
+    working_directory: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    created_at: float = 0.0
+    spec: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SessionInfo:
+    id: str
+    application: str
+    state: str
+    created_at: float
+    closed_at: Optional[float] = None
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    instances: int = 0
+    context_version: int = 0
+    context_kind: str = "doc"
+    bytes_in: int = 0
+    conflicts: int = 0
+    resreq: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExecutorInfo:
+    id: str
+    state: str
+    slots: int
+    used_slots: int = 0
+    instances: int = 0
+    hostname: Optional[str] = None
+    cpu: float = 0
+    memory: int = 0
+    gpu: int = 0
+    labels: Dict[str, str] = field(default_factory=dict)
+    python: Optional[str] = None
+    last_seen: float = 0.0
+    joined_at: float = 0.0
+    cache: Dict[str, Any] = field(default_factory=dict)
+    capabilities: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskInfo:
+    id: int
+    session: str
+    state: str
+    attempts: int = 0
+    created_at: float = 0.0
+    finished_at: Optional[float] = None
+    error: Optional[Dict[str, Any]] = None
+    instance: Optional[str] = None
+
+
+@dataclass
+class Page(Generic[T]):
+    items: List[T]
+    total: int
 
 
 class Client:
@@ -30,7 +118,11 @@ class Client:
     def stats(self) -> Dict[str, Any]:
         return self.conn.call("stats")
 
-    # registry
+    def metrics(self) -> str:
+        """Prometheus text: counters, gauges and the task latency histogram."""
+        return self.conn.call("metrics")["text"]
+
+    # -- registry -------------------------------------------------------------------
     def register_application(self, spec: Any, replace: bool = False) -> Dict[str, Any]:
         """``spec``: an AppSpec, a spec dict, or a path to a YAML file."""
         if isinstance(spec, str):
@@ -38,31 +130,81 @@ class Client:
         d = spec.to_dict() if isinstance(spec, AppSpec) else AppSpec.from_dict(spec).to_dict()
         return self.conn.call("register_app", {"spec": d, "replace": replace})
 
+    def update_application(self, spec: Any) -> Dict[str, Any]:
+        """Replace a registered application's spec; new instances use it."""
+        name = spec.name if isinstance(spec, AppSpec) else (
+            load_spec(spec).name if isinstance(spec, str) else AppSpec.from_dict(spec).name)
+        if self.get_application(name) is None:
+            raise NotFound(f"application {name!r} is not registered", application=name)
+        return self.register_application(spec, replace=True)
+
     def unregister_application(self, name: str) -> None:
         self.conn.call("unregister_app", {"name": name})
 
-    def get_application(self, name: str) -> Optional[Dict[str, Any]]:
-        return self._get("get_app", {"name": name})
+    def get_application(self, name: str) -> Optional[Application]:
+        d = self._get("get_app", {"name": name})
+        return None if d is None else _build(Application, d)
 
     def list_applications(self) -> List[Dict[str, Any]]:
         return self.conn.call("list_apps")
 
-    # sessions
-    def get_session(self, sid: str) -> Optional[Dict[str, Any]]:
-        return self._get("get_session", {"id": sid})
+    def find_applications(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
+                          sort: Optional[Mapping[str, Any]] = None) -> Page[Application]:
+        return self._find("find_apps", Application, filter, page, sort)
+
+    # -- sessions and tasks -------------------------------------------------------------
+    def get_session(self, sid: str) -> Optional[SessionInfo]:
+        d = self._get("get_session", {"id": sid})
+        return None if d is None else _build(SessionInfo, d)
 
     def list_sessions(self) -> List[Dict[str, Any]]:
         return self.conn.call("list_sessions")
 
+    def find_sessions(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
+                      sort: Optional[Mapping[str, Any]] = None) -> Page[SessionInfo]:
+        return self._find("find_sessions", SessionInfo, filter, page, sort)
+
     def close_session(self, sid: str) -> Dict[str, Any]:
         return self.conn.call("close_session", {"id": sid})
 
-    # executors
+    def find_tasks(self, session_id: str, filter: Optional[Mapping[str, Any]] = None,
+                   page: Optional[Mapping[str, Any]] = None, sort: Optional[Mapping[str, Any]] = None) -> Page[TaskInfo]:
+        return self._find("find_tasks", TaskInfo, filter, page, sort, session=session_id)
+
+    def get_task(self, task_id: int) -> Optional[TaskInfo]:
+        d = self._get("get_task", {"id": task_id})
+        return None if d is None else _build(TaskInfo, d)
+
+    def cancel_task(self, task_id: int) -> None:
+        """Cancel a queued task (its caller gets ``Cancelled``); a running task cannot be interrupted."""
+        self.conn.call("cancel_task", {"id": task_id})
+
+    # -- executors ----------------------------------------------------------------------
     def list_executors(self) -> List[Dict[str, Any]]:
         return self.conn.call("list_executors")
 
+    def get_executor(self, executor_id: str) -> Optional[ExecutorInfo]:
+        d = self._get("get_executor", {"id": executor_id})
+        return None if d is None else _build(ExecutorInfo, d)
+
+    def find_executors(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
+                       sort: Optional[Mapping[str, Any]] = None) -> Page[ExecutorInfo]:
+        return self._find("find_executors", ExecutorInfo, filter, page, sort)
+
+    def drain_executor(self, executor_id: str) -> None:
+        """No new work on the executor; its instances stop once their tasks are done."""
+        self.conn.call("drain_executor", {"id": executor_id})
+
+    # -- plumbing -------------------------------------------------------------------------
     def _get(self, method: str, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         try:
             return self.conn.call(method, args)
         except NotFound:
             return None
+
+    def _find(self, method: str, cls: Type[T], filter: Optional[Mapping[str, Any]],
+              page: Optional[Mapping[str, Any]], sort: Optional[Mapping[str, Any]], **extra: Any) -> Page[T]:
+        args: Dict[str, Any] = {"filter": {k: list(v) if isinstance(v, tuple) else v for k, v in (filter or {}).items()},
+                                "page": dict(page or {}), "sort": dict(sort or {}), **extra}
+        r = self.conn.call(method, args)
+        return Page([_build(cls, d) for d in r["items"]], r["total"])

@@ -102,10 +102,12 @@ def _log_level_reloader(config_path: Optional[str], flags: Dict[str, Any], kind:
                    "[default: tcp://127.0.0.1:5555].")
 @click.option("--db", default=None, help="SQLite database (default: $ZMESH_DB or ~/.local/share/zeromesh/manager.db).")
 @click.option("--endpoint-file", default=None, help="Write the bound endpoint here once serving.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics over HTTP on this port (GET /metrics; host: $ZMESH_METRICS_HOST).")
 @click.option("--log-level", default=None)
 @_errors
 def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], endpoint_file: Optional[str],
-            log_level: Optional[str]) -> None:
+            metrics_port: Optional[int], log_level: Optional[str]) -> None:
     """Run the session manager in the foreground."""
     from mesh import log
     from mesh.manager import run
@@ -113,7 +115,8 @@ def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], 
     cfg = _daemon_config(config_path, flags, "manager")
     log.setup(cfg["log_level"], cfg["log_format"])
     settings = Settings.load(heartbeat_interval=cfg["heartbeat_interval"], liveness=cfg["liveness"])
-    run(cfg["bind"], cfg["db"], settings, endpoint_file, on_reload=_log_level_reloader(config_path, flags, "manager"))
+    run(cfg["bind"], cfg["db"], settings, endpoint_file, on_reload=_log_level_reloader(config_path, flags, "manager"),
+        metrics_port=metrics_port)
 
 
 @main.command()
@@ -230,109 +233,10 @@ def unregister(manager: Optional[str], name: str) -> None:
     click.echo(f"unregistered {name}")
 
 
-# -- listings ------------------------------------------------------------------------
-KINDS = {
-    "a": ("applications", ["name", "command", "labels", "created"]),
-    "s": ("sessions", ["id", "application", "state", "pending", "running", "succeeded", "failed", "created"]),
-    "e": ("executors", ["id", "state", "hostname", "slots", "used_slots", "cpu", "memory", "gpu", "labels"]),
-}
-
-
-def _kind(a: bool, s: bool, e: bool) -> str:
-    chosen = [k for k, on in (("a", a), ("s", s), ("e", e)) if on]
-    if len(chosen) != 1:
-        raise click.UsageError("choose one of -a (applications), -s (sessions), -e (executors)")
-    return chosen[0]
-
-
-def _rows(kind: str, c: Any) -> List[Dict[str, Any]]:
-    return {"a": c.list_applications, "s": c.list_sessions, "e": c.list_executors}[kind]()
-
-
-def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
-    from mesh.resources import format_bytes
-    r = dict(r)
-    r["created"] = _when(r.get("created_at"))
-    if kind == "e":
-        r["memory"] = format_bytes(r.get("memory") or 0)
-    if isinstance(r.get("labels"), dict):
-        r["labels"] = ",".join(f"{k}={v}" for k, v in r["labels"].items()) or "-"
-    return r
-
-
-@main.command(name="list")
-@manager_option
-@click.option("-a", "apps", is_flag=True, help="Applications.")
-@click.option("-s", "sessions", is_flag=True, help="Sessions.")
-@click.option("-e", "executors", is_flag=True, help="Executors.")
-@json_option
-@_errors
-def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, as_json: bool) -> None:
-    """List applications (-a), sessions (-s) or executors (-e)."""
-    kind = _kind(apps, sessions, executors)
-    with _client(manager) as c:
-        rows = _rows(kind, c)
-    if as_json:
-        click.echo(json.dumps(rows, default=str))
-        return
-    title, columns = KINDS[kind]
-    _table([_human(kind, r) for r in rows], columns, title)
-
-
-@main.command()
-@manager_option
-@click.option("-a", "--app", "app", default=None, help="Application name.")
-@click.option("-s", "--session", "session", default=None, help="Session id.")
-@click.option("-e", "--executor", "executor_id", default=None, help="Executor id.")
-@json_option
-@_errors
-def view(manager: Optional[str], app: Optional[str], session: Optional[str], executor_id: Optional[str],
-         as_json: bool) -> None:
-    """Show one application, session or executor in full."""
-    from mesh.errors import NotFound
-    chosen = [(k, v) for k, v in (("a", app), ("s", session), ("e", executor_id)) if v]
-    if len(chosen) != 1:
-        raise click.UsageError("choose one of -a NAME, -s SESSION_ID, -e EXECUTOR_ID")
-    kind, key = chosen[0]
-    with _client(manager) as c:
-        if kind == "a":
-            obj = c.get_application(key)
-        elif kind == "s":
-            obj = c.get_session(key)
-        else:
-            obj = next((e for e in c.list_executors() if e["id"] == key), None)
-    if obj is None:
-        raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
-    if as_json:
-        click.echo(json.dumps(obj, default=str))
-        return
-    for k, v in _human(kind, obj).items():
-        if k not in ("spec", "capabilities"):
-            click.echo(f"{k:>18}: {v}")
-
-
-@main.command()
-@manager_option
-@click.option("-s", "--session", "session", required=True, help="Session id.")
-@_errors
-def close(manager: Optional[str], session: str) -> None:
-    """Close a session: pending tasks are cancelled, its instances released."""
-    with _client(manager) as c:
-        info = c.close_session(session)
-    click.echo(f"closed {info['id']} ({info['succeeded']} succeeded, {info['failed']} failed, "
-               f"{info['cancelled']} cancelled)")
-
-
-@main.command()
-@manager_option
-@click.option("-e", "--executor", "executor_id", required=True, help="Executor id.")
-@_errors
-def drain(manager: Optional[str], executor_id: str) -> None:
-    """Drain an executor: no new work; its instances stop once their tasks are done."""
-    with _client(manager) as c:
-        c.conn.call("drain_executor", {"id": executor_id})
-    click.echo(f"draining {executor_id}")
+from . import cli_manage  # noqa: E402,F401  (registers list, view, close, cancel, drain, top, invoke, ...)
 
 
 if __name__ == "__main__":
-    main()
+    # run as `python -m client.cli`: use the imported module's group, on which cli_manage registered
+    from client.cli import main as _main
+    _main()

@@ -24,7 +24,8 @@ def _cli(*args: str) -> List[str]:
 class LocalMesh:
     def __init__(self, executors: int = 2, slots: int = 2, db: Optional[str] = None,
                  bind: str = "tcp://127.0.0.1:*", env: Optional[Dict[str, str]] = None,
-                 labels: Optional[List[Dict[str, str]]] = None, log_dir: Optional[str] = None) -> None:
+                 labels: Optional[List[Dict[str, str]]] = None, log_dir: Optional[str] = None,
+                 manager_args: Sequence[str] = ()) -> None:
         self.n_executors = executors
         self.slots = slots
         self.dir = tempfile.mkdtemp(prefix="zmesh-local-")
@@ -35,6 +36,7 @@ class LocalMesh:
         self.env["PYTHONPATH"] = root + os.pathsep + self.env.get("PYTHONPATH", "")
         self.labels = labels or []
         self.log_dir = log_dir or self.dir
+        self.manager_args = list(manager_args)
         self.manager: Optional[subprocess.Popen] = None
         self.executors: List[subprocess.Popen] = []
         self.endpoint = ""
@@ -52,7 +54,7 @@ class LocalMesh:
         if os.path.exists(ready):
             os.unlink(ready)
         self.manager = self._spawn("manager", ["manager", "--bind", self.bind, "--db", self.db,
-                                               "--endpoint-file", ready])
+                                               "--endpoint-file", ready, *self.manager_args])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if os.path.exists(ready):

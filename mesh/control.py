@@ -21,7 +21,15 @@ from .log import event
 from .protocol import VERSION, Cmd, Message
 from .resources import Resources
 from .spec import AppSpec
-from .state import CANCELLED, CLOSED, OPEN, App, Session
+from . import query
+from .state import CANCELLED, CLOSED, OPEN, PENDING, App, Session
+
+APP_FIELDS = ["name", "command", "working_directory", "description", "created_at", "labels"]
+SESSION_FIELDS = ["id", "application", "state", "created_at", "closed_at", "pending", "running", "succeeded",
+                  "failed", "cancelled", "instances", "context_version", "bytes_in", "conflicts"]
+EXECUTOR_FIELDS = ["id", "state", "hostname", "slots", "used_slots", "instances", "cpu", "memory", "gpu",
+                   "python", "last_seen", "joined_at", "labels"]
+TASK_FIELDS = ["id", "session", "state", "attempts", "created_at", "finished_at", "error"]
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -282,3 +290,64 @@ class Control:
         self.m.objects.delete(key)
         self.m.delete_objects([key])
         return {"key": key}
+
+    # -- management: find / get / cancel / metrics --------------------------------------
+    def _find(self, rows: List[Dict[str, Any]], fields: List[str], args: Dict[str, Any]) -> Dict[str, Any]:
+        return query.find(rows, fields, args.get("filter"), args.get("page"), args.get("sort"))
+
+    def do_find_apps(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        return self._find([a.view() for a in self.m.apps.values()], APP_FIELDS, args)
+
+    def do_find_sessions(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        return self._find([s.view() for s in self.m.sessions.values()], SESSION_FIELDS, args)
+
+    def do_find_executors(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        return self._find([e.view() for e in self.m.executors.values()], EXECUTOR_FIELDS, args)
+
+    def do_get_executor(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        eid = _arg(args, "id", str)
+        ex = self.m.executors.get(eid)
+        if ex is None:
+            raise NotFound(f"executor {eid!r} is not connected", executor=eid)
+        return ex.view()
+
+    async def _task_rows(self, sid: str) -> List[Dict[str, Any]]:
+        """Records from SQLite, overlaid with what only memory knows (running, attempts so far)."""
+        self.m._flush()
+        rows = await self.m.writer.call(self.m.store.task_rows, sid)
+        for row in rows:
+            t = self.m.tasks.get(row["id"])
+            if t is not None:
+                row["state"], row["attempts"] = t.state, t.attempt
+        return rows
+
+    async def do_find_tasks(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        s = self._session(_arg(args, "session", str))
+        return self._find(await self._task_rows(s.id), TASK_FIELDS, args)
+
+    async def do_get_task(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        tid = _arg(args, "id", int)
+        self.m._flush()
+        row = await self.m.writer.call(self.m.store.get_task, tid)
+        if row is None:
+            raise NotFound(f"task {tid} does not exist", task=tid)
+        t = self.m.tasks.get(tid)
+        if t is not None:
+            row["state"], row["attempts"], row["instance"] = t.state, t.attempt, t.instance
+        return row
+
+    def do_cancel_task(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        tid = _arg(args, "id", int)
+        t = self.m.tasks.get(tid)
+        if t is None:
+            raise FailedPrecondition(f"task {tid} is not queued (finished, or unknown)", task=tid)
+        if t.state != PENDING:
+            raise FailedPrecondition(f"task {tid} is already running on {t.instance}; a running task "
+                                     "cannot be interrupted", task=tid)
+        s = self.m.sessions[t.sid]
+        s.pending.remove(tid)
+        self.m.fail_tasks([t], Cancelled(f"task {tid} was cancelled", task=tid), CANCELLED)
+        return {"id": tid, "state": CANCELLED}
+
+    def do_metrics(self, args: Dict[str, Any], blob: Optional[bytes] = None) -> Dict[str, Any]:
+        return {"text": self.m.metrics_text()}

@@ -33,6 +33,7 @@ from .resources import Resources
 from .spec import AppSpec
 from .state import (ALIVE, CANCELLED, CLOSED, DRAINING, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
                     Instance, Session, Task)
+from .metrics import Histogram, render
 from .objects import Objects, StoredObject
 from .store import OBJECT_PREFIX, Batch, Store, Writer
 
@@ -56,10 +57,12 @@ class Manager:
         self.by_tag: Dict[Tuple[str, int], int] = {}   # (client id, tag) -> task id, for resends
         self.boot = secrets.token_hex(8)                 # changes at every start: clients resend when it does
         self.objects = Objects()
+        self.latency = Histogram()                      # seconds from submit to answer
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "tasks_retried": 0,
-                                      "late_answers_dropped": 0, "send_failures": 0}
+                                      "late_answers_dropped": 0, "send_failures": 0,
+                                      "bytes_out": 0}
         self._iids = itertools.count(1)
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
@@ -133,6 +136,7 @@ class Manager:
             if frames is None:
                 return
             self.stats["messages_in"] += 1
+            self.stats["bytes_in"] += sum(len(f) for f in frames)
             identity = frames[0]
             try:
                 msg = decode(frames[1:])
@@ -319,6 +323,7 @@ class Manager:
                 s.running -= 1
                 s.counts[state] += 1
             finish(tid, state, t.attempt, now, None if err is None else _json(err))
+            self.latency.observe(now - t.created_at)
             items, frames, tids = out.setdefault((t.client, t.sid), ([], [], []))
             items.append([t.tag, err])
             frames.append(payload if err is None else b"")
@@ -328,6 +333,7 @@ class Manager:
         self.stats["late_answers_dropped"] += len(msg.header) - accepted
         inst.observe(now, len(msg.header))
         for (client, sid), (items, frames, tids) in out.items():
+            self.stats["bytes_out"] += sum(len(f) for f in frames)
             if not (client and self.send(client, Cmd.RESULT, [sid, items], frames)):
                 for tid, (_, err), payload in zip(tids, items, frames):
                     if err is None:
@@ -695,9 +701,13 @@ class Manager:
             self.loop.call_later(self.settings.flush_interval, self._flush_timer)
 
     # -- lifecycle --------------------------------------------------------------------
-    async def serve(self, ready_file: Optional[str] = None) -> None:
+    async def serve(self, ready_file: Optional[str] = None, metrics_port: Optional[int] = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._open_socket()
+        if metrics_port is not None:
+            host = self.settings.metrics_host
+            self._metrics_server = await asyncio.start_server(self._serve_metrics, host, metrics_port)
+            event(log, logging.INFO, "metrics over HTTP", url=f"http://{host}:{metrics_port}/metrics")
         self._stopped = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -755,6 +765,52 @@ class Manager:
     def stop(self) -> None:
         self._stopped.set()
 
+    # -- metrics ----------------------------------------------------------------------
+    def metrics_text(self) -> str:
+        """Every counter, gauge and histogram in the Prometheus text format."""
+        now = time.time()
+        counters = [(f"zeromesh_{k}_total", f"manager counter {k}", {}, v) for k, v in sorted(self.stats.items())]
+        by_state: Dict[str, int] = {}
+        for s in self.sessions.values():
+            for state, n in s.counts.items():
+                by_state[state] = by_state.get(state, 0) + n
+        counters += [("zeromesh_tasks_total", "tasks that ended, by state", {"state": k}, v)
+                     for k, v in sorted(by_state.items())]
+        gauges = [("zeromesh_tasks", "tasks in the manager now, by state", {"state": PENDING},
+                   sum(len(s.pending) for s in self.sessions.values())),
+                  ("zeromesh_tasks", "tasks in the manager now, by state", {"state": RUNNING},
+                   sum(s.running for s in self.sessions.values())),
+                  ("zeromesh_sessions_open", "open sessions", {},
+                   sum(1 for s in self.sessions.values() if s.state == OPEN)),
+                  ("zeromesh_instances", "service instances", {}, len(self.instances)),
+                  ("zeromesh_store_backlog", "group commits waiting for the writer thread", {}, self.writer.backlog())]
+        gauges += [("zeromesh_session_queue_depth", "tasks queued per open session", {"session": s.id},
+                    len(s.pending)) for s in self.sessions.values() if s.state == OPEN]
+        gauges += [("zeromesh_executor_up", "1 if the executor is alive", {"executor": e.id},
+                    1 if e.state == ALIVE else 0) for e in self.executors.values()]
+        gauges += [("zeromesh_executor_silence_seconds", "seconds since the executor was last heard",
+                    {"executor": e.id}, round(now - e.last_seen, 3)) for e in self.executors.values()]
+        return render(counters, gauges, [("zeromesh_task_latency_seconds", "submit to answer", self.latency)])
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A minimal HTTP/1.0 answer to GET /metrics (Prometheus scrapes need no more)."""
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            path = request.split()[1] if len(request.split()) > 1 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                body, status = self.metrics_text().encode(), b"200 OK"
+            else:
+                body, status = b"not found; try /metrics\n", b"404 Not Found"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
     async def shutdown(self) -> None:
         self._closing = True
         self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
@@ -773,7 +829,7 @@ def _json(err: Dict[str, Any]) -> str:
 
 
 def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None,
-        on_reload: Optional[Callable[[], None]] = None) -> None:
+        on_reload: Optional[Callable[[], None]] = None, metrics_port: Optional[int] = None) -> None:
     """Run a manager in the foreground until SIGINT/SIGTERM, on uvloop where it is installed.
 
     Under systemd (``Type=notify``) it sends READY=1 once serving, WATCHDOG=1 and
@@ -784,6 +840,6 @@ def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Opt
     try:
         import uvloop
     except ImportError:  # uvloop is optional where it does not build (e.g. Windows)
-        asyncio.run(manager.serve(ready_file))
+        asyncio.run(manager.serve(ready_file, metrics_port))
     else:
-        uvloop.run(manager.serve(ready_file))
+        uvloop.run(manager.serve(ready_file, metrics_port))

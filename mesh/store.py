@@ -169,14 +169,21 @@ class Store:
         r = self.db.execute("SELECT output FROM tasks WHERE id=?", (tid,)).fetchone()
         return r[0] if r else None
 
-    def get_task(self, tid: int) -> Optional[Dict[str, Any]]:
-        r = self.db.execute(
-            "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks WHERE id=?", (tid,)
-        ).fetchone()
-        if r is None:
-            return None
+    _TASK_COLUMNS = "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks "
+
+    @staticmethod
+    def _task_record(r: Tuple[Any, ...]) -> Dict[str, Any]:
         return {"id": r[0], "session": r[1], "state": r[2], "attempts": r[3], "created_at": r[4],
                 "finished_at": r[5], "error": json.loads(r[6]) if r[6] else None}
+
+    def get_task(self, tid: int) -> Optional[Dict[str, Any]]:
+        r = self.db.execute(self._TASK_COLUMNS + "WHERE id=?", (tid,)).fetchone()
+        return None if r is None else self._task_record(r)
+
+    def task_rows(self, sid: str) -> List[Dict[str, Any]]:
+        """Every task record of a session, without payloads (for find_tasks)."""
+        rows = self.db.execute(self._TASK_COLUMNS + "WHERE session=? ORDER BY id", (sid,)).fetchall()
+        return [self._task_record(r) for r in rows]
 
     def task_counts(self, sid: str) -> Dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM tasks WHERE session=? GROUP BY state", (sid,))

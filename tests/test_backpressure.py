@@ -48,7 +48,7 @@ def test_stuck_reader_keeps_manager_memory_bounded(tmp_path, send_hwm, bounded):
                     tags = list(range(start, start + 50))
                     stuck.send_multipart(encode(Cmd.SUBMIT, [s.id(), tags, "stuck", False], [payload] * 50))
                     deadline = time.monotonic() + 60
-                    while c.get_session(s.id())["succeeded"] < start + 50 + 1 and time.monotonic() < deadline:
+                    while c.get_session(s.id()).succeeded < start + 50 + 1 and time.monotonic() < deadline:
                         time.sleep(0.02)
                 # kept answers are on disk once the writer thread has caught up
                 deadline = time.monotonic() + 30

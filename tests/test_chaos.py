@@ -54,7 +54,7 @@ def test_chaos_no_task_lost_no_answer_duplicated(tmp_path):
                     outcomes["failed"] += 1
             assert kills["instance"] > 0
             info = c.get_session(s.id())
-            assert info["succeeded"] == outcomes["ok"] and info["failed"] == outcomes["failed"]
+            assert info.succeeded == outcomes["ok"] and info.failed == outcomes["failed"]
             assert outcomes["ok"] + outcomes["failed"] == len(futs)
             # every accepted answer is one success here (the service never raises): none counted twice
             assert c.stats()["tasks_finished"] == outcomes["ok"], "an answer was accepted twice"

@@ -90,6 +90,6 @@ def test_partitioned_executor_tasks_move_and_it_rejoins_after_heal(test_host, tm
                 _ip("ip", "link", "set", HOST_IF, "up")                # healed
             assert _wait(lambda: "remote" in [e["id"] for e in c.list_executors()], timeout=40), "rejoined"
             info = c.get_session(s.id())
-            assert info["succeeded"] == 158 and info["failed"] == 0
+            assert info.succeeded == 158 and info.failed == 0
     finally:
         m.stop()

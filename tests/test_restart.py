@@ -41,7 +41,7 @@ def test_killed_executor_tasks_run_elsewhere(private_mesh):
         with Client(m.endpoint) as c:
             assert _wait(lambda: [e["id"] for e in c.list_executors()] == ["exec-1"])
             info = c.get_session(s.id())
-        assert info["succeeded"] == 150 and info["failed"] == 0
+        assert info.succeeded == 150 and info.failed == 0
 
 
 def test_manager_restart_keeps_registry_sessions_and_context(private_mesh):
@@ -91,7 +91,7 @@ def test_sigterm_drains_an_executor_running_tasks_finish_and_it_exits_0(private_
         assert all(isinstance(f.result(60), int) for f in futs)
         with Client(m.endpoint) as c:
             info = c.get_session(s.id())
-            assert info["failed"] == 0
+            assert info.failed == 0
             assert c.stats()["tasks_retried"] == 0, "a running task was cut off instead of finishing"
             assert _wait(lambda: [e["id"] for e in c.list_executors()] == ["exec-1"] or
                          all(e["state"] != "alive" for e in c.list_executors() if e["id"] == "exec-0"))
@@ -130,6 +130,6 @@ def test_frozen_executor_is_evicted_its_tasks_reassigned_and_it_rejoins(private_
         assert _wait(lambda: "exec-0" in [e["id"] for e in c.list_executors()], timeout=20), "it rejoins"
         time.sleep(0.5)   # late answers from the thawed instances arrive now, and must be dropped
         info = c.get_session(s.id())
-        assert info["succeeded"] == 120 and info["failed"] == 0
+        assert info.succeeded == 120 and info.failed == 0
         assert c.stats()["tasks_finished"] == 120, "a late answer was counted as a second result"
         assert s.invoke(("echo", "ok"), timeout=30) == "ok"

@@ -1,0 +1,296 @@
+"""``zmesh`` commands that look at and steer a running mesh.
+
+list / view / close / cancel / drain / top / invoke / metrics / completion.
+Tables for people, ``--json`` for scripts; errors as one line with the
+error's exit code (see docs/operations.md, "Exit codes").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from mesh.errors import InvalidArgument, NotFound
+
+from .cli import _client, _errors, _table, _when, json_option, main, manager_option
+
+KINDS = {
+    "a": ("applications", ["name", "command", "labels", "created"], "find_applications"),
+    "s": ("sessions", ["id", "application", "state", "pending", "running", "succeeded", "failed", "created"],
+          "find_sessions"),
+    "e": ("executors", ["id", "state", "hostname", "slots", "used_slots", "cpu", "memory", "gpu", "labels"],
+          "find_executors"),
+    "t": ("tasks", ["id", "state", "attempts", "created", "finished", "error"], "find_tasks"),
+}
+OPS = ("<=", ">=", "!=", "~", "<", ">", "=")
+
+
+def _parse_filter(exprs: Tuple[str, ...]) -> Dict[str, Any]:
+    """``state=open``, ``created_at>=1700000000``, ``id~echo``, ``state!=closed``: values are JSON when they parse."""
+    out: Dict[str, Any] = {}
+    for expr in exprs:
+        op = next((o for o in OPS if o in expr), None)
+        if op is None:
+            raise click.BadParameter(f"{expr!r}: use FIELD=VALUE or FIELD<op>VALUE with op in {' '.join(OPS)}",
+                                     param_hint="--filter")
+        name, raw = expr.split(op, 1)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[name.strip()] = ["!" if op == "!=" else op, value]
+    return out
+
+
+def _sort(spec: Optional[str]) -> Dict[str, str]:
+    if not spec:
+        return {}
+    return {"by": spec.lstrip("-+"), "order": "descending" if spec.startswith("-") else "ascending"}
+
+
+def _dict(obj: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+
+
+def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
+    from mesh.resources import format_bytes
+    r = dict(r)
+    r["created"] = _when(r.get("created_at"))
+    r["finished"] = _when(r.get("finished_at"))
+    if kind == "e":
+        r["memory"] = format_bytes(r.get("memory") or 0)
+    if isinstance(r.get("labels"), dict):
+        r["labels"] = ",".join(f"{k}={v}" for k, v in r["labels"].items()) or "-"
+    if kind == "t":
+        err = r.get("error")
+        r["error"] = f"{err.get('code')}: {err.get('message', '')[:60]}" if isinstance(err, dict) else "-"
+    return r
+
+
+@main.command(name="list")
+@manager_option
+@click.option("-a", "apps", is_flag=True, help="Applications.")
+@click.option("-s", "sessions", is_flag=True, help="Sessions.")
+@click.option("-e", "executors", is_flag=True, help="Executors.")
+@click.option("-t", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
+@click.option("--filter", "filters", multiple=True, metavar="FIELD<op>VALUE",
+              help="Repeatable: state=open, created_at>=1700000000, id~echo, state!=closed.")
+@click.option("--sort", "sort", default=None, metavar="[-]FIELD", help="Sort by FIELD; -FIELD for descending.")
+@click.option("--limit", type=click.IntRange(0, 10000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@json_option
+@_errors
+def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, tasks_of: Optional[str],
+          filters: Tuple[str, ...], sort: Optional[str], limit: int, offset: int, as_json: bool) -> None:
+    """List applications (-a), sessions (-s), executors (-e) or a session's tasks (-t SESSION_ID).
+
+    Filtering, sorting and paging happen in the manager.
+    """
+    chosen = [k for k, on in (("a", apps), ("s", sessions), ("e", executors), ("t", tasks_of)) if on]
+    if len(chosen) != 1:
+        raise click.UsageError("choose one of -a, -s, -e, -t SESSION_ID")
+    kind = chosen[0]
+    title, columns, method = KINDS[kind]
+    args: List[Any] = [tasks_of] if kind == "t" else []
+    with _client(manager) as c:
+        page = getattr(c, method)(*args, filter=_parse_filter(filters), page={"limit": limit, "offset": offset},
+                                  sort=_sort(sort))
+    rows = [_dict(i) for i in page.items]
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    shown = f"{title} ({len(rows)} of {page.total})" if page.total > len(rows) else title
+    _table([_human(kind, r) for r in rows], columns, shown)
+
+
+@main.command()
+@manager_option
+@click.option("-a", "--app", "app", default=None, help="Application name.")
+@click.option("-s", "--session", "session", default=None, help="Session id.")
+@click.option("-e", "--executor", "executor_id", default=None, help="Executor id.")
+@click.option("-t", "--task", "task_id", type=int, default=None, help="Task id.")
+@json_option
+@_errors
+def view(manager: Optional[str], app: Optional[str], session: Optional[str], executor_id: Optional[str],
+         task_id: Optional[int], as_json: bool) -> None:
+    """Show one application, session, executor or task in full."""
+    chosen = [(k, v) for k, v in (("a", app), ("s", session), ("e", executor_id), ("t", task_id)) if v is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("choose one of -a NAME, -s SESSION_ID, -e EXECUTOR_ID, -t TASK_ID")
+    kind, key = chosen[0]
+    with _client(manager) as c:
+        obj = {"a": c.get_application, "s": c.get_session, "e": c.get_executor, "t": c.get_task}[kind](key)
+    if obj is None:
+        raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
+    d = _dict(obj)
+    if as_json:
+        click.echo(json.dumps(d, default=str))
+        return
+    for k, v in _human(kind, d).items():
+        if k not in ("spec", "capabilities"):
+            click.echo(f"{k:>18}: {v}")
+
+
+@main.command()
+@manager_option
+@click.option("-s", "--session", "session", required=True, help="Session id.")
+@_errors
+def close(manager: Optional[str], session: str) -> None:
+    """Close a session: pending tasks are cancelled, its instances released."""
+    with _client(manager) as c:
+        info = c.close_session(session)
+    click.echo(f"closed {info['id']} ({info['succeeded']} succeeded, {info['failed']} failed, "
+               f"{info['cancelled']} cancelled)")
+
+
+@main.command()
+@manager_option
+@click.option("-t", "--task", "task_id", type=int, required=True, help="Task id.")
+@_errors
+def cancel(manager: Optional[str], task_id: int) -> None:
+    """Cancel a queued task (a running task cannot be interrupted)."""
+    with _client(manager) as c:
+        c.cancel_task(task_id)
+    click.echo(f"cancelled task {task_id}")
+
+
+@main.command()
+@manager_option
+@click.option("-e", "--executor", "executor_id", required=True, help="Executor id.")
+@_errors
+def drain(manager: Optional[str], executor_id: str) -> None:
+    """Drain an executor: no new work; its instances stop once their tasks are done."""
+    with _client(manager) as c:
+        c.drain_executor(executor_id)
+    click.echo(f"draining {executor_id}")
+
+
+@main.command()
+@manager_option
+@_errors
+def metrics(manager: Optional[str]) -> None:
+    """Print the manager's metrics (Prometheus text format)."""
+    with _client(manager) as c:
+        click.echo(c.metrics(), nl=False)
+
+
+def _top_tables(c: Any, rate: float) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    stats = c.stats()
+    head = Table.grid(padding=(0, 2))
+    head.add_row(f"tasks/s {rate:,.0f}", f"finished {stats['tasks_finished']:,}",
+                 f"in manager {stats['tasks_in_memory']:,}", f"executors {stats['executors']}",
+                 f"instances {stats['instances']}", f"protocol errors {stats['protocol_errors']}")
+    ex = Table(title="executors", title_justify="left")
+    for col in ("id", "state", "host", "slots", "used", "instances", "silent s"):
+        ex.add_column(col)
+    now = time.time()
+    for e in c.find_executors(sort={"by": "id"}).items:
+        ex.add_row(e.id, e.state, str(e.hostname), str(e.slots), str(e.used_slots), str(e.instances),
+                   f"{now - e.last_seen:.1f}")
+    se = Table(title="open sessions", title_justify="left")
+    for col in ("id", "application", "pending", "running", "succeeded", "failed", "instances"):
+        se.add_column(col)
+    for s in c.find_sessions(filter={"state": "open"}, sort={"by": "created_at", "order": "descending"},
+                             page={"limit": 20}).items:
+        se.add_row(s.id, s.application, str(s.pending), str(s.running), str(s.succeeded), str(s.failed),
+                   str(s.instances))
+    return Group(head, ex, se), stats["tasks_finished"]
+
+
+@main.command()
+@manager_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one view and exit (for scripts and tests).")
+@_errors
+def top(manager: Optional[str], interval: float, once: bool) -> None:
+    """A live view of executors, sessions and throughput, refreshed in place (Ctrl-C quits)."""
+    from rich.console import Console
+    from rich.live import Live
+    with _client(manager) as c:
+        view, last = _top_tables(c, 0.0)
+        if once:
+            Console().print(view)
+            return
+        t_last = time.monotonic()
+        with Live(view, refresh_per_second=4, screen=False) as live:
+            try:
+                rate = 0.0
+                while True:
+                    time.sleep(interval)
+                    view, done = _top_tables(c, rate)
+                    now = time.monotonic()
+                    rate = (done - last) / max(now - t_last, 1e-9)   # shown on the next refresh
+                    last, t_last = done, now
+                    live.update(view)
+            except KeyboardInterrupt:
+                pass
+
+
+@main.command()
+@manager_option
+@click.argument("app")
+@click.option("--input", "input_", default="null", show_default=True, help="The request, as JSON.")
+@click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
+              help="Send the request this many times (a progress bar shows on a terminal).")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for each answer.")
+@json_option
+@_errors
+def invoke(manager: Optional[str], app: str, input_: str, count: int, timeout: Optional[float],
+           as_json: bool) -> None:
+    """Call APP once (or --count times) in a fresh session and print the answers."""
+    from .session import Session
+    try:
+        request = json.loads(input_)
+    except ValueError as exc:
+        raise InvalidArgument(f"--input is not JSON: {exc}") from None
+    with Session(app, manager=manager) as s:
+        if count == 1:
+            answers = [s.invoke(request, timeout=timeout)]
+        else:
+            answers = _invoke_many(s, request, count, timeout)
+    for a in answers if count <= 20 or as_json else answers[-1:]:
+        click.echo(json.dumps(a, default=repr) if as_json or _jsonable(a) else repr(a))
+    if count > 20 and not as_json:
+        click.echo(f"({count} answers; the last shown)", err=True)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _invoke_many(s: Any, request: Any, count: int, timeout: Optional[float]) -> List[Any]:
+    """Submit ``count`` tasks; on a terminal, a progress bar with rate and ETA (quiet when piped)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    futs = [s.submit(request) for _ in range(count)]
+    show = sys.stderr.isatty()
+    with Progress(TextColumn("invoke"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                  disable=not show, transient=False) as bar:
+        job = bar.add_task("invoke", total=count, rate="")
+        started = time.monotonic()
+        answers = []
+        for i, f in enumerate(futs, 1):
+            answers.append(f.result(timeout))
+            if show and (i % 100 == 0 or i == count):
+                bar.update(job, completed=i, rate=f"{i / max(time.monotonic() - started, 1e-9):,.0f}/s")
+    return answers
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(zmesh completion bash)"."""
+    from click.shell_completion import get_completion_class
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(main, {}, "zmesh", "_ZMESH_COMPLETE").source())
