@@ -1,5 +1,8 @@
 """A mesh on this machine: a manager and executors as real child processes.
 
+The daemons die with the process (the thread, in fact) that started them, so a
+killed test run or benchmark leaves nothing behind.
+
 Used by ``zmesh up``, the examples and the end-to-end tests.  Ports are picked
 by the manager (``tcp://127.0.0.1:*``) and read back from its ready file, so
 parallel meshes never collide.  Every process is ended by its PID.
@@ -15,6 +18,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from mesh.errors import Unavailable
+from mesh.process import die_with_parent
 
 
 def _cli(*args: str) -> List[str]:
@@ -45,7 +49,7 @@ class LocalMesh:
         log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
         try:
             return subprocess.Popen([*prefix, *_cli(*args)], env=self.env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log)
+                                    stdout=log, stderr=log, preexec_fn=die_with_parent(signal.SIGTERM))
         finally:
             log.close()
 
@@ -76,7 +80,7 @@ class LocalMesh:
                 "--name", name or f"exec-{i}"]
         for k, v in (labels or (self.labels[i] if i < len(self.labels) else {})).items():
             args += ["--label", f"{k}={v}"]
-        p = self._spawn(f"executor-{i}", args, prefix) if prefix else self._spawn(f"executor-{i}", args)
+        p = self._spawn(f"executor-{i}", args, prefix)
         self.executors.append(p)
         return p
 

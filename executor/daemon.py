@@ -8,7 +8,6 @@ which it also reaps child processes.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -24,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import zmq
 
 from mesh import sdnotify, transport
+from mesh.process import die_with_parent
 from mesh.config import Settings
 from mesh.errors import ProtocolError
 from mesh.log import event
@@ -36,16 +36,6 @@ from .capabilities import detect
 log = logging.getLogger("zeromesh.executor")
 
 STDERR_TAIL = 2000  # bytes of a crashed instance's stderr reported to the manager
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it if the executor dies (Linux)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # own process group: the executor can stop the instance's children too
 
 
 @dataclass
@@ -114,7 +104,7 @@ class ExecutorDaemon:
             with open(log_path, "wb") as out:
                 proc = subprocess.Popen([app.command, *app.arguments], cwd=app.working_directory or None,
                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent(signal.SIGKILL, own_group=True))
         except OSError as exc:
             where = f" in {app.working_directory}" if app.working_directory else ""
             self._send(Cmd.EXITED, {"iid": iid, "code": -1,

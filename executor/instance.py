@@ -26,7 +26,7 @@ import cloudpickle
 import zmq
 
 from mesh import patch, transport
-from mesh.errors import Conflict, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
+from mesh.errors import InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
 from mesh.log import event, setup
 from mesh.protocol import Cmd, Message, decode, encode, unpack
 

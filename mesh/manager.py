@@ -28,10 +28,10 @@ from .context import Document
 from .errors import (Conflict, FailedPrecondition, MeshError, NotFound, ProtocolError, ResourceExhausted,
                      TaskFailed)
 from .log import event
-from .protocol import Cmd, Message, decode, encode, pack, unpack
+from .protocol import Cmd, Message, decode, encode, pack
 from .resources import Resources
 from .spec import AppSpec
-from .state import (ALIVE, CANCELLED, CLOSED, DRAINING, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
+from .state import (ALIVE, CANCELLED, DRAINING, FAILED, LOST, OPEN, PENDING, RUNNING, SUCCEEDED, App, Executor,
                     Instance, Session, Task)
 from .metrics import Histogram, render
 from .objects import Objects, StoredObject

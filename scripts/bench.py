@@ -42,12 +42,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +60,6 @@ for p in (ROOT, HERE):
 import bench_limit  # noqa: E402
 import bench_peers  # noqa: E402
 from client import Client, Session  # noqa: E402
-from client import local  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
 from mesh.config import Settings  # noqa: E402
 
@@ -80,33 +77,6 @@ QUICK = {"seconds": 0.5, "warmup": 0.2, "window": 500, "queued": 5_000,
 
 class BenchError(RuntimeError):
     pass
-
-
-# -- processes ---------------------------------------------------------------------
-_libc: Any = None
-try:
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    pass
-
-
-def _end_with_us() -> None:
-    """In the child before exec: SIGTERM it if this benchmark dies (Linux), so a
-    killed benchmark leaves no manager or executor behind."""
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class BenchMesh(LocalMesh):
-    """LocalMesh whose daemons also end when the benchmark process dies."""
-
-    def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
-        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        try:
-            return subprocess.Popen(local._cli(*args), env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, preexec_fn=_end_with_us)
-        finally:
-            log.close()
 
 
 def noop_spec(name: str = "noop", **spec: Any) -> Dict[str, Any]:
@@ -161,22 +131,22 @@ class Bench:
     def __init__(self, env: Dict[str, str], log_dir: str) -> None:
         self.env = env
         self.log_dir = log_dir
-        self.meshes: Dict[str, BenchMesh] = {}
+        self.meshes: Dict[str, LocalMesh] = {}
         self.sessions: Dict[str, Session] = {}
 
-    def mesh(self, key: str, slots: int) -> BenchMesh:
+    def mesh(self, key: str, slots: int) -> LocalMesh:
         m = self.meshes.get(key)
         if m is None:
             d = os.path.join(self.log_dir, key)
             os.makedirs(d, exist_ok=True)
-            m = BenchMesh(executors=1, slots=slots, env=self.env, log_dir=d)
+            m = LocalMesh(executors=1, slots=slots, env=self.env, log_dir=d)
             self.meshes[key] = m   # registered before start, so close() ends a half-started mesh
             m.start()
             with Client(m.endpoint) as c:
                 c.register_application(noop_spec())
         return m
 
-    def session(self, slots: int) -> Tuple[BenchMesh, Session]:
+    def session(self, slots: int) -> Tuple[LocalMesh, Session]:
         key = f"slots{slots}"
         m = self.mesh(key, slots)
         s = self.sessions.get(key)
@@ -223,7 +193,7 @@ def stream(session: Session, seconds: float, window: int) -> Tuple[int, float]:
     return done, elapsed
 
 
-def warm_up(mesh: BenchMesh, session: Session, instances: int, seconds: float, window: int) -> Dict[str, Any]:
+def warm_up(mesh: LocalMesh, session: Session, instances: int, seconds: float, window: int) -> Dict[str, Any]:
     """Stream until ``instances`` instance processes exist and each one used CPU
     during the last burst, i.e. each was launched, said hello and ran tasks."""
     assert mesh.executors

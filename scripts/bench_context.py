@@ -49,8 +49,8 @@ for p in (ROOT, HERE):
 
 import cloudpickle  # noqa: E402
 
-from bench import BenchMesh  # noqa: E402  (LocalMesh whose daemons die with this process)
 from client import Client, Session  # noqa: E402
+from client.local import LocalMesh  # noqa: E402
 from mesh.protocol import encode, pack  # noqa: E402
 
 APPS = os.path.join(HERE, "bench_apps")
@@ -258,7 +258,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not opts.silent else (lambda msg: None)
     started = time.monotonic()
     doc = {"n": 0, "big": "x" * (opts.context_mib * MIB)}
-    m = BenchMesh(executors=2, slots=1, log_dir=log_dir)
+    m = LocalMesh(executors=2, slots=1, log_dir=log_dir)
     sessions: List[Session] = []
     try:
         say("starting a manager and 2 executors ...")

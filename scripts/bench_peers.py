@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import os
 import signal
@@ -43,6 +42,11 @@ import traceback
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 HERE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from mesh.process import die_with_parent  # noqa: E402
 MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop
 RESULT_WAIT = 30.0           # seconds any single task may take before the run is declared broken
 WARMUP_LIMIT = 60.0          # seconds workers have to start and serve
@@ -306,18 +310,6 @@ IMPORTS = {"ray": ("ray",), "dask": ("dask", "distributed")}
 
 
 # -- the subprocess ----------------------------------------------------------------------
-_libc: Any = None
-try:
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    pass
-
-
-def _end_with_us() -> None:
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def missing(reason: str) -> Dict[str, Any]:
     return {"available": False, "reason": reason}
 
@@ -338,7 +330,7 @@ def measure(peer: str, instances: List[int], seconds: float, warmup: float, wind
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                preexec_fn=_end_with_us)
+                                preexec_fn=die_with_parent(signal.SIGTERM))
     timed_out = False
     try:
         proc.wait(timeout)

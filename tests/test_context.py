@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from client import Client, Session
+from client import Session
 from conftest import tools_spec
 from mesh import errors
 

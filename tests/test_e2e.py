@@ -24,7 +24,6 @@ def test_echo_example_verbatim(mesh):
         assert session.context() == ["hello", "x"]
         assert session.id().startswith("echo-app-")
         sid = session.id()
-    info = Session  # closed by the with-block
     with pytest.raises(errors.FailedPrecondition):
         Session(session_id=sid)
 
@@ -202,7 +201,7 @@ def test_one_session_shared_by_many_threads(mesh):
 
 def test_zmesh_up_starts_and_stops_a_local_mesh(tmp_path):
     import signal as sig
-    import time
+
     proc = subprocess.Popen([sys.executable, "-m", "client.cli", "up", "--executors", "2", "--slots", "1",
                              "--bind", "tcp://127.0.0.1:*", "--db", str(tmp_path / "up.db")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,7 +1,6 @@
 """Every limit is named in its error, and hitting one loses nothing else."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from client import Client, Session, delete_object, get_object, patch_object, put_object, update_object
+from client import Session, delete_object, get_object, patch_object, put_object, update_object
 from client import objects as client_objects
 from mesh import errors
 
