@@ -259,15 +259,7 @@ class ExecutorDaemon:
 
     def _reload(self) -> None:
         self._reload_requested = False
-        sdnotify.reloading()
-        try:
-            if self.on_reload is not None:
-                self.on_reload()
-        except Exception as exc:  # a bad edit of the config file must not take the executor down
-            event(log, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc))
-        else:
-            event(log, logging.INFO, "configuration reloaded", executor=self.id)
-        sdnotify.ready()
+        sdnotify.reload(self.on_reload, log, executor=self.id)
 
     def drain(self) -> None:
         """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""

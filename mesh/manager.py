@@ -752,15 +752,7 @@ class Manager:
         self.loop.call_later(min(sdnotify.watchdog_interval() or 5.0, 5.0), self._sd_tick)
 
     def _reload(self) -> None:
-        sdnotify.reloading()
-        try:
-            if self.on_reload is not None:
-                self.on_reload()
-        except Exception as exc:  # a bad edit of the config file must not take the manager down
-            event(log, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc))
-        else:
-            event(log, logging.INFO, "configuration reloaded")
-        sdnotify.ready(self.status_line())
+        sdnotify.reload(self.on_reload, log, self.status_line())
 
     def stop(self) -> None:
         self._stopped.set()

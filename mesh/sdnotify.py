@@ -14,10 +14,11 @@ errors are swallowed: a daemon must never die because systemd went away.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["notify", "ready", "status", "stopping", "reloading", "watchdog", "watchdog_interval"]
 
@@ -89,3 +90,21 @@ def watchdog_interval() -> Optional[float]:
     if usec <= 0:
         return None
     return usec / 2 / 1_000_000
+
+
+def reload(apply: Optional[Callable[[], None]], logger: logging.Logger, status_line: str = "", **kv: Any) -> None:
+    """The reload protocol (``systemctl reload``, SIGHUP): RELOADING=1, apply, READY=1.
+
+    A failed reload keeps the running configuration and says so in the log:
+    a bad edit of a config file must not take a daemon down.
+    """
+    from .log import event
+    reloading()
+    try:
+        if apply is not None:
+            apply()
+    except Exception as exc:
+        event(logger, logging.ERROR, "reload failed; keeping the running configuration", error=str(exc), **kv)
+    else:
+        event(logger, logging.INFO, "configuration reloaded", **kv)
+    ready(status_line)
