@@ -19,7 +19,7 @@ setup(
         "rich>=13",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "mypy>=1.5", "types-PyYAML"],
         "bench": ["ray", "dask[distributed]"],
     },
     entry_points={"console_scripts": ["zmesh=client.cli:main"]},

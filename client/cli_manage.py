@@ -53,7 +53,9 @@ def _sort(spec: Optional[str]) -> Dict[str, str]:
 
 
 def _dict(obj: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return dict(obj)
 
 
 def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ import zmq
 from mesh import transport
 from mesh.config import Settings, default_manager
 from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, ResourceExhausted, Unavailable, from_wire
-from mesh.protocol import Cmd, decode, encode
+from mesh.protocol import Cmd, Message, decode, encode
 
 log = logging.getLogger("zeromesh.client")
 
@@ -35,7 +35,8 @@ class Connection:
         self.manager = manager or default_manager()
         self.settings = settings or Settings.load()
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
-        self._calls: Dict[int, Tuple[concurrent.futures.Future, float, str]] = {}
+        # rid -> (future, deadline, method); no future for our own liveness pings
+        self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
         # tag -> (future, decoder, session id, payload): the payload is kept until the answer
         # arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
         self._tasks: Dict[int, Tuple[concurrent.futures.Future, Callable[[bytes], Any], str, Any]] = {}
@@ -51,7 +52,7 @@ class Connection:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self._closed = False
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._thread = threading.Thread(target=self._io, name="zmesh-io", daemon=True)
         self._started = threading.Event()
         self._thread.start()
@@ -200,35 +201,41 @@ class Connection:
                 log.warning("bad message from manager: %s", exc)
                 continue
             if msg.cmd is Cmd.RESULT:
-                self._last_answer = time.monotonic()
-                for (tag, err), payload in zip(msg.header[1], msg.payloads):
-                    entry = self._tasks.pop(tag, None)
-                    if entry is None:
-                        continue             # answered already: a duplicate after a resend
-                    fut, decode_result = entry[0], entry[1]
-                    if err is not None:
-                        fut.set_exception(from_wire(err))
-                        continue
-                    try:
-                        fut.set_result(decode_result(payload))
-                    except Exception as exc:  # the result class may be unknown here
-                        fut.set_exception(exc)
+                self._on_result(msg)
             elif msg.cmd is Cmd.REPLY:
-                h = msg.header
-                entry = self._calls.pop(h["rid"], None)
-                if entry is None:
-                    if h["rid"] == -1:
-                        log.warning("manager rejected a message: %s", (h.get("error") or {}).get("message"))
-                    continue
-                fut = entry[0]
-                if fut is None:              # our own liveness ping
-                    if h["ok"]:
-                        self._on_ping(sock, h.get("result"))
-                    continue
-                if h["ok"]:
-                    fut.set_result((h.get("result"), msg.payloads[0] if msg.payloads else None))
-                else:
-                    fut.set_exception(from_wire(h.get("error")))
+                self._on_reply(sock, msg)
+
+    def _on_result(self, msg: Message) -> None:
+        self._last_answer = time.monotonic()
+        payload: Any
+        for (tag, err), payload in zip(msg.header[1], msg.payloads):
+            entry = self._tasks.pop(tag, None)
+            if entry is None:
+                continue             # answered already: a duplicate after a resend
+            fut, decode_result = entry[0], entry[1]
+            if err is not None:
+                fut.set_exception(from_wire(err))
+                continue
+            try:
+                fut.set_result(decode_result(payload))
+            except Exception as exc:  # the result class may be unknown here
+                fut.set_exception(exc)
+
+    def _on_reply(self, sock: zmq.Socket, msg: Message) -> None:
+        h = msg.header
+        call = self._calls.pop(h["rid"], None)
+        if call is None:
+            if h["rid"] == -1:
+                log.warning("manager rejected a message: %s", (h.get("error") or {}).get("message"))
+            return
+        fut = call[0]
+        if fut is None:              # our own liveness ping
+            if h["ok"]:
+                self._on_ping(sock, h.get("result"))
+        elif h["ok"]:
+            fut.set_result((h.get("result"), msg.payloads[0] if msg.payloads else None))
+        else:
+            fut.set_exception(from_wire(h.get("error")))
 
     def _expire_calls(self) -> None:
         now = time.monotonic()

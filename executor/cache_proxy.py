@@ -28,7 +28,7 @@ class CacheProxy:
     def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None]) -> None:
         self.cache = ObjectCache(max_bytes)
         self.endpoint = f"ipc://{os.path.join(run_dir, 'objects.sock')}"
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.endpoint)
         self._ask = ask_manager
@@ -86,7 +86,8 @@ class CacheProxy:
         header = msg.header["result"]
         before = self.cache.version(key)
         try:
-            entry = self.cache.apply(key, header, msg.payloads[0] if msg.payloads else None)
+            data: Any = msg.payloads[0] if msg.payloads else None
+            entry = self.cache.apply(key, header, data)
         except Exception as exc:  # a patch that does not apply: refetch whole next time
             self.cache.forget(key)
             event(log, logging.WARNING, "object cache entry dropped", key=key, error=str(exc))

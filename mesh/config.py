@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, cast
 
 DEFAULT_MANAGER = "tcp://127.0.0.1:5555"
 
@@ -71,7 +71,7 @@ class Settings:
         for f in fields(cls):
             raw = env.get("ZMESH_" + f.name.upper())
             if raw is not None:
-                values[f.name] = type(f.default)(raw)
+                values[f.name] = cast(Any, type(f.default))(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

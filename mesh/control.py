@@ -61,7 +61,7 @@ class WithBlob:
 class Control:
     def __init__(self, manager: "Manager") -> None:
         self.m = manager
-        self.methods: Dict[str, Callable[[Dict[str, Any]], Any]] = {
+        self.methods: Dict[str, Callable[..., Any]] = {
             name[3:]: getattr(self, name) for name in dir(self) if name.startswith("do_")
         }
 

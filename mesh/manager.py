@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 import zmq
 
@@ -110,7 +110,7 @@ class Manager:
     # -- socket plumbing -----------------------------------------------------
     def _open_socket(self) -> None:
         self.sock = transport.router(self.bind_addr, self.settings.max_message_size, self.settings.send_hwm)
-        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint = cast(bytes, self.sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
 
     def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:
         try:
@@ -650,10 +650,10 @@ class Manager:
             self.send(ex.identity, Cmd.LAUNCH, {"iid": iid, "app": app.spec.to_dict()})
         elif isinstance(action, scheduler.Rebind):
             inst = self.instances[action.instance]
-            s = self.sessions.get(action.session) if action.session else None
-            self._bind(inst, s)
-            if s is not None:
-                self._dispatch(s)
+            target = self.sessions.get(action.session) if action.session else None
+            self._bind(inst, target)
+            if target is not None:
+                self._dispatch(target)
         elif isinstance(action, scheduler.Stop):
             inst = self.instances[action.instance]
             self.stop_instance(inst)
@@ -718,7 +718,7 @@ class Manager:
             self.loop.add_signal_handler(signal.SIGHUP, self._reload)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
-        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._on_readable)
+        self.loop.add_reader(cast(int, self.sock.getsockopt(zmq.FD)), self._on_readable)
         self.loop.call_soon(self._tick)
         self.loop.call_soon(self._flush_timer)
         self.loop.call_soon(self._on_readable)
@@ -761,14 +761,16 @@ class Manager:
     def metrics_text(self) -> str:
         """Every counter, gauge and histogram in the Prometheus text format."""
         now = time.time()
-        counters = [(f"zeromesh_{k}_total", f"manager counter {k}", {}, v) for k, v in sorted(self.stats.items())]
+        Series = List[Tuple[str, str, Dict[str, str], float]]
+        counters: Series = [(f"zeromesh_{k}_total", f"manager counter {k}", {}, v)
+                            for k, v in sorted(self.stats.items())]
         by_state: Dict[str, int] = {}
         for s in self.sessions.values():
             for state, n in s.counts.items():
                 by_state[state] = by_state.get(state, 0) + n
         counters += [("zeromesh_tasks_total", "tasks that ended, by state", {"state": k}, v)
                      for k, v in sorted(by_state.items())]
-        gauges = [("zeromesh_tasks", "tasks in the manager now, by state", {"state": PENDING},
+        gauges: Series = [("zeromesh_tasks", "tasks in the manager now, by state", {"state": PENDING},
                    sum(len(s.pending) for s in self.sessions.values())),
                   ("zeromesh_tasks", "tasks in the manager now, by state", {"state": RUNNING},
                    sum(s.running for s in self.sessions.values())),
@@ -805,7 +807,7 @@ class Manager:
 
     async def shutdown(self) -> None:
         self._closing = True
-        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        self.loop.remove_reader(cast(int, self.sock.getsockopt(zmq.FD)))
         for s in self.sessions.values():
             if s.state == OPEN:
                 self.snapshot(s)

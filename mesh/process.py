@@ -9,10 +9,11 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from typing import Callable
+from typing import Callable, Optional
 
 PR_SET_PDEATHSIG = 1
 
+_libc: Optional[ctypes.CDLL]
 try:
     _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 except OSError:  # not glibc Linux: children simply outlive their parent there

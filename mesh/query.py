@@ -70,12 +70,13 @@ def find(rows: Iterable[Mapping[str, Any]], fields: Sequence[str], filter: Optio
     if sort:
         by = sort.get("by")
         order = sort.get("order", "ascending")
-        if by not in fields:
+        if not isinstance(by, str) or by not in fields:
             raise InvalidArgument(f"cannot sort by {by!r}; fields are {', '.join(fields)}", field=by)
         if order not in ("ascending", "descending"):
             raise InvalidArgument("sort order must be 'ascending' or 'descending'")
         # None sorts first ascending; mixed types sort by type name, then value
-        hits.sort(key=lambda r: (r.get(by) is not None, type(r.get(by)).__name__, r.get(by)),
+        key: str = by
+        hits.sort(key=lambda r: (r.get(key) is not None, type(r.get(key)).__name__, r.get(key)),
                   reverse=order == "descending")
     page = page or {}
     limit, offset = page.get("limit", DEFAULT_LIMIT), page.get("offset", 0)

@@ -6,7 +6,7 @@ clients agree on them (docs/protocol.md, "Sockets" and "Heartbeats").
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, cast
 
 import zmq
 
@@ -66,9 +66,9 @@ def recv(sock: zmq.Socket, copied: int = 3) -> Optional[List[Any]]:
     as bytes; payload frames after them arrive as ``zmq.Frame`` without a
     copy, so a 10 MiB payload is never copied by a peer that only forwards it.
     """
-    if not sock.getsockopt(EVENTS) & POLLIN:
+    if not cast(int, sock.getsockopt(EVENTS)) & POLLIN:
         return None
-    frames = [sock.recv(NOBLOCK)]
+    frames: List[Any] = [sock.recv(NOBLOCK)]
     while sock.getsockopt(RCVMORE):
         frames.append(sock.recv(NOBLOCK, copy=len(frames) < copied))
     return frames

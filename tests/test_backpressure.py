@@ -63,11 +63,14 @@ def test_stuck_reader_keeps_manager_memory_bounded(tmp_path, send_hwm, bounded):
                     assert grown > 100 * 2**20, f"control grew only {grown >> 20} MiB; the test proves nothing"
                 if bounded:   # the stuck client wakes up and asks again: its last answers were kept
                     resent = [TASKS - 3, TASKS - 2, TASKS - 1]
-                    stuck.send_multipart(encode(Cmd.SUBMIT, [s.id(), resent, "stuck", True], [payload] * 3))
                     got = set()
                     deadline = time.monotonic() + 30
-                    while got != set(resent) and time.monotonic() < deadline:   # old answers drain first
-                        if stuck.poll(200):
+                    next_ask = 0.0
+                    while got != set(resent) and time.monotonic() < deadline:
+                        if time.monotonic() >= next_ask:   # as the client library does, every resend_after
+                            stuck.send_multipart(encode(Cmd.SUBMIT, [s.id(), resent, "stuck", True], [payload] * 3))
+                            next_ask = time.monotonic() + 2.0
+                        if stuck.poll(100):                # old answers drain first
                             msg = decode(stuck.recv_multipart())
                             if msg.cmd is Cmd.RESULT:
                                 got |= {tag for tag, err in msg.header[1] if err is None and tag in resent}
