@@ -104,19 +104,23 @@ def _log_level_reloader(config_path: Optional[str], flags: Dict[str, Any], kind:
 @click.option("--endpoint-file", default=None, help="Write the bound endpoint here once serving.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics over HTTP on this port (GET /metrics; host: $ZMESH_METRICS_HOST).")
+@click.option("--curve-secret", default=None, metavar="FILE",
+              help="The manager's secret key file (zmesh keys generate): CURVE encryption and authentication.")
+@click.option("--insecure", is_flag=True, default=None, help="Plain TCP, no authentication, every peer is admin.")
 @click.option("--log-level", default=None)
 @_errors
 def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], endpoint_file: Optional[str],
-            metrics_port: Optional[int], log_level: Optional[str]) -> None:
-    """Run the session manager in the foreground."""
+            metrics_port: Optional[int], curve_secret: Optional[str], insecure: Optional[bool],
+            log_level: Optional[str]) -> None:
+    """Run the session manager in the foreground.  Needs --curve-secret FILE or --insecure."""
     from mesh import log
     from mesh.manager import run
-    flags = {"bind": bind, "db": db, "log_level": log_level}
+    flags = {"bind": bind, "db": db, "log_level": log_level, "curve_secret": curve_secret, "insecure": insecure}
     cfg = _daemon_config(config_path, flags, "manager")
     log.setup(cfg["log_level"], cfg["log_format"])
     settings = Settings.load(heartbeat_interval=cfg["heartbeat_interval"], liveness=cfg["liveness"])
     run(cfg["bind"], cfg["db"], settings, endpoint_file, on_reload=_log_level_reloader(config_path, flags, "manager"),
-        metrics_port=metrics_port)
+        metrics_port=metrics_port, curve_secret=cfg["curve_secret"], insecure=cfg["insecure"])
 
 
 @main.command()
@@ -126,22 +130,30 @@ def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], 
               help="Instances this executor runs at once (default: CPU count).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label for placement; repeatable.")
 @click.option("--name", default=None, help="Executor id (default: HOSTNAME-RANDOM).")
+@click.option("--manager-key", default=None, metavar="FILE", help="The manager's public key file (secured mesh).")
+@click.option("--curve-secret", default=None, metavar="FILE",
+              help="This executor's secret key file; its public key must be on the manager's allow-list.")
+@click.option("--insecure", is_flag=True, default=None, help="Plain TCP to an --insecure manager.")
 @click.option("--log-level", default=None)
 @_errors
 def executor(config_path: Optional[str], manager: Optional[str], slots: Optional[int], labels: Sequence[str],
-             name: Optional[str], log_level: Optional[str]) -> None:
-    """Run an executor daemon in the foreground (one per machine)."""
+             name: Optional[str], manager_key: Optional[str], curve_secret: Optional[str], insecure: Optional[bool],
+             log_level: Optional[str]) -> None:
+    """Run an executor daemon in the foreground (one per machine).
+
+    Needs --manager-key FILE and --curve-secret FILE, or --insecure."""
     from executor.daemon import ExecutorDaemon
     from mesh import log
     flags = {"manager": manager, "slots": slots, "labels": _labels(labels) or None, "name": name,
-             "log_level": log_level}
+             "log_level": log_level, "manager_key": manager_key, "curve_secret": curve_secret, "insecure": insecure}
     cfg = _daemon_config(config_path, flags, "executor")
     if not 1 <= cfg["slots"] <= 4096:
         raise InvalidArgument(f"slots must be between 1 and 4096, got {cfg['slots']}")
     log.setup(cfg["log_level"])
     # systemd's RuntimeDirectory= (/run/zeromesh-executor-NAME) when run as a unit, else a temporary directory
     daemon = ExecutorDaemon(cfg["manager"], cfg["slots"], cfg["labels"], cfg["name"],
-                            run_dir=os.environ.get("RUNTIME_DIRECTORY") or None)
+                            run_dir=os.environ.get("RUNTIME_DIRECTORY") or None, manager_key=cfg["manager_key"],
+                            curve_secret=cfg["curve_secret"], insecure=cfg["insecure"])
     daemon.on_reload = _log_level_reloader(config_path, flags, "executor")
     sys.exit(daemon.run())
 

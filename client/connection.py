@@ -20,7 +20,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import zmq
 
-from mesh import transport
+from mesh import keys, transport
 from mesh.config import Settings, default_manager
 from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, ResourceExhausted, Unavailable, from_wire
 from mesh.protocol import Cmd, Message, decode, encode
@@ -31,9 +31,14 @@ MAX_BATCH = 1024  # tasks per SUBMIT message
 
 
 class Connection:
-    def __init__(self, manager: Optional[str] = None, settings: Optional[Settings] = None) -> None:
+    def __init__(self, manager: Optional[str] = None, settings: Optional[Settings] = None,
+                 manager_key: Optional[str] = None) -> None:
+        """``manager_key``: the manager's public key file (default ``$ZMESH_MANAGER_KEY``) for a secured
+        mesh; this connection then uses a fresh CURVE keypair of its own."""
         self.manager = manager or default_manager()
         self.settings = settings or Settings.load()
+        key_file = manager_key or os.environ.get("ZMESH_MANAGER_KEY")
+        self._curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
         # rid -> (future, deadline, method); no future for our own liveness pings
         self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
@@ -105,7 +110,7 @@ class Connection:
 
     # -- I/O thread ---------------------------------------------------------------------
     def _io(self) -> None:
-        sock = transport.dealer(self.manager, ctx=self._ctx)
+        sock = transport.dealer(self.manager, ctx=self._ctx, curve=self._curve)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)

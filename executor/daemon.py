@@ -22,10 +22,10 @@ from typing import Callable, Dict, List, Optional
 
 import zmq
 
-from mesh import sdnotify, transport
+from mesh import keys, sdnotify, transport
 from mesh.process import die_with_parent
 from mesh.config import Settings
-from mesh.errors import ProtocolError
+from mesh.errors import InvalidArgument, ProtocolError
 from mesh.log import event
 from mesh.protocol import Cmd, decode, encode
 from mesh.spec import AppSpec
@@ -52,7 +52,13 @@ class Child:
 class ExecutorDaemon:
     def __init__(self, manager: str, slots: int, labels: Optional[Dict[str, str]] = None,
                  name: Optional[str] = None, settings: Optional[Settings] = None,
-                 run_dir: Optional[str] = None) -> None:
+                 run_dir: Optional[str] = None, manager_key: Optional[str] = None,
+                 curve_secret: Optional[str] = None, insecure: bool = False) -> None:
+        if insecure == bool(manager_key and curve_secret):
+            raise InvalidArgument("start the executor with --manager-key FILE and --curve-secret FILE (a secured "
+                                  "mesh; see docs/security.md) or with --insecure (plain TCP)")
+        self.manager_key = manager_key
+        self.curve = None if insecure else (keys.load_public(str(manager_key)), *keys.load_secret(str(curve_secret)))
         self.manager = manager
         self.slots = slots
         self.labels = dict(labels or {})
@@ -61,6 +67,7 @@ class ExecutorDaemon:
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
         self.children: Dict[str, Child] = {}
         self._running = True
+        self.refused: Optional[str] = None   # why the manager refused us, if it did
         self.grace = self.settings.drain_grace
         self._drain_deadline: Optional[float] = None
         self._drain_sent = False
@@ -76,7 +83,7 @@ class ExecutorDaemon:
     def _connect(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
-        self.sock = transport.dealer(self.manager)
+        self.sock = transport.dealer(self.manager, curve=self.curve)
         self.live = transport.Liveness(self.live.interval, self.live.liveness)
         self._send(Cmd.EXEC_HELLO, {"id": self.id, "caps": detect(self.slots, self.labels)})
 
@@ -92,11 +99,14 @@ class ExecutorDaemon:
         self.live.sent()
 
     # -- instances ---------------------------------------------------------
-    def _launch(self, iid: str, app: AppSpec) -> None:
+    def _launch(self, iid: str, app: AppSpec, token: str) -> None:
         env = dict(os.environ)
         env.update(app.environments)
         env.update({"ZMESH_MANAGER": self.manager, "ZMESH_INSTANCE_ID": iid, "ZMESH_EXECUTOR_ID": self.id,
-                    "ZMESH_APP": app.name, "ZMESH_OBJECT_CACHE": self.cache.endpoint})
+                    "ZMESH_APP": app.name, "ZMESH_OBJECT_CACHE": self.cache.endpoint,
+                    "ZMESH_INSTANCE_TOKEN": token})
+        if self.manager_key:   # instances connect with fresh keys of their own; the token proves who they are
+            env["ZMESH_MANAGER_KEY"] = os.path.abspath(self.manager_key)
         # The executor's own Python environment comes first on PATH, so `command: python3` finds zeromesh.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         log_path = os.path.join(self.run_dir, f"{iid}.log")
@@ -179,9 +189,13 @@ class ExecutorDaemon:
             except Exception as exc:
                 self._send(Cmd.EXITED, {"iid": h["iid"], "code": -1, "reason": f"bad application spec: {exc}"})
                 return
-            self._launch(h["iid"], app)
+            self._launch(h["iid"], app, str(h.get("token", "")))
         elif msg.cmd is Cmd.STOP:
             self._stop(h["iid"])
+        elif msg.cmd is Cmd.GONE and h.get("fatal"):
+            event(log, logging.ERROR, "the manager refused this executor", reason=h["reason"])
+            self.refused = str(h["reason"])
+            self.stop()
         elif msg.cmd is Cmd.GONE:
             event(log, logging.WARNING, "manager does not know us; rejoining", reason=h["reason"])
             self._stop_all(grace=1.0, reason="the manager forgot this executor")
@@ -252,7 +266,7 @@ class ExecutorDaemon:
             self.sock.close(linger=0)
         self.cache.close()
         event(log, logging.INFO, "executor stopped", executor=self.id)
-        return 0
+        return 3 if self.refused else 0
 
     def stop(self) -> None:
         self._running = False

@@ -25,7 +25,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import cloudpickle
 import zmq
 
-from mesh import patch, transport
+from mesh import keys, patch, transport
 from mesh.errors import InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
 from mesh.log import event, setup
 from mesh.protocol import Cmd, Message, decode, encode, unpack
@@ -220,9 +220,12 @@ class Instance:
         return _CREATED.get(module.__name__, self)
 
     def _serve(self, manager: str, iid: str, eid: str) -> None:
-        sock = transport.dealer(manager, linger_ms=1000)
+        key_file = os.environ.get("ZMESH_MANAGER_KEY")
+        curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
+        sock = transport.dealer(manager, linger_ms=1000, curve=curve)
         self._sock = sock
-        sock.send_multipart(encode(Cmd.INST_HELLO, {"iid": iid, "eid": eid, "pid": os.getpid()}))
+        sock.send_multipart(encode(Cmd.INST_HELLO, {"iid": iid, "eid": eid, "pid": os.getpid(),
+                                                    "token": os.environ.get("ZMESH_INSTANCE_TOKEN", "")}))
         event(log, logging.INFO, "instance serving", instance=iid, manager=manager)
         done: List[List[Any]] = []
         frames: List[Any] = []

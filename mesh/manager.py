@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import hmac
 import json
 import secrets
 import logging
@@ -22,10 +23,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, ca
 
 import zmq
 
-from . import scheduler, sdnotify, transport
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from . import keys, scheduler, sdnotify, transport
 from .config import Settings
 from .context import Document
-from .errors import (Conflict, FailedPrecondition, MeshError, NotFound, ProtocolError, ResourceExhausted,
+from .errors import (Conflict, FailedPrecondition, InvalidArgument, MeshError, NotFound, ProtocolError, ResourceExhausted,
                      TaskFailed)
 from .log import event
 from .protocol import Cmd, Message, decode, encode, pack
@@ -43,7 +47,12 @@ DRAIN_BATCH = 4096  # messages handled per wake-up before timers get a turn
 
 
 class Manager:
-    def __init__(self, bind: str, db: str, settings: Optional[Settings] = None) -> None:
+    def __init__(self, bind: str, db: str, settings: Optional[Settings] = None, curve_secret: Optional[str] = None,
+                 insecure: bool = False) -> None:
+        if bool(curve_secret) == bool(insecure):
+            raise InvalidArgument("start the manager with --curve-secret FILE (encrypted and authenticated; "
+                                  "see docs/security.md) or with --insecure (plain TCP, every peer is admin)")
+        self.curve = keys.load_secret(curve_secret) if curve_secret else None
         self.settings = settings or Settings.load()
         self.bind_addr = bind
         self.store = Store(db)
@@ -61,13 +70,15 @@ class Manager:
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "tasks_retried": 0,
-                                      "late_answers_dropped": 0, "send_failures": 0,
+                                      "late_answers_dropped": 0, "send_failures": 0, "auth_denied": 0,
                                       "bytes_out": 0}
         self._iids = itertools.count(1)
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
         self._plan_pending = False
         self._closing = False
+        self._frames: Optional[List[Any]] = None
+        self._admitting: Set[bytes] = set()         # executors whose key is being checked
         self.endpoint = ""
         self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self._load()
@@ -109,8 +120,23 @@ class Manager:
 
     # -- socket plumbing -----------------------------------------------------
     def _open_socket(self) -> None:
-        self.sock = transport.router(self.bind_addr, self.settings.max_message_size, self.settings.send_hwm)
+        if self.curve is not None:
+            # ZAP: any CURVE key may connect (clients use fresh keys and prove who they are with
+            # credentials); the key becomes the frames' User-Id, which executors are checked by.
+            self.auth = ThreadAuthenticator(zmq.Context.instance(), log=logging.getLogger("zeromesh.zap"))
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            event(log, logging.WARNING, "INSECURE: plain TCP, no authentication, every peer acts as admin; "
+                  "use --curve-secret on a network you do not own")
+        self.sock = transport.router(self.bind_addr, self.settings.max_message_size, self.settings.send_hwm,
+                                     curve=self.curve)
         self.endpoint = cast(bytes, self.sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
+
+    def peer_key(self) -> Optional[str]:
+        """The CURVE public key (z85) of the peer whose message is being handled, when secured."""
+        frame = self._frames[1] if self._frames else None
+        return frame.get("User-Id") if isinstance(frame, zmq.Frame) else None
 
     def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:
         try:
@@ -130,7 +156,9 @@ class Manager:
         recv = transport.recv
         for _ in range(DRAIN_BATCH):
             try:
-                frames = recv(sock, 4)   # identity + 3 header frames as bytes, payloads zero-copy
+                # identity + 3 header frames as bytes, payloads zero-copy; when secured, the
+                # signature frame stays a Frame too, for its User-Id (the peer's CURVE key)
+                frames = recv(sock, 1 if self.curve is not None else 4)
             except zmq.ZMQError:
                 return
             if frames is None:
@@ -138,6 +166,7 @@ class Manager:
             self.stats["messages_in"] += 1
             self.stats["bytes_in"] += sum(len(f) for f in frames)
             identity = frames[0]
+            self._frames = frames
             try:
                 msg = decode(frames[1:])
             except ProtocolError as exc:
@@ -469,6 +498,29 @@ class Manager:
                                           "liveness": self.settings.liveness})
 
     def _on_exec_hello(self, identity: bytes, msg: Message) -> None:
+        if self.curve is not None:
+            self._admitting.add(identity)
+            asyncio.ensure_future(self._admit_executor(identity, msg, self.peer_key() or ""))
+        else:
+            self._join_executor(identity, msg)
+
+    async def _admit_executor(self, identity: bytes, msg: Message, key: str) -> None:
+        """Secured mesh: an executor joins only with a public key on the allow-list."""
+        try:
+            allowed = await self.writer.call(self.store.executor_key_allowed, key)
+        finally:
+            self._admitting.discard(identity)
+        if allowed:
+            self._join_executor(identity, msg)
+        else:
+            self.stats["auth_denied"] += 1
+            event(log, logging.WARNING, "executor refused: key not on the allow-list", executor=msg.header["id"],
+                  key=key)
+            self.send(identity, Cmd.GONE, {"fatal": True, "reason": f"executor key {key} is not allowed; on the "
+                                           "manager run: zmesh executor-keys add PUBLIC_KEY_FILE"})
+        self.wake()
+
+    def _join_executor(self, identity: bytes, msg: Message) -> None:
         eid, caps = msg.header["id"], msg.header["caps"]
         old = self.executors.get(eid)
         if old is not None:
@@ -495,13 +547,15 @@ class Manager:
                 peer.labels = {str(k): str(v) for k, v in msg.header["labels"].items()}
             if isinstance(msg.header.get("cache"), dict):
                 peer.cache = msg.header["cache"]
-        elif peer is None:
+        elif peer is None and identity not in self._admitting:
             self.send(identity, Cmd.GONE, {"reason": "unknown peer; introduce yourself again"})
 
     def _on_inst_hello(self, identity: bytes, msg: Message) -> None:
         inst = self.instances.get(msg.header["iid"])
-        if inst is None or inst.stopping or inst.executor != msg.header["eid"]:
-            self.send(identity, Cmd.GONE, {"reason": f"instance {msg.header['iid']} is not expected"})
+        if inst is None or inst.stopping or inst.executor != msg.header["eid"] \
+                or not hmac.compare_digest(inst.token, str(msg.header.get("token", ""))):
+            self.stats["auth_denied"] += 1
+            self.send(identity, Cmd.GONE, {"reason": f"instance {msg.header['iid']} is not expected", "fatal": True})
             return
         inst.identity = identity
         inst.pid = msg.header["pid"]
@@ -647,7 +701,7 @@ class Manager:
             ex.allocated = ex.allocated + s.resreq
             self._bind(inst, s)
             event(log, logging.INFO, "launch instance", instance=iid, session=s.id, executor=ex.id)
-            self.send(ex.identity, Cmd.LAUNCH, {"iid": iid, "app": app.spec.to_dict()})
+            self.send(ex.identity, Cmd.LAUNCH, {"iid": iid, "app": app.spec.to_dict(), "token": inst.token})
         elif isinstance(action, scheduler.Rebind):
             inst = self.instances[action.instance]
             target = self.sessions.get(action.session) if action.session else None
@@ -823,13 +877,14 @@ def _json(err: Dict[str, Any]) -> str:
 
 
 def run(bind: str, db: str, settings: Optional[Settings] = None, ready_file: Optional[str] = None,
-        on_reload: Optional[Callable[[], None]] = None, metrics_port: Optional[int] = None) -> None:
+        on_reload: Optional[Callable[[], None]] = None, metrics_port: Optional[int] = None,
+        curve_secret: Optional[str] = None, insecure: bool = False) -> None:
     """Run a manager in the foreground until SIGINT/SIGTERM, on uvloop where it is installed.
 
     Under systemd (``Type=notify``) it sends READY=1 once serving, WATCHDOG=1 and
     STATUS= from the loop, STOPPING=1 on shutdown; SIGHUP calls ``on_reload``.
     """
-    manager = Manager(bind, db, settings)
+    manager = Manager(bind, db, settings, curve_secret=curve_secret, insecure=insecure)
     manager.on_reload = on_reload
     try:
         import uvloop

@@ -31,10 +31,11 @@ _SETTINGS_DEFAULTS = {f.name: f.default for f in _dc_fields(Settings)}
 
 MANAGER_KEYS: Dict[str, type] = {
     "bind": str, "db": str, "log_level": str, "log_format": str,
-    "heartbeat_interval": float, "liveness": int,
+    "heartbeat_interval": float, "liveness": int, "curve_secret": str, "insecure": bool,
 }
 EXECUTOR_KEYS: Dict[str, type] = {
     "manager": str, "slots": int, "labels": dict, "name": str, "log_level": str,
+    "manager_key": str, "curve_secret": str, "insecure": bool,
 }
 # Keys whose command-line flag is not simply --key-with-dashes.
 FLAG_NAMES: Dict[str, str] = {"labels": "--label"}
@@ -51,13 +52,13 @@ def manager_defaults() -> Dict[str, Any]:
     from .config import default_db
     return {"bind": "tcp://127.0.0.1:5555", "db": default_db(), "log_level": "INFO", "log_format": "kv",
             "heartbeat_interval": _SETTINGS_DEFAULTS["heartbeat_interval"],
-            "liveness": _SETTINGS_DEFAULTS["liveness"]}
+            "liveness": _SETTINGS_DEFAULTS["liveness"], "curve_secret": None, "insecure": False}
 
 
 def executor_defaults() -> Dict[str, Any]:
     """``name`` None means HOSTNAME-RANDOM, chosen by the daemon."""
     return {"manager": DEFAULT_MANAGER, "slots": os.cpu_count() or 1, "labels": {}, "name": None,
-            "log_level": "INFO"}
+            "log_level": "INFO", "manager_key": None, "curve_secret": None, "insecure": False}
 
 
 def coerce(value: Any, typ: type, key: str, source: str) -> Any:

@@ -6,6 +6,7 @@ in ``--json`` output.
 from __future__ import annotations
 
 import collections
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set
@@ -129,6 +130,7 @@ class Instance:
     launched_at: float = 0.0
     idle_since: float = 0.0
     pid: int = 0
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))   # proves INST_HELLO came from our launch
     busy_since: float = 0.0
     last_done: float = 0.0
     task_time: float = -1.0            # EWMA of seconds per task; < 0 until the first answer

@@ -35,6 +35,16 @@ CREATE TABLE IF NOT EXISTS tasks (
     client TEXT NOT NULL DEFAULT '', tag INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session, id);
 CREATE INDEX IF NOT EXISTS tasks_by_client ON tasks (client, tag);
+CREATE TABLE IF NOT EXISTS executor_keys (
+    public TEXT PRIMARY KEY, name TEXT NOT NULL, added_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, secret TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS robots (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, secret TEXT NOT NULL, created_at REAL NOT NULL,
+    revoked_at REAL);
+CREATE TABLE IF NOT EXISTS tokens (
+    digest TEXT PRIMARY KEY, principal TEXT NOT NULL, kind TEXT NOT NULL, role TEXT NOT NULL,
+    expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
 """
@@ -144,6 +154,21 @@ class Store:
 
     def load_objects(self) -> List[Tuple[str, Optional[str], Optional[float]]]:
         return self.db.execute("SELECT key, session, expires_at FROM objects").fetchall()
+
+    # -- security (see mesh/auth.py) --------------------------------------------
+    def add_executor_key(self, public: str, name: str, now: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO executor_keys VALUES (?, ?, ?)", (public, name, now))
+
+    def remove_executor_key(self, public_or_name: str) -> int:
+        return self.db.execute("DELETE FROM executor_keys WHERE public=? OR name=?",
+                               (public_or_name, public_or_name)).rowcount
+
+    def executor_keys(self) -> List[Dict[str, Any]]:
+        rows = self.db.execute("SELECT public, name, added_at FROM executor_keys ORDER BY name").fetchall()
+        return [{"public": r[0], "name": r[1], "added_at": r[2]} for r in rows]
+
+    def executor_key_allowed(self, public: str) -> bool:
+        return self.db.execute("SELECT 1 FROM executor_keys WHERE public=?", (public,)).fetchone() is not None
 
     # -- tasks ----------------------------------------------------------------
     def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes, str, int]]:

@@ -6,7 +6,7 @@ clients agree on them (docs/protocol.md, "Sockets" and "Heartbeats").
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional, Sequence, cast
+from typing import Any, List, Optional, Sequence, Tuple, cast
 
 import zmq
 
@@ -14,7 +14,8 @@ RECONNECT_IVL_MS = 100       # first reconnect attempt after a lost connection
 RECONNECT_IVL_MAX_MS = 2000  # reconnect backoff ceiling
 
 
-def router(bind: str, max_message_size: int, send_hwm: int = 0, ctx: Optional[zmq.Context] = None) -> zmq.Socket:
+def router(bind: str, max_message_size: int, send_hwm: int = 0, ctx: Optional[zmq.Context] = None,
+           curve: Optional[Tuple[bytes, bytes]] = None) -> zmq.Socket:
     """The manager's socket.
 
     ROUTER_MANDATORY: a send to a vanished peer, or to one whose queue is at
@@ -29,13 +30,28 @@ def router(bind: str, max_message_size: int, send_hwm: int = 0, ctx: Optional[zm
     s.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     s.setsockopt(zmq.SNDHWM, send_hwm)
     s.setsockopt(zmq.RCVHWM, 0)
+    if curve is not None:   # (public, secret): CURVE server; the ZAP handler decides who may connect
+        s.setsockopt(zmq.CURVE_SERVER, 1)
+        s.setsockopt(zmq.CURVE_PUBLICKEY, curve[0])
+        s.setsockopt(zmq.CURVE_SECRETKEY, curve[1])
+        s.setsockopt(zmq.ZAP_DOMAIN, b"zeromesh")
     s.bind(bind)
     return s
 
 
-def dealer(endpoint: str, linger_ms: int = 0, ctx: Optional[zmq.Context] = None) -> zmq.Socket:
-    """A peer's socket to the manager; reconnects by itself with capped backoff."""
+def dealer(endpoint: str, linger_ms: int = 0, ctx: Optional[zmq.Context] = None,
+           curve: Optional[Tuple[bytes, bytes, bytes]] = None) -> zmq.Socket:
+    """A peer's socket to the manager; reconnects by itself with capped backoff.
+
+    ``curve`` = (manager's public key, our public key, our secret key) encrypts
+    the connection and authenticates the manager: with the wrong manager key
+    the handshake fails and nothing is ever delivered.
+    """
     s = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+    if curve is not None:
+        s.setsockopt(zmq.CURVE_SERVERKEY, curve[0])
+        s.setsockopt(zmq.CURVE_PUBLICKEY, curve[1])
+        s.setsockopt(zmq.CURVE_SECRETKEY, curve[2])
     s.setsockopt(zmq.LINGER, linger_ms)
     s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)

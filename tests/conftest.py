@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(HERE, "apps"))
 # Every timer shrunk: tests wait on events, and these bound how long an event can take.
 FAST: Dict[str, str] = {
     "ZMESH_HEARTBEAT_INTERVAL": "0.2",
-    "ZMESH_LIVENESS": "5",
+    "ZMESH_LIVENESS": "10",
     "ZMESH_IDLE_TIMEOUT": "5",
     "ZMESH_REQUEST_TIMEOUT": "10",
     "ZMESH_LOG_LEVEL": "INFO",
