@@ -98,9 +98,10 @@ class Page(Generic[T]):
 
 
 class Client:
-    def __init__(self, manager: Optional[str] = None, connection: Optional[Connection] = None) -> None:
+    def __init__(self, manager: Optional[str] = None, connection: Optional[Connection] = None, auth: Any = None,
+                 manager_key: Optional[str] = None) -> None:
         self._own = connection is None
-        self.conn = connection or Connection(manager)
+        self.conn = connection or Connection(manager, manager_key=manager_key, auth=auth)
 
     def close(self) -> None:
         if self._own:
@@ -194,6 +195,38 @@ class Client:
     def drain_executor(self, executor_id: str) -> None:
         """No new work on the executor; its instances stop once their tasks are done."""
         self.conn.call("drain_executor", {"id": executor_id})
+
+    # -- identity (admin) ---------------------------------------------------------------
+    def whoami(self) -> Dict[str, Any]:
+        return self.conn.call("whoami")
+
+    def add_user(self, name: str, role: str, password: str) -> Dict[str, Any]:
+        return self.conn.call("users_add", {"name": name, "role": role, "password": password})
+
+    def remove_user(self, name: str) -> None:
+        self.conn.call("users_remove", {"name": name})
+
+    def list_users(self) -> List[Dict[str, Any]]:
+        return self.conn.call("users_list")
+
+    def create_robot(self, name: str, role: str) -> Dict[str, Any]:
+        """Returns the robot's id and its secret: the secret is shown this once."""
+        return self.conn.call("robots_create", {"name": name, "role": role})
+
+    def revoke_robot(self, robot_id: str) -> None:
+        self.conn.call("robots_revoke", {"id": robot_id})
+
+    def list_robots(self) -> List[Dict[str, Any]]:
+        return self.conn.call("robots_list")
+
+    def add_executor_key(self, public: str, name: str) -> None:
+        self.conn.call("executor_keys_add", {"public": public, "name": name})
+
+    def revoke_executor_key(self, key_or_name: str) -> None:
+        self.conn.call("executor_keys_revoke", {"key": key_or_name})
+
+    def list_executor_keys(self) -> List[Dict[str, Any]]:
+        return self.conn.call("executor_keys_list")
 
     # -- plumbing -------------------------------------------------------------------------
     def _get(self, method: str, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:

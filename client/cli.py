@@ -73,8 +73,12 @@ def _table(rows: List[Dict[str, Any]], columns: List[str], title: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zeromesh", message="zeromesh %(version)s")
-def main() -> None:
+@click.option("--manager-key", default=None, metavar="FILE",
+              help="The manager's public key file, for a secured mesh (default: $ZMESH_MANAGER_KEY).")
+def main(manager_key: Optional[str]) -> None:
     """zeromesh: a ZeroMQ executor mesh for Python."""
+    if manager_key:
+        os.environ["ZMESH_MANAGER_KEY"] = manager_key
 
 
 # -- daemons -----------------------------------------------------------------------
@@ -246,6 +250,7 @@ def unregister(manager: Optional[str], name: str) -> None:
 
 
 from . import cli_manage  # noqa: E402,F401  (registers list, view, close, cancel, drain, top, invoke, ...)
+from . import cli_security  # noqa: E402,F401  (registers keys, executor-keys, users, robots, login)
 
 
 if __name__ == "__main__":

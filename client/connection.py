@@ -22,8 +22,11 @@ import zmq
 
 from mesh import keys, transport
 from mesh.config import Settings, default_manager
-from mesh.errors import DeadlineExceeded, MeshError, ProtocolError, ResourceExhausted, Unavailable, from_wire
+from mesh.errors import (DeadlineExceeded, MeshError, ProtocolError, ResourceExhausted, Unauthenticated,
+                         Unavailable, from_wire)
 from mesh.protocol import Cmd, Message, decode, encode
+
+from . import auth as client_auth
 
 log = logging.getLogger("zeromesh.client")
 
@@ -32,10 +35,17 @@ MAX_BATCH = 1024  # tasks per SUBMIT message
 
 class Connection:
     def __init__(self, manager: Optional[str] = None, settings: Optional[Settings] = None,
-                 manager_key: Optional[str] = None) -> None:
+                 manager_key: Optional[str] = None, auth: Optional[client_auth.Auth] = None,
+                 token: Optional[str] = None) -> None:
         """``manager_key``: the manager's public key file (default ``$ZMESH_MANAGER_KEY``) for a secured
-        mesh; this connection then uses a fresh CURVE keypair of its own."""
+        mesh; this connection then uses a fresh CURVE keypair of its own.  ``auth``: credentials
+        (see client.auth), exchanged for a token that this connection renews by itself."""
         self.manager = manager or default_manager()
+        self.auth = auth or client_auth.from_env()
+        self._token = token or os.environ.get("ZMESH_TOKEN") or (
+            None if self.auth else client_auth.stored_token(self.manager))
+        self._renew_at: Optional[float] = None       # when to log in again (half the token's life)
+        self._auth_lock = threading.Lock()
         self.settings = settings or Settings.load()
         key_file = manager_key or os.environ.get("ZMESH_MANAGER_KEY")
         self._curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
@@ -71,10 +81,40 @@ class Connection:
     def call_blob(self, method: str, args: Optional[Dict[str, Any]] = None, blob: Optional[Any] = None,
                   timeout: Optional[float] = None) -> Tuple[Any, Optional[bytes]]:
         """A control call whose bulk data travels as its own frame both ways: (result, blob or None)."""
+        self._ensure_token()
+        try:
+            return self._call(method, args, blob, timeout)
+        except Unauthenticated:
+            if self.auth is None:
+                raise
+            self._login(force=True)      # our token was revoked, expired, or forgotten
+            return self._call(method, args, blob, timeout)
+
+    def _call(self, method: str, args: Optional[Dict[str, Any]], blob: Optional[Any],
+              timeout: Optional[float]) -> Tuple[Any, Optional[bytes]]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         limit = self.settings.request_timeout if timeout is None else timeout
         self._push(("call", method, args or {}, fut, time.monotonic() + limit, blob))
         return fut.result()
+
+    def _ensure_token(self) -> None:
+        if self.auth is not None and (self._renew_at is None or time.time() >= self._renew_at):
+            self._login()
+
+    def _login(self, force: bool = False) -> None:
+        """Trade the credentials for a token; renew at half its life (any thread; one at a time)."""
+        assert self.auth is not None
+        with self._auth_lock:
+            if not force and self._renew_at is not None and time.time() < self._renew_at:
+                return           # another thread just did
+            r, _ = self._call("login", self.auth.credentials(), None, None)
+            self._token = r["token"] or None
+            expires = r.get("expires_at")
+            now = time.time()
+            self._renew_at = float("inf") if expires is None else now + (expires - now) / 2
+
+    def whoami(self) -> Dict[str, Any]:
+        return self.call("whoami")
 
     def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any]) -> concurrent.futures.Future:
         """Queue one task.  Blocks while ``max_inflight`` tasks of this connection await answers:
@@ -83,6 +123,7 @@ class Connection:
             raise ResourceExhausted(
                 f"request of {len(payload)} bytes exceeds max_message_size ({self.settings.max_message_size})",
                 limit="max_message_size", size=len(payload))
+        self._ensure_token()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._window.acquire()
         fut.add_done_callback(lambda _: self._window.release())
@@ -151,18 +192,28 @@ class Connection:
                 tags.append(tag)
                 frames.append(payload)
                 if len(tags) >= MAX_BATCH:
-                    self._send(sock, Cmd.SUBMIT, [sid, tags, self.client_id, False], frames)
+                    self._send(sock, Cmd.SUBMIT, self._submit_header(sid, tags, False), frames)
                     del batches[sid]
             else:
                 _, method, args, fut, deadline, blob = item
                 rid = next(self._rids)
                 self._calls[rid] = (fut, deadline, method)
+                header = {"rid": rid, "method": method, "args": args}
+                if self._token and method != "login":
+                    header["token"] = self._token
                 if blob is None:
-                    self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args})
+                    self._send(sock, Cmd.REQUEST, header)
                 else:
-                    self._send(sock, Cmd.REQUEST, {"rid": rid, "method": method, "args": args, "blob": True}, [blob])
+                    header["blob"] = True
+                    self._send(sock, Cmd.REQUEST, header, [blob])
         for sid, (tags, frames) in batches.items():
-            self._send(sock, Cmd.SUBMIT, [sid, tags, self.client_id, False], frames)
+            self._send(sock, Cmd.SUBMIT, self._submit_header(sid, tags, False), frames)
+
+    def _submit_header(self, sid: str, tags: List[int], resend: bool) -> List[Any]:
+        header: List[Any] = [sid, tags, self.client_id, resend]
+        if self._token:
+            header.append(self._token)
+        return header
 
     def _ping(self, sock: zmq.Socket) -> None:
         """While answers are owed, ask the manager who it is: a new boot id means it restarted."""
@@ -189,7 +240,7 @@ class Connection:
             frames.append(payload)
         for sid, (tags, frames) in batches.items():
             for i in range(0, len(tags), MAX_BATCH):
-                self._send(sock, Cmd.SUBMIT, [sid, tags[i:i + MAX_BATCH], self.client_id, True],
+                self._send(sock, Cmd.SUBMIT, self._submit_header(sid, tags[i:i + MAX_BATCH], True),
                            frames[i:i + MAX_BATCH])
 
     def _send(self, sock: zmq.Socket, cmd: Cmd, header: Any, payloads: List[Any] = ()) -> None:  # type: ignore[assignment]

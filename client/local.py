@@ -10,12 +10,13 @@ parallel meshes never collide.  Every process is ended by its PID.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from mesh.errors import Unavailable
 from mesh.process import die_with_parent
@@ -29,7 +30,10 @@ class LocalMesh:
     def __init__(self, executors: int = 2, slots: int = 2, db: Optional[str] = None,
                  bind: str = "tcp://127.0.0.1:*", env: Optional[Dict[str, str]] = None,
                  labels: Optional[List[Dict[str, str]]] = None, log_dir: Optional[str] = None,
-                 manager_args: Sequence[str] = ()) -> None:
+                 manager_args: Sequence[str] = (), secure: bool = False) -> None:
+        """``secure``: CURVE keys for the manager and each executor (allow-listed) and an ``admin``
+        user, all made offline in a temporary directory; ``manager_key`` and ``admin`` then let
+        clients in.  Otherwise the mesh is ``--insecure`` (loopback, everyone admin)."""
         self.n_executors = executors
         self.slots = slots
         self.dir = tempfile.mkdtemp(prefix="zmesh-local-")
@@ -40,6 +44,11 @@ class LocalMesh:
         self.env["PYTHONPATH"] = root + os.pathsep + self.env.get("PYTHONPATH", "")
         self.labels = labels or []
         self.log_dir = log_dir or self.dir
+        self.secure = secure
+        self.manager_key: Optional[str] = None
+        self.admin: Any = None
+        if secure:
+            self._make_keys()
         self.manager_args = list(manager_args)
         self.manager: Optional[subprocess.Popen] = None
         self.executors: List[subprocess.Popen] = []
@@ -53,11 +62,41 @@ class LocalMesh:
         finally:
             log.close()
 
+    def _make_keys(self) -> None:
+        from mesh import auth, keys
+        from mesh.store import Store
+
+        from .auth import PasswordAuth
+        self.keys_dir = os.path.join(self.dir, "keys")
+        self.manager_key, self._manager_secret = keys.generate(self.keys_dir, "manager")
+        password = secrets.token_urlsafe(12)
+        store = Store(self.db)
+        try:
+            auth.add_user(store, "admin", "admin", password)
+        finally:
+            store.close()
+        self.admin = PasswordAuth("admin", password)
+
     def _manager_security(self) -> List[str]:
-        return ["--insecure"]
+        return ["--curve-secret", self._manager_secret] if self.secure else ["--insecure"]
 
     def _executor_security(self, name: str) -> List[str]:
-        return ["--insecure"]
+        if not self.secure:
+            return ["--insecure"]
+        from mesh import keys
+        from mesh.store import Store
+        public, secret = keys.generate(self.keys_dir, name)
+        store = Store(self.db)   # offline, as an operator would with `zmesh executor-keys add --db`
+        try:
+            store.add_executor_key(keys.load_public(public).decode(), name, time.time())
+        finally:
+            store.close()
+        return ["--manager-key", str(self.manager_key), "--curve-secret", secret]
+
+    def client(self) -> Any:
+        """A management client with admin rights on this mesh."""
+        from .api import Client
+        return Client(self.endpoint, manager_key=self.manager_key, auth=self.admin)
 
     def start_manager(self, timeout: float = 20.0) -> str:
         ready = os.path.join(self.dir, "manager.endpoint")
@@ -93,8 +132,7 @@ class LocalMesh:
         return p
 
     def wait_executors(self, count: int, timeout: float = 20.0) -> None:
-        from .api import Client
-        with Client(self.endpoint) as c:
+        with self.client() as c:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if sum(1 for e in c.list_executors() if e["state"] == "alive") >= count:

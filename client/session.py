@@ -38,11 +38,12 @@ class Session:
 
     def __init__(self, name: Optional[str] = None, *, session_id: Optional[str] = None, ctx: Any = None,
                  resreq: Optional[Dict[str, Any]] = None, manager: Optional[str] = None,
-                 connection: Optional[Connection] = None) -> None:
+                 connection: Optional[Connection] = None, auth: Any = None,
+                 manager_key: Optional[str] = None) -> None:
         if (name is None) == (session_id is None):
             raise ValueError("Session takes an application name or session_id=..., exactly one of them")
         self._own = connection is None
-        self._conn = connection or Connection(manager)
+        self._conn = connection or Connection(manager, manager_key=manager_key, auth=auth)
         try:
             if session_id is not None:
                 info = self._conn.call("open_session", {"id": session_id})

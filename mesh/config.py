@@ -40,6 +40,8 @@ class Settings:
     """Seconds an instance bound to no session is kept warm before it is stopped."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
+    token_ttl: float = 3600.0
+    """Seconds a login token lives; clients renew theirs before it ends."""
     metrics_host: str = "127.0.0.1"
     """Address the --metrics-port HTTP endpoint listens on (loopback unless you expose it)."""
     max_context_size: int = 64 * 1024 * 1024

@@ -26,11 +26,11 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import keys, scheduler, sdnotify, transport
+from . import auth, keys, scheduler, sdnotify, transport
 from .config import Settings
 from .context import Document
-from .errors import (Conflict, FailedPrecondition, InvalidArgument, MeshError, NotFound, ProtocolError, ResourceExhausted,
-                     TaskFailed)
+from .errors import (Conflict, FailedPrecondition, InvalidArgument, MeshError, NotFound, PermissionDenied,
+                     ProtocolError, ResourceExhausted, TaskFailed, Unauthenticated)
 from .log import event
 from .protocol import Cmd, Message, decode, encode, pack
 from .resources import Resources
@@ -70,7 +70,7 @@ class Manager:
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "tasks_retried": 0,
-                                      "late_answers_dropped": 0, "send_failures": 0, "auth_denied": 0,
+                                      "late_answers_dropped": 0, "send_failures": 0, "auth_denied": 0, "requests": 0,
                                       "bytes_out": 0}
         self._iids = itertools.count(1)
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
@@ -82,6 +82,7 @@ class Manager:
         self.endpoint = ""
         self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self._load()
+        self.tokens = auth.Tokens(auth.load_tokens(self.store) if self.curve is not None else {})
         from .control import Control  # control handlers need the manager's state; imported late to stay one-way
         self.control = Control(self)
 
@@ -132,6 +133,21 @@ class Manager:
         self.sock = transport.router(self.bind_addr, self.settings.max_message_size, self.settings.send_hwm,
                                      curve=self.curve)
         self.endpoint = cast(bytes, self.sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
+
+    def principal(self, token: Optional[str], method: str) -> auth.Principal:
+        """Who sent the message being handled, and whether they may call ``method`` (raises if not)."""
+        if self.curve is None:
+            return auth.INSECURE
+        if auth.required_role(method) == "public":
+            return auth.INSECURE if method == "ping" else auth.Principal("anonymous", "viewer", "anonymous")
+        who = self.tokens.principal(token)
+        auth.authorize(who, method)
+        return who
+
+    def denied(self, identity: bytes, method: str, exc: MeshError) -> None:
+        self.stats["auth_denied"] += 1
+        event(log, logging.WARNING, "denied", method=method, code=exc.code, reason=str(exc),
+              peer=identity.hex()[:16], key=self.peer_key())
 
     def peer_key(self) -> Optional[str]:
         """The CURVE public key (z85) of the peer whose message is being handled, when secured."""
@@ -216,8 +232,18 @@ class Manager:
 
     # -- tasks: the hot path -------------------------------------------------
     def _on_submit(self, identity: bytes, msg: Message) -> None:
-        sid, tags, cid, resend = msg.header
+        sid, tags, cid, resend = msg.header[:4]
         s = self.sessions.get(sid)
+        if self.curve is not None and s is not None:
+            try:
+                who = self.principal(msg.header[4] if len(msg.header) > 4 else None, "submit")
+                if not who.may_touch(s.owner):
+                    raise PermissionDenied(f"session {sid!r} belongs to {s.owner!r}", session=sid)
+            except (Unauthenticated, PermissionDenied) as exc:
+                self.denied(identity, "submit", exc)
+                err = exc.to_wire()
+                self.send(identity, Cmd.RESULT, [sid, [[tag, err] for tag in tags]], [b""] * len(tags))
+                return
         if s is None or s.state != OPEN:
             err = (NotFound(f"session {sid!r} does not exist", session=sid) if s is None
                    else FailedPrecondition(f"session {sid!r} is closed", session=sid)).to_wire()
@@ -618,6 +644,7 @@ class Manager:
 
     def _remove_instance(self, inst: Instance, reason: str) -> None:
         self._requeue(inst, reason)
+        self.tokens.drop(inst.token)
         self.instances.pop(inst.id, None)
         if inst.identity is not None:
             self.peers.pop(inst.identity, None)
@@ -700,6 +727,7 @@ class Manager:
             ex.used_slots += 1
             ex.allocated = ex.allocated + s.resreq
             self._bind(inst, s)
+            self.tokens.add(inst.token, auth.Principal(iid, "instance", "instance"), float("inf"))
             event(log, logging.INFO, "launch instance", instance=iid, session=s.id, executor=ex.id)
             self.send(ex.identity, Cmd.LAUNCH, {"iid": iid, "app": app.spec.to_dict(), "token": inst.token})
         elif isinstance(action, scheduler.Rebind):

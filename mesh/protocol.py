@@ -32,7 +32,7 @@ class Cmd(enum.IntEnum):
     REPLY = 0x02        # manager -> peer: {rid, ok, result | error, blob?} + [blob] when blob is true
     GONE = 0x0F         # manager -> peer: "I do not know you" {reason}; peer re-introduces itself or exits
     HEARTBEAT = 0x0E    # both ways, any time {}; any traffic counts as liveness
-    SUBMIT = 0x10       # client -> manager: [sid, [tag...], client id, resend] + one payload per tag
+    SUBMIT = 0x10       # client -> manager: [sid, [tag...], client id, resend, token?] + one payload per tag
     RESULT = 0x11       # manager -> client: [sid, [[tag, error|nil]...]] + one payload per outcome
     EXEC_HELLO = 0x20   # executor -> manager: {id, caps}
     WELCOME = 0x21      # manager -> executor/instance: {heartbeat_ms, liveness}
@@ -108,10 +108,11 @@ HEADERS: Dict[Cmd, Callable[[Any], Optional[str]]] = {
     Cmd.REPLY: _map(rid=_is_int, ok=lambda v: isinstance(v, bool)),
     Cmd.GONE: _map(reason=_str),
     Cmd.HEARTBEAT: lambda h: None if isinstance(h, dict) else "header must be a map",
-    Cmd.SUBMIT: lambda h: None if (isinstance(h, list) and len(h) == 4 and isinstance(h[0], str)
+    Cmd.SUBMIT: lambda h: None if (isinstance(h, list) and len(h) in (4, 5) and isinstance(h[0], str)
                                    and isinstance(h[1], list) and all(_is_int(t) for t in h[1])
-                                   and isinstance(h[2], str) and isinstance(h[3], bool))
-    else "header must be [session_id, [tag...], client_id, resend]",
+                                   and isinstance(h[2], str) and isinstance(h[3], bool)
+                                   and (len(h) == 4 or h[4] is None or isinstance(h[4], str)))
+    else "header must be [session_id, [tag...], client_id, resend, token?]",
     Cmd.RESULT: _sid_list(lambda items: _pairs(items, _is_int, _err)),
     Cmd.EXEC_HELLO: _map(id=_str, caps=lambda v: isinstance(v, dict)),
     Cmd.WELCOME: _map(heartbeat_ms=_is_int, liveness=_is_int),

@@ -63,6 +63,9 @@ def test_large_object_is_fetched_once_per_executor_then_patched(mesh, client):
     ref = put_object({"n": 0, "data": data})
     before = {e["id"]: dict(e["cache"]) for e in client.list_executors()}
     with Session("tools") as s:
+        for _ in range(5):   # first get instances serving on both executors (start-up is slow under load)
+            if {f.result(60) for f in [s.submit(("where", 0.3)) for _ in range(8)]} == {"exec-0", "exec-1"}:
+                break
         results = [f.result(120) for f in [s.submit(("getobj", (ref, 0.15))) for _ in range(20)]]
         assert all(n == 0 and size == len(data) for _, n, size in results)
         used = {eid for eid, _, _ in results}

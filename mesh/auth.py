@@ -1,0 +1,202 @@
+"""Who may do what: principals, roles, tokens, and the admin operations on them.
+
+* **Roles**: ``admin`` (registry, users, robots, executor keys), ``user``
+  (sessions and tasks of their own), ``viewer`` (reads everything, changes
+  nothing).  Service instances act as ``instance``: objects only.
+* **Credentials**: users log in with a password, robots with an id and a
+  secret (both stored as scrypt hashes); either is exchanged for a token that
+  expires after ``token_ttl`` and that clients renew by themselves.  Tokens
+  are kept as SHA-256 digests, so the database holds no usable credential.
+* On an ``--insecure`` manager every peer acts as admin.
+
+The functions taking a :class:`~mesh.store.Store` are what both the running
+manager (on its writer thread) and the offline CLI (``--db PATH``) call.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import keys
+from .errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from .store import Store
+
+ROLES = ("viewer", "user", "admin")
+RANK = {"instance": 0, "viewer": 1, "user": 2, "admin": 3}
+
+PUBLIC = frozenset({"ping", "login"})
+INSTANCE = frozenset({"ping", "get_object", "put_object", "update_object", "patch_object", "delete_object"})
+VIEWER = frozenset({"stats", "metrics", "get_app", "list_apps", "find_apps", "list_executors", "find_executors",
+                    "get_executor", "get_session", "list_sessions", "find_sessions", "find_tasks", "get_task",
+                    "get_context", "whoami"})
+USER = frozenset({"create_session", "open_session", "close_session", "write_context", "cancel_task",
+                  "submit"}) | INSTANCE
+# everything else (register_app, unregister_app, drain_executor, users_*, robots_*, executor_keys_*) is admin
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: str
+    kind: str            # user | robot | instance | insecure
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_touch(self, owner: str) -> bool:
+        """Change a session (or its tasks): its owner, or an admin."""
+        return self.admin or owner == self.name
+
+    def may_read(self, owner: str) -> bool:
+        return self.may_touch(owner) or self.role == "viewer"
+
+
+INSECURE = Principal("insecure", "admin", "insecure")
+
+
+def required_role(method: str) -> str:
+    if method in PUBLIC:
+        return "public"
+    if method in VIEWER:
+        return "viewer"
+    if method in USER:
+        return "instance" if method in INSTANCE else "user"
+    return "admin"
+
+
+def authorize(p: Principal, method: str) -> None:
+    need = required_role(method)
+    if need == "public":
+        return
+    if p.role == "instance":
+        if method not in INSTANCE:
+            raise PermissionDenied(f"a service instance may not call {method!r}", method=method)
+        return
+    if RANK[p.role] < RANK[need]:
+        raise PermissionDenied(f"{p.kind} {p.name!r} has role {p.role!r}; {method!r} needs {need!r}",
+                               method=method, role=p.role)
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _role(role: str) -> str:
+    if role not in ROLES:
+        raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, got {role!r}", role=role)
+    return role
+
+
+# -- users and robots (store operations, offline or on the writer thread) --------------
+def add_user(store: Store, name: str, role: str, password: str) -> Dict[str, Any]:
+    if not name or not password:
+        raise InvalidArgument("a user needs a name and a non-empty password")
+    with store.db:
+        if store.db.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+            raise AlreadyExists(f"user {name!r} already exists", user=name)
+        store.db.execute("INSERT INTO users VALUES (?, ?, ?, ?)", (name, _role(role), keys.hash_secret(password),
+                                                                  time.time()))
+    return {"name": name, "role": role}
+
+
+def remove_user(store: Store, name: str) -> None:
+    with store.db:
+        if not store.db.execute("DELETE FROM users WHERE name=?", (name,)).rowcount:
+            raise NotFound(f"user {name!r} does not exist", user=name)
+        store.db.execute("DELETE FROM tokens WHERE principal=? AND kind='user'", (name,))
+
+
+def list_users(store: Store) -> List[Dict[str, Any]]:
+    rows = store.db.execute("SELECT name, role, created_at FROM users ORDER BY name").fetchall()
+    return [{"name": r[0], "role": r[1], "created_at": r[2]} for r in rows]
+
+
+def create_robot(store: Store, name: str, role: str) -> Dict[str, Any]:
+    """A robot account: its secret is returned once and stored only as a hash."""
+    rid, secret = f"robot-{secrets.token_hex(4)}", secrets.token_urlsafe(32)
+    with store.db:
+        store.db.execute("INSERT INTO robots VALUES (?, ?, ?, ?, ?, NULL)",
+                         (rid, name, _role(role), keys.hash_secret(secret), time.time()))
+    return {"id": rid, "name": name, "role": role, "secret": secret}
+
+
+def revoke_robot(store: Store, rid: str) -> None:
+    with store.db:
+        if not store.db.execute("UPDATE robots SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                                (time.time(), rid)).rowcount:
+            raise NotFound(f"robot {rid!r} does not exist or is already revoked", robot=rid)
+        store.db.execute("DELETE FROM tokens WHERE principal=? AND kind='robot'", (rid,))
+
+
+def list_robots(store: Store) -> List[Dict[str, Any]]:
+    rows = store.db.execute("SELECT id, name, role, created_at, revoked_at FROM robots ORDER BY created_at").fetchall()
+    return [{"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "revoked_at": r[4]} for r in rows]
+
+
+def credentials(store: Store, args: Dict[str, Any]) -> Tuple[Principal, str]:
+    """The principal that ``args`` (user+password or robot+secret) claim, and the stored hash to check."""
+    if isinstance(args.get("user"), str):
+        row = store.db.execute("SELECT role, secret FROM users WHERE name=?", (args["user"],)).fetchone()
+        if row is None:
+            raise Unauthenticated("wrong user name or password")
+        return Principal(args["user"], row[0], "user"), row[1]
+    if isinstance(args.get("robot"), str):
+        row = store.db.execute("SELECT role, secret, revoked_at, name FROM robots WHERE id=?",
+                               (args["robot"],)).fetchone()
+        if row is None or row[2] is not None:
+            raise Unauthenticated("unknown or revoked robot")
+        return Principal(args["robot"], row[0], "robot"), row[1]
+    raise Unauthenticated("login needs user and password, or robot and secret")
+
+
+def save_token(store: Store, token: str, p: Principal, expires_at: float) -> None:
+    with store.db:
+        store.db.execute("DELETE FROM tokens WHERE expires_at < ?", (time.time(),))
+        store.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)", (digest(token), p.name, p.kind, p.role,
+                                                                      expires_at))
+
+
+def load_tokens(store: Store) -> Dict[str, Tuple[Principal, float]]:
+    rows = store.db.execute("SELECT digest, principal, kind, role, expires_at FROM tokens WHERE expires_at > ?",
+                            (time.time(),)).fetchall()
+    return {r[0]: (Principal(r[1], r[3], r[2]), r[4]) for r in rows}
+
+
+class Tokens:
+    """The manager's live view of tokens (mirrored in SQLite, so a restart logs nobody out)."""
+
+    def __init__(self, saved: Dict[str, Tuple[Principal, float]]) -> None:
+        self.live: Dict[str, Tuple[Principal, float]] = dict(saved)
+
+    def issue(self, p: Principal, ttl: float) -> Tuple[str, float]:
+        token = secrets.token_urlsafe(32)
+        expires = time.time() + ttl
+        self.live[digest(token)] = (p, expires)
+        return token, expires
+
+    def principal(self, token: Optional[str]) -> Principal:
+        if not token:
+            raise Unauthenticated("this mesh is secured: log in (zmesh login, or PasswordAuth/RobotAuth)")
+        entry = self.live.get(digest(token))
+        if entry is None:
+            raise Unauthenticated("unknown token; log in again")
+        p, expires = entry
+        if expires < time.time():
+            del self.live[digest(token)]
+            raise Unauthenticated("the token expired; log in again", expired=True)
+        return p
+
+    def add(self, token: str, p: Principal, expires: float) -> None:
+        self.live[digest(token)] = (p, expires)
+
+    def drop(self, token: str) -> None:
+        self.live.pop(digest(token), None)
+
+    def drop_principal(self, name: str, kind: str) -> None:
+        for d, (p, _) in list(self.live.items()):
+            if p.name == name and p.kind == kind:
+                del self.live[d]
