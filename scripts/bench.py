@@ -18,11 +18,27 @@ Figures:
   around each throughput run);
 * manager RSS per queued task: ``--queued`` tasks submitted to a session whose
   app fits no executor (``labels: {never: match}``), so all of them wait in
-  the manager.
+  the manager;
+* 10 MiB payload throughput: MB/s of payload (10^6 bytes, each way) streamed
+  through one instance with ``payload_window`` tasks in flight, next to
+  bench_limit.throughput moving the same payloads through raw pyzmq;
+* fairness between sessions: on a mesh of one executor with 2 slots, a second
+  session's ``invoke`` latency p50/p99 while idle, then while another client
+  (a separate process) has submitted a 10,000-task burst at once to another
+  session, once with both sessions of the same application and once with the
+  probe on a second application; ratio = p99 during the burst / p99 idle.  A
+  control sends the burst to another 2-slot mesh (its own manager and
+  instances) instead: what the probe loses to the machine's cores alone;
+* manager RSS after finished tasks: the 1-instance throughput session streams
+  10,000 then 100,000 tasks in all (each collected by the client); RSS (VmRSS)
+  at both points gives bytes per finished task = growth / 90,000 (0 = no
+  growth with the number of finished tasks).  The manager's ``store_backlog``
+  (group commits waiting for its SQLite writer) is recorded at both points,
+  and RSS again once the writer has caught up (at most 30 s).
 
 Ratios: throughput is zeromesh / limit (1.0 = as fast as raw ZeroMQ); latency
 is zeromesh / limit (1.0 = no overhead, higher is slower).  CPU and RSS have
-no raw counterpart and no ratio.
+no raw counterpart and no ratio; fairness is compared with its own idle value.
 
 With ``--peers``, after those figures (and with every zeromesh process
 stopped) Ray and Dask distributed are measured by scripts/bench_peers.py, each
@@ -44,8 +60,10 @@ import argparse
 import collections
 import json
 import os
+import select
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +80,7 @@ import bench_peers  # noqa: E402
 from client import Client, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
 from mesh.config import Settings  # noqa: E402
+from mesh.process import die_with_parent  # noqa: E402
 
 APPS = os.path.join(HERE, "bench_apps")
 MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop
@@ -69,10 +88,22 @@ RESULT_WAIT = 30.0           # seconds any single task may take before the run i
 WARMUP_LIMIT = 60.0          # seconds the instances have to start and serve
 SIZES = (("0 B", 0), ("100 KiB", 100 * 1024), ("10 MiB", 10 * 1024 * 1024))
 
+MIB10 = 10 * 1024 * 1024
+# (label, the probe session's app, mesh of the burst): the burst always goes to app "noop"; the
+# control puts it on another mesh (its own manager) to show what the machine's 2 cores alone cost
+FAIR_APPS = (("same app", "noop", "fair"), ("second app", "noop-b", "fair"),
+             ("control: other mesh", "noop", "slots2"))
+FAIR_LIMIT = 60.0            # seconds the burst may take before the fairness run is declared broken
+DRAIN_WAIT = 30.0            # seconds the manager's SQLite writer gets to catch up after the finished-task run
+
 FULL = {"seconds": 3.0, "warmup": 0.5, "window": 2000, "queued": 100_000,
-        "latency_counts": {"0 B": 2000, "100 KiB": 300, "10 MiB": 20}, "latency_seconds": 10.0}
+        "latency_counts": {"0 B": 2000, "100 KiB": 300, "10 MiB": 20}, "latency_seconds": 10.0,
+        "payload_seconds": 3.0, "payload_window": 4,
+        "burst": 10_000, "fair_idle": 1000, "finished": (10_000, 100_000)}
 QUICK = {"seconds": 0.5, "warmup": 0.2, "window": 500, "queued": 5_000,
-         "latency_counts": {"0 B": 100, "100 KiB": 20, "10 MiB": 3}, "latency_seconds": 3.0}
+         "latency_counts": {"0 B": 100, "100 KiB": 20, "10 MiB": 3}, "latency_seconds": 3.0,
+         "payload_seconds": 1.0, "payload_window": 4,
+         "burst": 2_000, "fair_idle": 100, "finished": (1_000, 5_000)}
 
 
 class BenchError(RuntimeError):
@@ -165,7 +196,7 @@ class Bench:
 
 
 # -- throughput ----------------------------------------------------------------------
-def stream(session: Session, seconds: float, window: int) -> Tuple[int, float]:
+def stream(session: Session, seconds: float, window: int, req: Any = None) -> Tuple[int, float]:
     """Keep ``window`` no-op tasks in flight for ``seconds``; (tasks completed, elapsed).
 
     Results are collected oldest first; completions out of order are counted
@@ -181,7 +212,7 @@ def stream(session: Session, seconds: float, window: int) -> Tuple[int, float]:
             if time.perf_counter() >= end:
                 break
             for _ in range(window - len(futs)):
-                futs.append(session.submit(None))
+                futs.append(session.submit(req))
             futs[0].result(RESULT_WAIT)
             while futs and futs[0].done():
                 futs.popleft().result()
@@ -301,6 +332,199 @@ def queued_memory(bench: Bench, queued: int) -> Dict[str, Any]:
             "cancelled": cancelled}
 
 
+def stream_count(session: Session, count: int, window: int) -> float:
+    """Run exactly ``count`` no-op tasks with at most ``window`` in flight, collecting every
+    result; returns the elapsed seconds."""
+    futs: Deque[Any] = collections.deque()
+    sent = 0
+    start = time.perf_counter()
+    for _ in range(MAX_LOOPS):
+        while sent < count and len(futs) < window:
+            futs.append(session.submit(None))
+            sent += 1
+        if not futs:
+            break
+        futs.popleft().result(RESULT_WAIT)
+        while futs and futs[0].done():
+            futs.popleft().result()
+    return time.perf_counter() - start
+
+
+def settled_rss(pid: int, readings: int = 5) -> int:
+    """Highest VmRSS over ``readings`` samples 0.1 s apart, after the group commit has run."""
+    time.sleep(0.2)
+    out = 0
+    for _ in range(readings):
+        out = max(out, rss_bytes(pid))
+        time.sleep(0.1)
+    return out
+
+
+def finished_memory(bench: Bench, counts: Tuple[int, int], window: int) -> Dict[str, Any]:
+    """Manager RSS after ``counts[0]`` and ``counts[1]`` finished-and-collected tasks (in all)
+    on the 1-instance throughput session: finished tasks should cost no memory."""
+    m, s = bench.session(1)
+    assert m.manager is not None
+    pid = m.manager.pid
+    with Client(m.endpoint) as c:
+        def backlog() -> Dict[str, Any]:
+            st = c.stats()
+            return {k: st.get(k) for k in ("store_backlog", "tasks_in_memory")}
+
+        before = settled_rss(pid)
+        first, second = counts
+        t1 = stream_count(s, first, window)
+        rss_first, at_first = settled_rss(pid), backlog()
+        t2 = stream_count(s, second - first, window)
+        rss_second, at_second = settled_rss(pid), backlog()
+        # Then give the group-commit writer time to catch up (bounded): does the memory come back?
+        t0 = time.monotonic()
+        for _ in range(MAX_LOOPS):
+            if not backlog()["store_backlog"] or time.monotonic() - t0 > DRAIN_WAIT:
+                break
+            time.sleep(0.2)
+        drain_s = time.monotonic() - t0
+        rss_drained, drained = settled_rss(pid), backlog()
+    return {"counts": list(counts), "rss_before": before, "rss_first": rss_first, "rss_second": rss_second,
+            "bytes_per_finished_task": round((rss_second - rss_first) / (second - first), 2),
+            "tasks_per_s": round(second / (t1 + t2), 1), "seconds": round(t1 + t2, 2),
+            "at_first": at_first, "at_second": at_second, "writer_drain_s": round(drain_s, 2),
+            "rss_drained": rss_drained, "after_drain": drained}
+
+
+# -- 10 MiB payloads ----------------------------------------------------------------------
+def mesh_payload_throughput(bench: Bench, payload: int, seconds: float, warmup: float,
+                            window: int) -> Dict[str, Any]:
+    """Stream ``payload``-byte requests through one instance (the no-op returns them), like
+    bench_limit.throughput with the same payload, window and worker count."""
+    _, s = bench.session(1)
+    body = b"x" * payload
+    stream(s, warmup, window, body)
+    done, elapsed = stream(s, seconds, window, body)
+    if done <= 0:
+        raise BenchError("no payload task completed")
+    return {"tasks": done, "seconds": round(elapsed, 3), "tasks_per_s": round(done / elapsed, 2),
+            "mb_per_s": round(done * payload / elapsed / 1e6, 1)}
+
+
+def limit_payload_throughput(payload: int, seconds: float, warmup: float, window: int,
+                             credit: int) -> Dict[str, Any]:
+    r = bench_limit.throughput(workers=1, seconds=seconds, payload=payload, credit=credit, window=window,
+                               warmup=warmup)
+    r["mb_per_s"] = round(r["tasks_per_s"] * payload / 1e6, 1)
+    return r
+
+
+# -- fairness between sessions ---------------------------------------------------------------
+def burst_child(endpoint: str, app: str, count: int) -> None:
+    """The burst's client, in its own process (so its pickling and I/O thread do not share the
+    probe's GIL): open a session, make sure its instance serves, print ``ready``, wait for
+    ``go`` on stdin, submit ``count`` tasks at once, wait for all, print the times."""
+    s = Session(app, manager=endpoint)
+    try:
+        for _ in range(20):
+            s.invoke(None, timeout=WARMUP_LIMIT)
+        print(json.dumps({"ready": True}), flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return
+        t0 = time.perf_counter()
+        futs = [s.submit(None) for _ in range(count)]
+        t1 = time.perf_counter()
+        deadline = time.monotonic() + FAIR_LIMIT
+        for f in futs:
+            f.result(max(0.1, deadline - time.monotonic()))
+        t2 = time.perf_counter()
+        print(json.dumps({"tasks": count, "submit_s": round(t1 - t0, 3), "burst_s": round(t2 - t0, 3)}),
+              flush=True)
+    finally:
+        s.close()
+
+
+def _read_line(proc: subprocess.Popen, buf: List[bytes], timeout: float) -> Optional[Dict[str, Any]]:
+    """One JSON line from the child's stdout within ``timeout`` seconds, else None."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_LOOPS):
+        joined = b"".join(buf)
+        if b"\n" in joined:
+            line, rest = joined.split(b"\n", 1)
+            buf[:] = [rest]
+            return json.loads(line)
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise BenchError(f"the burst client exited (code {proc.wait(5)}); see its log")
+        buf.append(chunk)
+    return None
+
+
+def fairness(bench: Bench, probe_app: str, burst_mesh: str, burst: int, idle_count: int,
+             max_seconds: float) -> Dict[str, Any]:
+    """Latency of one session's ``invoke`` while idle, then while another client's burst of
+    ``burst`` tasks (session of app ``noop``) runs; the probe's mesh: one executor, 2 slots.
+    The burst goes to the same mesh, or (control) to ``burst_mesh``, another 2-slot mesh."""
+    m = bench.mesh("fair", 2)
+    bm = bench.mesh(burst_mesh, 2)
+    if probe_app != "noop":
+        with Client(m.endpoint) as c:
+            if c.get_application(probe_app) is None:
+                c.register_application(noop_spec(probe_app))
+    log = open(os.path.join(m.log_dir, "burst-client.log"), "ab")
+    probe = Session(probe_app, manager=m.endpoint)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--burst-child", bm.endpoint, "noop",
+                             str(burst)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                            preexec_fn=die_with_parent(signal.SIGTERM))
+    log.close()
+    buf: List[bytes] = []
+    try:
+        for _ in range(20):                       # the probe's instance is up and serving
+            probe.invoke(None, timeout=WARMUP_LIMIT)
+        if _read_line(proc, buf, WARMUP_LIMIT) is None:
+            raise BenchError(f"the burst client was not ready within {WARMUP_LIMIT:.0f}s; see {m.log_dir}")
+        idle: List[float] = []
+        deadline = time.monotonic() + max_seconds
+        for i in range(idle_count + 50):
+            if time.monotonic() > deadline:
+                break
+            t = time.perf_counter_ns()
+            probe.invoke(None, timeout=RESULT_WAIT)
+            if i >= 50:
+                idle.append((time.perf_counter_ns() - t) / 1000.0)
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        t0 = time.perf_counter()
+        during: List[float] = []
+        done: Optional[Dict[str, Any]] = None
+        for _ in range(MAX_LOOPS):
+            t = time.perf_counter_ns()
+            probe.invoke(None, timeout=RESULT_WAIT)
+            during.append((time.perf_counter_ns() - t) / 1000.0)
+            done = _read_line(proc, buf, 0.0)
+            if done is not None:
+                break
+            if time.perf_counter() - t0 > FAIR_LIMIT:
+                raise BenchError(f"a burst of {burst} tasks did not finish within {FAIR_LIMIT:.0f}s")
+        assert done is not None
+        proc.wait(RESULT_WAIT)
+    finally:
+        try:
+            probe.close()
+        finally:
+            LocalMesh.end(proc)
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    f.close()
+    i, d = percentiles(idle), percentiles(during)
+    return {"probe_app": probe_app, "burst_mesh": burst_mesh, "burst": burst, "burst_s": done["burst_s"], "submit_s": done["submit_s"],
+            "burst_tasks_per_s": round(burst / done["burst_s"], 1),
+            "idle": i, "during": d, "during_max_us": round(max(during), 1),
+            "ratio_p50": ratio(d["p50_us"], i["p50_us"]), "ratio_p99": ratio(d["p99_us"], i["p99_us"])}
+
+
+
 def mesh_startup(bench: Bench) -> Dict[str, Any]:
     """Seconds from starting a fresh manager + executor until a first no-op returns
     (includes registering the app and launching its instance), like the peers' start-up."""
@@ -400,7 +624,9 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     log_dir = tempfile.mkdtemp(prefix="zmesh-bench-")
     started = time.monotonic()
     raw: Dict[str, Any] = {"throughput": {str(n): {"limit": [], "zeromesh": []} for n in opts.instances},
-                           "latency": {label: {"limit": [], "zeromesh": []} for label, _ in SIZES}}
+                           "latency": {label: {"limit": [], "zeromesh": []} for label, _ in SIZES},
+                           "payload_10mib": {"limit": [], "zeromesh": []},
+                           "fairness": {label: [] for label, _, _ in FAIR_APPS}}
     bench = Bench(env, log_dir)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not opts.silent else (lambda msg: None)
     try:
@@ -419,6 +645,19 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                     workers=1, count=count, payload=size, max_seconds=cfg["latency_seconds"]))
                 raw["latency"][label]["zeromesh"].append(
                     mesh_latency(bench, count, size, cfg["latency_seconds"]))
+            pw, ps = cfg["payload_window"], cfg["payload_seconds"]
+            say(f"[{rep + 1}/{opts.repeat}] throughput 10 MiB payloads, window {pw}: limit, zeromesh ...")
+            raw["payload_10mib"]["limit"].append(limit_payload_throughput(MIB10, ps, cfg["warmup"], pw, credit))
+            raw["payload_10mib"]["zeromesh"].append(
+                mesh_payload_throughput(bench, MIB10, ps, cfg["warmup"], pw))
+            for label, app, burst_mesh in FAIR_APPS:
+                say(f"[{rep + 1}/{opts.repeat}] fairness ({label}): probe idle, then during a "
+                    f"{cfg['burst']:,}-task burst ...")
+                raw["fairness"][label].append(
+                    fairness(bench, app, burst_mesh, cfg["burst"], cfg["fair_idle"], cfg["latency_seconds"]))
+        a, b = cfg["finished"]
+        say(f"manager memory after {a:,} and {b:,} finished tasks ...")
+        finished = finished_memory(bench, (a, b), window)
         say(f"manager memory with {queued} tasks queued ...")
         memory = queued_memory(bench, queued)
         if opts.peers:
@@ -436,7 +675,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {
         "settings": {"quick": opts.quick, "repeat": opts.repeat, "seconds": seconds, "window": window,
                      "limit_credit": credit, "prefetch": settings.prefetch, "queue_target": settings.queue_target,
-                     "queued": queued, "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                     "queued": queued, "payload_window": cfg["payload_window"], "burst": cfg["burst"],
+                     "finished": list(cfg["finished"]), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                      "log_dir": log_dir},
         "throughput": {}, "latency": {}, "manager": {}, "runs": raw,
     }
@@ -455,10 +695,30 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             lim = median([x[p] for x in r["limit"]])
             entry.update({p: zm, "limit_" + p: lim, "ratio_" + p[:3]: ratio(zm, lim)})
         result["latency"][label] = entry
+    r = raw["payload_10mib"]
+    zm = median([x["mb_per_s"] for x in r["zeromesh"]])
+    lim = median([x["mb_per_s"] for x in r["limit"]])
+    result["payload_10mib"] = {"mb_per_s": zm, "limit_mb_per_s": lim, "ratio": ratio(zm, lim),
+                               "window": cfg["payload_window"]}
+    result["fairness"] = {}
+    for label, _, _ in FAIR_APPS:
+        r = raw["fairness"][label]
+        f: Dict[str, Any] = {"probe_app": r[0]["probe_app"], "burst_mesh": r[0]["burst_mesh"],
+                             "burst": cfg["burst"],
+                             "burst_s": median([x["burst_s"] for x in r]),
+                             "samples_idle": r[-1]["idle"]["count"], "samples_during": r[-1]["during"]["count"]}
+        for phase in ("idle", "during"):
+            for q in ("p50_us", "p99_us"):
+                f[f"{phase}_{q}"] = median([x[phase][q] for x in r])
+        f["ratio_p50"] = median([x["ratio_p50"] for x in r])
+        f["ratio_p99"] = median([x["ratio_p99"] for x in r])
+        result["fairness"][label] = f
     first = str(opts.instances[0])
     result["manager"]["cpu_s_per_10k_tasks"] = result["manager"][f"cpu_s_per_10k_tasks_{first}"]
     result["manager"]["rss_bytes_per_queued_task"] = memory["bytes_per_queued_task"]
     result["manager"]["queued_memory"] = memory
+    result["manager"]["rss_bytes_per_finished_task"] = finished["bytes_per_finished_task"]
+    result["manager"]["finished_memory"] = finished
     result["total_seconds"] = round(total, 1)
     if opts.peers:
         result["startup"] = startup
@@ -481,12 +741,36 @@ def rows(res: Dict[str, Any]) -> List[Tuple[str, str, str, str, str]]:
         for p in ("p50", "p99"):
             out.append((f"latency {label} {p} (n={r['count']})", "us", num(r[p + "_us"]),
                         num(r[f"limit_{p}_us"]), num(r[f"ratio_{p}"], ".2f")))
+    p10 = res["payload_10mib"]
+    out.append((f"throughput 10 MiB payloads (window {p10['window']})", "MB/s", num(p10["mb_per_s"], ",.1f"),
+                num(p10["limit_mb_per_s"], ",.1f"), num(p10["ratio"], ".2f")))
     m = res["manager"]
     for n in res["throughput"]:
         out.append((f"manager CPU / 10k tasks, {n} inst.", "s", num(m[f"cpu_s_per_10k_tasks_{n}"], ".3f"), "-", "-"))
     q = m["queued_memory"]
     out.append((f"manager RSS / queued task ({q['queued']:,})", "bytes", num(m["rss_bytes_per_queued_task"]),
                 "-", "-"))
+    f = m["finished_memory"]
+    a, b = f["counts"]
+    out.append((f"manager RSS after {a:,} finished tasks", "MiB", num(f["rss_first"] / 2 ** 20, ",.1f"), "-", "-"))
+    out.append((f"manager RSS after {b:,} finished tasks", "MiB", num(f["rss_second"] / 2 ** 20, ",.1f"), "-", "-"))
+    out.append((f"manager RSS / finished task ({a:,} -> {b:,})", "bytes", num(m["rss_bytes_per_finished_task"], ",.1f"),
+                "-", "-"))
+    out.append((f"  SQLite writer backlog at {a:,} / {b:,}", "commits",
+                f"{f['at_first']['store_backlog']} / {f['at_second']['store_backlog']}", "-", "-"))
+    out.append((f"  manager RSS {f['writer_drain_s']:.0f} s later, writer caught up", "MiB",
+                num(f["rss_drained"] / 2 ** 20, ",.1f"), "-", "-"))
+    return out
+
+
+def fair_rows(res: Dict[str, Any]) -> List[Tuple[str, ...]]:
+    out: List[Tuple[str, ...]] = []
+    for label, f in res["fairness"].items():
+        for q in ("p50", "p99"):
+            out.append((f"2nd session invoke {q}, {label} (n={f['samples_during']:,}/{f['samples_idle']:,})", "us",
+                        format(f[f"during_{q}_us"], ",.0f"), format(f[f"idle_{q}_us"], ",.0f"),
+                        format(f[f"ratio_{q}"], ".2f")))
+        out.append((f"  burst of {f['burst']:,} tasks, {label}", "s", format(f["burst_s"], ".2f"), "-", "-"))
     return out
 
 
@@ -579,8 +863,19 @@ def show(res: Dict[str, Any]) -> None:
     for r in rows(res):
         t.add_row(*(escape(c) for c in r))
     Console(width=max(100, Console().width)).print(t)
+    show_fairness(res)
     if "peers" in res:
         show_peers(res)
+
+
+def show_fairness(res: Dict[str, Any]) -> None:
+    f = next(iter(res["fairness"].values()))
+    title = (f"fairness: a 2nd session's invoke during another client's {f['burst']:,}-task burst "
+             f"(1 executor, 2 slots)")
+    header = ("figure", "unit", "during", "idle", "ratio")
+    caption = ("during = while the burst runs, idle = same session just before it (n = samples "
+               "during/idle); ratio = during / idle (target p99 <= 5)")
+    _table(title, header, fair_rows(res), caption)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -598,7 +893,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     help="also measure Ray and Dask distributed (scripts/bench_peers.py), ~2 more minutes")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--burst-child", nargs=3, metavar=("ENDPOINT", "APP", "COUNT"), help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
+    if opts.burst_child:
+        endpoint, app, count = opts.burst_child
+        burst_child(endpoint, app, int(count))
+        return {}
     if opts.repeat < 1 or (opts.seconds is not None and opts.seconds <= 0) or min(opts.instances) < 1:
         ap.error("--repeat, --seconds and --instances must be positive")
 

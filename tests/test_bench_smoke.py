@@ -51,5 +51,17 @@ def test_bench_quick_writes_every_figure(tmp_path):
     assert _positive(m["cpu_s_per_10k_tasks"])
     assert _positive(m["rss_bytes_per_queued_task"]), m
     assert m["queued_memory"]["cancelled"] == m["queued_memory"]["queued"]  # closing cancelled every queued task
+    f = m["finished_memory"]
+    assert f["counts"][1] > f["counts"][0] > 0 and _positive(f["rss_first"]) and _positive(f["rss_second"]), f
+    assert isinstance(m["rss_bytes_per_finished_task"], (int, float)), m   # may be 0 or slightly negative
+    p = res["payload_10mib"]
+    for key in ("mb_per_s", "limit_mb_per_s", "ratio"):
+        assert _positive(p[key]), (key, p)
+    for label in ("same app", "second app", "control: other mesh"):
+        fair = res["fairness"][label]
+        for key in ("idle_p50_us", "idle_p99_us", "during_p50_us", "during_p99_us", "ratio_p50", "ratio_p99",
+                    "burst_s"):
+            assert _positive(fair[key]), (label, key, fair)
+        assert fair["samples_during"] >= 1 and fair["burst"] > 0, fair
     assert _positive(res["total_seconds"])
     assert "throughput no-op" in text   # the table was printed
