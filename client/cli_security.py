@@ -242,8 +242,8 @@ def login(manager: Optional[str], user: Optional[str], password_stdin: bool) -> 
     from .auth import PasswordAuth, store_token
     from .connection import Connection
     user = user or os.environ.get("ZMESH_USER") or click.prompt("user")
-    pw = os.environ.get("ZMESH_PASSWORD") if not password_stdin and os.environ.get("ZMESH_PASSWORD") \
-        else _password(password_stdin, "password: ")
+    env_pw = os.environ.get("ZMESH_PASSWORD")
+    pw: str = env_pw if env_pw and not password_stdin else _password(password_stdin, "password: ")
     endpoint = manager or default_manager()
     conn = Connection(endpoint, auth=PasswordAuth(user, pw))
     try:

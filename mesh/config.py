@@ -36,7 +36,14 @@ class Settings:
     """Seconds of work kept queued at each instance; credit is this over the measured task time."""
     flush_interval: float = 0.02
     """Seconds between group commits of task and context changes to SQLite."""
+    bind_grace: float = 1.0
+    """Seconds an idle instance stays with its session before another session may take it."""
     idle_timeout: float = 60.0
+    persist_input_max: int = 64 * 1024
+    """Largest request kept in SQLite while its task waits; a larger one is resent by its client
+    after a manager restart instead of being written (a 10 MiB write per task costs more than it saves)."""
+    max_store_backlog: int = 8
+    """Group commits the writer thread may fall behind before the manager stops taking input."""
     """Seconds an instance bound to no session is kept warm before it is stopped."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""

@@ -44,6 +44,7 @@ from .store import OBJECT_PREFIX, Batch, Store, Writer
 log = logging.getLogger("zeromesh.manager")
 
 DRAIN_BATCH = 4096  # messages handled per wake-up before timers get a turn
+EXECUTOR_TRAFFIC = frozenset({Cmd.HEARTBEAT, Cmd.EXITED, Cmd.DRAIN, Cmd.REQUEST})  # what executors send
 
 
 class Manager:
@@ -70,7 +71,7 @@ class Manager:
         self.batch = Batch()
         self.stats: Dict[str, int] = {"messages_in": 0, "bytes_in": 0, "protocol_errors": 0,
                                       "tasks_submitted": 0, "tasks_finished": 0, "tasks_retried": 0,
-                                      "late_answers_dropped": 0, "send_failures": 0, "auth_denied": 0, "requests": 0,
+                                      "late_answers_dropped": 0, "send_failures": 0, "auth_denied": 0, "requests": 0, "store_pauses": 0,
                                       "bytes_out": 0}
         self._iids = itertools.count(1)
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
@@ -79,6 +80,7 @@ class Manager:
         self._closing = False
         self._frames: Optional[List[Any]] = None
         self._admitting: Set[bytes] = set()         # executors whose key is being checked
+        self._paused = False                        # not reading: the store is behind
         self.endpoint = ""
         self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self._load()
@@ -110,14 +112,18 @@ class Manager:
                 doc.replay(patches)
                 self.objects.load(key, doc, sid, expires_at)
         self._next_tid = itertools.count(self.store.max_task_id() + 1)
+        lost = []
         for tid, sid, attempts, payload, cid, tag in self.store.load_unfinished_tasks():
             s = self.sessions.get(sid)
-            if s is None or payload is None:
+            if s is None or payload is None:   # a request too large to keep: its client resends it
+                lost.append(tid)
                 continue
             t = Task(tid, sid, b"", tag, payload, attempts, cid)  # the client re-attaches when it resends
             self.tasks[tid] = t
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
+        if lost:
+            self.store.mark_lost(lost)   # their clients resend them (docs/reliability.md)
 
     # -- socket plumbing -----------------------------------------------------
     def _open_socket(self) -> None:
@@ -152,7 +158,7 @@ class Manager:
     def peer_key(self) -> Optional[str]:
         """The CURVE public key (z85) of the peer whose message is being handled, when secured."""
         frame = self._frames[1] if self._frames else None
-        return frame.get("User-Id") if isinstance(frame, zmq.Frame) else None
+        return str(frame.get("User-Id")) if isinstance(frame, zmq.Frame) else None
 
     def send(self, identity: bytes, cmd: Cmd, header: Any, payloads: Sequence[Any] = ()) -> bool:
         try:
@@ -168,6 +174,8 @@ class Manager:
         self.loop.call_soon(self._on_readable)
 
     def _on_readable(self) -> None:
+        if self._paused:
+            return
         sock = self.sock
         recv = transport.recv
         for _ in range(DRAIN_BATCH):
@@ -205,6 +213,10 @@ class Manager:
 
     def _handle(self, identity: bytes, msg: Message) -> None:
         cmd = msg.cmd
+        if cmd in EXECUTOR_TRAFFIC:
+            peer = self.peers.get(identity)
+            if peer.__class__ is Executor:
+                peer.last_seen = time.time()   # any traffic from an executor counts as a heartbeat
         if cmd is Cmd.SUBMIT:
             self._on_submit(identity, msg)
         elif cmd is Cmd.DONE:
@@ -265,6 +277,7 @@ class Manager:
             tags, payloads = tags[:max(room, 0)], payloads[:max(room, 0)]
         now = time.time()
         add = self.batch.add_task
+        keep_max = self.settings.persist_input_max
         sid = s.id
         for tag, payload in zip(tags, payloads):
             tid = next(self._next_tid)
@@ -274,7 +287,7 @@ class Manager:
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
             s.bytes_in += len(payload)
-            add(tid, sid, now, payload, cid, tag)
+            add(tid, sid, now, payload if len(payload) <= keep_max else None, cid, tag)
         self.stats["tasks_submitted"] += len(tags)
         self._dispatch(s)
 
@@ -712,7 +725,8 @@ class Manager:
             i.session.id if i.session is not None and i.session.state == OPEN else None,
             i.resreq, i.ready, bool(i.inflight), i.draining, i.stopping, i.idle_since)
             for i in self.instances.values()]
-        for action in scheduler.plan(sessions, executors, instances, now, self.settings.idle_timeout):
+        for action in scheduler.plan(sessions, executors, instances, now, self.settings.idle_timeout,
+                                     self.settings.bind_grace):
             self._carry_out(action, now)
 
     def _carry_out(self, action: scheduler.Action, now: float) -> None:
@@ -772,10 +786,27 @@ class Manager:
         self.loop.call_later(min(self.settings.heartbeat_interval, 0.5), self._tick)
 
     def _flush(self) -> None:
-        """Hand the changes collected so far to the writer thread (one group commit)."""
+        """Hand the changes collected so far to the writer thread (one group commit).
+
+        When the disk falls ``max_store_backlog`` commits behind, the manager stops reading
+        its socket until it catches up: it takes work no faster than it can record it, and
+        its memory stays bounded (peers' messages wait in their own queues meanwhile).
+        """
         if self.batch:
             batch, self.batch = self.batch, Batch()
-            self.writer.submit(self.store.write, batch)
+            done = self.writer.submit(self.store.write, batch)
+            if self.writer.backlog() >= self.settings.max_store_backlog and not self._paused:
+                self._paused = True
+                self.stats["store_pauses"] += 1
+                done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._resume))
+
+    def _resume(self) -> None:
+        if self.writer.backlog() >= self.settings.max_store_backlog // 2:
+            self.writer.submit(lambda: None).add_done_callback(
+                lambda _: self.loop.call_soon_threadsafe(self._resume))
+            return
+        self._paused = False
+        self._on_readable()
 
     def _flush_timer(self) -> None:
         self._flush()

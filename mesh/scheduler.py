@@ -20,6 +20,8 @@ Rules, in order of priority:
    one of the other's instances drained (no new credit; rebound once idle), so
    no session waits forever behind a busy one.
 6. Instances bound to no session and idle past ``idle_timeout`` are stopped.
+7. An idle instance stays with its session for ``bind_grace`` seconds before it
+   counts as spare, so a session that invokes one task at a time keeps it.
 """
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ def _labels_match(session: SessionView, executor: ExecutorView) -> bool:
 
 
 def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: List[InstanceView],
-         now: float = 0.0, idle_timeout: float = 60.0) -> List[Action]:
+         now: float = 0.0, idle_timeout: float = 60.0, bind_grace: float = 0.0) -> List[Action]:
     actions: List[Action] = []
     execs = {e.id: e for e in executors}
     live = [i for i in instances if not i.stopping]
@@ -125,8 +127,11 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
     share = max(1, total_slots // max(1, len(wanting)))
 
     # Idle instances that serve nobody with work: the pool we reuse or reclaim.
+    # (an instance stays with its session for ``bind_grace`` after its last task: a client that
+    # invokes one task at a time keeps its instance between calls instead of losing it to a burst)
     spare = [i for i in live if i.ready and not i.busy
-             and (i.session is None or i.session not in wanted_ids or i.draining)]
+             and (i.session is None or i.draining
+                  or (i.session not in wanted_ids and now - i.idle_since >= bind_grace))]
     spare.sort(key=lambda i: (i.session is not None, i.idle_since))
     taken: set = set()
 

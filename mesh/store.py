@@ -66,6 +66,7 @@ class Batch:
     deleted_objects: List[str] = field(default_factory=list)
 
     def add_task(self, tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> None:
+        """``payload`` None: the request is not kept (too large; the client resends it if need be)."""
         self.tasks[tid] = [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
 
     def finish_task(self, tid: int, state: str, attempts: int, when: float, error: Optional[str]) -> None:
@@ -171,6 +172,10 @@ class Store:
         return self.db.execute("SELECT 1 FROM executor_keys WHERE public=?", (public,)).fetchone() is not None
 
     # -- tasks ----------------------------------------------------------------
+    def mark_lost(self, tids: List[int]) -> None:
+        with self.db:
+            self.db.executemany("UPDATE tasks SET state='lost' WHERE id=?", [(t,) for t in tids])
+
     def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes, str, int]]:
         return self.db.execute(
             "SELECT id, session, attempts, input, client, tag FROM tasks WHERE state IN ('pending', 'running') "
@@ -182,7 +187,8 @@ class Store:
         for i in range(0, len(tags), 500):
             chunk = tags[i:i + 500]
             rows = self.db.execute(
-                f"SELECT tag, state, output, error FROM tasks WHERE client=? AND tag IN ({','.join('?' * len(chunk))})",
+                f"SELECT tag, state, output, error FROM tasks WHERE client=? AND tag IN ({','.join('?' * len(chunk))}) "
+                "ORDER BY id",   # the newest record of a tag wins
                 (client, *chunk)).fetchall()
             out.update({r[0]: (r[1], r[2], r[3]) for r in rows})
         return out
