@@ -165,24 +165,25 @@ class Bench:
         self.meshes: Dict[str, LocalMesh] = {}
         self.sessions: Dict[str, Session] = {}
 
-    def mesh(self, key: str, slots: int) -> LocalMesh:
+    def mesh(self, key: str, slots: int, secure: bool = False) -> LocalMesh:
         m = self.meshes.get(key)
         if m is None:
             d = os.path.join(self.log_dir, key)
             os.makedirs(d, exist_ok=True)
-            m = LocalMesh(executors=1, slots=slots, env=self.env, log_dir=d)
+            m = LocalMesh(executors=1, slots=slots, env=self.env, log_dir=d, secure=secure)
             self.meshes[key] = m   # registered before start, so close() ends a half-started mesh
             m.start()
-            with Client(m.endpoint) as c:
+            with m.client() as c:
                 c.register_application(noop_spec())
         return m
 
-    def session(self, slots: int) -> Tuple[LocalMesh, Session]:
-        key = f"slots{slots}"
-        m = self.mesh(key, slots)
+    def session(self, slots: int, secure: bool = False) -> Tuple[LocalMesh, Session]:
+        """A warm session; ``secure``: on a CURVE mesh, logged in as its admin."""
+        key = f"slots{slots}" + ("-curve" if secure else "")
+        m = self.mesh(key, slots, secure)
         s = self.sessions.get(key)
         if s is None:
-            s = self.sessions[key] = Session("noop", manager=m.endpoint)
+            s = self.sessions[key] = Session("noop", manager=m.endpoint, manager_key=m.manager_key, auth=m.admin)
         return m, s
 
     def close(self) -> None:
@@ -244,8 +245,9 @@ def warm_up(mesh: LocalMesh, session: Session, instances: int, seconds: float, w
                      f"({rounds} warm-up rounds); see {mesh.log_dir}")
 
 
-def mesh_throughput(bench: Bench, instances: int, seconds: float, warmup: float, window: int) -> Dict[str, Any]:
-    m, s = bench.session(instances)
+def mesh_throughput(bench: Bench, instances: int, seconds: float, warmup: float, window: int,
+                    secure: bool = False) -> Dict[str, Any]:
+    m, s = bench.session(instances, secure)
     warm = warm_up(m, s, instances, warmup, window)
     assert m.manager is not None
     pid = m.manager.pid
@@ -270,9 +272,9 @@ def percentiles(samples_us: List[float]) -> Dict[str, Any]:
             "mean_us": round(sum(xs) / n, 1)}
 
 
-def mesh_latency(bench: Bench, count: int, payload: int, max_seconds: float) -> Dict[str, Any]:
+def mesh_latency(bench: Bench, count: int, payload: int, max_seconds: float, secure: bool = False) -> Dict[str, Any]:
     """``invoke`` one task at a time on one warm instance; the round trip includes pickling."""
-    _, s = bench.session(1)
+    _, s = bench.session(1, secure)
     body = b"x" * payload
     warm = min(100, max(2, count // 10))
     samples: List[float] = []
@@ -626,7 +628,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     raw: Dict[str, Any] = {"throughput": {str(n): {"limit": [], "zeromesh": []} for n in opts.instances},
                            "latency": {label: {"limit": [], "zeromesh": []} for label, _ in SIZES},
                            "payload_10mib": {"limit": [], "zeromesh": []},
-                           "fairness": {label: [] for label, _, _ in FAIR_APPS}}
+                           "fairness": {label: [] for label, _, _ in FAIR_APPS},
+                           "curve": {"plain": [], "curve": []}}
     bench = Bench(env, log_dir)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not opts.silent else (lambda msg: None)
     try:
@@ -655,6 +658,15 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                     f"{cfg['burst']:,}-task burst ...")
                 raw["fairness"][label].append(
                     fairness(bench, app, burst_mesh, cfg["burst"], cfg["fair_idle"], cfg["latency_seconds"]))
+        if opts.curve:
+            for rep in range(opts.repeat):
+                for secure in (False, True):
+                    name = "curve" if secure else "plain"
+                    say(f"[{rep + 1}/{opts.repeat}] CURVE cost: {name} throughput and latency ...")
+                    raw["curve"][name].append({
+                        "throughput": mesh_throughput(bench, 1, seconds, cfg["warmup"], window, secure),
+                        "latency": mesh_latency(bench, cfg["latency_counts"]["0 B"] // 2, 0, cfg["latency_seconds"],
+                                                secure)})
         a, b = cfg["finished"]
         say(f"manager memory after {a:,} and {b:,} finished tasks ...")
         finished = finished_memory(bench, (a, b), window)
@@ -713,6 +725,15 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         f["ratio_p50"] = median([x["ratio_p50"] for x in r])
         f["ratio_p99"] = median([x["ratio_p99"] for x in r])
         result["fairness"][label] = f
+    if opts.curve:
+        cv = raw["curve"]
+        pick = {k: {"tasks_per_s": median([x["throughput"]["tasks_per_s"] for x in cv[k]]),
+                    "p50_us": median([x["latency"]["p50_us"] for x in cv[k]]),
+                    "p99_us": median([x["latency"]["p99_us"] for x in cv[k]])} for k in ("plain", "curve")}
+        result["curve"] = {**pick,
+                           "ratio_tasks_per_s": ratio(pick["curve"]["tasks_per_s"], pick["plain"]["tasks_per_s"]),
+                           "ratio_p50": ratio(pick["curve"]["p50_us"], pick["plain"]["p50_us"]),
+                           "ratio_p99": ratio(pick["curve"]["p99_us"], pick["plain"]["p99_us"])}
     first = str(opts.instances[0])
     result["manager"]["cpu_s_per_10k_tasks"] = result["manager"][f"cpu_s_per_10k_tasks_{first}"]
     result["manager"]["rss_bytes_per_queued_task"] = memory["bytes_per_queued_task"]
@@ -864,8 +885,22 @@ def show(res: Dict[str, Any]) -> None:
         t.add_row(*(escape(c) for c in r))
     Console(width=max(100, Console().width)).print(t)
     show_fairness(res)
+    if "curve" in res:
+        show_curve(res)
     if "peers" in res:
         show_peers(res)
+
+
+def show_curve(res: Dict[str, Any]) -> None:
+    c = res["curve"]
+    body = [("throughput no-op, 1 inst.", "tasks/s", f"{c['curve']['tasks_per_s']:,.0f}",
+             f"{c['plain']['tasks_per_s']:,.0f}", f"{c['ratio_tasks_per_s']:.2f}"),
+            ("latency 0 B p50", "us", f"{c['curve']['p50_us']:,.0f}", f"{c['plain']['p50_us']:,.0f}",
+             f"{c['ratio_p50']:.2f}"),
+            ("latency 0 B p99", "us", f"{c['curve']['p99_us']:,.0f}", f"{c['plain']['p99_us']:,.0f}",
+             f"{c['ratio_p99']:.2f}")]
+    _table("the cost of security: CURVE + tokens vs --insecure (same machine, same run)",
+           ("figure", "unit", "secured", "insecure", "ratio"), body, "ratio = secured / insecure")
 
 
 def show_fairness(res: Dict[str, Any]) -> None:
@@ -891,6 +926,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="tiny counts and durations (< 20 s), for tests")
     ap.add_argument("--peers", action="store_true",
                     help="also measure Ray and Dask distributed (scripts/bench_peers.py), ~2 more minutes")
+    ap.add_argument("--curve", action="store_true",
+                    help="also measure a secured mesh (CURVE, logged-in client) against an insecure one")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--burst-child", nargs=3, metavar=("ENDPOINT", "APP", "COUNT"), help=argparse.SUPPRESS)
