@@ -42,7 +42,7 @@ class Settings:
     persist_input_max: int = 64 * 1024
     """Largest request kept in SQLite while its task waits; a larger one is resent by its client
     after a manager restart instead of being written (a 10 MiB write per task costs more than it saves)."""
-    max_store_backlog: int = 8
+    max_store_backlog: int = 64
     """Group commits the writer thread may fall behind before the manager stops taking input."""
     """Seconds an instance bound to no session is kept warm before it is stopped."""
     max_message_size: int = 256 * 1024 * 1024

@@ -798,6 +798,7 @@ class Manager:
             if self.writer.backlog() >= self.settings.max_store_backlog and not self._paused:
                 self._paused = True
                 self.stats["store_pauses"] += 1
+                self.loop.remove_reader(self._fd)   # or the loop would spin on a readable socket
                 done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._resume))
 
     def _resume(self) -> None:
@@ -806,6 +807,7 @@ class Manager:
                 lambda _: self.loop.call_soon_threadsafe(self._resume))
             return
         self._paused = False
+        self.loop.add_reader(self._fd, self._on_readable)
         self._on_readable()
 
     def _flush_timer(self) -> None:
@@ -831,7 +833,8 @@ class Manager:
             self.loop.add_signal_handler(signal.SIGHUP, self._reload)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
-        self.loop.add_reader(cast(int, self.sock.getsockopt(zmq.FD)), self._on_readable)
+        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
+        self.loop.add_reader(self._fd, self._on_readable)
         self.loop.call_soon(self._tick)
         self.loop.call_soon(self._flush_timer)
         self.loop.call_soon(self._on_readable)
