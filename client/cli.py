@@ -90,12 +90,16 @@ def _daemon_config(config_path: Optional[str], flags: Dict[str, Any], kind: str)
     return sf.values(sf.load_layers(config_path, os.environ, flags, keys, defaults=defaults))
 
 
-def _log_level_reloader(config_path: Optional[str], flags: Dict[str, Any], kind: str) -> Callable[[], None]:
-    """SIGHUP: re-read the config and apply its log_level (the rest needs a restart)."""
+def _reloader(config_path: Optional[str], flags: Dict[str, Any], kind: str,
+              daemon: Any = None) -> Callable[[], None]:
+    """SIGHUP: re-read the config and apply what can change while running: the log level, and an
+    executor's labels (the manager learns them from its next heartbeat).  The rest needs a restart."""
     def reload() -> None:
         import logging
-        level = _daemon_config(config_path, flags, kind)["log_level"] or "INFO"
-        logging.getLogger("zeromesh").setLevel(level.upper())
+        cfg = _daemon_config(config_path, flags, kind)
+        logging.getLogger("zeromesh").setLevel((cfg["log_level"] or "INFO").upper())
+        if daemon is not None:
+            daemon.labels = dict(cfg["labels"] or {})
     return reload
 
 
@@ -123,7 +127,7 @@ def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], 
     cfg = _daemon_config(config_path, flags, "manager")
     log.setup(cfg["log_level"], cfg["log_format"])
     settings = Settings.load(heartbeat_interval=cfg["heartbeat_interval"], liveness=cfg["liveness"])
-    run(cfg["bind"], cfg["db"], settings, endpoint_file, on_reload=_log_level_reloader(config_path, flags, "manager"),
+    run(cfg["bind"], cfg["db"], settings, endpoint_file, on_reload=_reloader(config_path, flags, "manager"),
         metrics_port=metrics_port, curve_secret=cfg["curve_secret"], insecure=cfg["insecure"])
 
 
@@ -158,7 +162,7 @@ def executor(config_path: Optional[str], manager: Optional[str], slots: Optional
     daemon = ExecutorDaemon(cfg["manager"], cfg["slots"], cfg["labels"], cfg["name"],
                             run_dir=os.environ.get("RUNTIME_DIRECTORY") or None, manager_key=cfg["manager_key"],
                             curve_secret=cfg["curve_secret"], insecure=cfg["insecure"])
-    daemon.on_reload = _log_level_reloader(config_path, flags, "executor")
+    daemon.on_reload = _reloader(config_path, flags, "executor", daemon)
     sys.exit(daemon.run())
 
 

@@ -274,6 +274,7 @@ class ExecutorDaemon:
     def _reload(self) -> None:
         self._reload_requested = False
         sdnotify.reload(self.on_reload, log, executor=self.id)
+        self._send(Cmd.HEARTBEAT, {"labels": self.labels, "cache": self.cache.stats()})  # new labels now
 
     def drain(self) -> None:
         """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import socket
 import subprocess
@@ -160,3 +161,26 @@ def test_cli_as_a_subprocess_view_top_invoke_completion(busy_mesh):
     assert comp.returncode == 0 and "_ZMESH_COMPLETE" in comp.stdout
     missing = _zmesh("view", "-t", "999999999", env=env)
     assert missing.returncode == errors.NotFound.exit_code
+
+
+def test_sighup_reloads_an_executors_labels_from_its_config_file(tmp_path):
+    import signal
+    m = LocalMesh(executors=0, env=FAST, log_dir=str(tmp_path))
+    with m:
+        cfg = tmp_path / "executor.yaml"
+        cfg.write_text(f"manager: {m.endpoint}\nslots: 1\nname: hup\ninsecure: true\nlabels: {{zone: a}}\n")
+        p = subprocess.Popen([sys.executable, "-m", "client.cli", "executor", "--config", str(cfg)],
+                             env={**os.environ, **FAST}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            m.wait_executors(1)
+            with m.client() as c:
+                assert c.get_executor("hup").labels == {"zone": "a"}
+                cfg.write_text(cfg.read_text().replace("zone: a", "zone: b"))
+                p.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 15
+                while c.get_executor("hup").labels != {"zone": "b"} and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert c.get_executor("hup").labels == {"zone": "b"}
+                assert p.poll() is None, "SIGHUP reloads; it does not stop the executor"
+        finally:
+            LocalMesh.end(p)
