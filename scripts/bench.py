@@ -828,6 +828,7 @@ def peer_rows(res: Dict[str, Any]) -> List[Tuple[str, ...]]:
 
 def _table(title: str, header: Tuple[str, ...], body: List[Tuple[str, ...]], caption: str,
            width: int = 100) -> None:
+    """A rich table when rich is installed, plain columns otherwise (shared by the bench scripts)."""
     try:
         from rich.console import Console
         from rich.markup import escape
@@ -865,25 +866,7 @@ def show(res: Dict[str, Any]) -> None:
              f"repeat {st['repeat']}, {res['total_seconds']} s)")
     header = ("figure", "unit", "zeromesh", "limit", "ratio")
     caption = "ratio = zeromesh / limit: throughput higher is better, latency lower is better"
-    try:
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        print("%-40s%8s%12s%12s%8s" % header)
-        for r in rows(res):
-            print("%-40s%8s%12s%12s%8s" % r)
-        print(caption)
-        return
-    t = Table(title=escape(title), caption=escape(caption))
-    t.add_column(header[0])
-    t.add_column(header[1])
-    for h in header[2:]:
-        t.add_column(h, justify="right")
-    for r in rows(res):
-        t.add_row(*(escape(c) for c in r))
-    Console(width=max(100, Console().width)).print(t)
+    _table(title, header, rows(res), caption)
     show_fairness(res)
     if "curve" in res:
         show_curve(res)

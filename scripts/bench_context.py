@@ -331,25 +331,8 @@ def show(res: Dict[str, Any]) -> None:
     header = ("figure", "unit", "patch", "replace", "ratio")
     caption = ("ratio = patch / replace, lower is better; lag rows: columns are p50 and p99. "
                "bytes: 'bytes_in' = manager counter, 'wire' = frames the client sent")
-    try:
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        print("%-48s%6s%14s%14s%10s" % header)
-        for r in rows(res):
-            print("%-48s%6s%14s%14s%10s" % r)
-        print(caption)
-        return
-    t = Table(title=escape(title), caption=escape(caption))
-    t.add_column(header[0])
-    t.add_column(header[1])
-    for h in header[2:]:
-        t.add_column(h, justify="right")
-    for r in rows(res):
-        t.add_row(*(escape(x) for x in r))
-    Console(width=max(110, Console().width)).print(t)
+    from bench import _table
+    _table(title, header, rows(res), caption, width=110)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -1,7 +1,7 @@
-"""The benchmark runs end to end (scripts/bench.py --quick) and reports every figure.
-
-It asserts that the benchmark works, not how fast zeromesh is.
-"""
+"""The benchmarks run end to end (scripts/bench.py and bench_context.py, --quick) and report
+every figure.  They assert that the benchmarks work, not how fast zeromesh is; the one
+behaviour checked is that a one-op patch to a 10 MiB context ships a patch (>= 100x fewer
+bytes than replacing it)."""
 from __future__ import annotations
 
 import json
@@ -11,21 +11,21 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.join(os.path.dirname(HERE), "scripts", "bench.py")
+SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
 
 
 def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def test_bench_quick_writes_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.Popen([sys.executable, BENCH, "--quick", "--silent", "--json", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+def _run(script: str, out: object, timeout: float) -> str:
+    """Run a benchmark script in --quick mode; end it by PID if it overruns."""
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script), "--quick", "--silent", "--json",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        stdout, _ = proc.communicate(timeout=120)
+        stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGTERM)   # the benchmark ends its manager and executor on SIGTERM
+        os.kill(proc.pid, signal.SIGTERM)   # the benchmarks end their managers and executors on SIGTERM
         try:
             proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -34,6 +34,12 @@ def test_bench_quick_writes_every_figure(tmp_path):
         raise
     text = stdout.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def test_bench_quick_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    text = _run("bench.py", out, 120)
     res = json.loads(out.read_text())
 
     for n in ("1", "2"):
@@ -65,3 +71,34 @@ def test_bench_quick_writes_every_figure(tmp_path):
         assert fair["samples_during"] >= 1 and fair["burst"] > 0, fair
     assert _positive(res["total_seconds"])
     assert "throughput no-op" in text   # the table was printed
+
+
+def test_bench_context_quick_reports_patch_vs_replace_and_lag(tmp_path):
+    out = tmp_path / "bench_context.json"
+    text = _run("bench_context.py", out, 180)
+    res = json.loads(out.read_text())
+
+    c = res["client"]
+    for kind in ("patch", "replace"):
+        for key in ("count", "p50_us", "p99_us", "bytes_per_write", "wire_bytes_per_write", "encoded_bytes"):
+            assert _positive(c[kind][key]), (kind, key, c[kind])
+    # The behaviour users rely on: a one-op patch to a 10 MiB context does not ship the context.
+    assert c["patch"]["bytes_per_write"] * 100 <= c["replace"]["bytes_per_write"], c
+    assert c["replace"]["bytes_per_write"] >= 10 * 1024 * 1024, c["replace"]
+    assert _positive(c["ratio"]["bytes"]) and _positive(c["ratio"]["time_p50"]), c["ratio"]
+
+    i = res["instance"]
+    for kind in ("patch", "update"):
+        for key in ("count", "p50_us", "p99_us", "invoke_p50_us", "bytes_per_write"):
+            assert _positive(i[kind][key]), (kind, key, i[kind])
+        # update_context ships the difference (one op), not the 10 MiB document
+        assert i[kind]["bytes_per_write"] < 1024, i[kind]
+
+    lag = res["lag"]
+    assert len(lag["per_executor"]) == 2, lag["per_executor"]
+    for eid, r in lag["per_executor"].items():
+        assert _positive(r["count"]) and _positive(r["p50_us"]) and _positive(r["p99_us"]), (eid, r)
+        assert r["p99_us"] >= r["p50_us"]
+    assert _positive(lag["overall"]["p50_us"]) and lag["overall"]["p99_us"] >= lag["overall"]["p50_us"]
+    assert _positive(res["total_seconds"])
+    assert "client write p50" in text   # the table was printed
