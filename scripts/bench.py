@@ -262,14 +262,6 @@ def mesh_throughput(bench: Bench, instances: int, seconds: float, warmup: float,
 
 
 # -- latency ---------------------------------------------------------------------------
-def percentiles(samples_us: List[float]) -> Dict[str, Any]:
-    """Same definitions as bench_limit.latency."""
-    xs = sorted(samples_us)
-    n = len(xs)
-    if not n:
-        raise BenchError("no latency samples")
-    return {"count": n, "p50_us": round(xs[n // 2], 1), "p99_us": round(xs[min(n - 1, int(n * 0.99))], 1),
-            "mean_us": round(sum(xs) / n, 1)}
 
 
 def mesh_latency(bench: Bench, count: int, payload: int, max_seconds: float, secure: bool = False) -> Dict[str, Any]:
@@ -289,7 +281,7 @@ def mesh_latency(bench: Bench, count: int, payload: int, max_seconds: float, sec
             raise BenchError("the no-op returned a payload of the wrong size")
         if i >= warm:
             samples.append(dt / 1000.0)
-    return percentiles(samples)
+    return bench_limit.percentiles(samples)
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -519,7 +511,7 @@ def fairness(bench: Bench, probe_app: str, burst_mesh: str, burst: int, idle_cou
             for f in (proc.stdin, proc.stdout):
                 if f is not None:
                     f.close()
-    i, d = percentiles(idle), percentiles(during)
+    i, d = bench_limit.percentiles(idle), bench_limit.percentiles(during)
     return {"probe_app": probe_app, "burst_mesh": burst_mesh, "burst": burst, "burst_s": done["burst_s"], "submit_s": done["submit_s"],
             "burst_tasks_per_s": round(burst / done["burst_s"], 1),
             "idle": i, "during": d, "during_max_us": round(max(during), 1),

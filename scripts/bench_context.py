@@ -47,6 +47,7 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import bench_limit  # noqa: E402
 import cloudpickle  # noqa: E402
 
 from client import Client, Session  # noqa: E402
@@ -74,14 +75,6 @@ def app_spec() -> Dict[str, Any]:
             "spec": {"working_directory": APPS, "command": sys.executable, "arguments": ["context_service.py"]}}
 
 
-def percentiles(samples_us: List[float]) -> Dict[str, Any]:
-    """Same definitions as scripts/bench.py."""
-    xs = sorted(samples_us)
-    n = len(xs)
-    if not n:
-        raise BenchError("no samples")
-    return {"count": n, "p50_us": round(xs[n // 2], 1), "p99_us": round(xs[min(n - 1, int(n * 0.99))], 1),
-            "mean_us": round(sum(xs) / n, 1)}
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -131,7 +124,7 @@ def client_writes(session: Session, count: int, write: Callable[[int], int], sec
     bytes_in = (info1["bytes_in"] - info0["bytes_in"]) / n
     wire_per = wire_bytes / n
     counted = bytes_in > 0
-    return {**percentiles(samples), "manager_bytes_in_per_write": round(bytes_in, 1),
+    return {**bench_limit.percentiles(samples), "manager_bytes_in_per_write": round(bytes_in, 1),
             "wire_bytes_per_write": round(wire_per, 1), "counted_by_manager": counted,
             "bytes_per_write": round(bytes_in if counted else wire_per, 1)}
 
@@ -185,12 +178,12 @@ def instance_writes(session: Session, op: str, count: int, seconds: float) -> Di
         raise BenchError(f"{n} instance writes moved the version by "
                          f"{info1['context_version'] - info0['context_version']}")
     bytes_in = (info1["bytes_in"] - info0["bytes_in"] - n * req_bytes) / n
-    w = percentiles(write_us)
+    w = bench_limit.percentiles(write_us)
     out_d: Dict[str, Any] = {"count": n, "p50_us": w["p50_us"], "p99_us": w["p99_us"],
-                             "invoke_p50_us": percentiles(invoke_us)["p50_us"],
+                             "invoke_p50_us": bench_limit.percentiles(invoke_us)["p50_us"],
                              "bytes_per_write": round(bytes_in, 1), "request_bytes": req_bytes}
     if read_us:
-        out_d["read_copy_p50_us"] = percentiles(read_us)["p50_us"]
+        out_d["read_copy_p50_us"] = bench_limit.percentiles(read_us)["p50_us"]
     return out_d
 
 
@@ -242,10 +235,10 @@ def run_lag(session: Session, count: int, spacing_ms: float, executors: int, sec
     for eid, (pid, _, applied, resyncs) in sorted(probes.items()):
         lags = [(applied[v] - t0) * 1e6 for v, t0 in t0s.items() if v in applied]
         every += lags
-        per[eid] = {**percentiles(lags), "pid": pid, "missing": len(t0s) - len(lags), "resyncs": resyncs,
+        per[eid] = {**bench_limit.percentiles(lags), "pid": pid, "missing": len(t0s) - len(lags), "resyncs": resyncs,
                     "bound_pid": bound[eid][0]}
-    return {"writes": len(t0s), "spacing_ms": spacing_ms, "per_executor": per, "overall": percentiles(every),
-            "client_write_rtt": percentiles(rtt_us)}
+    return {"writes": len(t0s), "spacing_ms": spacing_ms, "per_executor": per, "overall": bench_limit.percentiles(every),
+            "client_write_rtt": bench_limit.percentiles(rtt_us)}
 
 
 # -- run ---------------------------------------------------------------------------------

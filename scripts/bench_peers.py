@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import bench_limit  # noqa: E402  (scripts/ is on sys.path when run as a script or imported)
 from mesh.process import die_with_parent  # noqa: E402
 MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop
 RESULT_WAIT = 30.0           # seconds any single task may take before the run is declared broken
@@ -63,14 +64,6 @@ class PeerError(RuntimeError):
     pass
 
 
-def percentiles(samples_us: List[float]) -> Dict[str, Any]:
-    """Same definitions as bench.percentiles and bench_limit.latency."""
-    xs = sorted(samples_us)
-    n = len(xs)
-    if not n:
-        raise PeerError("no latency samples")
-    return {"count": n, "p50_us": round(xs[n // 2], 1), "p99_us": round(xs[min(n - 1, int(n * 0.99))], 1),
-            "mean_us": round(sum(xs) / n, 1)}
 
 
 def one_at_a_time(call: Callable[[], Any], count: int, max_seconds: float) -> Dict[str, Any]:
@@ -86,7 +79,7 @@ def one_at_a_time(call: Callable[[], Any], count: int, max_seconds: float) -> Di
         dt = time.perf_counter_ns() - t
         if i >= warm:
             samples.append(dt / 1000.0)
-    return percentiles(samples)
+    return bench_limit.percentiles(samples)
 
 
 def _rate(done: int, elapsed: float) -> Dict[str, Any]:
