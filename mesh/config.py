@@ -39,12 +39,12 @@ class Settings:
     bind_grace: float = 1.0
     """Seconds an idle instance stays with its session before another session may take it."""
     idle_timeout: float = 60.0
+    """Seconds an instance bound to no session is kept warm before it is stopped."""
     persist_input_max: int = 64 * 1024
     """Largest request kept in SQLite while its task waits; a larger one is resent by its client
     after a manager restart instead of being written (a 10 MiB write per task costs more than it saves)."""
     max_store_backlog: int = 64
     """Group commits the writer thread may fall behind before the manager stops taking input."""
-    """Seconds an instance bound to no session is kept warm before it is stopped."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
     token_ttl: float = 3600.0
@@ -72,6 +72,13 @@ class Settings:
     """Seconds a draining executor (SIGTERM) gives running tasks before it stops their instances."""
     start_failures: int = 3
     """Instances of one app that may die before saying hello, in a row, before its queued tasks fail."""
+    instance_write_timeout: float = 30.0
+    """Seconds an instance waits for the manager to sequence one of its context writes (or resend
+    a snapshot) before the write fails with Unavailable."""
+    stop_grace: float = 5.0
+    """Seconds an executor gives a stopped instance after SIGTERM before it sends SIGKILL."""
+    cache_bytes: int = 1 << 30
+    """Bytes of objects an executor's shared object cache holds before it evicts (LRU)."""
 
     @classmethod
     def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
