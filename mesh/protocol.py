@@ -1,149 +1,310 @@
-"""Wire protocol: frames <-> messages.  Pure: no sockets, no asyncio, no pickle.
+"""Wire protocol: frames <-> typed records.  Pure: no sockets, no asyncio, no pickle.
 
 Every message a peer sends over its DEALER socket is a multipart message::
 
     frame 0   b"ZM" + version byte            (MAGIC)
     frame 1   command, one byte               (Cmd)
-    frame 2   msgpack header                  (shape fixed per command)
+    frame 2   msgpack header                  (one record type per command)
     frame 3+  opaque payload frames           (pickled requests/results, context blobs)
 
-The manager's ROUTER socket prepends the peer identity; :func:`decode` takes the
-frames after it.  Payload frames are never decoded by the manager; they are
-moved from one peer to another as they came.  See docs/protocol.md.
+Each command has one record type below (a ``NamedTuple``).  Its fields, in
+order, are the header's fields: a *map* record travels as a msgpack map keyed
+by field name, a *list* record (the hot path: SUBMIT, RESULT, TASKS, DONE) as
+a msgpack array in field order.  :func:`decode` checks every field against its
+annotation and returns the record; a missing, unknown or mistyped field is a
+:class:`~mesh.errors.ProtocolError` naming the field.  :func:`encode` takes a
+record.  The manager's ROUTER socket prepends the peer identity; :func:`decode`
+takes the frames after it.  Payload frames are never decoded by the manager.
+See docs/protocol.md, which lists the same records field by field.
 """
 from __future__ import annotations
 
 import enum
+import sys
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import msgpack
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
+"""1: the first protocol.  2: typed records (unknown fields refused), DONE wrapped in a list,
+CTX_WRITE without ``base``."""
 MAGIC = b"ZM" + bytes([VERSION])
 
 Frame = Union[bytes, memoryview, Any]  # bytes or zmq.Frame
+Error = Dict[str, Any]                 # {code, message, details}: see mesh.errors
+Outcome = Tuple[int, Optional[Error]]  # (tag or task id, error or nil): one answer
 
 
 class Cmd(enum.IntEnum):
-    REQUEST = 0x01      # peer -> manager: control call {rid, method, args, blob?} + [blob] when blob is true
-    REPLY = 0x02        # manager -> peer: {rid, ok, result | error, blob?} + [blob] when blob is true
-    GONE = 0x0F         # manager -> peer: "I do not know you" {reason}; peer re-introduces itself or exits
-    HEARTBEAT = 0x0E    # both ways, any time {}; any traffic counts as liveness
-    SUBMIT = 0x10       # client -> manager: [sid, [tag...], client id, resend, token?] + one payload per tag
-    RESULT = 0x11       # manager -> client: [sid, [[tag, error|nil]...]] + one payload per outcome
-    EXEC_HELLO = 0x20   # executor -> manager: {id, caps}
-    WELCOME = 0x21      # manager -> executor/instance: {heartbeat_ms, liveness}
-    LAUNCH = 0x22       # manager -> executor: {iid, app}
-    STOP = 0x23         # manager -> executor: {iid}
-    EXITED = 0x24       # executor -> manager: {iid, code, reason}
-    DRAIN = 0x25        # executor -> manager: {}: take no new work here; STOP each instance once idle
-    INST_HELLO = 0x30   # instance -> manager: {iid, eid, pid}
-    BIND = 0x31         # manager -> instance: {sid|nil, app, kind, version} + [context bytes]
-    TASKS = 0x32        # manager -> instance: [sid, context version, [[tid, attempt]...]] + one payload per task
-    DONE = 0x33         # instance -> manager: [[tid, error|nil]...] + one payload per task
-    CTX_WRITE = 0x34    # instance/client -> manager: {sid, seq, base, ops|nil} + [blob] when ops is nil
-    CTX_PATCH = 0x35    # manager -> instance: {sid, version, ops|nil, seq|nil} + [blob] when ops is nil
-    CTX_REJECT = 0x36   # manager -> instance: {sid, seq, error}
-    RESYNC = 0x37       # instance -> manager: {sid, have}: replica saw a gap; answered with BIND
+    REQUEST = 0x01      # peer -> manager: a control call
+    REPLY = 0x02        # manager -> peer: a control call's answer
+    HEARTBEAT = 0x0E    # both ways, when nothing else was said for a heartbeat interval
+    GONE = 0x0F         # manager -> peer: "I do not know you"
+    SUBMIT = 0x10       # client -> manager: tasks of one session
+    RESULT = 0x11       # manager -> client: answers of one session
+    EXEC_HELLO = 0x20   # executor -> manager: join with capabilities
+    WELCOME = 0x21      # manager -> executor/instance: joined; the heartbeat contract
+    LAUNCH = 0x22       # manager -> executor: start an instance
+    STOP = 0x23         # manager -> executor: stop an instance
+    EXITED = 0x24       # executor -> manager: an instance process ended
+    DRAIN = 0x25        # executor -> manager: take no new work here
+    INST_HELLO = 0x30   # instance -> manager: started, with its launch token
+    BIND = 0x31         # manager -> instance: serve this session; its context snapshot
+    TASKS = 0x32        # manager -> instance: tasks to run
+    DONE = 0x33         # instance -> manager: answers
+    CTX_WRITE = 0x34    # instance -> manager: a context write
+    CTX_PATCH = 0x35    # manager -> instance: a sequenced context write
+    CTX_REJECT = 0x36   # manager -> instance: a context write refused
+    RESYNC = 0x37       # instance -> manager: replica saw a gap; answered with BIND
+
+
+# -- records: one per command; field order is wire order for list records -------------------
+
+class Request(NamedTuple):
+    """A control call.  ``blob``: one payload frame carries bulk data (zero-copy)."""
+    rid: int
+    method: str
+    args: Dict[str, Any]
+    token: Optional[str] = None
+    blob: bool = False
+
+
+class Reply(NamedTuple):
+    """A control call's answer: ``result`` when ``ok``, else ``error``.  ``rid`` -1: a protocol error."""
+    rid: int
+    ok: bool
+    result: Any = None
+    error: Optional[Error] = None
+    blob: bool = False
+
+
+class Heartbeat(NamedTuple):
+    """Executors add their current labels and object-cache counters."""
+    labels: Optional[Dict[str, Any]] = None
+    cache: Optional[Dict[str, Any]] = None
+
+
+class Gone(NamedTuple):
+    """The manager does not know the sender; ``fatal``: and never will (do not re-introduce yourself)."""
+    reason: str
+    fatal: bool = False
+
+
+class Submit(NamedTuple):
+    """Tasks of one session, one payload frame per tag.  ``(cid, tag)`` names a task across resends."""
+    sid: str
+    tags: List[int]
+    cid: str
+    resend: bool
+    token: Optional[str] = None
+
+
+class Result(NamedTuple):
+    """Answers of one session: ``(tag, error|nil)`` each, one payload frame each (empty on error)."""
+    sid: str
+    outcomes: List[Outcome]
+
+
+class ExecHello(NamedTuple):
+    id: str
+    caps: Dict[str, Any]
+
+
+class Welcome(NamedTuple):
+    heartbeat_ms: int
+    liveness: int
+
+
+class Launch(NamedTuple):
+    """``token`` proves the instance's INST_HELLO came from this launch."""
+    iid: str
+    app: Dict[str, Any]
+    token: str = ""
+
+
+class Stop(NamedTuple):
+    iid: str
+
+
+class Exited(NamedTuple):
+    """``code`` -1: could not start; < -1: killed by that signal."""
+    iid: str
+    code: int
+    reason: str
+
+
+class Drain(NamedTuple):
+    pass
+
+
+class InstHello(NamedTuple):
+    iid: str
+    eid: str
+    pid: int
+    token: str = ""
+
+
+class Bind(NamedTuple):
+    """Serve session ``sid`` (or none); one payload frame: the context snapshot at ``version``."""
+    sid: Optional[str]
+    app: str
+    kind: str
+    version: int
+
+
+class Tasks(NamedTuple):
+    """Tasks to run, ``(task id, attempt)`` each, one payload frame each; ``version``: the
+    session's context version at dispatch (a replica behind it resyncs first)."""
+    sid: str
+    version: int
+    items: List[Tuple[int, int]]
+
+
+class Done(NamedTuple):
+    """Answers: ``(task id, error|nil)`` each, one payload frame each (empty on error)."""
+    outcomes: List[Outcome]
+
+
+class CtxWrite(NamedTuple):
+    """JSON-patch ``ops``, or nil and one payload frame: a blob that replaces the context."""
+    sid: str
+    seq: int
+    ops: Optional[List[Any]]
+
+
+class CtxPatch(NamedTuple):
+    """A sequenced write; ``seq`` is set only in the copy sent to its writer."""
+    sid: str
+    version: int
+    ops: Optional[List[Any]]
+    seq: Optional[int] = None
+
+
+class CtxReject(NamedTuple):
+    sid: str
+    seq: int
+    error: Error
+
+
+class Resync(NamedTuple):
+    sid: str
+    have: int
+
+
+Record = Union[Request, Reply, Heartbeat, Gone, Submit, Result, ExecHello, Welcome, Launch, Stop, Exited, Drain,
+               InstHello, Bind, Tasks, Done, CtxWrite, CtxPatch, CtxReject, Resync]
+
+MAP, LIST = "map", "list"
+RECORDS: Dict[Cmd, Tuple[Type[Any], str]] = {
+    Cmd.REQUEST: (Request, MAP), Cmd.REPLY: (Reply, MAP), Cmd.HEARTBEAT: (Heartbeat, MAP), Cmd.GONE: (Gone, MAP),
+    Cmd.SUBMIT: (Submit, LIST), Cmd.RESULT: (Result, LIST), Cmd.EXEC_HELLO: (ExecHello, MAP),
+    Cmd.WELCOME: (Welcome, MAP), Cmd.LAUNCH: (Launch, MAP), Cmd.STOP: (Stop, MAP), Cmd.EXITED: (Exited, MAP),
+    Cmd.DRAIN: (Drain, MAP), Cmd.INST_HELLO: (InstHello, MAP), Cmd.BIND: (Bind, MAP), Cmd.TASKS: (Tasks, LIST),
+    Cmd.DONE: (Done, LIST), Cmd.CTX_WRITE: (CtxWrite, MAP), Cmd.CTX_PATCH: (CtxPatch, MAP),
+    Cmd.CTX_REJECT: (CtxReject, MAP), Cmd.RESYNC: (Resync, MAP),
+}
+CMD_OF: Dict[Type[Any], Cmd] = {rec: cmd for cmd, (rec, _) in RECORDS.items()}
+
+# How many payload frames each command carries (commands not listed carry none).
+_PAYLOADS: Dict[Cmd, Callable[[Any], int]] = {
+    Cmd.SUBMIT: lambda r: len(r.tags),
+    Cmd.RESULT: lambda r: len(r.outcomes),
+    Cmd.TASKS: lambda r: len(r.items),
+    Cmd.DONE: lambda r: len(r.outcomes),
+    Cmd.BIND: lambda r: 1,
+    Cmd.REQUEST: lambda r: 1 if r.blob else 0,
+    Cmd.REPLY: lambda r: 1 if r.blob else 0,
+    Cmd.CTX_WRITE: lambda r: 0 if r.ops is not None else 1,
+    Cmd.CTX_PATCH: lambda r: 0 if r.ops is not None else 1,
+}
 
 
 @dataclass
 class Message:
     cmd: Cmd
-    header: Any
+    header: Any                      # the command's record
     payloads: List[Frame] = field(default_factory=list)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# -- field checks, built once from the records' annotations -----------------------------------
+
+Check = Callable[[Any], bool]
 
 
-def _map(**fields: Callable[[Any], bool]) -> Callable[[Any], Optional[str]]:
-    """Validator for a map header: each named key must be present and pass its check."""
-
-    def check(h: Any) -> Optional[str]:
-        if not isinstance(h, dict):
-            return "header must be a map"
-        for key, ok in fields.items():
-            if key not in h:
-                return f"header lacks {key!r}"
-            if not ok(h[key]):
-                return f"header field {key!r} has the wrong type"
-        return None
-
-    return check
-
-
-def _pairs(h: Any, first: Callable[[Any], bool], second: Callable[[Any], bool]) -> bool:
-    return isinstance(h, list) and all(
-        isinstance(p, list) and len(p) == 2 and first(p[0]) and second(p[1]) for p in h
-    )
-
-
-def _err(v: Any) -> bool:
-    return v is None or isinstance(v, dict)
-
-
-_str = lambda v: isinstance(v, str)  # noqa: E731
-_opt_str = lambda v: v is None or isinstance(v, str)  # noqa: E731
-_opt_int = lambda v: v is None or _is_int(v)  # noqa: E731
-_opt_list = lambda v: v is None or isinstance(v, list)  # noqa: E731
-_any = lambda v: True  # noqa: E731
+def _check_for(tp: Any) -> Check:
+    """A predicate for one annotation: str, int, bool, Any, Optional/Union, List[X], Dict, Tuple[...]."""
+    if tp is Any:
+        return lambda v: True
+    if tp is int:
+        return lambda v: type(v) is int
+    if tp in (str, bool, float):
+        return lambda v: isinstance(v, tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        alts = [_check_for(a) for a in args if a is not type(None)]
+        nullable = type(None) in args
+        return lambda v: (v is None and nullable) or any(c(v) for c in alts)
+    if origin in (list, List):
+        item = _check_for(args[0]) if args else _check_for(Any)
+        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+    if origin in (dict, Dict):
+        return lambda v: isinstance(v, dict)
+    if origin in (tuple, Tuple):   # a fixed-length array on the wire
+        parts = [_check_for(a) for a in args]
+        n = len(parts)
+        return lambda v: isinstance(v, list) and len(v) == n and all(c(x) for c, x in zip(parts, v))
+    raise TypeError(f"no wire check for {tp!r}")  # a programming error in this module
 
 
-def _sid_list(check_item: Callable[[Any], bool]) -> Callable[[Any], Optional[str]]:
-    def check(h: Any) -> Optional[str]:
-        if not (isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) and isinstance(h[1], list)):
-            return "header must be [session_id, [...]]"
-        return None if check_item(h[1]) else "malformed item list"
-
-    return check
+_CHECKS: Dict[Cmd, List[Tuple[str, Check]]] = {}
+for _cmd, (_rec, _) in RECORDS.items():
+    _hints = typing.get_type_hints(_rec, vars(sys.modules[__name__]))
+    _CHECKS[_cmd] = [(name, _check_for(_hints[name])) for name in _rec._fields]
 
 
-HEADERS: Dict[Cmd, Callable[[Any], Optional[str]]] = {
-    Cmd.REQUEST: _map(rid=_is_int, method=_str, args=lambda v: isinstance(v, dict)),
-    Cmd.REPLY: _map(rid=_is_int, ok=lambda v: isinstance(v, bool)),
-    Cmd.GONE: _map(reason=_str),
-    Cmd.HEARTBEAT: lambda h: None if isinstance(h, dict) else "header must be a map",
-    Cmd.SUBMIT: lambda h: None if (isinstance(h, list) and len(h) in (4, 5) and isinstance(h[0], str)
-                                   and isinstance(h[1], list) and all(_is_int(t) for t in h[1])
-                                   and isinstance(h[2], str) and isinstance(h[3], bool)
-                                   and (len(h) == 4 or h[4] is None or isinstance(h[4], str)))
-    else "header must be [session_id, [tag...], client_id, resend, token?]",
-    Cmd.RESULT: _sid_list(lambda items: _pairs(items, _is_int, _err)),
-    Cmd.EXEC_HELLO: _map(id=_str, caps=lambda v: isinstance(v, dict)),
-    Cmd.WELCOME: _map(heartbeat_ms=_is_int, liveness=_is_int),
-    Cmd.LAUNCH: _map(iid=_str, app=lambda v: isinstance(v, dict)),
-    Cmd.STOP: _map(iid=_str),
-    Cmd.EXITED: _map(iid=_str, code=_is_int, reason=_str),
-    Cmd.DRAIN: lambda h: None if isinstance(h, dict) else "header must be a map",
-    Cmd.INST_HELLO: _map(iid=_str, eid=_str, pid=_is_int),
-    Cmd.BIND: _map(sid=_opt_str, app=_str, kind=_str, version=_is_int),
-    Cmd.TASKS: lambda h: None if (isinstance(h, list) and len(h) == 3 and isinstance(h[0], str) and _is_int(h[1])
-                                  and _pairs(h[2], _is_int, _is_int)) else "header must be [sid, version, [[tid, attempt]...]]",
-    Cmd.DONE: lambda h: None if _pairs(h, _is_int, _err) else "header must be [[task_id, error|nil]...]",
-    Cmd.CTX_WRITE: _map(sid=_str, seq=_is_int, base=_is_int, ops=_opt_list),
-    Cmd.CTX_PATCH: _map(sid=_str, version=_is_int, ops=_opt_list, seq=_opt_int),
-    Cmd.CTX_REJECT: _map(sid=_str, seq=_is_int, error=lambda v: isinstance(v, dict)),
-    Cmd.RESYNC: _map(sid=_str, have=_is_int),
-}
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
-# How many payload frames each command carries; None means "one per header item".
-_PAYLOADS: Dict[Cmd, Callable[[Any], int]] = {
-    Cmd.SUBMIT: lambda h: len(h[1]),
-    Cmd.RESULT: lambda h: len(h[1]),
-    Cmd.TASKS: lambda h: len(h[2]),
-    Cmd.DONE: lambda h: len(h),
-    Cmd.BIND: lambda h: 1,
-    Cmd.REQUEST: lambda h: 1 if h.get("blob") is True else 0,
-    Cmd.REPLY: lambda h: 1 if h.get("blob") is True else 0,
-    Cmd.CTX_WRITE: lambda h: 0 if h["ops"] is not None else 1,
-    Cmd.CTX_PATCH: lambda h: 0 if h["ops"] is not None else 1,
-}
 
+def _from_map(cmd: Cmd, rec: Type[Any], h: Any) -> Any:
+    if not isinstance(h, dict):
+        raise ProtocolError(f"{cmd.name}: header must be a map")
+    defaults = rec._field_defaults
+    for key in h:
+        if key not in defaults and key not in rec._fields:
+            raise ProtocolError(f"{cmd.name}: unknown field {key!r}", field=key)
+    values = []
+    for name, ok in _CHECKS[cmd]:
+        if name in h:
+            v = h[name]
+            if not ok(v):
+                raise ProtocolError(f"{cmd.name}: field {name!r} has the wrong type "
+                                    f"(expected {_describe(typing.get_type_hints(rec)[name])})", field=name)
+            values.append(v)
+        elif name in defaults:
+            values.append(defaults[name])
+        else:
+            raise ProtocolError(f"{cmd.name}: header lacks field {name!r}", field=name)
+    return rec._make(values)
+
+
+def _from_list(cmd: Cmd, rec: Type[Any], h: Any) -> Any:
+    checks = _CHECKS[cmd]
+    required = len(checks) - len(rec._field_defaults)
+    if not isinstance(h, list) or not required <= len(h) <= len(checks):
+        names = ", ".join(rec._fields)
+        raise ProtocolError(f"{cmd.name}: header must be [{names}]")
+    for (name, ok), v in zip(checks, h):
+        if not ok(v):
+            raise ProtocolError(f"{cmd.name}: field {name!r} has the wrong type", field=name)
+    return rec._make(h) if len(h) == len(checks) else rec(*h)
+
+
+# -- msgpack -----------------------------------------------------------------------------------
 
 def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError("msgpack ext types are not part of the protocol")
@@ -170,8 +331,25 @@ def unpack(data: Any) -> Any:
                            object_hook=_str_keys, timestamp=1)
 
 
-def encode(cmd: Cmd, header: Any, payloads: Sequence[Frame] = ()) -> List[Frame]:
-    return [MAGIC, bytes((cmd,)), pack(header), *payloads]
+# -- codec -------------------------------------------------------------------------------------
+
+def header_of(record: Any) -> Any:
+    """The msgpack value a record travels as: a list in field order, or a map without the
+    optional fields left at their defaults."""
+    cmd = CMD_OF[type(record)]
+    if RECORDS[cmd][1] == LIST:
+        return list(record)
+    defaults = type(record)._field_defaults
+    return {k: v for k, v in zip(record._fields, record) if k not in defaults or v != defaults[k]}
+
+
+def encode(record: Any, payloads: Sequence[Frame] = ()) -> List[Frame]:
+    """The frames of one message (without a ROUTER identity)."""
+    cmd = CMD_OF[type(record)]
+    return [MAGIC, _CMD_BYTES[cmd], pack(header_of(record)), *payloads]
+
+
+_CMD_BYTES = {cmd: bytes((cmd,)) for cmd in Cmd}
 
 
 def decode(frames: Sequence[Frame]) -> Message:
@@ -198,14 +376,15 @@ def decode(frames: Sequence[Frame]) -> Message:
         header = unpack(frames[2])
     except Exception as exc:  # msgpack raises many types on garbage
         raise ProtocolError(f"{cmd.name}: header is not valid msgpack ({type(exc).__name__})") from None
+    rec, shape = RECORDS[cmd]
     try:
-        problem = HEADERS[cmd](header)
-    except Exception:  # a validator tripping on a weird shape is still a bad header
-        problem = "header has the wrong shape"
-    if problem:
-        raise ProtocolError(f"{cmd.name}: {problem}")
+        record = _from_list(cmd, rec, header) if shape == LIST else _from_map(cmd, rec, header)
+    except ProtocolError:
+        raise
+    except Exception:  # a check tripping on a weird shape is still a bad header
+        raise ProtocolError(f"{cmd.name}: header has the wrong shape") from None
     payloads = list(frames[3:])
-    expected = _PAYLOADS.get(cmd, lambda h: 0)(header)
+    expected = _PAYLOADS[cmd](record) if cmd in _PAYLOADS else 0
     if len(payloads) != expected:
         raise ProtocolError(f"{cmd.name}: {len(payloads)} payload frames, expected {expected}")
-    return Message(cmd, header, payloads)
+    return Message(cmd, record, payloads)

@@ -84,9 +84,30 @@ class Batch:
         else:
             self.finished.append(("succeeded", -1, when, output, None, tid))
 
+    def size(self) -> int:
+        """How many changes the batch holds (a handler that grew it changed durable state)."""
+        return (len(self.tasks) + len(self.finished) + len(self.patches) + len(self.snapshots) + len(self.objects)
+                + len(self.deleted_objects))
+
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
                     or self.deleted_objects)
+
+
+Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches
+
+
+@dataclass
+class SavedState:
+    """Everything a restarting manager rebuilds its memory from (read once, at start)."""
+
+    apps: List[Tuple[str, Dict[str, Any], float]]
+    sessions: List[Dict[str, Any]]                 # open sessions only
+    contexts: Dict[str, Context]                   # by session id
+    objects: List[Tuple[str, Optional[str], Optional[float], Context]]
+    unfinished: List[Tuple[int, str, int, Optional[bytes], str, int]]
+    max_task_id: int
+    tokens: Dict[str, Any]                         # digest -> (Principal, expires_at)
 
 
 class Store:
@@ -135,6 +156,38 @@ class Store:
             for r in cur.fetchall()
         ]
 
+    def create_session(self, sid: str, app: str, created_at: float, resreq: Dict[str, Any], owner: str,
+                       kind: str, context: bytes) -> None:
+        """A new session and its first context snapshot, in one transaction."""
+        with self.db:
+            self.put_session(sid, app, "open", created_at, None, resreq, owner)
+            self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, 0, kind, context))
+
+    def close_session(self, sid: str, closed_at: float) -> None:
+        """Closed: no longer restored after a restart, and its context is dropped (task records stay)."""
+        with self.db:
+            self.db.execute("UPDATE sessions SET state='closed', closed_at=? WHERE id=?", (closed_at, sid))
+            self.db.execute("DELETE FROM patches WHERE session=?", (sid,))
+            self.db.execute("DELETE FROM snapshots WHERE session=?", (sid,))
+
+    def load_state(self) -> SavedState:
+        """What a restarting manager needs, read in one go (see :meth:`Core.restore`)."""
+        from .auth import load_tokens   # auth builds on the store, not the other way round
+
+        sessions = [r for r in self.load_sessions() if r["state"] == "open"]
+        contexts = {}
+        for r in sessions:
+            ctx = self.load_context(r["id"])
+            if ctx is not None:
+                contexts[r["id"]] = ctx
+        objects = []
+        for key, sid, expires_at in self.load_objects():
+            ctx = self.load_context(OBJECT_PREFIX + key)
+            if ctx is not None:
+                objects.append((key, sid, expires_at, ctx))
+        return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
+                          self.max_task_id(), load_tokens(self))
+
     def drop_context(self, sid: str) -> None:
         """A closed session's context is no longer needed; its task records stay."""
         with self.db:
@@ -176,7 +229,7 @@ class Store:
         with self.db:
             self.db.executemany("UPDATE tasks SET state='lost' WHERE id=?", [(t,) for t in tids])
 
-    def load_unfinished_tasks(self) -> List[Tuple[int, str, int, bytes, str, int]]:
+    def load_unfinished_tasks(self) -> List[Tuple[int, str, int, Optional[bytes], str, int]]:
         return self.db.execute(
             "SELECT id, session, attempts, input, client, tag FROM tasks WHERE state IN ('pending', 'running') "
             "ORDER BY id").fetchall()

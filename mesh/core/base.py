@@ -1,0 +1,142 @@
+"""The core's state and the few helpers every rule module shares.
+
+Plain data only: dicts of the records in :mod:`mesh.state`, the pending store
+batch, counters.  Rule modules (tasks, members, contexts, control) are mixins
+over this class; :class:`mesh.core.Core` puts them together.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+from .. import auth
+from ..config import Settings
+from ..errors import MeshError, PermissionDenied, Unauthenticated
+from ..log import event
+from ..metrics import Histogram
+from ..objects import Objects
+from ..protocol import Gone
+from ..state import App, Executor, Instance, Session, Task
+from ..store import Batch
+from .effects import Call, Effects, Send
+
+log = logging.getLogger("zeromesh.manager")
+
+STATS = ("messages_in", "bytes_in", "protocol_errors", "tasks_submitted", "tasks_finished", "tasks_retried",
+         "tasks_resent", "late_answers_dropped", "send_failures", "auth_denied", "requests", "store_pauses",
+         "bytes_out", "resyncs")
+
+
+class Base:
+    """State shared by the rule mixins; ``out`` collects the effects of the event being handled."""
+
+    def __init__(self, settings: Settings, secured: bool) -> None:
+        self.settings = settings
+        self.secured = secured                     # CURVE + tokens; otherwise every peer is admin
+        self.apps: Dict[str, App] = {}
+        self.sessions: Dict[str, Session] = {}
+        self.executors: Dict[str, Executor] = {}
+        self.instances: Dict[str, Instance] = {}
+        self.peers: Dict[bytes, Any] = {}          # ROUTER identity -> Executor | Instance
+        self.tasks: Dict[int, Task] = {}
+        self.by_tag: Dict[Tuple[str, int], int] = {}   # (client id, tag) -> task id, for resends
+        self.boot = secrets.token_hex(8)                 # changes at every start: clients resend when it does
+        self.objects = Objects()
+        self.latency = Histogram()                       # seconds from submit to answer
+        self.batch = Batch()                             # changes for the next group commit
+        self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
+        self.tokens = auth.Tokens({})
+        self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
+        self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
+        self.admitting: Set[bytes] = set()         # executors whose key is being checked
+        self.plan_wanted = False                   # run the scheduler at the end of this round
+        self.endpoint = ""                         # what ping reports; set by the loop
+        self.now = 0.0                             # the clock of the event being handled
+        self.out: Effects = []
+        self.methods: Dict[str, Callable[..., Any]] = {}   # control methods by name
+        self.store_backlog = 0                     # commits waiting for the writer thread, as last seen
+        self._next_tid: Iterator[int] = itertools.count(1)
+        self._iids = itertools.count(1)
+
+    # -- effects ------------------------------------------------------------------
+    def send(self, peer: bytes, record: Any, payloads: Sequence[Any] = (), after_commit: bool = False,
+             if_lost: Optional[Callable[[], None]] = None) -> None:
+        self.out.append(Send(peer, record, payloads, after_commit, if_lost))
+
+    def call(self, call: Call) -> None:
+        self.out.append(call)
+
+    def take(self) -> Effects:
+        out, self.out = self.out, []
+        return out
+
+    def take_batch(self) -> Batch:
+        """The changes since the last group commit, for the writer thread."""
+        batch, self.batch = self.batch, Batch()
+        return batch
+
+    def plan_soon(self) -> None:
+        self.plan_wanted = True
+
+    def gone(self, peer: bytes, reason: str, fatal: bool = False) -> None:
+        self.send(peer, Gone(reason, fatal))
+
+    # -- who is asking ---------------------------------------------------------------
+    def principal(self, token: Optional[str], method: str) -> auth.Principal:
+        """Who sent the message being handled, and whether they may call ``method`` (raises if not)."""
+        if not self.secured:
+            return auth.INSECURE
+        if auth.required_role(method) == "public":
+            return auth.INSECURE if method == "ping" else auth.Principal("anonymous", "viewer", "anonymous")
+        who = self.tokens.principal(token)
+        auth.authorize(who, method)
+        return who
+
+    def denied(self, peer: bytes, method: str, exc: MeshError, key: Optional[str] = None) -> None:
+        self.stats["auth_denied"] += 1
+        event(log, logging.WARNING, "denied", method=method, code=exc.code, reason=str(exc),
+              peer=peer.hex()[:16], key=key)
+
+    def may_submit(self, token: Optional[str], owner: str) -> None:
+        """Raises Unauthenticated / PermissionDenied unless the token's holder may submit to ``owner``'s session."""
+        who = self.principal(token, "submit")
+        if not who.may_touch(owner):
+            raise PermissionDenied(f"this session belongs to {owner!r}")
+
+
+    # -- rules one mixin defines and others call (see mesh.core.Core for the composition) --
+    def dispatch(self, s: Session) -> None:
+        raise NotImplementedError
+
+    def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = "failed") -> None:
+        raise NotImplementedError
+
+    def requeue(self, inst: Instance, reason: str) -> None:
+        raise NotImplementedError
+
+    def start_failed(self, app: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def stop_instance(self, inst: Instance) -> None:
+        raise NotImplementedError
+
+    def bind(self, inst: Instance, s: Optional[Session], keep_draining: bool = False) -> None:
+        raise NotImplementedError
+
+    def drain_executor(self, ex: Executor) -> None:
+        raise NotImplementedError
+
+    def apply_context_write(self, s: Session, ops: Optional[List[Any]], blob: Optional[bytes],
+                            writer: Optional[Instance] = None, seq: Optional[int] = None) -> int:
+        raise NotImplementedError
+
+    def delete_objects(self, keys: List[str]) -> None:
+        raise NotImplementedError
+
+    def persist_object(self, obj: Any, ops: Optional[List[Any]] = None) -> None:
+        raise NotImplementedError
+
+
+AUTH_ERRORS = (Unauthenticated, PermissionDenied)

@@ -1,0 +1,99 @@
+"""Context and object rules: the manager is the sequencer of every versioned document.
+
+A session's context (docs/context.md) and each cached object is a
+:class:`~mesh.context.Document`.  A write is applied atomically, gets the next
+version, is logged in the batch (a patch, or a snapshot every
+``snapshot_every`` writes) and only then announced: every CTX_PATCH and every
+write acknowledgement is an ``after_commit`` send, so a version a peer has
+been told about survives a manager crash.  Replicas apply patches in version
+order and ask for a snapshot (RESYNC, answered with BIND) on a gap.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, List, Optional, Sequence
+
+from ..errors import Conflict, FailedPrecondition, MeshError
+from ..log import event
+from ..objects import StoredObject
+from ..protocol import CtxPatch, CtxReject, CtxWrite, Resync, pack
+from ..state import Instance, Session
+from ..store import OBJECT_PREFIX
+from .base import Base, log
+
+
+class ContextRules(Base):
+    def apply_context_write(self, s: Session, ops: Optional[List[Any]], blob: Optional[bytes],
+                            writer: Optional[Instance] = None, seq: Optional[int] = None) -> int:
+        """Sequence one write: apply, log, broadcast to every replica in version order.
+
+        Counts the write's bytes in ``s.bytes_in`` and failed ``test`` ops in ``s.conflicts``.
+        """
+        packed = pack(ops) if ops is not None else None
+        s.bytes_in += len(packed) if packed is not None else len(blob or b"")
+        try:
+            version = s.context.apply(ops, blob, self.settings.max_context_size, len(packed or b""))
+        except MeshError as exc:
+            if exc.code == Conflict.code:
+                s.conflicts += 1
+            raise
+        self.batch.patches.append((s.id, version, packed, blob))
+        s.patches_since_snapshot += 1
+        if s.patches_since_snapshot >= self.settings.snapshot_every:
+            self.snapshot(s)
+        payloads = [] if ops is not None else [blob]
+        for inst in s.instances:
+            if inst.identity is not None:
+                mine = inst is writer
+                self.send(inst.identity, CtxPatch(s.id, version, ops, seq if mine else None), payloads,
+                          after_commit=True)
+        return version
+
+    def snapshot(self, s: Session) -> None:
+        s.patches_since_snapshot = 0
+        self.batch.snapshots.append((s.id, s.context.version, s.context.kind, s.context.encoded()))
+
+    def on_ctx_write(self, peer: bytes, rec: CtxWrite, payloads: Sequence[Any]) -> None:
+        inst = self.peers.get(peer)
+        s = self.sessions.get(rec.sid)
+        if not isinstance(inst, Instance) or s is None or inst.session is not s:
+            err = FailedPrecondition(f"instance is not bound to session {rec.sid!r}", session=rec.sid)
+            self.send(peer, CtxReject(rec.sid, rec.seq, err.to_wire()))
+            return
+        try:
+            blob = bytes(payloads[0]) if payloads else None
+            self.apply_context_write(s, rec.ops, blob, writer=inst, seq=rec.seq)
+        except MeshError as exc:
+            self.send(peer, CtxReject(s.id, rec.seq, exc.to_wire()))
+
+    def on_resync(self, peer: bytes, rec: Resync) -> None:
+        """A replica saw a version gap: send it a fresh snapshot (the Clone pattern's repair)."""
+        inst = self.peers.get(peer)
+        if not isinstance(inst, Instance):
+            self.gone(peer, "unknown instance")
+            return
+        s = inst.session
+        self.stats["resyncs"] += 1
+        event(log, logging.INFO, "replica resync", instance=inst.id, session=rec.sid, have=rec.have,
+              version=s.context.version if s else None)
+        self.bind(inst, s, keep_draining=True)
+
+    # -- objects ----------------------------------------------------------------------
+    def persist_object(self, obj: StoredObject, ops: Optional[List[Any]] = None) -> None:
+        """Log a patch, or snapshot the object (new, replaced, or every ``snapshot_every`` patches)."""
+        doc = obj.doc
+        if ops is not None and doc.version % self.settings.snapshot_every:
+            self.batch.patches.append((OBJECT_PREFIX + obj.key, doc.version, pack(ops), None))
+        else:
+            self.batch.objects.append(obj.row())
+            self.batch.snapshots.append((OBJECT_PREFIX + obj.key, doc.version, doc.kind, doc.encoded()))
+
+    def delete_objects(self, keys: List[str]) -> None:
+        for key in keys:
+            self.objects.items.pop(key, None)
+            self.batch.deleted_objects.append(key)
+
+    def expire_objects(self) -> None:
+        expired = self.objects.expired(self.now)
+        if expired:
+            self.delete_objects(expired)

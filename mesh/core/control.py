@@ -1,0 +1,461 @@
+"""Control calls (REQUEST -> REPLY): registry, sessions, contexts, objects, management, identity.
+
+Rare compared with tasks, so clarity beats speed here.  Each method is a
+``do_<name>(args, blob, who)`` that returns a msgpack-able value, a
+:class:`WithBlob` (bulk data as its own frame), or a :class:`Later` (the answer
+needs the store or a worker thread first; its ``then`` continues with the
+result), or raises a :class:`~mesh.errors.MeshError` that goes back to the
+caller with its stable code.  A reply after a handler changed the store batch
+is an ``after_commit`` send: the caller learns of a change only once it is on
+disk.  Registry and session changes are written by a ``Later`` (their own
+transaction) before the reply.  Argument names are the record field names
+(``application``, ``session``, ``id`` for the record itself).
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any, Callable, Dict, List, Optional
+
+from .. import auth, keys, query
+from ..auth import INSECURE, Principal
+from ..context import DOC, KINDS, Document
+from ..errors import (AlreadyExists, Cancelled, FailedPrecondition, Internal, InvalidArgument, MeshError, NotFound,
+                      PermissionDenied, ResourceExhausted)
+from ..log import event
+from ..protocol import VERSION, Reply, Request
+from ..resources import Resources
+from ..spec import AppSpec
+from ..state import CANCELLED, CLOSED, OPEN, PENDING, App, Session
+from .base import AUTH_ERRORS, Base, log
+from .effects import CPU, STORE, Call
+
+APP_FIELDS = ["name", "command", "working_directory", "description", "created_at", "labels"]
+SESSION_FIELDS = ["id", "application", "state", "created_at", "closed_at", "pending", "running", "succeeded",
+                  "failed", "cancelled", "instances", "context_version", "bytes_in", "conflicts"]
+EXECUTOR_FIELDS = ["id", "state", "hostname", "slots", "used_slots", "instances", "cpu", "memory", "gpu",
+                   "python", "last_seen", "joined_at", "labels"]
+TASK_FIELDS = ["id", "session", "state", "attempts", "created_at", "finished_at", "error"]
+
+Args = Dict[str, Any]
+
+
+def _arg(args: Args, name: str, typ: type, required: bool = True) -> Any:
+    if name not in args or args[name] is None:
+        if required:
+            raise InvalidArgument(f"argument {name!r} is required", argument=name)
+        return None
+    value = args[name]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise InvalidArgument(f"argument {name!r} must be {typ.__name__}", argument=name)
+    return value
+
+
+class WithBlob:
+    """A reply whose bulk data travels as its own frame (zero-copy), not inside the header."""
+
+    __slots__ = ("result", "blob")
+
+    def __init__(self, result: Any, blob: Any) -> None:
+        self.result = result
+        self.blob = blob
+
+
+class Later:
+    """An answer that needs ``fn`` run off the loop first (``fn(store, *args)`` on the writer thread,
+    or ``fn(*args)`` on a worker with ``where=CPU``); ``then(result)`` continues on the loop and may
+    return another Later."""
+
+    __slots__ = ("fn", "args", "then", "fail", "where")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, then: Optional[Callable[[Any], Any]] = None,
+                 fail: Optional[Callable[[BaseException], Any]] = None, where: str = STORE) -> None:
+        self.fn, self.args, self.then, self.fail, self.where = fn, args, then, fail, where
+
+
+def _raise(exc: BaseException) -> Any:
+    raise exc
+
+
+class ControlRules(Base):
+    def control_methods(self) -> Dict[str, Callable[[Args, Optional[bytes], Principal], Any]]:
+        return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("do_")}
+
+    def on_request(self, peer: bytes, rec: Request, payloads: List[Any]) -> None:
+        self.stats["requests"] += 1
+        fn = self.methods.get(rec.method)
+        if fn is None:
+            self.reply(peer, rec.rid, error=InvalidArgument(f"unknown method {rec.method!r}", method=rec.method))
+            return
+        blob = payloads[0] if payloads else None
+
+        def run() -> Any:
+            return fn(rec.args, blob, self.principal(rec.token, rec.method))
+
+        self.answer(peer, rec.rid, rec.method, run)
+
+    def answer(self, peer: bytes, rid: int, method: str, step: Callable[[], Any]) -> None:
+        """Run one step of a handler and reply with its outcome, or schedule its next step."""
+        before = self.batch.size()
+        try:
+            result = step()
+        except AUTH_ERRORS as exc:
+            self.denied(peer, method, exc)
+            self.reply(peer, rid, error=exc)
+            return
+        except MeshError as exc:
+            self.reply(peer, rid, error=exc)
+            return
+        except Exception as exc:  # a bug must not kill the mesh for everyone else
+            log.exception("control call %s failed", method)
+            self.reply(peer, rid, error=Internal(f"{method} failed: {type(exc).__name__}: {exc}"))
+            return
+        if isinstance(result, Later):
+            later = result
+            self.call(Call(later.fn, later.args, where=later.where, label=method,
+                           then=lambda value: self.answer(peer, rid, method,
+                                                          lambda: later.then(value) if later.then else value),
+                           fail=lambda exc: self.answer(peer, rid, method,
+                                                        lambda: later.fail(exc) if later.fail else _raise(exc))))
+        else:
+            self.reply(peer, rid, result=result, after_commit=self.batch.size() != before)
+
+    def reply(self, peer: bytes, rid: int, result: Any = None, error: Optional[MeshError] = None,
+              after_commit: bool = False) -> None:
+        if error is not None:
+            self.send(peer, Reply(rid, False, error=error.to_wire()))
+        elif isinstance(result, WithBlob):
+            self.send(peer, Reply(rid, True, result.result, blob=True), [result.blob], after_commit=after_commit)
+        else:
+            self.send(peer, Reply(rid, True, result), after_commit=after_commit)
+
+    # -- helpers ------------------------------------------------------------------
+    def _app(self, name: str) -> App:
+        app = self.apps.get(name)
+        if app is None:
+            raise NotFound(f"application {name!r} is not registered", application=name)
+        return app
+
+    def _session(self, sid: str, who: Principal, open_only: bool = False, change: bool = False) -> Session:
+        """The session, if ``who`` may read it (or change it, with ``change``)."""
+        s = self.sessions.get(sid)
+        if s is None:
+            raise NotFound(f"session {sid!r} does not exist", session=sid)
+        if not who.may_read(s.owner) or change and not who.may_touch(s.owner):
+            raise PermissionDenied(f"session {sid!r} belongs to {s.owner!r}", session=sid)
+        if open_only and s.state != OPEN:
+            raise FailedPrecondition(f"session {sid!r} is closed", session=sid)
+        return s
+
+    def _find(self, rows: List[Dict[str, Any]], fields: List[str], args: Args) -> Dict[str, Any]:
+        return query.find(rows, fields, args.get("filter"), args.get("page"), args.get("sort"))
+
+    def metrics_text(self) -> str:   # defined by the loop's ops view
+        raise NotImplementedError
+
+    # -- mesh ---------------------------------------------------------------------
+    def do_ping(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return {"protocol": VERSION, "time": self.now, "endpoint": self.endpoint, "boot": self.boot}
+
+    def do_stats(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return {**self.stats, "tasks_in_memory": len(self.tasks), "sessions": len(self.sessions),
+                "objects": len(self.objects.items), "object_bytes_out": self.objects.bytes_out,
+                "store_backlog": self.store_backlog, "executors": len(self.executors),
+                "instances": len(self.instances)}
+
+    def do_metrics(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return {"text": self.metrics_text()}
+
+    # -- applications -------------------------------------------------------------------
+    def do_register_application(self, args: Args, blob: Optional[bytes] = None,
+                                who: Principal = INSECURE) -> Later:
+        spec = AppSpec.from_dict(_arg(args, "spec", dict))
+        old = self.apps.get(spec.name)
+        if old is not None and not args.get("replace", False):
+            raise AlreadyExists(f"application {spec.name!r} is already registered; unregister it or update it",
+                                application=spec.name)
+        created = old.created_at if old else self.now
+
+        def registered(_: Any) -> Dict[str, Any]:
+            self.apps[spec.name] = App(spec, created)
+            event(log, logging.INFO, "application registered", application=spec.name)
+            return self.apps[spec.name].view()
+
+        return Later(lambda store: store.put_app(spec.name, spec.to_dict(), created), then=registered)
+
+    def do_unregister_application(self, args: Args, blob: Optional[bytes] = None,
+                                  who: Principal = INSECURE) -> Later:
+        name = _arg(args, "name", str)
+        self._app(name)
+        open_sessions = [s.id for s in self.sessions.values() if s.app == name and s.state == OPEN]
+        if open_sessions:
+            raise FailedPrecondition(
+                f"application {name!r} has {len(open_sessions)} open session(s) ({', '.join(open_sessions[:3])}); "
+                "close them first", application=name, sessions=open_sessions)
+
+        def unregistered(_: Any) -> Dict[str, Any]:
+            self.apps.pop(name, None)
+            for inst in list(self.instances.values()):
+                if inst.app == name and not inst.stopping:
+                    self.stop_instance(inst)
+            event(log, logging.INFO, "application unregistered", application=name)
+            return {"name": name}
+
+        return Later(lambda store: store.delete_app(name), then=unregistered)
+
+    def do_get_application(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._app(_arg(args, "name", str)).view()
+
+    def do_find_applications(self, args: Args, blob: Optional[bytes] = None,
+                             who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._find([a.view() for a in self.apps.values()], APP_FIELDS, args)
+
+    # -- sessions and contexts ------------------------------------------------------------
+    def do_create_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        app = self._app(_arg(args, "application", str))
+        kind = _arg(args, "kind", str, required=False) or DOC
+        if kind not in KINDS:
+            raise InvalidArgument(f"context kind must be one of {KINDS}", argument="kind")
+        data = blob if blob is not None else _arg(args, "context", bytes, required=False)
+        if data is not None and len(data) > self.settings.max_context_size:
+            raise ResourceExhausted(f"the context is {len(data)} bytes; max_context_size is "
+                                    f"{self.settings.max_context_size}", limit="max_context_size")
+        doc = Document.from_wire(kind, data) if data is not None else Document()
+        resreq = args.get("resreq")
+        req = Resources.parse(resreq) if resreq else app.spec.resreq
+        sid = _arg(args, "id", str, required=False)
+        if sid is None:
+            sid = f"{app.spec.name}-{secrets.token_hex(3)}"
+            while sid in self.sessions:
+                sid = f"{app.spec.name}-{secrets.token_hex(3)}"
+        elif sid in self.sessions:
+            raise AlreadyExists(f"session {sid!r} already exists", session=sid)
+        s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name)
+        self.sessions[sid] = s   # reserved now, so a second create with this id fails at once
+
+        def created(_: Any) -> Dict[str, Any]:
+            event(log, logging.INFO, "session opened", session=sid, application=app.spec.name)
+            return s.view()
+
+        def undo(exc: BaseException) -> Any:
+            self.sessions.pop(sid, None)
+            raise exc
+
+        return Later(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
+                                                        s.context.kind, s.context.encoded()),
+                     then=created, fail=undo)
+
+    def do_get_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._session(_arg(args, "id", str), who).view()
+
+    def do_open_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._session(_arg(args, "id", str), who, open_only=True, change=True).view()
+
+    def do_find_sessions(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._find([s.view() for s in self.sessions.values() if who.may_read(s.owner)], SESSION_FIELDS, args)
+
+    def do_close_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
+        s = self._session(_arg(args, "id", str), who, change=True)
+        if s.state != OPEN:
+            return s.view()
+        s.state = CLOSED
+        s.closed_at = self.now
+        cancelled = [t for t in (self.tasks.get(tid) for tid in s.pending) if t is not None]
+        s.pending.clear()
+        self.waiting.discard(s.id)
+        self.fail_tasks(cancelled, Cancelled(f"session {s.id!r} was closed", session=s.id), CANCELLED)
+        self.delete_objects(self.objects.of_session(s.id))
+        self.plan_soon()
+
+        def closed(_: Any) -> Dict[str, Any]:
+            event(log, logging.INFO, "session closed", session=s.id)
+            return s.view()
+
+        return Later(lambda store: store.close_session(s.id, s.closed_at), then=closed)
+
+    def do_get_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        s = self._session(_arg(args, "id", str), who)
+        return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
+
+    def do_write_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        """Ops in the header, or a whole new value in the blob frame (``kind`` says how it is encoded)."""
+        s = self._session(_arg(args, "id", str), who, open_only=True, change=True)
+        ops = _arg(args, "ops", list, required=False)
+        if ops is None:
+            if blob is None:
+                raise InvalidArgument("write_context needs 'ops' or a blob frame with the new value")
+            if (_arg(args, "kind", str, required=False) or DOC) == DOC:
+                ops = [{"op": "replace", "path": "", "value": Document.from_wire(DOC, blob).value}]
+                blob = None
+        elif blob is not None:
+            raise InvalidArgument("write_context takes 'ops' or a blob frame, not both")
+        return {"version": self.apply_context_write(s, ops, blob)}
+
+    # -- executors and tasks ------------------------------------------------------------------
+    def _executor(self, eid: str) -> Any:
+        ex = self.executors.get(eid)
+        if ex is None:
+            raise NotFound(f"executor {eid!r} is not connected", executor=eid)
+        return ex
+
+    def do_find_executors(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._find([e.view() for e in self.executors.values()], EXECUTOR_FIELDS, args)
+
+    def do_get_executor(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return self._executor(_arg(args, "id", str)).view()
+
+    def do_drain_executor(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        ex = self._executor(_arg(args, "id", str))
+        self.drain_executor(ex)
+        return ex.view()
+
+    def _overlay(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        """A task record from SQLite, with what only memory knows (running, attempts so far)."""
+        t = self.tasks.get(row["id"])
+        if t is not None:
+            row["state"], row["attempts"], row["instance"] = t.state, t.attempt, t.instance
+        return row
+
+    def do_find_tasks(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        s = self._session(_arg(args, "session", str), who)
+        return Later(lambda store: store.task_rows(s.id),
+                     then=lambda rows: self._find([self._overlay(r) for r in rows], TASK_FIELDS, args))
+
+    def do_get_task(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        tid = _arg(args, "id", int)
+
+        def found(row: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+            if row is None or row["session"] not in self.sessions:
+                raise NotFound(f"task {tid} does not exist", task=tid)
+            self._session(row["session"], who)
+            return self._overlay(row)
+
+        return Later(lambda store: store.get_task(tid), then=found)
+
+    def do_cancel_task(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        tid = _arg(args, "id", int)
+        t = self.tasks.get(tid)
+        if t is None:
+            raise FailedPrecondition(f"task {tid} is not queued (finished, or unknown)", task=tid)
+        self._session(t.sid, who, change=True)
+        if t.state != PENDING:
+            raise FailedPrecondition(f"task {tid} is already running on {t.instance}; a running task "
+                                     "cannot be interrupted", task=tid)
+        self.sessions[t.sid].pending.remove(tid)
+        self.fail_tasks([t], Cancelled(f"task {tid} was cancelled", task=tid), CANCELLED)
+        return {"id": tid, "state": CANCELLED}
+
+    # -- object cache -------------------------------------------------------------------
+    def do_put_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        if blob is None:
+            raise InvalidArgument("put_object carries the object as a blob frame")
+        sid = _arg(args, "session", str, required=False)
+        if sid is not None:
+            self._session(sid, who, open_only=True, change=who.role != "instance")
+        ttl = args.get("ttl")
+        if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+            raise InvalidArgument("ttl must be a positive number of seconds", argument="ttl")
+        obj = self.objects.put(_arg(args, "kind", str), blob, sid, self.now + ttl if ttl else None)
+        self.persist_object(obj)
+        return {"key": obj.key, "version": obj.doc.version}
+
+    def do_get_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
+        have = _arg(args, "have", int, required=False) or 0
+        header, data = self.objects.get(_arg(args, "key", str), have)
+        return header if data is None else WithBlob(header, data)
+
+    def do_update_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        if blob is None:
+            raise InvalidArgument("update_object carries the object as a blob frame")
+        obj = self.objects.update(_arg(args, "key", str), _arg(args, "kind", str), blob)
+        self.persist_object(obj)
+        return {"key": obj.key, "version": obj.doc.version}
+
+    def do_patch_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        ops = _arg(args, "ops", list)
+        obj = self.objects.patch(_arg(args, "key", str), ops)
+        self.persist_object(obj, ops)
+        return {"key": obj.key, "version": obj.doc.version}
+
+    def do_delete_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        key = _arg(args, "key", str)
+        self.objects.delete(key)
+        self.delete_objects([key])
+        return {"key": key}
+
+    # -- identity: login, users, robots, executor keys --------------------------------------
+    def do_login(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
+        """Credentials for a token.  On an insecure manager everyone is admin and no token is needed."""
+        if not self.secured:
+            return {"token": "", "expires_at": None, "name": "insecure", "role": "admin", "insecure": True}
+
+        def check(found: Any) -> Later:
+            claimed, stored = found
+            secret = args.get("password") if claimed.kind == "user" else args.get("secret")
+            wrong = "wrong user name or password" if claimed.kind == "user" else "wrong robot secret"
+            if not isinstance(secret, str):
+                raise auth.Unauthenticated(wrong)
+            return Later(keys.verify_secret, secret, stored, where=CPU,
+                         then=lambda ok: issue(claimed) if ok else _raise(auth.Unauthenticated(wrong)))
+
+        def issue(claimed: Principal) -> Later:
+            token, expires = self.tokens.issue(claimed, self.settings.token_ttl)
+            event(log, logging.INFO, "login", principal=claimed.name, kind=claimed.kind, role=claimed.role)
+            return Later(lambda store: auth.save_token(store, token, claimed, expires),
+                         then=lambda _: {"token": token, "expires_at": expires, "name": claimed.name,
+                                         "role": claimed.role})
+
+        return Later(lambda store: auth.credentials(store, args), then=check)
+
+    def do_whoami(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+        return {"name": who.name, "role": who.role, "kind": who.kind}
+
+    def do_add_user(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        name, role, password = _arg(args, "name", str), _arg(args, "role", str), _arg(args, "password", str)
+        return Later(lambda store: auth.add_user(store, name, role, password))
+
+    def do_remove_user(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        name = _arg(args, "name", str)
+
+        def removed(_: Any) -> Dict[str, Any]:
+            self.tokens.drop_principal(name, "user")
+            return {"name": name}
+
+        return Later(lambda store: auth.remove_user(store, name), then=removed)
+
+    def do_list_users(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        return Later(auth.list_users)
+
+    def do_create_robot(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        name, role = _arg(args, "name", str), _arg(args, "role", str)
+        return Later(lambda store: auth.create_robot(store, name, role))
+
+    def do_revoke_robot(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        rid = _arg(args, "id", str)
+
+        def revoked(_: Any) -> Dict[str, Any]:
+            self.tokens.drop_principal(rid, "robot")
+            return {"id": rid}
+
+        return Later(lambda store: auth.revoke_robot(store, rid), then=revoked)
+
+    def do_list_robots(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        return Later(auth.list_robots)
+
+    def do_add_executor_key(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        public, name, now = _arg(args, "public", str), _arg(args, "name", str), self.now
+        return Later(lambda store: store.add_executor_key(public, name, now),
+                     then=lambda _: {"public": public, "name": name})
+
+    def do_list_executor_keys(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        return Later(lambda store: store.executor_keys())
+
+    def do_revoke_executor_key(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        key = _arg(args, "key", str)
+
+        def revoked(n: int) -> Dict[str, Any]:
+            if not n:
+                raise NotFound(f"no executor key {key!r} on the allow-list", key=key)
+            return {"key": key}
+
+        return Later(lambda store: store.remove_executor_key(key), then=revoked)

@@ -1,0 +1,269 @@
+"""Task rules: queue, credit, dispatch, answers, retries, resends.
+
+Delivery is at-least-once (docs/reliability.md): the attempt counter is
+incremented *before* each dispatch; an instance that dies takes its running
+tasks back to the front of their session's queue while they are within the
+application's ``max_retries``; an answer from an instance the task was taken
+away from is dropped, so a client gets exactly one answer per task.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import FailedPrecondition, MeshError, NotFound, ResourceExhausted, TaskFailed
+from ..protocol import Done, Outcome, Result, Submit, Tasks
+from ..state import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNING, SUCCEEDED, Instance, Session, Task
+from .base import AUTH_ERRORS, Base
+from .effects import Call
+
+
+def _json(err: Dict[str, Any]) -> str:
+    return json.dumps(err, default=str)
+
+
+class TaskRules(Base):
+    def on_submit(self, peer: bytes, rec: Submit, payloads: Sequence[Any]) -> None:
+        s = self.sessions.get(rec.sid)
+        error: Optional[MeshError] = None
+        if s is None:
+            error = NotFound(f"session {rec.sid!r} does not exist", session=rec.sid)
+        elif self.secured:
+            try:
+                self.may_submit(rec.token, s.owner)
+            except AUTH_ERRORS as exc:
+                self.denied(peer, "submit", exc)
+                error = exc
+        if error is None and s is not None and s.state != OPEN:
+            error = FailedPrecondition(f"session {rec.sid!r} is closed", session=rec.sid)
+        if error is not None or s is None:
+            self.refuse(peer, rec.sid, rec.tags, error or NotFound(rec.sid))
+            return
+        if rec.resend:
+            self.resend(peer, s, rec.tags, rec.cid, payloads)
+        else:
+            self.enqueue(peer, s, rec.tags, rec.cid, payloads)
+
+    def refuse(self, peer: bytes, sid: str, tags: Sequence[int], error: MeshError) -> None:
+        err = error.to_wire()
+        self.send(peer, Result(sid, [(tag, err) for tag in tags]), [b""] * len(tags))
+
+    def enqueue(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any]) -> None:
+        """Queue new tasks (refusing what passes ``max_pending``) and dispatch what credit allows."""
+        room = max(self.settings.max_pending - len(s.pending), 0)
+        if room < len(tags):
+            self.refuse(peer, s.id, tags[room:], ResourceExhausted(
+                f"session {s.id!r} has {len(s.pending)} tasks queued; max_pending is {self.settings.max_pending}",
+                limit="max_pending", session=s.id))
+            tags, payloads = tags[:room], payloads[:room]
+        now = self.now
+        add = self.batch.add_task
+        keep_max = self.settings.persist_input_max
+        sid = s.id
+        for tag, payload in zip(tags, payloads):
+            tid = next(self._next_tid)
+            t = Task(tid, sid, peer, tag, payload, 0, cid)
+            t.created_at = now
+            self.tasks[tid] = t
+            self.by_tag[(cid, tag)] = tid
+            s.pending.append(tid)
+            s.bytes_in += len(payload)
+            add(tid, sid, now, payload if len(payload) <= keep_max else None, cid, tag)
+        self.stats["tasks_submitted"] += len(tags)
+        self.dispatch(s)
+
+    def resend(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any]) -> None:
+        """A client that lost its connection (or saw the manager restart) resends what it has no
+        answer for: a task still here answers the new connection; a finished one is answered from
+        the database; an unknown one runs.  Each task answers once from the client's view."""
+        self.stats["tasks_resent"] += len(tags)
+        lookup: List[Tuple[int, Any]] = []
+        for tag, payload in zip(tags, payloads):
+            tid = self.by_tag.get((cid, tag))
+            t = self.tasks.get(tid) if tid is not None else None
+            if t is not None:
+                t.client = peer
+            else:
+                lookup.append((tag, payload))
+        if lookup:
+            self.call(Call(lambda store, c, ts: store.find_by_tags(c, ts), (cid, [tag for tag, _ in lookup]),
+                           then=lambda known: self.resent(peer, s, cid, lookup, known), label="find_by_tags"))
+
+    def resent(self, peer: bytes, s: Session, cid: str, lookup: List[Tuple[int, Any]],
+               known: Dict[int, Tuple[str, Optional[bytes], Optional[str]]]) -> None:
+        """The database's answer for resent tasks the manager no longer held."""
+        items: List[Outcome] = []
+        frames: List[Any] = []
+        fresh_tags, fresh_payloads = [], []
+        for tag, payload in lookup:
+            state, output, error = known.get(tag, (None, None, None))
+            if state == SUCCEEDED and output is not None:
+                items.append((tag, None))
+                frames.append(output)
+            elif state in (FAILED, CANCELLED) and error:
+                items.append((tag, json.loads(error)))
+                frames.append(b"")
+            elif (cid, tag) in self.by_tag:      # resent twice while the lookup ran: already queued
+                self.tasks[self.by_tag[(cid, tag)]].client = peer
+            else:                                # unknown, or its answer died with the old manager
+                fresh_tags.append(tag)
+                fresh_payloads.append(payload)
+        if items:
+            self.send(peer, Result(s.id, items), frames)
+        if fresh_tags and s.state == OPEN:
+            self.enqueue(peer, s, fresh_tags, cid, fresh_payloads)
+
+    def dispatch(self, s: Session) -> None:
+        """Give each ready instance of ``s`` as many pending tasks as it has credit for."""
+        pending = s.pending
+        if not pending:
+            return
+        tasks = self.tasks
+        instances = s.instances
+        n = len(instances)
+        s.rr += 1
+        target = self.settings.queue_target
+        for k in range(n):
+            inst = instances[(s.rr + k) % n]
+            if inst.identity is None or inst.draining:
+                continue
+            credit = inst.credit_limit(target) - len(inst.inflight)
+            if credit <= 0:
+                continue
+            items: List[Tuple[int, int]] = []
+            frames: List[Any] = []
+            while credit > 0 and pending:
+                t = tasks.get(pending.popleft())
+                if t is None or t.state != PENDING:
+                    continue
+                t.state = RUNNING
+                t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
+                t.instance = inst.id
+                items.append((t.id, t.attempt))
+                frames.append(t.payload)
+                credit -= 1
+            if items:
+                if not inst.inflight:
+                    inst.busy_since = self.now
+                inst.inflight.update(i[0] for i in items)
+                s.running += len(items)
+                self.send(inst.identity, Tasks(s.id, s.context.version, items), frames)
+            if not pending:
+                break
+        if pending:
+            if s.id not in self.waiting:
+                self.waiting.add(s.id)
+                self.plan_soon()   # more work than credit: maybe more instances
+        else:
+            self.waiting.discard(s.id)
+
+    def on_done(self, peer: bytes, rec: Done, payloads: Sequence[Any]) -> None:
+        inst = self.peers.get(peer)
+        if not isinstance(inst, Instance):
+            self.gone(peer, "unknown instance")
+            return
+        now = self.now
+        out: Dict[Tuple[bytes, str], Tuple[List[Outcome], List[Any], List[int]]] = {}
+        finish = self.batch.finish_task
+        for (tid, err), payload in zip(rec.outcomes, payloads):
+            t = self.tasks.get(tid)
+            if t is None or t.instance != inst.id or t.state != RUNNING:
+                continue  # a late answer for a task reassigned elsewhere: dropped
+            inst.inflight.discard(tid)
+            del self.tasks[tid]
+            self.by_tag.pop((t.cid, t.tag), None)
+            s = self.sessions.get(t.sid)
+            state = SUCCEEDED if err is None else FAILED
+            t.state = state
+            if s is not None:
+                s.running -= 1
+                s.counts[state] += 1
+            finish(tid, state, t.attempt, now, None if err is None else _json(err))
+            self.latency.observe(now - t.created_at)
+            items, frames, tids = out.setdefault((t.client, t.sid), ([], [], []))
+            items.append((t.tag, err))
+            frames.append(payload if err is None else b"")
+            tids.append(tid)
+        accepted = sum(len(items) for items, _, _ in out.values())
+        self.stats["tasks_finished"] += accepted
+        self.stats["late_answers_dropped"] += len(rec.outcomes) - accepted
+        inst.observe(now, len(rec.outcomes))
+        for (client, sid), (items, frames, tids) in out.items():
+            self.stats["bytes_out"] += sum(len(f) for f in frames)
+            keep = lambda tids=tids, items=items, frames=frames: self.keep_outputs(tids, items, frames)  # noqa: E731
+            if client:
+                self.send(client, Result(sid, items), frames, if_lost=keep)
+            else:   # its client is away (the manager restarted): keep the output for its resend
+                keep()
+        s = inst.session
+        if s is not None and s.pending and not inst.draining:
+            self.dispatch(s)
+        if not inst.inflight:
+            inst.idle_since = now
+            ex = self.executors.get(inst.executor)
+            if ex is not None and ex.state == DRAINING:
+                self.stop_instance(inst)
+            elif self.waiting or inst.draining or s is None or s.state != OPEN:
+                self.plan_soon()   # an idle instance may serve a session that waits
+
+    def keep_outputs(self, tids: Sequence[int], items: Sequence[Outcome], frames: Sequence[Any]) -> None:
+        """Answers that could not be delivered are written down for the client's resend."""
+        for tid, (_, err), payload in zip(tids, items, frames):
+            if err is None:
+                self.batch.keep_output(tid, payload, self.now)
+
+    def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = FAILED) -> None:
+        """Finish tasks without a result (cancelled, or out of retries): one RESULT per client."""
+        err = error.to_wire()
+        text = _json(err)
+        out: Dict[Tuple[bytes, str], List[Outcome]] = {}
+        for t in tasks:
+            self.tasks.pop(t.id, None)
+            self.by_tag.pop((t.cid, t.tag), None)
+            t.state = state
+            s = self.sessions.get(t.sid)
+            if s is not None:
+                s.counts[state] += 1
+            self.batch.finish_task(t.id, state, t.attempt, self.now, text)
+            if t.client:
+                out.setdefault((t.client, t.sid), []).append((t.tag, err))
+        for (client, sid), items in out.items():
+            self.send(client, Result(sid, items), [b""] * len(items))
+
+    def requeue(self, inst: Instance, reason: str) -> None:
+        """The instance is gone: its tasks run again elsewhere, within the app's retry budget."""
+        s = inst.session
+        app = self.apps.get(inst.app)
+        max_retries = app.spec.max_retries if app else 0
+        for tid in sorted(inst.inflight, reverse=True):   # appendleft: the oldest ends up first
+            t = self.tasks.get(tid)
+            if t is None:
+                continue
+            if s is not None:
+                s.running -= 1
+            if t.attempt > max_retries:
+                self.fail_tasks([t], TaskFailed(
+                    f"task {tid} failed: {t.attempt} attempts died (max_retries={max_retries}); "
+                    f"last on executor {inst.executor}: {reason}",
+                    type="InstanceLost", attempts=t.attempt, executor=inst.executor, reason=reason))
+            elif s is not None and s.state == OPEN:
+                t.state = PENDING
+                t.instance = None
+                s.pending.appendleft(tid)
+                self.stats["tasks_retried"] += 1
+        inst.inflight.clear()
+
+    def start_failed(self, app: str, reason: str) -> None:
+        """An app whose instances keep dying before hello fails its queued tasks instead of looping."""
+        n = self.start_failures[app] = self.start_failures.get(app, 0) + 1
+        if n < self.settings.start_failures:
+            return
+        self.start_failures[app] = 0
+        err = TaskFailed(f"application {app!r} failed to start {n} times in a row; last: {reason}",
+                         type="StartFailed", application=app, reason=reason)
+        for s in self.sessions.values():
+            if s.app == app and s.state == OPEN and s.pending:
+                doomed = [self.tasks[tid] for tid in s.pending if tid in self.tasks]
+                s.pending.clear()
+                self.waiting.discard(s.id)
+                self.fail_tasks(doomed, err)

@@ -1,0 +1,313 @@
+"""The manager's core without a socket: feed events, assert effects (Given / When / Then).
+
+The store calls the core asks for run synchronously against a real SQLite
+store (``:memory:``); nothing here opens a socket, starts a process or sleeps.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+
+import pytest
+
+from mesh.config import Settings
+from mesh.core import Call, Core, Effects, Send
+from mesh.errors import ERRORS
+from mesh.protocol import (Bind, CtxPatch, CtxReject, CtxWrite, Done, ExecHello, Exited, InstHello, Launch,
+                           Message, Reply, Request, Result, Resync, Submit, Tasks, decode, encode)
+from mesh.store import Store
+
+ECHO = {"metadata": {"name": "echo"}, "spec": {"command": "python3", "arguments": ["echo.py"], "max_retries": 2}}
+
+
+class Mesh:
+    """One core, a real in-memory store, and a clock; records every send by peer."""
+
+    def __init__(self, secured: bool = False, **settings: Any) -> None:
+        self.settings = Settings(**{"prefetch": 4, **settings})
+        self.core = Core(self.settings, secured=secured)
+        self.store = Store(":memory:")
+        self.now = 1000.0
+        self.sent: List[Send] = []
+        self.rids = itertools.count(1)
+
+    # -- driving the core ---------------------------------------------------------------
+    def run(self, effects: Effects) -> List[Send]:
+        """Perform effects like the loop does (calls synchronously, batch committed first)."""
+        sends: List[Send] = []
+        todo = list(effects)
+        while todo:
+            eff = todo.pop(0)
+            if isinstance(eff, Send):
+                # every record the core sends must survive the codec unchanged
+                assert encode(decode(encode(eff.record, eff.payloads)).header) == encode(eff.record)
+                sends.append(eff)
+            else:
+                assert isinstance(eff, Call)
+                self.commit()
+                try:
+                    result = eff.fn(self.store, *eff.args) if eff.where == "store" else eff.fn(*eff.args)
+                except Exception as exc:
+                    todo[:0] = self.core.complete(eff, self.now, error=exc)
+                else:
+                    todo[:0] = self.core.complete(eff, self.now, result)
+        sends += self.core.end_round(self.now)  # type: ignore[arg-type]
+        self.sent += sends
+        return sends
+
+    def commit(self) -> None:
+        self.store.write(self.core.take_batch())
+
+    def msg(self, peer: bytes, record: Any, payloads: Sequence[Any] = (), key: Optional[str] = None) -> List[Send]:
+        return self.run(self.core.handle(peer, Message(_cmd(record), record,
+                                                       list(payloads)), self.now, key))
+
+    def request(self, method: str, peer: bytes = b"client", blob: Optional[bytes] = None, token: Optional[str] = None,
+                **args: Any) -> Reply:
+        rid = next(self.rids)
+        sends = self.msg(peer, Request(rid, method, args, token, blob is not None), [blob] if blob is not None else [])
+        replies = [s.record for s in sends if isinstance(s.record, Reply) and s.record.rid == rid]
+        assert len(replies) == 1, sends
+        return replies[0]
+
+    def ok(self, method: str, **args: Any) -> Any:
+        reply = self.request(method, **args)
+        assert reply.ok, reply.error
+        return reply.result
+
+    def tick(self, seconds: float = 0.0) -> List[Send]:
+        self.now += seconds
+        return self.run(self.core.tick(self.now))
+
+    # -- building a mesh -----------------------------------------------------------------
+    def app_and_session(self, sid: str = "s1") -> str:
+        self.ok("register_application", spec=ECHO)
+        return self.ok("create_session", application="echo", id=sid)["id"]
+
+    def executor(self, eid: str = "e1", slots: int = 2) -> bytes:
+        peer = eid.encode()
+        self.msg(peer, ExecHello(eid, {"slots": slots, "cpu": 4, "memory": 1 << 30}))
+        return peer
+
+    def instance(self, peer: bytes) -> Tuple[str, bytes]:
+        """Start the instance a Launch asked for: it says hello with its token."""
+        launches = [s.record for s in self.sent if isinstance(s.record, Launch)
+                    and s.record.iid not in self._started]
+        assert launches, "no instance was launched"
+        launch = launches[0]
+        self._started.add(launch.iid)
+        ipeer = b"inst-" + launch.iid.encode()
+        self.msg(ipeer, InstHello(launch.iid, launch.iid.split(".")[0], 4242, launch.token))
+        return launch.iid, ipeer
+
+    _started: set = set()
+
+    def submit(self, n: int, sid: str = "s1", client: bytes = b"client", cid: str = "c1", first_tag: int = 1,
+               resend: bool = False) -> List[Send]:
+        tags = list(range(first_tag, first_tag + n))
+        return self.msg(client, Submit(sid, tags, cid, resend), [b"req-%d" % t for t in tags])
+
+    def to(self, peer: bytes, kind: Type[Any]) -> List[Any]:
+        return [s.record for s in self.sent if s.peer == peer and isinstance(s.record, kind)]
+
+
+def _cmd(record: Any) -> Any:
+    from mesh.protocol import CMD_OF
+    return CMD_OF[type(record)]
+
+
+@pytest.fixture
+def mesh() -> Mesh:
+    m = Mesh()
+    m._started = set()
+    return m
+
+
+def running(m: Mesh, n_tasks: int = 1, slots: int = 1) -> Tuple[str, bytes]:
+    """Given a session with one ready instance and ``n_tasks`` submitted."""
+    m.app_and_session()
+    ex = m.executor(slots=slots)
+    m.submit(n_tasks)
+    return m.instance(ex)
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+def test_tasks_are_dispatched_with_the_attempt_counted_before_the_run(mesh: Mesh) -> None:
+    # Given a ready instance and two queued tasks
+    iid, inst = running(mesh, 2)
+    # Then they were sent to it, attempt 1 each, with their payloads
+    tasks = mesh.to(inst, Tasks)
+    assert [item for t in tasks for item in t.items][:1] == [(1, 1)]
+    assert all(a == 1 for t in tasks for _, a in t.items)
+
+
+def test_credit_starts_at_one_and_grows_to_prefetch_for_fast_tasks(mesh: Mesh) -> None:
+    # Given one instance and 20 queued tasks
+    iid, inst = running(mesh, 20)
+    first = mesh.to(inst, Tasks)
+    # Then it gets one task until its speed is known
+    assert sum(len(t.items) for t in first) == 1
+    # When it answers quickly
+    tid = first[0].items[0][0]
+    mesh.now += 0.0001
+    mesh.msg(inst, Done([(tid, None)]), [b"out"])
+    # Then it is kept `prefetch` tasks ahead
+    later = mesh.to(inst, Tasks)[len(first):]
+    assert sum(len(t.items) for t in later) == mesh.settings.prefetch
+
+
+def test_an_answer_goes_to_the_submitter_once(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    tid = mesh.to(inst, Tasks)[0].items[0][0]
+    # When the instance answers twice (a duplicate DONE)
+    mesh.msg(inst, Done([(tid, None)]), [b"out"])
+    mesh.msg(inst, Done([(tid, None)]), [b"out"])
+    # Then the client got one RESULT with the output, and the duplicate was counted as dropped
+    results = mesh.to(b"client", Result)
+    assert [r.outcomes for r in results] == [[(1, None)]]
+    assert mesh.core.stats["late_answers_dropped"] == 1
+
+
+@pytest.mark.parametrize("deaths,outcome", [(2, "retried"), (3, "failed")])
+def test_retry_budget(mesh: Mesh, deaths: int, outcome: str) -> None:
+    # Given an app with max_retries=2 and one task
+    mesh.app_and_session()
+    ex = mesh.executor(slots=1)
+    mesh.submit(1)
+    for _ in range(deaths):
+        # When the instance running it dies (killed by a signal, after hello)
+        iid, inst = mesh.instance(ex)
+        assert mesh.to(inst, Tasks), "the task was dispatched"
+        mesh.msg(ex, Exited(iid, -9, "killed"))
+    results = mesh.to(b"client", Result)
+    if outcome == "retried":
+        # Then within the budget it is queued again, never answered with an error
+        assert results == []
+        assert mesh.core.stats["tasks_retried"] == deaths
+        assert mesh.core.tasks[1].attempt == deaths
+    else:
+        # Then past it the client gets task_failed naming the attempts
+        [(tag, err)] = results[0].outcomes
+        assert err["code"] == "task_failed" and err["details"]["attempts"] == 3
+
+
+def test_a_late_answer_from_an_evicted_instance_is_dropped(mesh: Mesh) -> None:
+    # Given a task running on an instance of an executor that then goes silent
+    iid, inst = running(mesh, 1)
+    ex = b"e1"
+    tid = mesh.to(inst, Tasks)[0].items[0][0]
+    mesh.tick(mesh.settings.dead_after + 1)          # evicted: its task is requeued
+    assert mesh.core.tasks[tid].state == "pending"
+    ex2 = mesh.executor("e2", slots=1)
+    iid2, inst2 = mesh.instance(ex2)
+    assert [i for t in mesh.to(inst2, Tasks) for i in t.items] == [(tid, 2)]
+    # When the evicted instance's answer arrives late
+    mesh.msg(inst, Done([(tid, None)]), [b"stale"])
+    # Then it is dropped (the sender is told it is gone), and only the new run answers
+    assert mesh.to(b"client", Result) == []
+    mesh.msg(inst2, Done([(tid, None)]), [b"fresh"])
+    results = [s for s in mesh.sent if s.peer == b"client" and isinstance(s.record, Result)]
+    assert len(results) == 1 and [bytes(p) for p in results[0].payloads] == [b"fresh"]
+
+
+def test_max_pending_refuses_the_excess_with_resource_exhausted() -> None:
+    m = Mesh(max_pending=3)
+    m._started = set()
+    m.app_and_session()
+    # When 5 tasks arrive and no instance can take them
+    m.submit(5)
+    # Then 3 are queued and 2 refused at once, naming the limit
+    [refused] = m.to(b"client", Result)
+    assert [tag for tag, _ in refused.outcomes] == [4, 5]
+    assert {err["code"] for _, err in refused.outcomes} == {"resource_exhausted"}
+    assert len(m.core.sessions["s1"].pending) == 3
+
+
+def test_resend_after_a_manager_restart_is_answered_once(mesh: Mesh) -> None:
+    # Given a task that finished before the manager restarted, its answer undelivered
+    iid, inst = running(mesh, 2)
+    tids = [i[0] for t in mesh.to(inst, Tasks) for i in t.items]
+    [result] = [s for s in mesh.msg(inst, Done([(tids[0], None)]), [b"out-1"]) if isinstance(s.record, Result)]
+    mesh.run(mesh.core.lost(result, mesh.now))      # the client had gone: the output is kept for it
+    mesh.commit()
+    # When a new core restores from the same store and the client resends both tasks
+    m2 = Mesh()
+    m2._started = set()
+    m2.store = mesh.store
+    m2.run(m2.core.restore(mesh.store.load_state()))
+    assert tids == [1] and list(m2.core.sessions["s1"].pending) == [2]   # the unfinished one is queued again
+    m2.submit(2, client=b"client-2", resend=True)
+    # Then the finished one is answered from the database, the other waits for its run
+    [answer] = [s for s in m2.sent if s.peer == b"client-2" and isinstance(s.record, Result)]
+    assert answer.record.outcomes == [(1, None)] and [bytes(p) for p in answer.payloads] == [b"out-1"]
+    m2.submit(2, client=b"client-2", resend=True)   # resent again: still one answer each
+    assert len(m2.to(b"client-2", Result)) == 2 and m2.to(b"client-2", Result)[1].outcomes == [(1, None)]
+    assert len(m2.core.sessions["s1"].pending) == 1
+
+
+def test_sessions_share_executors_fairly(mesh: Mesh) -> None:
+    # Given two sessions with work and an executor with two slots
+    mesh.app_and_session("a")
+    mesh.ok("create_session", application="echo", id="b")
+    mesh.submit(10, sid="a")
+    mesh.submit(10, sid="b", first_tag=100)
+    mesh.executor(slots=2)
+    # Then each session gets one instance
+    launched = {s.record.iid for s in mesh.sent if isinstance(s.record, Launch)}
+    bound = sorted(len(mesh.core.sessions[sid].instances) for sid in ("a", "b"))
+    assert len(launched) == 2 and bound == [1, 1]
+
+
+# -- contexts ------------------------------------------------------------------------------------
+
+def test_context_writes_are_sequenced_and_announced_only_after_commit(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    # When the instance writes twice
+    mesh.msg(inst, CtxWrite("s1", 1, [{"op": "replace", "path": "", "value": {"n": 1}}]))
+    mesh.msg(inst, CtxWrite("s1", 2, [{"op": "incr", "path": "/n", "value": 1}]))
+    patches = [s for s in mesh.sent if isinstance(s.record, CtxPatch)]
+    # Then it hears both, in version order, as its own writes, each one held for the commit
+    assert [(p.record.version, p.record.seq) for p in patches] == [(1, 1), (2, 2)]
+    assert all(p.after_commit for p in patches)
+    # And a client's write is acknowledged with its version after the commit too
+    reply = mesh.request("write_context", id="s1", ops=[{"op": "incr", "path": "/n", "value": 1}])
+    assert reply.result == {"version": 3}
+    assert [s.after_commit for s in mesh.sent if s.record == reply] == [True]
+    assert mesh.core.sessions["s1"].context.value == {"n": 3}
+
+
+def test_a_failed_test_op_is_rejected_and_changes_nothing(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    mesh.msg(inst, CtxWrite("s1", 1, [{"op": "test", "path": "/x", "value": 1}]))
+    [reject] = mesh.to(inst, CtxReject)
+    assert reject.seq == 1 and reject.error["code"] in ERRORS
+    assert mesh.core.sessions["s1"].context.version == 0
+
+
+def test_a_replica_gap_is_repaired_with_a_snapshot(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    mesh.ok("write_context", id="s1", ops=[{"op": "replace", "path": "", "value": {"a": 1}}])
+    # When the replica reports a gap
+    mesh.msg(inst, Resync("s1", 0))
+    # Then it gets a BIND with the current version and snapshot
+    bind = [s for s in mesh.sent if s.peer == inst and isinstance(s.record, Bind)][-1]
+    assert bind.record.version == 1
+    from mesh.protocol import unpack
+    assert unpack(bind.payloads[0]) == {"a": 1}
+
+
+# -- control -------------------------------------------------------------------------------------
+
+def test_unknown_method_and_bad_arguments_are_typed_errors(mesh: Mesh) -> None:
+    assert mesh.request("no_such_method").error["code"] == "invalid_argument"
+    assert mesh.request("create_session").error["details"] == {"argument": "application"}
+    assert mesh.request("get_session", id="nope").error["code"] == "not_found"
+
+
+def test_a_secured_core_refuses_calls_without_a_token() -> None:
+    m = Mesh(secured=True)
+    reply = m.request("find_sessions")
+    assert not reply.ok and reply.error["code"] == "unauthenticated"
+    assert m.core.stats["auth_denied"] == 1
+    assert m.request("ping").ok
