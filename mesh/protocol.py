@@ -334,12 +334,16 @@ def unpack(data: Any) -> Any:
 # -- codec -------------------------------------------------------------------------------------
 
 def header_of(record: Any) -> Any:
-    """The msgpack value a record travels as: a list in field order, or a map without the
-    optional fields left at their defaults."""
+    """The msgpack value a record travels as: a list in field order, or a map; optional fields
+    left at their defaults are not sent (trailing ones, for a list)."""
     cmd = CMD_OF[type(record)]
-    if RECORDS[cmd][1] == LIST:
-        return list(record)
     defaults = type(record)._field_defaults
+    if RECORDS[cmd][1] == LIST:
+        values = list(record)
+        while values and record._fields[len(values) - 1] in defaults \
+                and values[-1] == defaults[record._fields[len(values) - 1]]:
+            values.pop()   # trailing optional fields left at their defaults are not sent
+        return values
     return {k: v for k, v in zip(record._fields, record) if k not in defaults or v != defaults[k]}
 
 
