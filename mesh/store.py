@@ -14,8 +14,9 @@ import json
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .batch import OBJECT_PREFIX, Batch, Context, SavedState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,65 +50,6 @@ CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
 """
 SCHEMA_VERSION = "1"
-OBJECT_PREFIX = "obj/"  # objects share the snapshot and patch tables with contexts, under this prefix
-
-
-@dataclass
-class Batch:
-    """Changes collected by the event loop between two group commits."""
-
-    # rows not yet written, by task id: a task that ends within one commit window is written once,
-    # already finished and without its input (most tasks, at high throughput)
-    tasks: Dict[int, List[Any]] = field(default_factory=dict)
-    finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]] = field(default_factory=list)
-    patches: List[Tuple[str, int, Optional[bytes], Optional[bytes]]] = field(default_factory=list)
-    snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
-    objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
-    deleted_objects: List[str] = field(default_factory=list)
-
-    def add_task(self, tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> None:
-        """``payload`` None: the request is not kept (too large; the client resends it if need be)."""
-        self.tasks[tid] = [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
-
-    def finish_task(self, tid: int, state: str, attempts: int, when: float, error: Optional[str]) -> None:
-        row = self.tasks.get(tid)
-        if row is not None:
-            row[2], row[3], row[5], row[6], row[8] = state, attempts, when, None, error
-        else:
-            self.finished.append((state, attempts, when, None, error, tid))
-
-    def keep_output(self, tid: int, output: Any, when: float) -> None:
-        """A result that could not be delivered is kept for the client to collect."""
-        row = self.tasks.get(tid)
-        if row is not None:
-            row[7] = output
-        else:
-            self.finished.append(("succeeded", -1, when, output, None, tid))
-
-    def size(self) -> int:
-        """How many changes the batch holds (a handler that grew it changed durable state)."""
-        return (len(self.tasks) + len(self.finished) + len(self.patches) + len(self.snapshots) + len(self.objects)
-                + len(self.deleted_objects))
-
-    def __bool__(self) -> bool:
-        return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects)
-
-
-Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches
-
-
-@dataclass
-class SavedState:
-    """Everything a restarting manager rebuilds its memory from (read once, at start)."""
-
-    apps: List[Tuple[str, Dict[str, Any], float]]
-    sessions: List[Dict[str, Any]]                 # open sessions only
-    contexts: Dict[str, Context]                   # by session id
-    objects: List[Tuple[str, Optional[str], Optional[float], Context]]
-    unfinished: List[Tuple[int, str, int, Optional[bytes], str, int]]
-    max_task_id: int
-    tokens: Dict[str, Any]                         # digest -> (Principal, expires_at)
 
 
 class Store:

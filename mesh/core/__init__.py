@@ -31,7 +31,7 @@ from ..protocol import Cmd, Message, Reply
 from ..resources import Resources
 from ..spec import AppSpec
 from ..state import OPEN, App, Session, Task
-from ..store import SavedState
+from ..batch import SavedState
 from .base import log
 from .contexts import ContextRules
 from .control import ControlRules, Later, WithBlob

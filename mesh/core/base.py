@@ -19,7 +19,7 @@ from ..metrics import Histogram
 from ..objects import Objects
 from ..protocol import Gone
 from ..state import App, Executor, Instance, Session, Task
-from ..store import Batch
+from ..batch import Batch
 from .effects import Call, Effects, Send
 
 log = logging.getLogger("zeromesh.manager")

@@ -18,7 +18,7 @@ from ..log import event
 from ..objects import StoredObject
 from ..protocol import CtxPatch, CtxReject, CtxWrite, Resync, pack
 from ..state import Instance, Session
-from ..store import OBJECT_PREFIX
+from ..batch import OBJECT_PREFIX
 from .base import Base, log
 
 
