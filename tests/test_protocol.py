@@ -546,3 +546,24 @@ def test_task_failed_keeps_remote_info_through_cloudpickle() -> None:
 def test_error_without_message_prints_its_code() -> None:
     assert str(NotFound()) == "not_found"
     assert str(cloudpickle.loads(cloudpickle.dumps(ProtocolError()))) == "protocol_error"
+
+
+# --------------------------------------------------------------------------------------------
+# docs/protocol.md and the code agree field by field
+# --------------------------------------------------------------------------------------------
+
+def test_protocol_doc_lists_every_record_field_by_field() -> None:
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    assert f"version {VERSION}" in doc.splitlines()[0]
+    for cmd, (record, shape) in RECORDS.items():
+        # Given the command's row in the commands table
+        rows = [line for line in doc.splitlines() if line.startswith(f"| 0x{cmd:02X} | {cmd.name} (`{record.__name__}`)")]
+        assert len(rows) == 1, f"docs/protocol.md has no row for {cmd.name}"
+        cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+        # Then it names the shape and exactly the record's fields, in order
+        assert cells[3] == shape, cmd.name
+        named = re.findall(r"(?:`|\[|, )([a-z_]+)\??:", cells[4])
+        assert named == list(record._fields), (cmd.name, named)
