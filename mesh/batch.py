@@ -68,4 +68,4 @@ class SavedState:
     objects: List[Tuple[str, Optional[str], Optional[float], Context]]
     unfinished: List[Tuple[int, str, int, Optional[bytes], str, int]]
     max_task_id: int
-    tokens: Dict[str, Any]                         # digest -> (Principal, expires_at)
+    tokens: List[Tuple[str, str, str, str, float]]  # live login tokens: digest, principal, kind, role, expires

@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .batch import OBJECT_PREFIX, Batch, Context, SavedState
@@ -114,8 +115,6 @@ class Store:
 
     def load_state(self) -> SavedState:
         """What a restarting manager needs, read in one go (see :meth:`Core.restore`)."""
-        from .auth import load_tokens   # auth builds on the store, not the other way round
-
         sessions = [r for r in self.load_sessions() if r["state"] == "open"]
         contexts = {}
         for r in sessions:
@@ -128,7 +127,12 @@ class Store:
             if ctx is not None:
                 objects.append((key, sid, expires_at, ctx))
         return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
-                          self.max_task_id(), load_tokens(self))
+                          self.max_task_id(), self.live_tokens())
+
+    def live_tokens(self) -> List[Tuple[str, str, str, str, float]]:
+        """Unexpired login tokens: (digest, principal, kind, role, expires_at)."""
+        return self.db.execute("SELECT digest, principal, kind, role, expires_at FROM tokens WHERE expires_at > ?",
+                               (time.time(),)).fetchall()
 
     def drop_context(self, sid: str) -> None:
         """A closed session's context is no longer needed; its task records stay."""
