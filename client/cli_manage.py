@@ -1,6 +1,6 @@
 """``zmesh`` commands that look at and steer a running mesh.
 
-list / view / close / cancel / drain / top / invoke / metrics / completion.
+register / unregister / list / view / close / cancel / drain / top / invoke / metrics / completion.
 Tables for people, ``--json`` for scripts; errors as one line with the
 error's exit code (see docs/operations.md, "Exit codes").
 """
@@ -10,13 +10,13 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
 from mesh.errors import InvalidArgument, NotFound
 
-from .cli import _client, _errors, _table, _when, json_option, main, manager_option
+from .cli_common import _client, _errors, _table, _when, json_option, main, manager_option
 
 KINDS = {
     "a": ("applications", ["name", "command", "labels", "created"], "find_applications"),
@@ -73,6 +73,33 @@ def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
     return r
 
 
+# -- registry ------------------------------------------------------------------------
+@main.command()
+@manager_option
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False), help="Application spec (YAML).")
+@click.option("--replace", is_flag=True, help="Replace an application of the same name.")
+@json_option
+@_errors
+def register(manager: Optional[str], path: str, replace: bool, as_json: bool) -> None:
+    """Register an application from its YAML spec."""
+    from mesh.spec import load_spec
+    spec = load_spec(path)
+    with _client(manager) as c:
+        app = c.register_application(spec, replace=replace)
+    click.echo(json.dumps(app) if as_json else f"registered {app['name']}")
+
+
+@main.command()
+@manager_option
+@click.option("-a", "--app", "name", required=True, help="Application name.")
+@_errors
+def unregister(manager: Optional[str], name: str) -> None:
+    """Remove an application from the registry."""
+    with _client(manager) as c:
+        c.unregister_application(name)
+    click.echo(f"unregistered {name}")
+
+
 @main.command(name="list")
 @manager_option
 @click.option("-a", "apps", is_flag=True, help="Applications.")
@@ -125,7 +152,9 @@ def view(manager: Optional[str], app: Optional[str], session: Optional[str], exe
         raise click.UsageError("choose one of -a NAME, -s SESSION_ID, -e EXECUTOR_ID, -t TASK_ID")
     kind, key = chosen[0]
     with _client(manager) as c:
-        obj = {"a": c.get_application, "s": c.get_session, "e": c.get_executor, "t": c.get_task}[kind](key)
+        getters: Dict[str, Callable[[Any], Any]] = {"a": c.get_application, "s": c.get_session,
+                                                   "e": c.get_executor, "t": c.get_task}
+        obj = getters[kind](key)
     if obj is None:
         raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
     d = _dict(obj)

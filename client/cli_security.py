@@ -17,7 +17,7 @@ import click
 from mesh import auth, keys
 from mesh.errors import InvalidArgument
 
-from .cli import _client, _errors, _table, _when, json_option, main, manager_option
+from .cli_common import _client, _errors, _table, _when, json_option, main, manager_option
 
 db_option = click.option("--db", "db", default=None, metavar="PATH",
                          help="Work offline on the manager's database instead of asking the manager.")

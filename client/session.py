@@ -8,12 +8,13 @@ whole otherwise (see docs/context.md).
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any, Dict, List, Optional
 
 import cloudpickle
 
 from mesh import patch
-from mesh.errors import DeadlineExceeded
+from mesh.errors import DeadlineExceeded, InvalidArgument
 from mesh.protocol import pack, unpack
 
 from .connection import Connection
@@ -41,7 +42,7 @@ class Session:
                  connection: Optional[Connection] = None, auth: Any = None,
                  manager_key: Optional[str] = None) -> None:
         if (name is None) == (session_id is None):
-            raise ValueError("Session takes an application name or session_id=..., exactly one of them")
+            raise InvalidArgument("Session takes an application name or session_id=..., exactly one of them")
         self._own = connection is None
         self._conn = connection or Connection(manager, manager_key=manager_key, auth=auth)
         try:
@@ -66,20 +67,35 @@ class Session:
         return self._id
 
     def submit(self, req: Any = None) -> "concurrent.futures.Future[Any]":
-        """Queue one task; the future resolves to the entrypoint's return value or raises its error."""
+        """Queue one task; the future resolves to the entrypoint's return value or raises its error.
+
+        The future is a :class:`client.connection.TaskFuture`: ``result(timeout)`` raises
+        ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running.
+        ``cancel()`` only stops this caller waiting (``Client.cancel_task`` cancels a queued task)."""
         return self._conn.submit(self._id, cloudpickle.dumps(req), cloudpickle.loads)
 
     def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
-        fut = self.submit(req)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise DeadlineExceeded(f"no result within {timeout}s (the task keeps running)",
-                                   session=self._id) from None
+        """Run one task and return its answer; ``DeadlineExceeded`` after ``timeout`` seconds."""
+        return self.submit(req).result(timeout)
 
     def map(self, reqs: Any, timeout: Optional[float] = None) -> List[Any]:
+        """Run one task per request and return the answers in order.
+
+        ``timeout`` bounds the whole call, as in ``concurrent.futures.Executor.map``: if every
+        answer is not in within ``timeout`` seconds of the call, ``DeadlineExceeded`` (the tasks
+        keep running).  If a task fails, the error of the first failed one (in request order) is
+        raised as soon as it is known."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         futs = [self.submit(r) for r in reqs]
-        return [f.result(timeout) for f in futs]
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        done, pending = concurrent.futures.wait(futs, left, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for f in futs:
+            if f in done and f.exception() is not None:
+                f.result()           # raises the error of the first failed task, in request order
+        if pending:
+            raise DeadlineExceeded(f"{len(pending)} of {len(futs)} tasks unanswered after {timeout}s "
+                                   "(they keep running)", session=self._id, timeout=timeout)
+        return [f.result() for f in futs]
 
     def context(self) -> Any:
         r = self._conn.call("get_context", {"id": self._id})
