@@ -19,10 +19,11 @@ return (``e["id"]``).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union, overload
 
-from mesh.errors import NotFound
+from mesh.errors import InvalidArgument, NotFound
 from mesh.spec import AppSpec, load_spec
 
 from .connection import Connection
@@ -53,6 +54,16 @@ class Record:
 def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in d.items() if k in names})  # newer managers may send more fields
+
+
+def _spec(spec: Any) -> AppSpec:
+    if isinstance(spec, AppSpec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return load_spec(os.fspath(spec))
+    if isinstance(spec, Mapping):
+        return AppSpec.from_dict(spec)
+    raise InvalidArgument(f"an application spec is an AppSpec, a dict or a YAML path, not {type(spec).__name__}")
 
 
 @dataclass
@@ -172,16 +183,14 @@ class Client:
 
     # -- registry -------------------------------------------------------------------
     def register_application(self, spec: Any, replace: bool = False) -> Dict[str, Any]:
-        """``spec``: an AppSpec, a spec dict, or a path to a YAML file."""
-        if isinstance(spec, str):
-            spec = load_spec(spec)
-        d = spec.to_dict() if isinstance(spec, AppSpec) else AppSpec.from_dict(spec).to_dict()
-        return self.conn.call("register_app", {"spec": d, "replace": replace})
+        """``spec``: an AppSpec, a spec dict, or a path (str or PathLike) to a YAML file.
+        A bad spec is ``InvalidArgument``; a name taken (without ``replace``) is ``AlreadyExists``."""
+        return self.conn.call("register_app", {"spec": _spec(spec).to_dict(), "replace": replace})
 
     def update_application(self, spec: Any) -> Dict[str, Any]:
         """Replace a registered application's spec; new instances use it."""
-        name = spec.name if isinstance(spec, AppSpec) else (
-            load_spec(spec).name if isinstance(spec, str) else AppSpec.from_dict(spec).name)
+        spec = _spec(spec)
+        name = spec.name
         if self.get_application(name) is None:
             raise NotFound(f"application {name!r} is not registered", application=name)
         return self.register_application(spec, replace=True)

@@ -102,9 +102,9 @@ def unregister(manager: Optional[str], name: str) -> None:
 
 @main.command(name="list")
 @manager_option
-@click.option("-a", "apps", is_flag=True, help="Applications.")
-@click.option("-s", "sessions", is_flag=True, help="Sessions.")
-@click.option("-e", "executors", is_flag=True, help="Executors.")
+@click.option("-a", "--apps", "apps", is_flag=True, help="Applications.")
+@click.option("-s", "--sessions", "sessions", is_flag=True, help="Sessions.")
+@click.option("-e", "--executors", "executors", is_flag=True, help="Executors.")
 @click.option("-t", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD<op>VALUE",
               help="Repeatable: state=open, created_at>=1700000000, id~echo, state!=closed.")

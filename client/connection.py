@@ -31,7 +31,7 @@ from mesh import keys, transport
 from mesh.config import Settings, default_manager
 from mesh.errors import (DeadlineExceeded, InvalidArgument, MeshError, ProtocolError, ResourceExhausted,
                          Unauthenticated, Unavailable, from_wire)
-from mesh.protocol import Cmd, Message, decode, encode
+from mesh.protocol import Cmd, Message, decode, encode, pack
 
 from . import auth as client_auth
 
@@ -94,6 +94,16 @@ def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[Ba
             fut.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def _encodable(method: str, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Check in the caller's thread that ``args`` pack as msgpack, so a bad argument raises
+    ``InvalidArgument`` at the call site instead of failing inside the I/O thread."""
+    try:
+        pack(args)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"the arguments of {method!r} cannot be sent: {exc}", method=method) from None
+    return args
 
 
 def _fresh(exc: MeshError) -> MeshError:
@@ -175,7 +185,8 @@ class Connection:
               timeout: Optional[float]) -> Tuple[Any, Optional[bytes]]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         limit = self.settings.request_timeout if timeout is None else timeout
-        self._push(("call", method, args or {}, fut, time.monotonic() + limit, blob))
+        args = _encodable(method, args or {})
+        self._push(("call", method, args, fut, time.monotonic() + limit, blob))
         try:
             return fut.result(max(limit, 0.0) + CALL_GRACE)
         except concurrent.futures.TimeoutError as exc:

@@ -20,10 +20,18 @@ from mesh.protocol import pack, unpack
 from .connection import Connection
 
 
+def _pickle(value: Any, what: str) -> bytes:
+    """cloudpickle, with its failures (an open file, a lock, ...) as ``InvalidArgument``."""
+    try:
+        return cloudpickle.dumps(value)
+    except Exception as exc:
+        raise InvalidArgument(f"{what} cannot be pickled: {type(exc).__name__}: {exc}") from None
+
+
 def encode_context(value: Any) -> Dict[str, Any]:
     if patch.is_document(value):
         return {"kind": "doc", "context": pack(value)}
-    return {"kind": "blob", "context": cloudpickle.dumps(value)}
+    return {"kind": "blob", "context": _pickle(value, "the context")}
 
 
 def decode_context(kind: str, data: bytes) -> Any:
@@ -72,7 +80,7 @@ class Session:
         The future is a :class:`client.connection.TaskFuture`: ``result(timeout)`` raises
         ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running.
         ``cancel()`` only stops this caller waiting (``Client.cancel_task`` cancels a queued task)."""
-        return self._conn.submit(self._id, cloudpickle.dumps(req), cloudpickle.loads)
+        return self._conn.submit(self._id, _pickle(req, "the request"), cloudpickle.loads)
 
     def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
         """Run one task and return its answer; ``DeadlineExceeded`` after ``timeout`` seconds."""
