@@ -262,6 +262,12 @@ class Connection:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- I/O thread ---------------------------------------------------------------------
     def _open(self) -> zmq.Socket:
         """The DEALER socket, with ZeroMQ's errors mapped: a wrong endpoint is ``InvalidArgument``."""

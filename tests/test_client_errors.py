@@ -98,6 +98,13 @@ def test_malformed_endpoint_is_invalid_argument_at_once(make, endpoint):
     assert isinstance(exc, ValueError), "InvalidArgument is also a ValueError for callers who catch that"
 
 
+@pytest.mark.parametrize("endpoint", ["bogus://x", "tcp://nonsense::bad"])
+def test_cli_with_a_malformed_endpoint_is_one_line_and_exit_2(endpoint):
+    r = _zmesh("list", "-s", "--manager", endpoint)
+    assert r.returncode == InvalidArgument.exit_code, r.stderr
+    assert repr(endpoint) in _one_error_line(r, "invalid_argument")
+
+
 def _kill_io_thread_once_busy(conn: Connection) -> None:
     """Make the I/O thread raise (as a bug would) as soon as it has sent a call."""
     real = conn._receive
@@ -132,15 +139,14 @@ def test_a_dead_io_thread_fails_pending_and_later_calls_promptly():
 
 def test_a_call_nobody_answers_fails_with_unavailable_by_its_deadline():
     # the healthy case beside the test above: a live I/O thread times the call out itself
-    conn = Connection(NOBODY)
-    try:
+    with Connection(NOBODY) as conn:
         started = time.monotonic()
         exc = _raises(BOUND, lambda: conn.call("stats", timeout=0.5), Unavailable)
         assert "did not answer" in str(exc) and 0.4 < time.monotonic() - started < 5
         status, value = _within(BOUND, lambda: conn.call("stats", timeout=0.2))
         assert status == "raised" and "did not answer" in str(value), "the connection still works"
-    finally:
-        conn.close()
+    # and once closed, calls fail at once
+    _raises(BOUND, lambda: conn.call("stats"), Unavailable)
 
 
 def test_malformed_settings_in_the_environment_are_invalid_argument(monkeypatch):
