@@ -19,9 +19,10 @@ return (``e["id"]``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union, overload
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union, cast, overload
 
 from mesh.errors import InvalidArgument, NotFound
 from mesh.spec import AppSpec, load_spec
@@ -54,6 +55,23 @@ class Record:
 def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in d.items() if k in names})  # newer managers may send more fields
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _renamed(**old_to_new: str) -> Callable[[F], F]:
+    """Keep an old keyword spelling working (hidden): ``get_session(sid=...)`` is
+    ``get_session(session_id=...)``; ids are ``session_id``/``task_id``/``executor_id`` everywhere."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return cast(F, call)
+    return wrap
 
 
 def _spec(spec: Any) -> AppSpec:
@@ -211,6 +229,7 @@ class Client:
         return self._find("find_apps", Application, filter, page, sort)
 
     # -- sessions and tasks -------------------------------------------------------------
+    @_renamed(sid="session_id")
     def get_session(self, session_id: str) -> Optional[SessionInfo]:
         d = self._get("get_session", {"id": session_id})
         return None if d is None else _build(SessionInfo, d)
@@ -223,6 +242,7 @@ class Client:
                       sort: Optional[Mapping[str, Any]] = None) -> Page[SessionInfo]:
         return self._find("find_sessions", SessionInfo, filter, page, sort)
 
+    @_renamed(sid="session_id")
     def close_session(self, session_id: str) -> Dict[str, Any]:
         """Close a session: its pending tasks are cancelled, its instances released."""
         return self.conn.call("close_session", {"id": session_id})

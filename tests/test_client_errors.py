@@ -217,6 +217,13 @@ def test_list_calls_are_aliases_of_find_with_every_record(client):
         execs[0]["nope"]
 
 
+def test_one_spelling_for_a_session_id_and_the_old_one_still_works(client):
+    with Session("echo-app", connection=client.conn) as s:
+        assert client.get_session(session_id=s.id()).id == s.id()
+        assert client.get_session(sid=s.id()).id == s.id()          # the old keyword, kept hidden
+        assert client.close_session(sid=s.id())["id"] == s.id()
+
+
 def test_a_spec_may_be_a_path_object():
     from client.api import _spec
     assert _spec(pathlib.Path(ROOT, "examples", "echo", "echo-app.yaml")).name == "echo-app"
