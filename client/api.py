@@ -174,6 +174,15 @@ class Page(Sequence[T]):
 
 
 class Client:
+    """The management API over one connection (thread-safe; a ``with`` block closes it).
+
+    Every failure is a :mod:`mesh.errors` type: ``InvalidArgument`` for a malformed endpoint
+    (from the constructor) or bad input, ``NotFound`` for an unknown name or id (``get_*`` return
+    ``None`` instead), ``Unavailable`` when the manager does not answer within ``request_timeout``
+    or the connection's I/O thread died, ``PermissionDenied``/``Unauthenticated`` on a secured mesh.
+    No call waits without a deadline.
+    """
+
     def __init__(self, manager: Optional[str] = None, connection: Optional[Connection] = None, auth: Any = None,
                  manager_key: Optional[str] = None) -> None:
         self._own = connection is None
@@ -226,6 +235,8 @@ class Client:
 
     def find_applications(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                           sort: Optional[Mapping[str, Any]] = None) -> Page[Application]:
+        """Registered applications, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_apps", Application, filter, page, sort)
 
     # -- sessions and tasks -------------------------------------------------------------
@@ -240,6 +251,8 @@ class Client:
 
     def find_sessions(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                       sort: Optional[Mapping[str, Any]] = None) -> Page[SessionInfo]:
+        """Sessions you may read, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_sessions", SessionInfo, filter, page, sort)
 
     @_renamed(sid="session_id")
@@ -249,6 +262,8 @@ class Client:
 
     def find_tasks(self, session_id: str, filter: Optional[Mapping[str, Any]] = None,
                    page: Optional[Mapping[str, Any]] = None, sort: Optional[Mapping[str, Any]] = None) -> Page[TaskInfo]:
+        """Tasks of one session, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_tasks", TaskInfo, filter, page, sort, session=session_id)
 
     def get_task(self, task_id: int) -> Optional[TaskInfo]:
@@ -270,6 +285,8 @@ class Client:
 
     def find_executors(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                        sort: Optional[Mapping[str, Any]] = None) -> Page[ExecutorInfo]:
+        """Connected executors, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_executors", ExecutorInfo, filter, page, sort)
 
     def drain_executor(self, executor_id: str) -> None:

@@ -106,11 +106,11 @@ def test_cli_with_a_malformed_endpoint_is_one_line_and_exit_2(endpoint):
 
 
 def _kill_io_thread_once_busy(conn: Connection) -> None:
-    """Make the I/O thread raise (as a bug would) as soon as it has sent a call."""
+    """Make the I/O thread raise (as a bug would) once it has sent a ``stats`` call."""
     real = conn._receive
 
     def boom(sock: Any) -> None:
-        if conn._calls:
+        if any(method == "stats" for _, _, method in list(conn._calls.values())):
             raise RuntimeError("boom: injected fault")
         real(sock)
 
