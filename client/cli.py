@@ -2,7 +2,7 @@
 
 Tables for people, ``--json`` for scripts.  Every error is one line,
 ``error: CODE: message``, and the exit code is the error's stable
-``exit_code`` (see docs/cli.md).
+``exit_code`` (see docs/operations.md, "Exit codes").
 
 This module only assembles the command line: the root group and shared helpers
 live in :mod:`client.cli_common`, and importing the command modules below

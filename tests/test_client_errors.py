@@ -256,6 +256,27 @@ def test_cli_invoke_timeout_is_one_line_and_the_deadline_exit_code(mesh, count):
     _one_error_line(r, "deadline_exceeded")
 
 
+@pytest.mark.parametrize("raised, code", [
+    (concurrent.futures.TimeoutError(), "deadline_exceeded"),
+    (DeadlineExceeded("late"), "deadline_exceeded"),
+    (__import__("zmq").ZMQError(__import__("errno").EHOSTUNREACH), "unavailable"),
+    (NotFound("gone"), "not_found"),
+])
+def test_the_cli_error_wrapper_prints_one_line_and_exits_with_the_code(capsys, raised, code):
+    from client.cli_common import _errors
+    from mesh.errors import ERRORS
+
+    @_errors
+    def command() -> None:
+        raise raised
+
+    with pytest.raises(SystemExit) as exit_:
+        command()
+    assert exit_.value.code == ERRORS[code].exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {code}: ")
+
+
 # -- 5. offline and online admin mistakes are the same typed error ---------------------------
 MISTAKES = [("robots", "revoke", "robot-nope"), ("users", "remove", "nobody"),
             ("executor-keys", "revoke", "no-such-key")]
