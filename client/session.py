@@ -87,23 +87,24 @@ class Session:
         return self.submit(req).result(timeout)
 
     def map(self, reqs: Any, timeout: Optional[float] = None) -> List[Any]:
-        """Run one task per request and return the answers in order.
+        """Run one task per request and return the answers in request order.
 
         ``timeout`` bounds the whole call, as in ``concurrent.futures.Executor.map``: if every
         answer is not in within ``timeout`` seconds of the call, ``DeadlineExceeded`` (the tasks
-        keep running).  If a task fails, the error of the first failed one (in request order) is
-        raised as soon as it is known."""
+        keep running).  A failed task raises its error when its turn in the order comes."""
         deadline = None if timeout is None else time.monotonic() + timeout
         futs = [self.submit(r) for r in reqs]
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        done, pending = concurrent.futures.wait(futs, left, return_when=concurrent.futures.FIRST_EXCEPTION)
-        for f in futs:
-            if f in done and f.exception() is not None:
-                f.result()           # raises the error of the first failed task, in request order
-        if pending:
-            raise DeadlineExceeded(f"{len(pending)} of {len(futs)} tasks unanswered after {timeout}s "
-                                   "(they keep running)", session=self._id, timeout=timeout)
-        return [f.result() for f in futs]
+        out = []
+        for i, f in enumerate(futs):
+            try:
+                out.append(f.result(None if deadline is None else max(deadline - time.monotonic(), 0.0)))
+            except DeadlineExceeded:
+                if f.done():
+                    raise            # the task's own error, not our wait running out
+                unanswered = sum(1 for g in futs[i:] if not g.done())
+                raise DeadlineExceeded(f"{unanswered} of {len(futs)} tasks unanswered after {timeout}s "
+                                       "(they keep running)", session=self._id, timeout=timeout) from None
+        return out
 
     def context(self) -> Any:
         r = self._conn.call("get_context", {"id": self._id})
