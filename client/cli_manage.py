@@ -265,17 +265,22 @@ def top(manager: Optional[str], interval: float, once: bool) -> None:
 
 @main.command()
 @manager_option
-@click.argument("app")
+@click.argument("app", required=False)
+@click.option("-a", "--app", "app_name", default=None, help="Application name (or give it as APP).")
 @click.option("--input", "input_", default="null", show_default=True, help="The request, as JSON.")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
               help="Send the request this many times (a progress bar shows on a terminal).")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for each answer.")
 @json_option
 @_errors
-def invoke(manager: Optional[str], app: str, input_: str, count: int, timeout: Optional[float],
-           as_json: bool) -> None:
-    """Call APP once (or --count times) in a fresh session and print the answers."""
+def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], input_: str, count: int,
+           timeout: Optional[float], as_json: bool) -> None:
+    """Call APP (or -a APP, as in view and unregister) once, or --count times, in a fresh session
+    and print the answers.  --timeout runs out as deadline_exceeded (exit 9)."""
     from .session import Session
+    if app is None and app_name is None or app is not None and app_name is not None and app != app_name:
+        raise click.UsageError("name the application once: APP or -a APP")
+    app = app or app_name
     try:
         request = json.loads(input_)
     except ValueError as exc:

@@ -256,6 +256,13 @@ def test_cli_invoke_timeout_is_one_line_and_the_deadline_exit_code(mesh, count):
     _one_error_line(r, "deadline_exceeded")
 
 
+def test_cli_names_the_application_as_view_and_unregister_do(mesh):
+    for how in (["tools"], ["-a", "tools"], ["--app", "tools"]):
+        r = _zmesh("invoke", *how, "--input", '["echo", 7]', "--manager", mesh.endpoint)
+        assert (r.returncode, r.stdout.strip()) == (0, "7"), r.stderr
+    assert _zmesh("invoke", "--input", "1", "--manager", mesh.endpoint).returncode == 2   # no application
+
+
 @pytest.mark.parametrize("raised, code", [
     (concurrent.futures.TimeoutError(), "deadline_exceeded"),
     (DeadlineExceeded("late"), "deadline_exceeded"),
