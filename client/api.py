@@ -8,19 +8,48 @@ object or ``None``; ``find_x(filter=..., page=..., sort=...)`` returns a
                     page={"limit": 50, "offset": 0}, sort={"by": "created_at", "order": "descending"})
 
 Filter ops: ``=`` ``!`` ``~`` (substring) ``<`` ``<=`` ``>`` ``>=``.
+
+A :class:`Page` is a sequence (``for s in page``, ``len``, ``page[0]``,
+``page[:10]``) that also carries ``total``, the number of matches over all
+pages.  ``list_applications`` / ``list_sessions`` / ``list_executors`` are
+aliases of the ``find_*`` calls kept for older callers: they return every
+record (all pages), and records also read like the dicts they used to
+return (``e["id"]``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Generic, List, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union, cast, overload
 
-from mesh.errors import NotFound
+from mesh.errors import InvalidArgument, NotFound
 from mesh.spec import AppSpec, load_spec
 
 from .connection import Connection
 
 T = TypeVar("T")
+MAX_PAGE = 10_000   # the manager's largest page (mesh.query.MAX_LIMIT)
+
+
+class Record:
+    """Typed records also read like the dicts older ``list_*`` calls returned: ``r["id"]``,
+    ``r.get("cache")``, ``dict(r)``.  Attribute access is the typed way."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def keys(self) -> List[str]:
+        return [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
 
 def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
@@ -28,8 +57,35 @@ def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
     return cls(**{k: v for k, v in d.items() if k in names})  # newer managers may send more fields
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _renamed(**old_to_new: str) -> Callable[[F], F]:
+    """Keep an old keyword spelling working (hidden): ``get_session(sid=...)`` is
+    ``get_session(session_id=...)``; ids are ``session_id``/``task_id``/``executor_id`` everywhere."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return cast(F, call)
+    return wrap
+
+
+def _spec(spec: Any) -> AppSpec:
+    if isinstance(spec, AppSpec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return load_spec(os.fspath(spec))
+    if isinstance(spec, Mapping):
+        return AppSpec.from_dict(spec)
+    raise InvalidArgument(f"an application spec is an AppSpec, a dict or a YAML path, not {type(spec).__name__}")
+
+
 @dataclass
-class Application:
+class Application(Record):
     name: str
     command: str = ""
     arguments: List[str] = field(default_factory=list)
@@ -41,7 +97,7 @@ class Application:
 
 
 @dataclass
-class SessionInfo:
+class SessionInfo(Record):
     id: str
     application: str
     state: str
@@ -61,7 +117,7 @@ class SessionInfo:
 
 
 @dataclass
-class ExecutorInfo:
+class ExecutorInfo(Record):
     id: str
     state: str
     slots: int
@@ -80,7 +136,7 @@ class ExecutorInfo:
 
 
 @dataclass
-class TaskInfo:
+class TaskInfo(Record):
     id: int
     session: str
     state: str
@@ -92,12 +148,41 @@ class TaskInfo:
 
 
 @dataclass
-class Page(Generic[T]):
+class Page(Sequence[T]):
+    """One page of a ``find_*`` answer: a sequence of records plus ``total``, the number of
+    matches over every page (``len(page) <= total``).  Slicing keeps ``total``."""
+
     items: List[T]
     total: int
 
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "Page[T]": ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[T, "Page[T]"]:
+        if isinstance(index, slice):
+            return Page(self.items[index], self.total)
+        return self.items[index]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items)
+
 
 class Client:
+    """The management API over one connection (thread-safe; a ``with`` block closes it).
+
+    Every failure is a :mod:`mesh.errors` type: ``InvalidArgument`` for a malformed endpoint
+    (from the constructor) or bad input, ``NotFound`` for an unknown name or id (``get_*`` return
+    ``None`` instead), ``Unavailable`` when the manager does not answer within ``request_timeout``
+    or the connection's I/O thread died, ``PermissionDenied``/``Unauthenticated`` on a secured mesh.
+    No call waits without a deadline.
+    """
+
     def __init__(self, manager: Optional[str] = None, connection: Optional[Connection] = None, auth: Any = None,
                  manager_key: Optional[str] = None) -> None:
         self._own = connection is None
@@ -125,16 +210,14 @@ class Client:
 
     # -- registry -------------------------------------------------------------------
     def register_application(self, spec: Any, replace: bool = False) -> Dict[str, Any]:
-        """``spec``: an AppSpec, a spec dict, or a path to a YAML file."""
-        if isinstance(spec, str):
-            spec = load_spec(spec)
-        d = spec.to_dict() if isinstance(spec, AppSpec) else AppSpec.from_dict(spec).to_dict()
-        return self.conn.call("register_app", {"spec": d, "replace": replace})
+        """``spec``: an AppSpec, a spec dict, or a path (str or PathLike) to a YAML file.
+        A bad spec is ``InvalidArgument``; a name taken (without ``replace``) is ``AlreadyExists``."""
+        return self.conn.call("register_app", {"spec": _spec(spec).to_dict(), "replace": replace})
 
     def update_application(self, spec: Any) -> Dict[str, Any]:
         """Replace a registered application's spec; new instances use it."""
-        name = spec.name if isinstance(spec, AppSpec) else (
-            load_spec(spec).name if isinstance(spec, str) else AppSpec.from_dict(spec).name)
+        spec = _spec(spec)
+        name = spec.name
         if self.get_application(name) is None:
             raise NotFound(f"application {name!r} is not registered", application=name)
         return self.register_application(spec, replace=True)
@@ -146,30 +229,41 @@ class Client:
         d = self._get("get_app", {"name": name})
         return None if d is None else _build(Application, d)
 
-    def list_applications(self) -> List[Dict[str, Any]]:
-        return self.conn.call("list_apps")
+    def list_applications(self) -> Page[Application]:
+        """Alias of :meth:`find_applications` with every application (all pages), by name."""
+        return self._find_all(self.find_applications, "name")
 
     def find_applications(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                           sort: Optional[Mapping[str, Any]] = None) -> Page[Application]:
+        """Registered applications, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_apps", Application, filter, page, sort)
 
     # -- sessions and tasks -------------------------------------------------------------
-    def get_session(self, sid: str) -> Optional[SessionInfo]:
-        d = self._get("get_session", {"id": sid})
+    @_renamed(sid="session_id")
+    def get_session(self, session_id: str) -> Optional[SessionInfo]:
+        d = self._get("get_session", {"id": session_id})
         return None if d is None else _build(SessionInfo, d)
 
-    def list_sessions(self) -> List[Dict[str, Any]]:
-        return self.conn.call("list_sessions")
+    def list_sessions(self) -> Page[SessionInfo]:
+        """Alias of :meth:`find_sessions` with every session you may read (all pages), oldest first."""
+        return self._find_all(self.find_sessions, "created_at")
 
     def find_sessions(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                       sort: Optional[Mapping[str, Any]] = None) -> Page[SessionInfo]:
+        """Sessions you may read, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_sessions", SessionInfo, filter, page, sort)
 
-    def close_session(self, sid: str) -> Dict[str, Any]:
-        return self.conn.call("close_session", {"id": sid})
+    @_renamed(sid="session_id")
+    def close_session(self, session_id: str) -> Dict[str, Any]:
+        """Close a session: its pending tasks are cancelled, its instances released."""
+        return self.conn.call("close_session", {"id": session_id})
 
     def find_tasks(self, session_id: str, filter: Optional[Mapping[str, Any]] = None,
                    page: Optional[Mapping[str, Any]] = None, sort: Optional[Mapping[str, Any]] = None) -> Page[TaskInfo]:
+        """Tasks of one session, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_tasks", TaskInfo, filter, page, sort, session=session_id)
 
     def get_task(self, task_id: int) -> Optional[TaskInfo]:
@@ -181,8 +275,9 @@ class Client:
         self.conn.call("cancel_task", {"id": task_id})
 
     # -- executors ----------------------------------------------------------------------
-    def list_executors(self) -> List[Dict[str, Any]]:
-        return self.conn.call("list_executors")
+    def list_executors(self) -> Page[ExecutorInfo]:
+        """Alias of :meth:`find_executors` with every executor (all pages), by id."""
+        return self._find_all(self.find_executors, "id")
 
     def get_executor(self, executor_id: str) -> Optional[ExecutorInfo]:
         d = self._get("get_executor", {"id": executor_id})
@@ -190,6 +285,8 @@ class Client:
 
     def find_executors(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                        sort: Optional[Mapping[str, Any]] = None) -> Page[ExecutorInfo]:
+        """Connected executors, filtered, sorted and paged by the manager (default: the first 100):
+        a :class:`Page`."""
         return self._find("find_executors", ExecutorInfo, filter, page, sort)
 
     def drain_executor(self, executor_id: str) -> None:
@@ -241,3 +338,14 @@ class Client:
                                 "page": dict(page or {}), "sort": dict(sort or {}), **extra}
         r = self.conn.call(method, args)
         return Page([_build(cls, d) for d in r["items"]], r["total"])
+
+    @staticmethod
+    def _find_all(find: Callable[..., "Page[T]"], by: str) -> Page[T]:
+        """Every match of ``find``, page after page (bounded: a page never comes back empty early
+        unless the set shrank, and then we stop)."""
+        items: List[T] = []
+        while True:
+            page = find(page={"limit": MAX_PAGE, "offset": len(items)}, sort={"by": by})
+            items.extend(page.items)
+            if not page.items or len(items) >= page.total:
+                return Page(items, max(page.total, len(items)))

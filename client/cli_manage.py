@@ -1,6 +1,6 @@
 """``zmesh`` commands that look at and steer a running mesh.
 
-list / view / close / cancel / drain / top / invoke / metrics / completion.
+register / unregister / list / view / close / cancel / drain / top / invoke / metrics / completion.
 Tables for people, ``--json`` for scripts; errors as one line with the
 error's exit code (see docs/operations.md, "Exit codes").
 """
@@ -10,13 +10,13 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
 from mesh.errors import InvalidArgument, NotFound
 
-from .cli import _client, _errors, _table, _when, json_option, main, manager_option
+from .cli_common import _client, _errors, _table, _when, json_option, main, manager_option
 
 KINDS = {
     "a": ("applications", ["name", "command", "labels", "created"], "find_applications"),
@@ -73,11 +73,38 @@ def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
     return r
 
 
+# -- registry ------------------------------------------------------------------------
+@main.command()
+@manager_option
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False), help="Application spec (YAML).")
+@click.option("--replace", is_flag=True, help="Replace an application of the same name.")
+@json_option
+@_errors
+def register(manager: Optional[str], path: str, replace: bool, as_json: bool) -> None:
+    """Register an application from its YAML spec."""
+    from mesh.spec import load_spec
+    spec = load_spec(path)
+    with _client(manager) as c:
+        app = c.register_application(spec, replace=replace)
+    click.echo(json.dumps(app) if as_json else f"registered {app['name']}")
+
+
+@main.command()
+@manager_option
+@click.option("-a", "--app", "name", required=True, help="Application name.")
+@_errors
+def unregister(manager: Optional[str], name: str) -> None:
+    """Remove an application from the registry."""
+    with _client(manager) as c:
+        c.unregister_application(name)
+    click.echo(f"unregistered {name}")
+
+
 @main.command(name="list")
 @manager_option
-@click.option("-a", "apps", is_flag=True, help="Applications.")
-@click.option("-s", "sessions", is_flag=True, help="Sessions.")
-@click.option("-e", "executors", is_flag=True, help="Executors.")
+@click.option("-a", "--apps", "apps", is_flag=True, help="Applications.")
+@click.option("-s", "--sessions", "sessions", is_flag=True, help="Sessions.")
+@click.option("-e", "--executors", "executors", is_flag=True, help="Executors.")
 @click.option("-t", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD<op>VALUE",
               help="Repeatable: state=open, created_at>=1700000000, id~echo, state!=closed.")
@@ -125,7 +152,9 @@ def view(manager: Optional[str], app: Optional[str], session: Optional[str], exe
         raise click.UsageError("choose one of -a NAME, -s SESSION_ID, -e EXECUTOR_ID, -t TASK_ID")
     kind, key = chosen[0]
     with _client(manager) as c:
-        obj = {"a": c.get_application, "s": c.get_session, "e": c.get_executor, "t": c.get_task}[kind](key)
+        getters: Dict[str, Callable[[Any], Any]] = {"a": c.get_application, "s": c.get_session,
+                                                   "e": c.get_executor, "t": c.get_task}
+        obj = getters[kind](key)
     if obj is None:
         raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
     d = _dict(obj)
@@ -236,17 +265,22 @@ def top(manager: Optional[str], interval: float, once: bool) -> None:
 
 @main.command()
 @manager_option
-@click.argument("app")
+@click.argument("app", required=False)
+@click.option("-a", "--app", "app_name", default=None, help="Application name (or give it as APP).")
 @click.option("--input", "input_", default="null", show_default=True, help="The request, as JSON.")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
               help="Send the request this many times (a progress bar shows on a terminal).")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for each answer.")
 @json_option
 @_errors
-def invoke(manager: Optional[str], app: str, input_: str, count: int, timeout: Optional[float],
-           as_json: bool) -> None:
-    """Call APP once (or --count times) in a fresh session and print the answers."""
+def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], input_: str, count: int,
+           timeout: Optional[float], as_json: bool) -> None:
+    """Call APP (or -a APP, as in view and unregister) once, or --count times, in a fresh session
+    and print the answers.  --timeout runs out as deadline_exceeded (exit 9)."""
     from .session import Session
+    if app is None and app_name is None or app is not None and app_name is not None and app != app_name:
+        raise click.UsageError("name the application once: APP or -a APP")
+    app = app or app_name
     try:
         request = json.loads(input_)
     except ValueError as exc:

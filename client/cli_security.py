@@ -9,25 +9,33 @@ from __future__ import annotations
 import getpass
 import json
 import sys
-import time
 from typing import Any, Callable, Optional
 
 import click
 
 from mesh import auth, keys
-from mesh.errors import InvalidArgument
+from mesh.errors import InvalidArgument, Unavailable
 
-from .cli import _client, _errors, _table, _when, json_option, main, manager_option
+from .cli_common import _client, _errors, _table, _when, json_option, main, manager_option
 
 db_option = click.option("--db", "db", default=None, metavar="PATH",
                          help="Work offline on the manager's database instead of asking the manager.")
 
 
 def _offline(db: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(store, *args)`` on the manager's database: the same mesh.auth function the manager
+    calls online, so the same mistake raises the same typed error."""
+    import sqlite3
+
     from mesh.store import Store
-    store = Store(db)
+    try:
+        store = Store(db)
+    except sqlite3.Error as exc:
+        raise Unavailable(f"cannot open the database {db}: {exc}", path=db) from None
     try:
         return fn(store, *args)
+    except sqlite3.Error as exc:
+        raise Unavailable(f"the database {db} failed: {exc}", path=db) from None
     finally:
         store.close()
 
@@ -71,7 +79,7 @@ def executor_keys_add(manager: Optional[str], db: Optional[str], key_file: str, 
     public = keys.load_public(key_file).decode()
     name = name or key_file.rsplit("/", 1)[-1].split(".")[0]
     if db:
-        _offline(db, lambda s: s.add_executor_key(public, name, time.time()))
+        _offline(db, auth.add_executor_key, public, name)
     else:
         with _client(manager) as c:
             c.add_executor_key(public, name)
@@ -86,7 +94,7 @@ def executor_keys_add(manager: Optional[str], db: Optional[str], key_file: str, 
 def executor_keys_list(manager: Optional[str], db: Optional[str], as_json: bool) -> None:
     """The executor keys on the allow-list."""
     if db:
-        rows = _offline(db, lambda s: s.executor_keys())
+        rows = _offline(db, auth.list_executor_keys)
     else:
         with _client(manager) as c:
             rows = c.list_executor_keys()
@@ -101,8 +109,7 @@ def executor_keys_list(manager: Optional[str], db: Optional[str], as_json: bool)
 def executor_keys_revoke(manager: Optional[str], db: Optional[str], key_or_name: str) -> None:
     """Remove a key (by its public key or name): the executor cannot join again."""
     if db:
-        if not _offline(db, lambda s: s.remove_executor_key(key_or_name)):
-            raise InvalidArgument(f"no executor key {key_or_name!r} on the allow-list")
+        _offline(db, auth.revoke_executor_key, key_or_name)
     else:
         with _client(manager) as c:
             c.revoke_executor_key(key_or_name)

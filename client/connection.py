@@ -5,11 +5,18 @@ threads append to a queue and wake the I/O thread through a pipe (at most one
 wake-up byte per batch).  The I/O thread drains the queue into as few messages
 as possible (all submits of one session go out as one SUBMIT), drains every
 received message per wake-up, and resolves ``concurrent.futures.Future``s.
+
+What is guaranteed to a caller: nothing here waits without a deadline.  A
+malformed endpoint fails the constructor at once (``InvalidArgument``); if the
+I/O thread dies, every pending call and task and every later one fails with
+``Unavailable`` naming the cause; a control call never waits much past its
+``timeout``; a task future's ``result(timeout)`` raises ``DeadlineExceeded``.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
 import itertools
 import logging
 import os
@@ -22,15 +29,89 @@ import zmq
 
 from mesh import keys, transport
 from mesh.config import Settings, default_manager
-from mesh.errors import (DeadlineExceeded, MeshError, ProtocolError, ResourceExhausted, Unauthenticated,
-                         Unavailable, from_wire)
-from mesh.protocol import Cmd, Message, decode, encode
+from mesh.errors import (DeadlineExceeded, InvalidArgument, MeshError, ProtocolError, ResourceExhausted,
+                         Unauthenticated, Unavailable, from_wire)
+from mesh.protocol import Cmd, Message, decode, encode, pack
 
 from . import auth as client_auth
 
 log = logging.getLogger("zeromesh.client")
 
 MAX_BATCH = 1024  # tasks per SUBMIT message
+START_TIMEOUT = 10.0
+"""Seconds the constructor waits for the I/O thread to open its socket (it takes milliseconds)."""
+CALL_GRACE = 5.0
+"""Seconds a control call waits past its own timeout for the I/O thread to expire it; beyond that
+the I/O thread is stuck and the caller gets ``Unavailable`` by itself."""
+WINDOW_POLL = 0.5
+"""Seconds between liveness checks while submit() waits for room in the in-flight window."""
+# connect() errors that mean the endpoint itself is wrong, not that the manager is away
+_BAD_ENDPOINT = {errno.EINVAL, errno.EPROTONOSUPPORT, errno.ENAMETOOLONG, errno.ENODEV,
+                 getattr(zmq, "ENOCOMPATPROTO", -1)}
+
+
+def check_endpoint(endpoint: Any) -> str:
+    """A cheap syntax check before any socket exists: a non-empty string ``TRANSPORT://ADDRESS``.
+    ZeroMQ's own ``connect()`` is the full check (done by the I/O thread, reported by the constructor)."""
+    if not isinstance(endpoint, str) or "://" not in endpoint or endpoint.endswith("://"):
+        raise InvalidArgument(f"malformed manager endpoint {endpoint!r}: expected tcp://HOST:PORT or ipc://PATH",
+                              endpoint=str(endpoint))
+    return endpoint
+
+
+class TaskFuture(concurrent.futures.Future):
+    """The future of one task.  ``result(timeout)`` and ``exception(timeout)`` raise
+    ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running."""
+
+    session: str = ""
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        try:
+            return super().result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise self._deadline(exc, timeout) from None
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        try:
+            return super().exception(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise self._deadline(exc, timeout) from None
+
+    def _deadline(self, exc: BaseException, timeout: Optional[float]) -> BaseException:
+        if isinstance(exc, MeshError):
+            return exc               # the task's own outcome, not our wait running out
+        return DeadlineExceeded(f"no answer within {timeout}s from a task of session {self.session} "
+                                "(the task keeps running)", session=self.session, timeout=timeout)
+
+
+def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
+    """Resolve ``fut`` unless it is done already: a caller may have cancelled a task's future
+    (it stops waiting; the answer is dropped), and that must never kill the I/O thread."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _encodable(method: str, args: Dict[str, Any]) -> Dict[str, Any]:
+    """Check in the caller's thread that ``args`` pack as msgpack, so a bad argument raises
+    ``InvalidArgument`` at the call site instead of failing inside the I/O thread."""
+    try:
+        pack(args)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"the arguments of {method!r} cannot be sent: {exc}", method=method) from None
+    return args
+
+
+def _fresh(exc: MeshError) -> MeshError:
+    """A new instance of ``exc`` for one more raiser (one instance raised by many threads
+    would pile their tracebacks onto each other)."""
+    new = type(exc)(exc.message)
+    new.details = dict(exc.details)
+    return new
 
 
 class Connection:
@@ -40,13 +121,16 @@ class Connection:
         """``manager_key``: the manager's public key file (default ``$ZMESH_MANAGER_KEY``) for a secured
         mesh; this connection then uses a fresh CURVE keypair of its own.  ``auth``: credentials
         (see client.auth), exchanged for a token that this connection renews by itself."""
-        self.manager = manager or default_manager()
+        self.manager = check_endpoint(default_manager() if manager is None else manager)
         self.auth = auth or client_auth.from_env()
         self._token = token or os.environ.get("ZMESH_TOKEN") or (
             None if self.auth else client_auth.stored_token(self.manager))
         self._renew_at: Optional[float] = None       # when to log in again (half the token's life)
         self._auth_lock = threading.Lock()
-        self.settings = settings or Settings.load()
+        try:
+            self.settings = settings or Settings.load()
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"a ZMESH_* setting in the environment is malformed: {exc}") from None
         key_file = manager_key or os.environ.get("ZMESH_MANAGER_KEY")
         self._curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
@@ -67,11 +151,18 @@ class Connection:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self._closed = False
+        # set once, by the I/O thread, before it fails what is pending: every later call raises it
+        self._failure: Optional[MeshError] = None
         self._ctx: zmq.Context = zmq.Context.instance()
         self._thread = threading.Thread(target=self._io, name="zmesh-io", daemon=True)
         self._started = threading.Event()
         self._thread.start()
-        self._started.wait(5)
+        if not self._started.wait(START_TIMEOUT):
+            self._failure = Unavailable(f"the client's I/O thread did not start within {START_TIMEOUT}s")
+        if self._failure is not None:
+            failure = self._failure
+            self.close()
+            raise _fresh(failure)
 
     # -- caller side (any thread) --------------------------------------------------
     def call(self, method: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
@@ -94,8 +185,17 @@ class Connection:
               timeout: Optional[float]) -> Tuple[Any, Optional[bytes]]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         limit = self.settings.request_timeout if timeout is None else timeout
-        self._push(("call", method, args or {}, fut, time.monotonic() + limit, blob))
-        return fut.result()
+        args = _encodable(method, args or {})
+        self._push(("call", method, args, fut, time.monotonic() + limit, blob))
+        try:
+            return fut.result(max(limit, 0.0) + CALL_GRACE)
+        except concurrent.futures.TimeoutError as exc:
+            if isinstance(exc, MeshError):
+                raise                # the manager's own DeadlineExceeded
+            self._check_alive()
+            raise Unavailable(f"no answer to {method!r} from {self.manager} in {limit}s, and the client's I/O "
+                              "thread did not time it out (is it stuck?)", manager=self.manager,
+                              method=method) from None
 
     def _ensure_token(self) -> None:
         if self.auth is not None and (self._renew_at is None or time.time() >= self._renew_at):
@@ -124,16 +224,28 @@ class Connection:
                 f"request of {len(payload)} bytes exceeds max_message_size ({self.settings.max_message_size})",
                 limit="max_message_size", size=len(payload))
         self._ensure_token()
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._window.acquire()
+        fut = TaskFuture()
+        fut.session = sid
+        while not self._window.acquire(timeout=WINDOW_POLL):
+            self._check_alive()      # a dead I/O thread resolves nothing: do not wait for room forever
         fut.add_done_callback(lambda _: self._window.release())
         self._push(("task", sid, payload, fut, decode_result))
         return fut
 
-    def _push(self, item: Tuple[Any, ...]) -> None:
+    def _check_alive(self) -> None:
+        if self._failure is not None:
+            raise _fresh(self._failure)
         if self._closed:
             raise Unavailable("this connection is closed")
+
+    def _push(self, item: Tuple[Any, ...]) -> None:
+        self._check_alive()
         self._out.append(item)
+        if self._failure is not None:
+            # the I/O thread died after our check and may have drained the queue before our
+            # append: fail what is left ourselves (the failure is set before that drain)
+            self._drain_out(self._failure)
+            return
         if not self._wake_pending:
             with self._wake_lock:
                 if not self._wake_pending:
@@ -141,43 +253,76 @@ class Connection:
                     os.write(self._wake_w, b"x")
 
     def close(self) -> None:
+        """Stop the I/O thread (bounded wait) and fail whatever is still pending with ``Unavailable``."""
         if self._closed:
             return
         self._closed = True
         os.write(self._wake_w, b"x")
-        self._thread.join(5)
+        self._thread.join(START_TIMEOUT)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     # -- I/O thread ---------------------------------------------------------------------
+    def _open(self) -> zmq.Socket:
+        """The DEALER socket, with ZeroMQ's errors mapped: a wrong endpoint is ``InvalidArgument``."""
+        try:
+            return transport.dealer(self.manager, ctx=self._ctx, curve=self._curve)
+        except zmq.ZMQError as exc:
+            if exc.errno in _BAD_ENDPOINT:
+                raise InvalidArgument(f"cannot connect to manager endpoint {self.manager!r}: {exc.strerror}",
+                                      endpoint=self.manager) from None
+            raise Unavailable(f"cannot open a socket to {self.manager!r}: {exc.strerror}",
+                              endpoint=self.manager) from None
+
     def _io(self) -> None:
-        sock = transport.dealer(self.manager, ctx=self._ctx, curve=self._curve)
+        try:
+            sock = self._open()
+        except BaseException as exc:
+            self._failure = exc if isinstance(exc, MeshError) else Unavailable(
+                f"the client's I/O thread could not start: {type(exc).__name__}: {exc}")
+            self._started.set()
+            return
+        self._started.set()
+        failure: MeshError = Unavailable("the connection to the manager was closed")
+        try:
+            self._loop(sock)
+        except BaseException as exc:
+            log.error("the client's I/O thread died", exc_info=True)
+            failure = Unavailable(f"the client's I/O thread died: {type(exc).__name__}: {exc}",
+                                  manager=self.manager)
+        finally:
+            self._failure = failure  # before the drain below: see _push
+            sock.close(linger=0)
+            self._fail_all(failure)
+
+    def _loop(self, sock: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        self._started.set()
-        try:
-            while not self._closed:
-                poller.poll(timeout=100 if (self._calls or self._tasks) else 500)
-                try:
-                    os.read(self._wake_r, 4096)
-                except BlockingIOError:
-                    pass
-                self._wake_pending = False
-                self._send_queued(sock)
-                self._receive(sock)
-                if self._tasks:
-                    now = time.monotonic()
-                    if now - self._last_ping >= self.settings.heartbeat_interval:
-                        self._ping(sock)
-                    if now - self._last_answer >= self.settings.resend_after:
-                        # answers may have been kept for us (we were too slow to read): ask again
-                        self._resend(sock, "no answer for %.0fs" % (now - self._last_answer))
-                if self._calls:
-                    self._expire_calls()
-        finally:
-            sock.close(linger=0)
-            self._fail_all(Unavailable("the connection to the manager was closed"))
+        while not self._closed:
+            poller.poll(timeout=100 if (self._calls or self._tasks) else 500)
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            self._wake_pending = False
+            self._send_queued(sock)
+            self._receive(sock)
+            if self._tasks:
+                now = time.monotonic()
+                if now - self._last_ping >= self.settings.heartbeat_interval:
+                    self._ping(sock)
+                if now - self._last_answer >= self.settings.resend_after:
+                    # answers may have been kept for us (we were too slow to read): ask again
+                    self._resend(sock, "no answer for %.0fs" % (now - self._last_answer))
+            if self._calls:
+                self._expire_calls()
 
     def _send_queued(self, sock: zmq.Socket) -> None:
         out = self._out
@@ -270,12 +415,14 @@ class Connection:
                 continue             # answered already: a duplicate after a resend
             fut, decode_result = entry[0], entry[1]
             if err is not None:
-                fut.set_exception(from_wire(err))
+                _settle(fut, exc=from_wire(err))
                 continue
             try:
-                fut.set_result(decode_result(payload))
+                value = decode_result(payload)
             except Exception as exc:  # the result class may be unknown here
-                fut.set_exception(exc)
+                _settle(fut, exc=exc)
+            else:
+                _settle(fut, value)
 
     def _on_reply(self, sock: zmq.Socket, msg: Message) -> None:
         h = msg.header
@@ -289,9 +436,9 @@ class Connection:
             if h["ok"]:
                 self._on_ping(sock, h.get("result"))
         elif h["ok"]:
-            fut.set_result((h.get("result"), msg.payloads[0] if msg.payloads else None))
+            _settle(fut, (h.get("result"), msg.payloads[0] if msg.payloads else None))
         else:
-            fut.set_exception(from_wire(h.get("error")))
+            _settle(fut, exc=from_wire(h.get("error")))
 
     def _expire_calls(self) -> None:
         now = time.monotonic()
@@ -300,24 +447,28 @@ class Connection:
                 del self._calls[rid]
                 if fut is None:
                     continue
-                fut.set_exception(Unavailable(
+                _settle(fut, exc=Unavailable(
                     f"the manager at {self.manager} did not answer {method!r} in time; is it running?",
                     manager=self.manager, method=method))
 
     def _fail_all(self, exc: MeshError) -> None:
         for fut, *_ in list(self._calls.values()):
-            if fut is not None and not fut.done():
-                fut.set_exception(exc)
+            if fut is not None:
+                _settle(fut, exc=_fresh(exc))
         for fut, *_ in list(self._tasks.values()):
-            if not fut.done():
-                fut.set_exception(exc)
+            _settle(fut, exc=_fresh(exc))
         self._calls.clear()
         self._tasks.clear()
-        while self._out:
-            item = self._out.popleft()
-            fut = item[3]
-            if not fut.done():
-                fut.set_exception(exc)
+        self._drain_out(exc)
+
+    def _drain_out(self, exc: MeshError) -> None:
+        """Fail every queued, unsent item (safe from any thread: popleft is atomic)."""
+        while True:
+            try:
+                item = self._out.popleft()
+            except IndexError:
+                return
+            _settle(item[3], exc=_fresh(exc))
 
 
-__all__ = ["Connection", "DeadlineExceeded"]
+__all__ = ["Connection", "DeadlineExceeded", "TaskFuture", "check_endpoint"]

@@ -8,21 +8,30 @@ whole otherwise (see docs/context.md).
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any, Dict, List, Optional
 
 import cloudpickle
 
 from mesh import patch
-from mesh.errors import DeadlineExceeded
+from mesh.errors import DeadlineExceeded, InvalidArgument
 from mesh.protocol import pack, unpack
 
 from .connection import Connection
 
 
+def _pickle(value: Any, what: str) -> bytes:
+    """cloudpickle, with its failures (an open file, a lock, ...) as ``InvalidArgument``."""
+    try:
+        return cloudpickle.dumps(value)
+    except Exception as exc:
+        raise InvalidArgument(f"{what} cannot be pickled: {type(exc).__name__}: {exc}") from None
+
+
 def encode_context(value: Any) -> Dict[str, Any]:
     if patch.is_document(value):
         return {"kind": "doc", "context": pack(value)}
-    return {"kind": "blob", "context": cloudpickle.dumps(value)}
+    return {"kind": "blob", "context": _pickle(value, "the context")}
 
 
 def decode_context(kind: str, data: bytes) -> Any:
@@ -41,7 +50,7 @@ class Session:
                  connection: Optional[Connection] = None, auth: Any = None,
                  manager_key: Optional[str] = None) -> None:
         if (name is None) == (session_id is None):
-            raise ValueError("Session takes an application name or session_id=..., exactly one of them")
+            raise InvalidArgument("Session takes an application name or session_id=..., exactly one of them")
         self._own = connection is None
         self._conn = connection or Connection(manager, manager_key=manager_key, auth=auth)
         try:
@@ -66,20 +75,36 @@ class Session:
         return self._id
 
     def submit(self, req: Any = None) -> "concurrent.futures.Future[Any]":
-        """Queue one task; the future resolves to the entrypoint's return value or raises its error."""
-        return self._conn.submit(self._id, cloudpickle.dumps(req), cloudpickle.loads)
+        """Queue one task; the future resolves to the entrypoint's return value or raises its error.
+
+        The future is a :class:`client.connection.TaskFuture`: ``result(timeout)`` raises
+        ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running.
+        ``cancel()`` only stops this caller waiting (``Client.cancel_task`` cancels a queued task)."""
+        return self._conn.submit(self._id, _pickle(req, "the request"), cloudpickle.loads)
 
     def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
-        fut = self.submit(req)
-        try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise DeadlineExceeded(f"no result within {timeout}s (the task keeps running)",
-                                   session=self._id) from None
+        """Run one task and return its answer; ``DeadlineExceeded`` after ``timeout`` seconds."""
+        return self.submit(req).result(timeout)
 
     def map(self, reqs: Any, timeout: Optional[float] = None) -> List[Any]:
+        """Run one task per request and return the answers in request order.
+
+        ``timeout`` bounds the whole call, as in ``concurrent.futures.Executor.map``: if every
+        answer is not in within ``timeout`` seconds of the call, ``DeadlineExceeded`` (the tasks
+        keep running).  A failed task raises its error when its turn in the order comes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         futs = [self.submit(r) for r in reqs]
-        return [f.result(timeout) for f in futs]
+        out = []
+        for i, f in enumerate(futs):
+            try:
+                out.append(f.result(None if deadline is None else max(deadline - time.monotonic(), 0.0)))
+            except DeadlineExceeded:
+                if f.done():
+                    raise            # the task's own error, not our wait running out
+                unanswered = sum(1 for g in futs[i:] if not g.done())
+                raise DeadlineExceeded(f"{unanswered} of {len(futs)} tasks unanswered after {timeout}s "
+                                       "(they keep running)", session=self._id, timeout=timeout) from None
+        return out
 
     def context(self) -> Any:
         r = self._conn.call("get_context", {"id": self._id})

@@ -10,7 +10,10 @@
 * On an ``--insecure`` manager every peer acts as admin.
 
 The functions taking a :class:`~mesh.store.Store` are what both the running
-manager (on its writer thread) and the offline CLI (``--db PATH``) call.
+manager (on its writer thread) and the offline CLI (``--db PATH``) call, so a
+mistake (an unknown user, robot or executor key) is the same typed error with
+the same message either way: ``NotFound`` for a name that matches nothing,
+``AlreadyExists`` for a duplicate, ``InvalidArgument`` for a bad role or value.
 """
 from __future__ import annotations
 
@@ -135,6 +138,29 @@ def revoke_robot(store: Store, rid: str) -> None:
 def list_robots(store: Store) -> List[Dict[str, Any]]:
     rows = store.db.execute("SELECT id, name, role, created_at, revoked_at FROM robots ORDER BY created_at").fetchall()
     return [{"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "revoked_at": r[4]} for r in rows]
+
+
+# -- the executor allow-list (same rules offline and online) ---------------------------
+def add_executor_key(store: Store, public: str, name: str) -> Dict[str, Any]:
+    """Allow the executor with this CURVE public key (Z85) to join; re-adding a key renames it."""
+    if not public or not name:
+        raise InvalidArgument("an executor key needs a public key and a name")
+    with store.db:
+        store.add_executor_key(public, name, time.time())
+    return {"public": public, "name": name}
+
+
+def revoke_executor_key(store: Store, key_or_name: str) -> Dict[str, Any]:
+    """Remove a key, given as its public key or its name: ``NotFound`` if no key matches, the
+    same error and message whether the manager does it or the offline CLI (``--db``)."""
+    with store.db:
+        if not store.remove_executor_key(key_or_name):
+            raise NotFound(f"no executor key {key_or_name!r} on the allow-list", key=key_or_name)
+    return {"key": key_or_name}
+
+
+def list_executor_keys(store: Store) -> List[Dict[str, Any]]:
+    return store.executor_keys()
 
 
 def credentials(store: Store, args: Dict[str, Any]) -> Tuple[Principal, str]:

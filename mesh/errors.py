@@ -7,6 +7,8 @@ with :attr:`MeshError.exit_code`.  Codes never change meaning once released.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import sys
 from typing import Any, Dict, Optional, Type
 
 
@@ -38,8 +40,10 @@ def _rebuild(cls: Type[MeshError], message: str, details: Dict[str, Any]) -> Mes
     return exc
 
 
-class InvalidArgument(MeshError):
-    """The caller sent something the mesh cannot accept (bad spec, bad value)."""
+class InvalidArgument(MeshError, ValueError):
+    """The caller sent something the mesh cannot accept (bad spec, bad value, malformed endpoint).
+
+    Also a ``ValueError``, so callers that catch that keep working."""
 
     code = "invalid_argument"
     exit_code = 2
@@ -93,7 +97,20 @@ class Unavailable(MeshError):
     exit_code = 8
 
 
-class DeadlineExceeded(MeshError):
+if sys.version_info >= (3, 11):          # concurrent.futures.TimeoutError is TimeoutError
+    class _Timeout(TimeoutError):
+        pass
+else:                                     # pragma: no cover (3.9, 3.10: two distinct classes)
+    class _Timeout(TimeoutError, concurrent.futures.TimeoutError):
+        pass
+
+
+class DeadlineExceeded(MeshError, _Timeout):
+    """A wait ran out of time (the work itself may go on: a task keeps running).
+
+    Also a ``TimeoutError`` and a ``concurrent.futures.TimeoutError``, so callers
+    that catch those keep working."""
+
     code = "deadline_exceeded"
     exit_code = 9
 

@@ -1,0 +1,95 @@
+"""What every ``zmesh`` command module shares: the root group, common options, the error
+wrapper and table helpers.
+
+Imports go one way: ``cli_common`` <- ``cli_daemons`` / ``cli_manage`` / ``cli_security``
+<- ``cli`` (which imports the others so that their commands register on :data:`main`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import functools
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+
+import click
+import zmq
+
+from mesh.config import default_manager
+from mesh.errors import DeadlineExceeded, MeshError, Unavailable
+
+if TYPE_CHECKING:
+    from .api import Client
+
+manager_option = click.option("--manager", "-m", default=None, metavar="ADDR",
+                              help="Manager address (default: $ZMESH_MANAGER or tcp://127.0.0.1:5555).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+config_option = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+                             help="YAML config file; ZMESH_* environment variables and flags override it.")
+
+
+def fail(exc: MeshError) -> None:
+    """Print ``error: CODE: message`` on one line and exit with the error's stable exit code."""
+    click.echo(f"error: {exc.code}: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure a command can expect is one line and the error's exit code, never a traceback.
+
+    MeshErrors print as they are; a wait that ran out (``TimeoutError``) is ``deadline_exceeded`` and
+    a ZeroMQ error is ``unavailable``, in case one slips past the client's own mapping."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MeshError as exc:
+            fail(exc)
+        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
+            fail(DeadlineExceeded(str(exc) or "a wait ran out of time"))
+        except zmq.ZMQError as exc:
+            fail(Unavailable(f"ZeroMQ: {exc}"))
+
+    return wrapper
+
+
+def _client(manager: Optional[str]) -> "Client":
+    from .api import Client
+    return Client(manager or default_manager())
+
+
+def _labels(values: Sequence[str]) -> Dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"labels look like key=value, got {v!r}", param_hint="--label")
+        out[key] = val
+    return out
+
+
+def _when(ts: Optional[float]) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _table(rows: List[Dict[str, Any]], columns: List[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(r.get(c, "")) for c in columns])
+    Console().print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zeromesh", message="zeromesh %(version)s")
+@click.option("--manager-key", default=None, metavar="FILE",
+              help="The manager's public key file, for a secured mesh (default: $ZMESH_MANAGER_KEY).")
+def main(manager_key: Optional[str]) -> None:
+    """zeromesh: a ZeroMQ executor mesh for Python."""
+    if manager_key:
+        os.environ["ZMESH_MANAGER_KEY"] = manager_key
