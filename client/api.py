@@ -212,7 +212,7 @@ class Client:
     def register_application(self, spec: Any, replace: bool = False) -> Dict[str, Any]:
         """``spec``: an AppSpec, a spec dict, or a path (str or PathLike) to a YAML file.
         A bad spec is ``InvalidArgument``; a name taken (without ``replace``) is ``AlreadyExists``."""
-        return self.conn.call("register_app", {"spec": _spec(spec).to_dict(), "replace": replace})
+        return self.conn.call("register_application", {"spec": _spec(spec).to_dict(), "replace": replace})
 
     def update_application(self, spec: Any) -> Dict[str, Any]:
         """Replace a registered application's spec; new instances use it."""
@@ -223,10 +223,10 @@ class Client:
         return self.register_application(spec, replace=True)
 
     def unregister_application(self, name: str) -> None:
-        self.conn.call("unregister_app", {"name": name})
+        self.conn.call("unregister_application", {"name": name})
 
     def get_application(self, name: str) -> Optional[Application]:
-        d = self._get("get_app", {"name": name})
+        d = self._get("get_application", {"name": name})
         return None if d is None else _build(Application, d)
 
     def list_applications(self) -> Page[Application]:
@@ -237,7 +237,7 @@ class Client:
                           sort: Optional[Mapping[str, Any]] = None) -> Page[Application]:
         """Registered applications, filtered, sorted and paged by the manager (default: the first 100):
         a :class:`Page`."""
-        return self._find("find_apps", Application, filter, page, sort)
+        return self._find("find_applications", Application, filter, page, sort)
 
     # -- sessions and tasks -------------------------------------------------------------
     @_renamed(sid="session_id")
@@ -298,32 +298,32 @@ class Client:
         return self.conn.call("whoami")
 
     def add_user(self, name: str, role: str, password: str) -> Dict[str, Any]:
-        return self.conn.call("users_add", {"name": name, "role": role, "password": password})
+        return self.conn.call("add_user", {"name": name, "role": role, "password": password})
 
     def remove_user(self, name: str) -> None:
-        self.conn.call("users_remove", {"name": name})
+        self.conn.call("remove_user", {"name": name})
 
     def list_users(self) -> List[Dict[str, Any]]:
-        return self.conn.call("users_list")
+        return self.conn.call("list_users")
 
     def create_robot(self, name: str, role: str) -> Dict[str, Any]:
         """Returns the robot's id and its secret: the secret is shown this once."""
-        return self.conn.call("robots_create", {"name": name, "role": role})
+        return self.conn.call("create_robot", {"name": name, "role": role})
 
     def revoke_robot(self, robot_id: str) -> None:
-        self.conn.call("robots_revoke", {"id": robot_id})
+        self.conn.call("revoke_robot", {"id": robot_id})
 
     def list_robots(self) -> List[Dict[str, Any]]:
-        return self.conn.call("robots_list")
+        return self.conn.call("list_robots")
 
     def add_executor_key(self, public: str, name: str) -> None:
-        self.conn.call("executor_keys_add", {"public": public, "name": name})
+        self.conn.call("add_executor_key", {"public": public, "name": name})
 
     def revoke_executor_key(self, key_or_name: str) -> None:
-        self.conn.call("executor_keys_revoke", {"key": key_or_name})
+        self.conn.call("revoke_executor_key", {"key": key_or_name})
 
     def list_executor_keys(self) -> List[Dict[str, Any]]:
-        return self.conn.call("executor_keys_list")
+        return self.conn.call("list_executor_keys")
 
     # -- plumbing -------------------------------------------------------------------------
     def _get(self, method: str, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:

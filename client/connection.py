@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 
@@ -31,7 +31,7 @@ from mesh import keys, transport
 from mesh.config import Settings, default_manager
 from mesh.errors import (DeadlineExceeded, InvalidArgument, MeshError, ProtocolError, ResourceExhausted,
                          Unauthenticated, Unavailable, from_wire)
-from mesh.protocol import Cmd, Message, decode, encode, pack
+from mesh.protocol import Cmd, Message, Reply, Request, Submit, decode, encode, pack
 
 from . import auth as client_auth
 
@@ -337,35 +337,26 @@ class Connection:
                 tags.append(tag)
                 frames.append(payload)
                 if len(tags) >= MAX_BATCH:
-                    self._send(sock, Cmd.SUBMIT, self._submit_header(sid, tags, False), frames)
+                    self._send(sock, self._submit(sid, tags, False), frames)
                     del batches[sid]
             else:
                 _, method, args, fut, deadline, blob = item
                 rid = next(self._rids)
                 self._calls[rid] = (fut, deadline, method)
-                header = {"rid": rid, "method": method, "args": args}
-                if self._token and method != "login":
-                    header["token"] = self._token
-                if blob is None:
-                    self._send(sock, Cmd.REQUEST, header)
-                else:
-                    header["blob"] = True
-                    self._send(sock, Cmd.REQUEST, header, [blob])
+                token = self._token if self._token and method != "login" else None
+                self._send(sock, Request(rid, method, args, token, blob is not None), [] if blob is None else [blob])
         for sid, (tags, frames) in batches.items():
-            self._send(sock, Cmd.SUBMIT, self._submit_header(sid, tags, False), frames)
+            self._send(sock, self._submit(sid, tags, False), frames)
 
-    def _submit_header(self, sid: str, tags: List[int], resend: bool) -> List[Any]:
-        header: List[Any] = [sid, tags, self.client_id, resend]
-        if self._token:
-            header.append(self._token)
-        return header
+    def _submit(self, sid: str, tags: List[int], resend: bool) -> Submit:
+        return Submit(sid, tags, self.client_id, resend, self._token or None)
 
     def _ping(self, sock: zmq.Socket) -> None:
         """While answers are owed, ask the manager who it is: a new boot id means it restarted."""
         self._last_ping = time.monotonic()
         rid = next(self._rids)
         self._calls[rid] = (None, self._last_ping + self.settings.request_timeout, "ping")
-        self._send(sock, Cmd.REQUEST, {"rid": rid, "method": "ping", "args": {}})
+        self._send(sock, Request(rid, "ping", {}))
 
     def _on_ping(self, sock: zmq.Socket, result: Any) -> None:
         boot = result.get("boot") if isinstance(result, dict) else None
@@ -385,11 +376,10 @@ class Connection:
             frames.append(payload)
         for sid, (tags, frames) in batches.items():
             for i in range(0, len(tags), MAX_BATCH):
-                self._send(sock, Cmd.SUBMIT, self._submit_header(sid, tags[i:i + MAX_BATCH], True),
-                           frames[i:i + MAX_BATCH])
+                self._send(sock, self._submit(sid, tags[i:i + MAX_BATCH], True), frames[i:i + MAX_BATCH])
 
-    def _send(self, sock: zmq.Socket, cmd: Cmd, header: Any, payloads: List[Any] = ()) -> None:  # type: ignore[assignment]
-        transport.send(sock, encode(cmd, header, payloads), flags=0)
+    def _send(self, sock: zmq.Socket, record: Any, payloads: Sequence[Any] = ()) -> None:
+        transport.send(sock, encode(record, payloads), flags=0)
 
     def _receive(self, sock: zmq.Socket) -> None:
         for _ in range(10000):
@@ -409,7 +399,7 @@ class Connection:
     def _on_result(self, msg: Message) -> None:
         self._last_answer = time.monotonic()
         payload: Any
-        for (tag, err), payload in zip(msg.header[1], msg.payloads):
+        for (tag, err), payload in zip(msg.header.outcomes, msg.payloads):
             entry = self._tasks.pop(tag, None)
             if entry is None:
                 continue             # answered already: a duplicate after a resend
@@ -425,20 +415,20 @@ class Connection:
                 _settle(fut, value)
 
     def _on_reply(self, sock: zmq.Socket, msg: Message) -> None:
-        h = msg.header
-        call = self._calls.pop(h["rid"], None)
+        h: Reply = msg.header
+        call = self._calls.pop(h.rid, None)
         if call is None:
-            if h["rid"] == -1:
-                log.warning("manager rejected a message: %s", (h.get("error") or {}).get("message"))
+            if h.rid == -1:
+                log.warning("manager rejected a message: %s", (h.error or {}).get("message"))
             return
         fut = call[0]
         if fut is None:              # our own liveness ping
-            if h["ok"]:
-                self._on_ping(sock, h.get("result"))
-        elif h["ok"]:
-            _settle(fut, (h.get("result"), msg.payloads[0] if msg.payloads else None))
+            if h.ok:
+                self._on_ping(sock, h.result)
+        elif h.ok:
+            _settle(fut, (h.result, msg.payloads[0] if msg.payloads else None))
         else:
-            _settle(fut, exc=from_wire(h.get("error")))
+            _settle(fut, exc=from_wire(h.error))
 
     def _expire_calls(self) -> None:
         now = time.monotonic()

@@ -57,7 +57,7 @@ class Session:
             if session_id is not None:
                 info = self._conn.call("open_session", {"id": session_id})
             else:
-                args: Dict[str, Any] = {"app": name, "resreq": resreq}
+                args: Dict[str, Any] = {"application": name, "resreq": resreq}
                 blob = None
                 if ctx is not None:
                     enc = encode_context(ctx)

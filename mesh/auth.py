@@ -21,23 +21,25 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from . import keys
 from .errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from .store import Store
+
+if TYPE_CHECKING:   # the functions below run against a Store (on the manager's writer thread, or offline)
+    from .store import Store
 
 ROLES = ("viewer", "user", "admin")
 RANK = {"instance": 0, "viewer": 1, "user": 2, "admin": 3}
 
 PUBLIC = frozenset({"ping", "login"})
 INSTANCE = frozenset({"ping", "get_object", "put_object", "update_object", "patch_object", "delete_object"})
-VIEWER = frozenset({"stats", "metrics", "get_app", "list_apps", "find_apps", "list_executors", "find_executors",
-                    "get_executor", "get_session", "list_sessions", "find_sessions", "find_tasks", "get_task",
-                    "get_context", "whoami"})
+VIEWER = frozenset({"stats", "metrics", "get_application", "find_applications", "find_executors", "get_executor",
+                    "get_session", "find_sessions", "find_tasks", "get_task", "get_context", "whoami"})
 USER = frozenset({"create_session", "open_session", "close_session", "write_context", "cancel_task",
                   "submit"}) | INSTANCE
-# everything else (register_app, unregister_app, drain_executor, users_*, robots_*, executor_keys_*) is admin
+# everything else (register_application, unregister_application, drain_executor, users, robots, executor
+# keys) is admin
 
 
 @dataclass(frozen=True)

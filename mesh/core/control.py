@@ -443,19 +443,12 @@ class ControlRules(Base):
         return Later(auth.list_robots)
 
     def do_add_executor_key(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
-        public, name, now = _arg(args, "public", str), _arg(args, "name", str), self.now
-        return Later(lambda store: store.add_executor_key(public, name, now),
-                     then=lambda _: {"public": public, "name": name})
+        public, name = _arg(args, "public", str), _arg(args, "name", str)
+        return Later(lambda store: auth.add_executor_key(store, public, name))
 
     def do_list_executor_keys(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
-        return Later(lambda store: store.executor_keys())
+        return Later(auth.list_executor_keys)
 
     def do_revoke_executor_key(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
         key = _arg(args, "key", str)
-
-        def revoked(n: int) -> Dict[str, Any]:
-            if not n:
-                raise NotFound(f"no executor key {key!r} on the allow-list", key=key)
-            return {"key": key}
-
-        return Later(lambda store: store.remove_executor_key(key), then=revoked)
+        return Later(lambda store: auth.revoke_executor_key(store, key))
