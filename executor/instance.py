@@ -90,7 +90,8 @@ class Instance:
                 hint = typing.get_type_hints(fn).get(params[0].name)
             except Exception:
                 hint = None
-            self._req_type = hint if isinstance(hint, type) and hint is not object else None
+            # (typing.Any is a class since Python 3.11, and isinstance() refuses it)
+            self._req_type = hint if isinstance(hint, type) and hint not in (object, typing.Any) else None
         return fn
 
     # -- context -----------------------------------------------------------------
@@ -190,10 +191,12 @@ class Instance:
         self._sock.send_multipart(encode(Cmd.RESYNC, {"sid": self._sid, "have": self._replica.version}))
 
     def _on_bind(self, msg: Message) -> None:
-        if self._work and msg.header["sid"] != self._sid:
-            self._work.append(msg)   # another session: it starts after the tasks that arrived before it
+        sid = msg.header["sid"]
+        if sid is not None and sid == self._sid:
+            self._bind(msg)          # a snapshot of our session (a resync's answer): take it now
         else:
-            self._bind(msg)
+            self._work.append(msg)   # another session: it starts after the work that came before it
+            self._resyncing = False  # and no snapshot of the session we leave will come
 
     def _bind(self, msg: Message) -> None:
         """Take the manager's snapshot: of our session (a resync), or of the session we now serve."""
