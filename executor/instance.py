@@ -53,6 +53,7 @@ class Instance:
         self._resyncing = False          # a RESYNC is out; the BIND that answers it has not arrived
         self._sock: Optional[zmq.Socket] = None
         self._work: Deque[Message] = collections.deque()   # TASKS, and BINDs queued behind them, in arrival order
+        self._binds_queued = 0                              # BINDs in _work
         self._released: Optional[str] = None               # the reason of the manager's GONE, once received
         self._seq = 0
         self._answers: Dict[int, Any] = {}   # seq of our own writes awaiting an answer -> _WAITING, None or error
@@ -192,11 +193,12 @@ class Instance:
 
     def _on_bind(self, msg: Message) -> None:
         sid = msg.header["sid"]
-        if sid is not None and sid == self._sid:
+        if sid is not None and sid == self._sid and not self._binds_queued:
             self._bind(msg)          # a snapshot of our session (a resync's answer): take it now
         else:
             self._work.append(msg)   # another session: it starts after the work that came before it
-            self._resyncing = False  # and no snapshot of the session we leave will come
+            self._binds_queued += 1  # (and any BIND after it waits too: BINDs keep their order)
+            self._resyncing = False  # no snapshot of the session we leave will come
 
     def _bind(self, msg: Message) -> None:
         """Take the manager's snapshot: of our session (a resync), or of the session we now serve."""
@@ -314,6 +316,7 @@ class Instance:
                 continue
             msg = self._work.popleft()
             if msg.cmd is Cmd.BIND:
+                self._binds_queued -= 1
                 self._bind(msg)
             else:
                 self._run_tasks(msg)

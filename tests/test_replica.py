@@ -629,6 +629,29 @@ def test_a_bind_to_another_session_waits_behind_the_work_before_it():
     assert outs == [("s1", "first, changed"), ("s2", "second")]
 
 
+def test_binds_keep_their_order_when_the_instance_returns_to_its_session():
+    # Given an instance of s1 whose running task sees the manager move it to s2 and back to s1
+    sock = ScriptedSocket(release_after(2, Sequencer("s1 v0")))
+    ins: Instance
+
+    def task(req: Any) -> Any:
+        if req == "x":
+            sock.deliver(Cmd.BIND, {"sid": "s2", "app": "t", "kind": DOC, "version": 0}, [pack("s2 v0")])
+            sock.deliver(Cmd.BIND, {"sid": "s1", "app": "t", "kind": DOC, "version": 3}, [pack("s1 v3")])
+            sock.deliver(*_tasks("s1", 3, "y"))
+            ins.update_context("s1 v1")
+        return ins.session_id(), ins.context()
+
+    ins = _instance(task, sock, ctx="s1 v0")
+    sock.deliver(*_tasks("s1", 0, "x"))
+    # When it serves
+    ins._main()
+    # Then it ends where the manager put it last: s1, at the snapshot of version 3
+    outs = [pickle.loads(f) for m in sock.sent if m.cmd is Cmd.DONE for f in m.payloads]
+    assert outs == [("s1", "s1 v1"), ("s1", "s1 v3")]
+    assert (ins.session_id(), ins._version) == ("s1", 3)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_a_lossy_link_never_leaves_a_replica_wrong(seed):
     """Patches lost at random between the writes this instance makes itself: it ends equal."""
