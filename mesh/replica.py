@@ -42,7 +42,7 @@ import enum
 from typing import Any, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from . import patch
-from .errors import InvalidArgument
+from .errors import InvalidArgument, MeshError
 from .protocol import Frame, pack, unpack
 
 DOC = "doc"
@@ -91,7 +91,10 @@ def transition(kind: str, value: Any, ops: Ops, blob: Optional[Frame]) -> Tuple[
     if ops is None:
         if blob is None:
             raise InvalidArgument("a write needs ops or a blob")
-        return BLOB, bytes(blob)
+        try:
+            return BLOB, bytes(blob)
+        except TypeError:
+            raise InvalidArgument(f"a blob must be bytes, not {type(blob).__name__}") from None
     if kind == BLOB:
         if _whole_replacement(ops):
             return DOC, patch.copy_document(ops[0]["value"])
@@ -165,8 +168,8 @@ class Replica:
     def receive(self, version: int, ops: Ops, blob: Optional[Frame], size: int = 0) -> Outcome:
         """Apply the write the sequencer numbered ``version``, if it is the next one.
 
-        Never raises for a write that does not fit: it is reported as ``DIVERGED``
-        (the sequencer applied it, so this replica's content must be wrong).
+        Never raises for a write that does not fit (any error :func:`transition` names):
+        it is reported as ``DIVERGED``, since the sequencer applied it.
         """
         if version <= self.version:
             return Outcome.STALE
@@ -174,7 +177,7 @@ class Replica:
             return Outcome.GAP
         try:
             kind, value = transition(self.kind, self.value, ops, blob)
-        except Exception:  # noqa: B902 - whatever the cause, the cure is a snapshot
+        except MeshError:   # the sequencer applied it, so what this replica holds is wrong
             return Outcome.DIVERGED
         self._commit(kind, value, version, ops, blob, size)
         return Outcome.APPLIED
