@@ -27,12 +27,16 @@ Waiter = Tuple[bytes, int, int]  # instance identity, its rid, the version it ho
 
 
 class CacheProxy:
-    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None]) -> None:
+    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None],
+                 sock: Optional[zmq.Socket] = None) -> None:
+        """``sock``: the ROUTER the instances connect to; bound here at ``endpoint`` unless given."""
         self.cache = ObjectCache(max_bytes)
         self.endpoint = f"ipc://{os.path.join(run_dir, 'objects.sock')}"
-        self.sock: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
+        if sock is None:
+            sock = zmq.Context.instance().socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(self.endpoint)
+        self.sock: zmq.Socket = sock
         self._ask = ask_manager
         self._rids = itertools.count(1)
         self._fetching: Dict[int, str] = {}          # our rid at the manager -> key

@@ -671,3 +671,76 @@ def test_a_lossy_link_never_leaves_a_replica_wrong(seed):
     ins._catch_up(seqr.doc.version)
     assert (ins._version, ins.context()) == (seqr.doc.version, seqr.doc.value)
     assert ins.resyncs > 0, "the scenario lost patches, so only a resync can have repaired it"
+
+
+# -- the executor's cache proxy: a gap between its copy and an answer ---------------------------
+class Replies:
+    """Stands in for the proxy's ROUTER: records what it sends to instances."""
+
+    def __init__(self) -> None:
+        self.sent: List[tuple] = []
+
+    def send_multipart(self, frames: List[Any], *args: Any, **kwargs: Any) -> None:
+        msg = decode(frames[1:])
+        self.sent.append((frames[0], msg.header, [bytes(p) for p in msg.payloads]))
+
+
+def _proxy():
+    from executor.cache_proxy import CacheProxy
+    asked: List[dict] = []
+    replies = Replies()
+    proxy = CacheProxy("/nonexistent", 1 << 20, lambda cmd, header, frames: asked.append(header), sock=replies)
+    return proxy, asked, replies
+
+
+def _reply(rid: int, result: dict, data: Optional[bytes] = None) -> Message:
+    header = {"rid": rid, "ok": True, "result": result}
+    return Message(Cmd.REPLY, header, [] if data is None else [data])
+
+
+def test_the_cache_proxy_refetches_whole_when_an_answer_does_not_follow_on():
+    # Given a proxy holding version 1 of an object, and an instance asking for it
+    objects = Objects()
+    key = objects.put(DOC, pack({"n": 0}), None, None).key
+    proxy, asked, replies = _proxy()
+    proxy.cache.apply(key, *objects.get(key, 0))
+    proxy._get(b"inst", 7, key, 1)
+    assert asked[-1]["args"] == {"key": key, "have": 1}
+    # When the manager's answer does not follow on from version 1 (its patches start at version 3)
+    for _ in range(3):
+        objects.patch(key, INCR)
+    header, _ = objects.get(key, 2)
+    assert proxy.on_reply(_reply(asked[-1]["rid"], header))
+    # Then the proxy asks once for the whole object, and answers the instance only with that
+    assert asked[-1]["args"] == {"key": key, "have": 0} and not replies.sent
+    header, data = objects.get(key, 0)
+    assert proxy.on_reply(_reply(asked[-1]["rid"], header, data))
+    (identity, answer, payloads), = replies.sent
+    assert identity == b"inst" and answer["rid"] == 7
+    assert answer["result"]["mode"] == "full" and answer["result"]["version"] == 4
+    assert Replica.from_wire(DOC, payloads[0]).value == {"n": 3}
+
+
+def test_the_cache_proxy_forwards_patches_to_a_reader_at_its_own_version():
+    objects = Objects()
+    key = objects.put(DOC, pack({"n": 0}), None, None).key
+    proxy, asked, replies = _proxy()
+    proxy.cache.apply(key, *objects.get(key, 0))
+    assert proxy.stats()["full"] == 1
+    proxy._get(b"a", 1, key, 1)        # at the proxy's version: gets the patches
+    proxy._get(b"b", 2, key, 0)        # holds nothing: gets the whole object
+    assert len(asked) == 1, "one fetch per key"
+    objects.patch(key, INCR)
+    proxy.on_reply(_reply(asked[0]["rid"], objects.get(key, 1)[0]))
+    modes = {ident: ans["result"]["mode"] for ident, ans, _ in replies.sent}
+    assert modes == {b"a": "patches", b"b": "full"}
+    assert proxy.stats()["patches"] == 1 and proxy.stats()["full"] == 1, "the object crossed the network once"
+
+
+def test_the_cache_proxy_reports_a_malformed_answer_without_refetching():
+    proxy, asked, replies = _proxy()
+    proxy._get(b"inst", 3, "k", 0)
+    proxy.on_reply(_reply(asked[-1]["rid"], {"key": "k", "version": 1, "kind": DOC, "mode": "full"}))  # no data
+    (_, answer, _), = replies.sent
+    assert answer["ok"] is False and answer["error"]["code"] == ProtocolError.code
+    assert len(asked) == 1 and "k" not in proxy.cache.entries
