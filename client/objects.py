@@ -27,7 +27,6 @@ from mesh.replica import DOC
 from .connection import Connection
 
 
-
 def _cache_bytes() -> int:
     """``ZMESH_CACHE_BYTES``, parsed as every setting is (:attr:`mesh.config.Settings.cache_bytes`);
     only that variable is read, so a malformed unrelated one cannot break ``import client``."""

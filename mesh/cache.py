@@ -74,17 +74,22 @@ class ObjectCache:
         Raises ProtocolError for an answer of unknown mode or a ``full`` one without
         data, InvalidArgument for data that does not decode; the cache is then unchanged.
         """
-        mode, version = header["mode"], header["version"]
+        mode, version = header.get("mode"), header.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ProtocolError(f"the answer for object {key!r} has no integer version", field="version")
         entry = self.entries.get(key)
         if mode == "full":
             if data is None:
                 raise ProtocolError(f"the full answer for object {key!r} carries no data")
             data = bytes(data)   # a zmq.Frame from the socket; kept, so copied once here
+            kind = header.get("kind")
+            if not isinstance(kind, str):
+                raise ProtocolError(f"the full answer for object {key!r} has no kind", field="kind")
             if entry is None:
-                entry = Entry.from_wire(header["kind"], data, version, keep_encoded=True)
+                entry = Entry.from_wire(kind, data, version, keep_encoded=True)
                 self.entries[key] = entry
             else:
-                entry.restore(header["kind"], version, data, keep_encoded=True)  # STALE: ours is as new
+                entry.restore(kind, version, data, keep_encoded=True)  # STALE: ours is as new
             self.stats["full"] += 1
             self.stats["bytes_in"] += len(data)
         elif mode == "same":
@@ -94,12 +99,16 @@ class ObjectCache:
         elif mode == "patches":
             if entry is None:
                 return None
-            patches = header["patches"]
+            patches = header.get("patches")
+            if not isinstance(patches, list):
+                raise ProtocolError(f"the patches answer for object {key!r} has no list of patches", field="patches")
             first = version - len(patches) + 1
             for i, ops in enumerate(patches):
                 if entry.receive(first + i, ops, None, len(pack(ops))).needs_snapshot:
-                    self._charge(key, entry)
-                    return None
+                    break
+            if entry.version < version:   # a gap, or a patch that does not apply: what it holds stays
+                self._charge(key, entry)
+                return None
             self.stats["patches"] += 1
         else:
             raise ProtocolError(f"unknown get_object answer mode {mode!r}", field="mode")

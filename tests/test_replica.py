@@ -289,6 +289,8 @@ def test_object_cache_answers_that_cannot_be_used():
         cache.apply("k", {"key": "k", "version": 2, "kind": DOC, "mode": "full"}, None)
     with pytest.raises(ProtocolError, match="mode"):
         cache.apply("k", {"key": "k", "version": 2, "kind": DOC, "mode": "guess"}, b"")
+    with pytest.raises(ProtocolError, match="version"):
+        cache.apply("k", {"key": "k", "kind": DOC, "mode": "full"}, pack(1))
     assert cache.entries == {} and cache.size == 0
 
 
