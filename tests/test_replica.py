@@ -229,9 +229,9 @@ def test_a_replica_fed_duplicates_out_of_order_converges_with_the_sequencer(kind
 
 
 # -- the object cache: same / patches / full answers through the same replica ---------------
-def _answer(objects: Objects, key: str, cache: ObjectCache):
-    header, data = objects.get(key, cache.version(key))
-    return header, data
+def _answer(objects: Objects, key: str, cache: ObjectCache) -> tuple:
+    """The manager's answer to this cache's reader (it sends the version it holds)."""
+    return objects.get(key, cache.version(key))
 
 
 def test_object_cache_folds_full_then_patches_then_same():
@@ -568,6 +568,19 @@ def test_gone_during_a_write_fails_it_at_once():
     ins = _instance(lambda req: None, sock, ctx={"n": 0})
     with pytest.raises(Unavailable, match="released"):
         ins.patch_context(INCR)
+
+
+def test_an_entrypoint_annotated_any_takes_any_request():
+    # typing.Any is a class since Python 3.11, and isinstance(x, Any) raises: every task would fail
+    ins = Instance()
+    ins.entrypoint(lambda req: req)
+
+    def typed(req: Any) -> Any:
+        return req
+
+    ins2 = Instance()
+    ins2.entrypoint(typed)
+    assert ins._run_one(pickle.dumps(1)) == ins2._run_one(pickle.dumps(1)) == (None, pickle.dumps(1, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def test_the_main_loop_runs_tasks_writes_and_reports_until_released():
