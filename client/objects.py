@@ -19,12 +19,22 @@ import cloudpickle
 
 from mesh import patch
 from mesh.cache import ObjectCache
-from mesh.context import DOC
+from mesh.config import Settings
+from mesh.errors import Internal
 from mesh.protocol import pack
+from mesh.replica import DOC
 
 from .connection import Connection
 
-CACHE_BYTES = int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30)))
+
+def _cache_bytes() -> int:
+    """``ZMESH_CACHE_BYTES``, parsed as every setting is (:attr:`mesh.config.Settings.cache_bytes`);
+    only that variable is read, so a malformed unrelated one cannot break ``import client``."""
+    raw = os.environ.get("ZMESH_CACHE_BYTES")
+    return Settings.load({} if raw is None else {"ZMESH_CACHE_BYTES": raw}).cache_bytes
+
+
+CACHE_BYTES = _cache_bytes()
 
 
 @dataclass(frozen=True)
@@ -68,18 +78,26 @@ def put_object(obj: Any, *, session: Any = None, ttl: Optional[float] = None) ->
 
 
 def get_object(ref: Union[ObjectRef, str]) -> Any:
+    """The newest version of the object, read through the local cache (and, inside a
+    service instance, the executor's): only what the cache lacks crosses the network."""
     key = ref if isinstance(ref, str) else ref.key
     reader = _conn(os.environ.get("ZMESH_OBJECT_CACHE"))
     with _lock:
         have = cache.version(key)
-    header, data = reader.call_blob("get_object", {"key": key, "have": have})
-    with _lock:
-        entry = cache.apply(key, header, data)
-        if entry.kind == DOC:
-            return patch.copy_document(entry.value)
-        if entry.obj is None:
-            entry.obj = cloudpickle.loads(entry.value)
-        return entry.obj
+    for _ in range(2):
+        header, data = reader.call_blob("get_object", {"key": key, "have": have})
+        with _lock:
+            entry = cache.apply(key, header, data)
+            if entry is None:   # the answer does not fit what the cache holds now: ask for all of it
+                cache.forget(key)
+                have = 0
+                continue
+            if entry.kind == DOC:
+                return patch.copy_document(entry.value)
+            if entry.obj is None:
+                entry.obj = cloudpickle.loads(entry.value)
+            return entry.obj
+    raise Internal(f"the answer for object {key!r} with have=0 did not fill the cache", key=key)
 
 
 def update_object(ref: Union[ObjectRef, str], obj: Any) -> ObjectRef:

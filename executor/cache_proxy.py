@@ -4,6 +4,8 @@ Instances on this machine ask here instead of the manager (``get_object``);
 the proxy asks the manager only for what its own cache lacks (its version in
 ``have``), and concurrent requests for one key share one fetch.  So a 50 MB
 object crosses the network once per executor, and a patch arrives as a patch.
+The cache's entries are replicas (:mod:`mesh.replica`): an answer that does
+not follow on from what the proxy holds is refetched whole, never guessed at.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import zmq
 
 from mesh.cache import ObjectCache
-from mesh.errors import InvalidArgument, ProtocolError
+from mesh.errors import InvalidArgument, MeshError, ProtocolError
 from mesh.log import event
 from mesh.protocol import Cmd, Message, decode, encode
 
@@ -25,12 +27,16 @@ Waiter = Tuple[bytes, int, int]  # instance identity, its rid, the version it ho
 
 
 class CacheProxy:
-    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None]) -> None:
+    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None],
+                 sock: Optional[zmq.Socket] = None) -> None:
+        """``sock``: the ROUTER the instances connect to; bound here at ``endpoint`` unless given."""
         self.cache = ObjectCache(max_bytes)
         self.endpoint = f"ipc://{os.path.join(run_dir, 'objects.sock')}"
-        self.sock: zmq.Socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
+        if sock is None:
+            sock = zmq.Context.instance().socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(self.endpoint)
+        self.sock: zmq.Socket = sock
         self._ask = ask_manager
         self._rids = itertools.count(1)
         self._fetching: Dict[int, str] = {}          # our rid at the manager -> key
@@ -84,22 +90,25 @@ class CacheProxy:
                 self._reply(identity, rid, error=msg.header.get("error"))
             return True
         header = msg.header["result"]
-        before = self.cache.version(key)
         try:
-            data: Any = msg.payloads[0] if msg.payloads else None
-            entry = self.cache.apply(key, header, data)
-        except Exception as exc:  # a patch that does not apply: refetch whole next time
-            self.cache.forget(key)
-            event(log, logging.WARNING, "object cache entry dropped", key=key, error=str(exc))
+            entry = self.cache.apply(key, header, msg.payloads[0] if msg.payloads else None)
+        except MeshError as exc:   # a malformed answer: the cache is unchanged, the readers are told
+            event(log, logging.WARNING, "object answer refused", key=key, error=str(exc))
             for identity, rid, _ in waiters:
-                self._get(identity, rid, key, 0)
+                self._reply(identity, rid, error=exc.to_wire())
             return True
+        if entry is None:   # a gap between our copy and the answer: fetch the whole object once
+            self.cache.forget(key)
+            for identity, rid, have in waiters:
+                self._get(identity, rid, key, have)
+            return True
+        patches = header.get("patches") if header["mode"] == "patches" else None
         for identity, rid, have in waiters:
             base = {"key": key, "version": entry.version, "kind": entry.kind}
             if have == entry.version:
                 self._reply(identity, rid, result={**base, "mode": "same"})
-            elif header["mode"] == "patches" and have == before:
-                self._reply(identity, rid, result={**base, "mode": "patches", "patches": header["patches"]})
+            elif patches is not None and entry.version == header["version"] == have + len(patches):
+                self._reply(identity, rid, result={**base, "mode": "patches", "patches": patches})
             else:
                 self._reply(identity, rid, result={**base, "mode": "full"}, blob=entry.encoded())
         return True

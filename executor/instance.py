@@ -26,16 +26,17 @@ import cloudpickle
 import zmq
 
 from mesh import keys, patch, transport
-from mesh.errors import InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
+from mesh.config import Settings
+from mesh.errors import Internal, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
 from mesh.log import event, setup
-from mesh.protocol import Cmd, Message, decode, encode, unpack
+from mesh.protocol import Cmd, Message, decode, encode
+from mesh.replica import DOC, Replica
 
 log = logging.getLogger("zeromesh.instance")
 
 _CREATED: Dict[str, "Instance"] = {}   # module name -> the Instance it created
 RESULT_FLUSH = 0.0005                  # seconds of finished results buffered into one DONE message
-WRITE_TIMEOUT = 30.0                   # seconds a context write waits for the manager's answer
-_NOTHING = object()
+_WAITING = object()                    # a write's answer that has not arrived
 
 
 class Instance:
@@ -48,16 +49,31 @@ class Instance:
         self._takes_arg = True
         self._req_type: Optional[type] = None
         self._sid: Optional[str] = None
-        self._kind = "doc"
-        self._version = 0
-        self._value: Any = None          # the replica: a document (never mutated) or blob bytes
-        self._blob_cache: Any = _NOTHING
+        self._replica = Replica()        # this session's context (mesh.replica: in order, gap -> snapshot)
+        self._resyncing = False          # a RESYNC is out; the BIND that answers it has not arrived
         self._sock: Optional[zmq.Socket] = None
-        self._backlog: Deque[Message] = collections.deque()
+        self._work: Deque[Message] = collections.deque()   # TASKS, and BINDs queued behind them, in arrival order
+        self._binds_queued = 0                              # BINDs in _work
+        self._released: Optional[str] = None               # the reason of the manager's GONE, once received
         self._seq = 0
-        self._answers: Dict[int, Any] = {}   # seq of our own writes -> error or None once answered
+        self._answers: Dict[int, Any] = {}   # seq of our own writes awaiting an answer -> _WAITING, None or error
+        self._done: List[List[Any]] = []     # finished tasks not yet reported: [tid, error|None] ...
+        self._frames: List[Any] = []         # ... and their result frames
+        self._write_timeout = Settings().instance_write_timeout
+        self._handlers: Dict[Cmd, Callable[[Message], None]] = {
+            Cmd.TASKS: self._work.append,
+            Cmd.CTX_PATCH: self._on_ctx_patch,
+            Cmd.CTX_REJECT: self._on_ctx_reject,
+            Cmd.BIND: self._on_bind,
+            Cmd.GONE: self._on_gone,
+        }                                    # WELCOME, HEARTBEAT: traffic is liveness, nothing to do
         self.resyncs = 0                 # snapshots fetched after a gap (for tests and logs)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    @property
+    def _version(self) -> int:
+        """The context version this replica holds."""
+        return self._replica.version
 
     # -- declaring the service ---------------------------------------------------
     def entrypoint(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,7 +91,8 @@ class Instance:
                 hint = typing.get_type_hints(fn).get(params[0].name)
             except Exception:
                 hint = None
-            self._req_type = hint if isinstance(hint, type) and hint is not object else None
+            # (typing.Any is a class since Python 3.11, and isinstance() refuses it)
+            self._req_type = hint if isinstance(hint, type) and hint not in (object, typing.Any) else None
         return fn
 
     # -- context -----------------------------------------------------------------
@@ -84,9 +101,9 @@ class Instance:
 
         Returns a private copy: change it freely, then :meth:`update_context`.
         """
-        if self._kind == "doc":
-            return patch.copy_document(self._value)
-        return cloudpickle.loads(self._value)
+        if self._replica.kind == DOC:
+            return patch.copy_document(self._replica.value)
+        return cloudpickle.loads(self._replica.value)
 
     def update_context(self, value: Any) -> None:
         """Make ``value`` the session's context, shipping only the difference.
@@ -94,8 +111,8 @@ class Instance:
         Returns once the manager has sequenced the write, so the next task of
         this session sees it on any instance.
         """
-        if self._kind == "doc" and patch.is_document(value):
-            ops = patch.diff(self._value, value)
+        if self._replica.kind == DOC and patch.is_document(value):
+            ops = patch.diff(self._replica.value, value)
             if ops:
                 self._write(ops, None)
         elif patch.is_document(value):
@@ -112,79 +129,137 @@ class Instance:
         return self._sid
 
     def _write(self, ops: Optional[List[Any]], blob: Optional[bytes]) -> None:
+        """Send one write to the sequencer and wait (``instance_write_timeout``) until it is
+        answered and this replica includes it.  Raises what the manager rejected it with, or
+        Unavailable when no answer comes (the manager may still have sequenced it)."""
         if self._sock is None or self._sid is None:
             raise Unavailable("the context can only be changed inside a running task")
         self._seq += 1
         seq = self._seq
-        header = {"sid": self._sid, "seq": seq, "base": self._version, "ops": ops}
+        self._answers[seq] = _WAITING
+        header = {"sid": self._sid, "seq": seq, "base": self._replica.version, "ops": ops}
         self._sock.send_multipart(encode(Cmd.CTX_WRITE, header, [] if blob is None else [blob]))
-        deadline = time.monotonic() + WRITE_TIMEOUT
-        while time.monotonic() < deadline:
-            if not self._sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
-                continue
-            msg = decode(self._sock.recv_multipart())
-            if msg.cmd is Cmd.CTX_PATCH:
-                self._apply_patch(msg)
-                if msg.header["seq"] is not None:
-                    self._answers[msg.header["seq"]] = None
-            elif msg.cmd is Cmd.CTX_REJECT:
-                self._answers[msg.header["seq"]] = msg.header["error"]
-            else:
-                self._backlog.append(msg)   # tasks that arrived meanwhile run after this one
-            if seq in self._answers:
-                error = self._answers.pop(seq)
-                if error is not None:
-                    raise from_wire(error)
-                return
-        raise Unavailable(f"the manager did not confirm a context write within {WRITE_TIMEOUT:.0f}s")
+
+        def settled() -> bool:
+            answer = self._answers[seq]
+            return ((answer is not _WAITING and (answer is not None or not self._resyncing))
+                    or self._released is not None)
+
+        try:
+            self._pump(settled, time.monotonic() + self._write_timeout)
+        finally:
+            answer = self._answers.pop(seq)   # an answer arriving later finds no one waiting: dropped
+        if answer is _WAITING:
+            if self._released is not None:
+                raise Unavailable(f"the manager released this instance ({self._released}) "
+                                  "before it confirmed the context write")
+            raise Unavailable(f"the manager did not confirm a context write within {self._write_timeout:g}s "
+                              "(instance_write_timeout)", timeout=self._write_timeout)
+        if answer is not None:
+            raise from_wire(answer)
+        if self._resyncing:
+            raise Unavailable(f"the context write was sequenced, but the manager did not resend the context "
+                              f"this replica asked for within {self._write_timeout:g}s", sequenced=True)
+
+    # -- the replica: every handler of a context message ------------------------------
+    def _on_ctx_patch(self, msg: Message) -> None:
+        self._apply_patch(msg)
+        seq = msg.header["seq"]
+        if seq is not None and self._answers.get(seq) is _WAITING:
+            self._answers[seq] = None
+
+    def _on_ctx_reject(self, msg: Message) -> None:
+        seq = msg.header["seq"]
+        if self._answers.get(seq) is _WAITING:
+            self._answers[seq] = msg.header["error"] or Internal("rejected without a reason").to_wire()
 
     def _apply_patch(self, msg: Message) -> None:
-        """Apply one sequenced write to the replica; on a version gap, fetch a snapshot."""
+        """Apply one sequenced write to the replica; on a version gap, ask for a snapshot."""
         h = msg.header
-        if h["sid"] != self._sid or h["version"] <= self._version:
-            return  # another session's, or already in the snapshot we hold
-        if h["version"] != self._version + 1:
-            self._resync()
-            return
-        if h["ops"] is None:
-            self._kind, self._value = "blob", bytes(msg.payloads[0])
-        else:
-            try:
-                self._value = patch.apply_patch(self._value, h["ops"])
-            except MeshError:
-                self._resync()  # cannot apply what the manager applied: our replica is wrong
-                return
-            self._kind = "doc"
-        self._version = h["version"]
+        if h["sid"] != self._sid:
+            return  # another session's: this instance has moved on
+        blob = msg.payloads[0] if h["ops"] is None and msg.payloads else None
+        if self._replica.receive(h["version"], h["ops"], blob).needs_snapshot:
+            self._request_snapshot()
 
-    def _resync(self) -> None:
-        """Ask for a snapshot and wait for it; everything else that arrives waits in the backlog."""
-        assert self._sock is not None and self._sid is not None
+    def _request_snapshot(self) -> None:
+        """Send RESYNC once per gap; the BIND that answers it clears ``_resyncing``."""
+        if self._resyncing:
+            return
+        assert self._sock is not None
+        self._resyncing = True
         self.resyncs += 1
-        self._sock.send_multipart(encode(Cmd.RESYNC, {"sid": self._sid, "have": self._version}))
-        deadline = time.monotonic() + WRITE_TIMEOUT
-        while time.monotonic() < deadline:
-            if not self._sock.poll(int((deadline - time.monotonic()) * 1000) + 1):
-                continue
-            msg = decode(self._sock.recv_multipart())
-            if msg.cmd is Cmd.BIND:
-                self._bind(msg)
-                return
-            if msg.cmd is Cmd.CTX_PATCH:  # older than the snapshot, so already in it
-                if msg.header["seq"] is not None:
-                    self._answers[msg.header["seq"]] = None
-            elif msg.cmd is Cmd.CTX_REJECT:
-                self._answers[msg.header["seq"]] = msg.header["error"]
-            else:
-                self._backlog.append(msg)
-        raise Unavailable(f"the manager did not resend the context within {WRITE_TIMEOUT:.0f}s")
+        self._sock.send_multipart(encode(Cmd.RESYNC, {"sid": self._sid, "have": self._replica.version}))
+
+    def _on_bind(self, msg: Message) -> None:
+        sid = msg.header["sid"]
+        if sid is not None and sid == self._sid and not self._binds_queued:
+            self._bind(msg)          # a snapshot of our session (a resync's answer): take it now
+        else:
+            self._work.append(msg)   # another session: it starts after the work that came before it
+            self._binds_queued += 1  # (and any BIND after it waits too: BINDs keep their order)
+            self._resyncing = False  # no snapshot of the session we leave will come
 
     def _bind(self, msg: Message) -> None:
+        """Take the manager's snapshot: of our session (a resync), or of the session we now serve."""
         h = msg.header
-        self._sid = h["sid"]
-        self._kind = h["kind"]
-        self._version = h["version"]
-        self._value = unpack(msg.payloads[0]) if self._kind == "doc" else bytes(msg.payloads[0])
+        data = msg.payloads[0] if msg.payloads else b""
+        if h["sid"] is not None and h["sid"] == self._sid:
+            self._replica.restore(h["kind"], h["version"], data)   # STALE (and kept) if we hold it already
+        else:
+            self._flush()   # the last session's results go out before the next session's work
+            self._sid = h["sid"]
+            self._replica = Replica.from_wire(h["kind"], data, h["version"])
+        self._resyncing = False
+
+    def _on_gone(self, msg: Message) -> None:
+        self._released = str(msg.header.get("reason") or "no reason given")
+        event(log, logging.INFO, "manager released this instance", reason=self._released)
+
+    # -- receiving ---------------------------------------------------------------------
+    def _pump(self, until: Callable[[], bool], deadline: Optional[float] = None) -> bool:
+        """Receive and handle messages until ``until()`` holds (True) or ``deadline`` passes (False).
+
+        The instance's only receive loop: waiting for work, for a write's answer and for a
+        snapshot all run here, so a message is handled by the one handler of its kind
+        (``_handlers``) whatever the instance was waiting for when it arrived.  Tasks are
+        queued, never run from inside a wait: an instance runs one task at a time.
+        Finished results are flushed whenever nothing is waiting to be read.
+        """
+        sock = self._sock
+        assert sock is not None
+        while not until():
+            raw = transport.recv(sock)
+            if raw is None:
+                self._flush()   # nothing else queued: answer now
+                if deadline is None:
+                    sock.poll()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    sock.poll(int(left * 1000) + 1)
+                continue
+            try:
+                msg = decode(raw)
+            except MeshError as exc:
+                event(log, logging.WARNING, "bad message from manager", error=str(exc))
+                continue
+            handler = self._handlers.get(msg.cmd)
+            if handler is not None:
+                handler(msg)
+        return True
+
+    def _catch_up(self, version: int) -> None:
+        """Make the replica hold ``version`` (a task was dispatched after writes it has not seen)."""
+        if self._replica.version >= version:
+            return
+        self._request_snapshot()
+        caught_up = self._pump(lambda: not self._resyncing or self._released is not None,
+                               time.monotonic() + self._write_timeout)
+        if not caught_up:
+            raise Unavailable(f"the manager did not resend the context within {self._write_timeout:g}s "
+                              "(instance_write_timeout)", timeout=self._write_timeout)
 
     # -- running -------------------------------------------------------------------
     def run(self) -> None:
@@ -222,56 +297,58 @@ class Instance:
     def _serve(self, manager: str, iid: str, eid: str) -> None:
         key_file = os.environ.get("ZMESH_MANAGER_KEY")
         curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
+        self._write_timeout = Settings.load().instance_write_timeout
         sock = transport.dealer(manager, linger_ms=1000, curve=curve)
         self._sock = sock
         sock.send_multipart(encode(Cmd.INST_HELLO, {"iid": iid, "eid": eid, "pid": os.getpid(),
                                                     "token": os.environ.get("ZMESH_INSTANCE_TOKEN", "")}))
         event(log, logging.INFO, "instance serving", instance=iid, manager=manager)
-        done: List[List[Any]] = []
-        frames: List[Any] = []
-        while True:
-            if self._backlog:
-                msg = self._backlog.popleft()
-            else:
-                raw = transport.recv(sock)
-                if raw is None:
-                    self._flush(done, frames)   # nothing else queued: answer now
-                    sock.poll()
-                    continue
-                try:
-                    msg = decode(raw)
-                except MeshError as exc:
-                    event(log, logging.WARNING, "bad message from manager", error=str(exc))
-                    continue
-            cmd = msg.cmd
-            if cmd is Cmd.TASKS:
-                if msg.header[0] == self._sid and msg.header[1] > self._version:
-                    self._resync()  # the task was sent after writes this replica has not seen
-                started = time.monotonic()
-                for (tid, attempt), payload in zip(msg.header[2], msg.payloads):
-                    err, out = self._run_one(payload)
-                    done.append([tid, err])
-                    frames.append(out)
-                    if time.monotonic() - started > RESULT_FLUSH:
-                        self._flush(done, frames)
-                        started = time.monotonic()
-            elif cmd is Cmd.CTX_PATCH:
-                self._apply_patch(msg)
-            elif cmd is Cmd.BIND:
-                self._flush(done, frames)
-                self._bind(msg)
-            elif cmd is Cmd.GONE:
-                self._flush(done, frames)
-                event(log, logging.INFO, "manager released this instance", reason=msg.header["reason"])
-                break
-        sock.close(linger=1000)
+        try:
+            self._main()
+        finally:
+            sock.close(linger=1000)
 
-    def _flush(self, done: List[List[Any]], frames: List[Any]) -> None:
-        if done:
+    def _main(self) -> None:
+        """Run queued work in arrival order until the manager releases this instance."""
+        while self._released is None:
+            if not self._work:
+                self._pump(lambda: bool(self._work) or self._released is not None)
+                continue
+            msg = self._work.popleft()
+            if msg.cmd is Cmd.BIND:
+                self._binds_queued -= 1
+                self._bind(msg)
+            else:
+                self._run_tasks(msg)
+        self._flush()
+
+    def _run_tasks(self, msg: Message) -> None:
+        """Run one TASKS batch, reporting results at least every RESULT_FLUSH seconds.
+
+        A batch sent after writes this replica has not seen waits for a snapshot
+        first (read your writes); if none comes in time, Unavailable ends the
+        instance and the manager retries its tasks elsewhere.
+        """
+        sid, version, items = msg.header[0], msg.header[1], msg.header[2]
+        if sid == self._sid:
+            self._catch_up(version)
+        started = time.monotonic()
+        for (tid, _attempt), payload in zip(items, msg.payloads):
+            if self._released is not None:
+                return   # the manager no longer counts on these results
+            err, out = self._run_one(payload)
+            self._done.append([tid, err])
+            self._frames.append(out)
+            if time.monotonic() - started > RESULT_FLUSH:
+                self._flush()
+                started = time.monotonic()
+
+    def _flush(self) -> None:
+        if self._done:
             assert self._sock is not None
-            transport.send(self._sock, encode(Cmd.DONE, done, frames), flags=0)
-            done.clear()
-            frames.clear()
+            transport.send(self._sock, encode(Cmd.DONE, self._done, self._frames), flags=0)
+            self._done = []
+            self._frames = []
 
     def _run_one(self, payload: Any) -> Any:
         """Run the entrypoint on one pickled request: (None, result bytes) or (error map, b"")."""

@@ -1,53 +1,27 @@
-"""A session's context: one versioned document, changed only by patches.
+"""A session's context as the manager holds it: the sequencer's copy of the replica.
 
 The manager is the sequencer (docs/context.md): every accepted write gets the
-next version and is broadcast to the replicas in version order.  Two kinds:
-
-* ``doc``  a msgpack-able document (see :func:`mesh.patch.is_document`);
-  writes are JSON-patch ops, applied here atomically.  The manager decodes it
-  with msgpack only: nothing is unpickled.
-* ``blob`` an opaque cloudpickled object; writes replace it whole.
+next version and is broadcast to the replicas in version order.  The rules of
+versions, order, gaps and errors are those of :class:`mesh.replica.Replica`;
+a :class:`Document` adds what only the sequencer needs: a size limit checked
+before a write is accepted, and the replay of the patch log after a restart.
+The manager decodes a ``doc`` with msgpack only: nothing is unpickled.
 """
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
-from . import patch
-from .errors import InvalidArgument, ResourceExhausted
-from .protocol import pack, unpack
+from .errors import Internal, ResourceExhausted
+from .protocol import unpack
+from .replica import BLOB, DOC, KINDS, Replica
 
-DOC = "doc"
-BLOB = "blob"
-KINDS = (DOC, BLOB)
+__all__ = ["BLOB", "DOC", "KINDS", "Document"]
+
+LogEntry = Tuple[int, Optional[bytes], Optional[bytes]]   # (version, msgpack ops or None, blob or None)
 
 
-class Document:
-    __slots__ = ("kind", "version", "value", "_encoded", "size_hint")
-
-    def __init__(self, kind: str = DOC, version: int = 0, value: Any = None, size_hint: int = 0) -> None:
-        if kind not in KINDS:
-            raise InvalidArgument(f"context kind must be one of {KINDS}, got {kind!r}")
-        self.kind = kind
-        self.version = version
-        self.value = value          # the document, or the blob's bytes
-        self._encoded: Optional[bytes] = None
-        self.size_hint = size_hint  # an upper bound of the encoded size, grown by each write's size
-
-    @classmethod
-    def from_wire(cls, kind: str, data: bytes, version: int = 0) -> "Document":
-        if kind == DOC:
-            try:
-                value = unpack(data)
-            except Exception as exc:
-                raise InvalidArgument(f"context is not a valid msgpack document: {exc}") from None
-            return cls(DOC, version, value, len(data))
-        return cls(kind, version, bytes(data), len(data))
-
-    def encoded(self) -> bytes:
-        """The snapshot as sent to a joining replica; cached per version."""
-        if self._encoded is None:
-            self._encoded = pack(self.value) if self.kind == DOC else self.value
-        return self._encoded
+class Document(Replica):
+    __slots__ = ()
 
     def apply(self, ops: Optional[List[Any]], blob: Optional[bytes], max_size: Optional[int] = None,
               write_size: int = 0) -> int:
@@ -56,42 +30,34 @@ class Document:
         Raises InvalidArgument for malformed ops or ops on a blob, Conflict when
         a ``test`` op fails, ResourceExhausted when the result would exceed
         ``max_size`` encoded bytes.  On error the document is unchanged.
+        ``write_size`` (the write's encoded size) grows the size estimate, so the
+        whole document is measured only when the estimate passes ``max_size``,
+        or when a ``copy`` op may have grown it by more than its own size.
         """
-        before = (self.kind, self.version, self.value, self._encoded, self.size_hint)
-        version = self._apply(ops, blob)
-        self.size_hint = len(blob) if blob is not None else self.size_hint + write_size
-        if max_size is not None and self.size_hint > max_size:
-            size = self.size_hint = len(self.encoded())   # the hint is an upper bound: measure first
+        before = (self.kind, self.version, self.value, self.size_hint, self._encoded)
+        version = self.write(ops, blob, write_size)
+        if max_size is not None and (self.size_hint > max_size or _copies(ops)):
+            size = len(self.encoded())   # the estimate may be high (or, after a copy, low): measure
             if size > max_size:
-                self.kind, self.version, self.value, self._encoded, self.size_hint = before
+                self.kind, self.version, self.value, self.size_hint, self._encoded = before
                 raise ResourceExhausted(f"this write would make the context {size} bytes; "
                                         f"max_context_size is {max_size}", limit="max_context_size", size=size)
         return version
 
-    def _apply(self, ops: Optional[List[Any]], blob: Optional[bytes]) -> int:
-        if ops is None:
-            if blob is None:
-                raise InvalidArgument("a context write needs ops or a blob")
-            self.kind, self.value = BLOB, bytes(blob)
-        elif self.kind == BLOB and _whole_replacement(ops):
-            self.kind, self.value = DOC, patch.copy_document(ops[0]["value"])
-        else:
-            if self.kind != DOC:
-                raise InvalidArgument("this session's context is an opaque object: replace it whole, it has no paths to patch")
-            patch.validate_ops(ops)
-            self.value = patch.apply_patch(self.value, ops)
-        self.version += 1
-        self._encoded = None
-        return self.version
+    def replay(self, entries: List[LogEntry]) -> None:
+        """Bring a snapshot up to date with the patches logged after it, in version order.
 
-    def replay(self, entries: List[Tuple[int, Optional[bytes], Optional[bytes]]]) -> None:
-        """Bring a snapshot up to date with the logged patches after it."""
+        Entries the snapshot already holds are skipped.  A log that jumps a
+        version, or a logged write that does not apply, raises Internal: the
+        versions replicas saw would otherwise name different contents.
+        """
         for version, ops, blob in entries:
-            self.apply(unpack(ops) if ops is not None else None, blob)
-            self.version = version
+            outcome = self.receive(version, unpack(ops) if ops is not None else None, blob,
+                                   len(ops if ops is not None else blob or b""))
+            if outcome.needs_snapshot:
+                raise Internal(f"the patch log cannot be replayed: version {version} after {self.version} "
+                               f"({outcome.value})", version=version, have=self.version)
 
 
-def _whole_replacement(ops: List[Any]) -> bool:
-    """``[{"op": "replace", "path": "", "value": doc}]``: turns an opaque context back into a document."""
-    return (len(ops) == 1 and isinstance(ops[0], dict) and ops[0].get("op") == "replace"
-            and ops[0].get("path") == "" and "value" in ops[0])
+def _copies(ops: Optional[List[Any]]) -> bool:
+    return ops is not None and any(isinstance(op, dict) and op.get("op") == "copy" for op in ops)

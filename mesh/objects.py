@@ -2,10 +2,13 @@
 
 An object is a :class:`~mesh.context.Document` (a msgpack document that can be
 patched, or an opaque blob replaced whole) with a key, an optional owning
-session (deleted with it) and an optional time to live.  Readers say which
+session (deleted with it) and an optional time to live.  Its versions follow
+the rules of :class:`mesh.replica.Replica`: the manager is the sequencer, and
+every reader's cache (:mod:`mesh.cache`) is a replica.  Readers say which
 version they hold; the answer is the cheapest that brings them up to date:
-nothing (``same``), the patches since (``patches``), or the whole object
-(``full``).  This module is pure state; the manager persists what it returns.
+nothing (``same``), the writes since (``patches``: one op list per version,
+oldest first, ending at ``version``), or the whole object (``full``).  This
+module is pure state; the manager persists what it returns.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from .errors import InvalidArgument, NotFound
 
 PATCH_HISTORY = 64  # recent patches kept per object, so a reader a few versions behind gets patches
 
+Answer = Tuple[Dict[str, Any], Optional[bytes]]   # (reply header, data frame or None)
+
 
 class StoredObject:
     __slots__ = ("key", "doc", "session", "expires_at", "recent")
@@ -27,7 +32,21 @@ class StoredObject:
         self.doc = doc
         self.session = session
         self.expires_at = expires_at
+        # (version, ops) of the latest writes, one per version; ops None for a whole replacement
         self.recent: Deque[Tuple[int, Optional[List[Any]]]] = collections.deque(maxlen=PATCH_HISTORY)
+
+    def since(self, have: int) -> Optional[List[List[Any]]]:
+        """The op lists that bring version ``have`` to the newest, or None when the history
+        does not reach back that far or a whole replacement lies between."""
+        if not 0 < have < self.doc.version or not self.recent or self.recent[0][0] > have + 1:
+            return None
+        patches: List[List[Any]] = []
+        for version, ops in self.recent:
+            if version > have:
+                if ops is None:
+                    return None
+                patches.append(ops)
+        return patches
 
     def row(self) -> Tuple[str, Optional[str], Optional[float]]:
         return (self.key, self.session, self.expires_at)
@@ -48,33 +67,32 @@ class Objects:
         if kind not in KINDS:
             raise InvalidArgument(f"object kind must be one of {KINDS}", argument="kind")
         key = secrets.token_hex(8)
-        obj = StoredObject(key, Document.from_wire(kind, data, 1), session, expires_at)
+        obj = StoredObject(key, Document.from_wire(kind, data, 1, keep_encoded=True), session, expires_at)
         self.items[key] = obj
         return obj
 
     def load(self, key: str, doc: Document, session: Optional[str], expires_at: Optional[float]) -> None:
         self.items[key] = StoredObject(key, doc, session, expires_at)
 
-    def get(self, key: str, have: int) -> Tuple[Dict[str, Any], Optional[bytes]]:
+    def get(self, key: str, have: int) -> Answer:
         """What a reader holding version ``have`` needs: (reply header, data frame or None)."""
         obj = self._get(key)
         doc = obj.doc
+        head = {"key": key, "version": doc.version, "kind": doc.kind}
         if have == doc.version:
-            return {"key": key, "version": doc.version, "kind": doc.kind, "mode": "same"}, None
-        if 0 < have < doc.version and obj.recent and obj.recent[0][0] <= have + 1:
-            patches = [ops for v, ops in obj.recent if v > have]
-            if all(p is not None for p in patches):
-                return {"key": key, "version": doc.version, "kind": doc.kind, "mode": "patches",
-                        "patches": patches}, None
+            return {**head, "mode": "same"}, None
+        patches = obj.since(have)
+        if patches is not None:
+            return {**head, "mode": "patches", "patches": patches}, None
         data = doc.encoded()
         self.bytes_out += len(data)
-        return {"key": key, "version": doc.version, "kind": doc.kind, "mode": "full"}, data
+        return {**head, "mode": "full"}, data
 
     def update(self, key: str, kind: str, data: bytes) -> StoredObject:
         obj = self._get(key)
-        new = Document.from_wire(kind, data, obj.doc.version + 1)
-        obj.doc = new
-        obj.recent.append((new.version, None))
+        if kind not in KINDS:
+            raise InvalidArgument(f"object kind must be one of {KINDS}", argument="kind")
+        obj.recent.append((obj.doc.reset(kind, data, keep_encoded=True), None))
         return obj
 
     def patch(self, key: str, ops: List[Any]) -> StoredObject:
