@@ -19,7 +19,7 @@ import zmq
 from mesh.cache import ObjectCache
 from mesh.errors import InvalidArgument, MeshError, ProtocolError
 from mesh.log import event
-from mesh.protocol import Cmd, Message, decode, encode
+from mesh.protocol import Cmd, Message, Reply, Request, decode, encode
 
 log = logging.getLogger("zeromesh.executor")
 
@@ -27,7 +27,7 @@ Waiter = Tuple[bytes, int, int]  # instance identity, its rid, the version it ho
 
 
 class CacheProxy:
-    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Cmd, Any, List[Any]], None],
+    def __init__(self, run_dir: str, max_bytes: int, ask_manager: Callable[[Any, List[Any]], None],
                  sock: Optional[zmq.Socket] = None) -> None:
         """``sock``: the ROUTER the instances connect to; bound here at ``endpoint`` unless given."""
         self.cache = ObjectCache(max_bytes)
@@ -60,9 +60,9 @@ class CacheProxy:
                 continue
             if msg.cmd is not Cmd.REQUEST:
                 continue
-            args, rid = msg.header["args"], msg.header["rid"]
+            args, rid = msg.header.args, msg.header.rid
             key, have = args.get("key"), args.get("have", 0)
-            if msg.header["method"] != "get_object" or not isinstance(key, str) or not isinstance(have, int):
+            if msg.header.method != "get_object" or not isinstance(key, str) or not isinstance(have, int):
                 err = InvalidArgument("the executor's object cache answers get_object {key: str, have: int} only")
                 self._reply(identity, rid, error=err.to_wire())
                 continue
@@ -76,20 +76,20 @@ class CacheProxy:
         mrid = next(self._rids)
         self._fetching[mrid] = key
         self.fetches += 1
-        self._ask(Cmd.REQUEST, {"rid": mrid, "method": "get_object",
-                                "args": {"key": key, "have": self.cache.version(key)}}, [])
+        self._ask(Request(mrid, "get_object", {"key": key, "have": self.cache.version(key)}), [])
 
     def on_reply(self, msg: Message) -> bool:
         """Handle the manager's answer to one of our fetches; False if it was not ours."""
-        key = self._fetching.pop(msg.header["rid"], None)
+        reply: Reply = msg.header
+        key = self._fetching.pop(reply.rid, None)
         if key is None:
             return False
         waiters = self._waiters.pop(key, [])
-        if not msg.header["ok"]:
+        if not reply.ok:
             for identity, rid, _ in waiters:
-                self._reply(identity, rid, error=msg.header.get("error"))
+                self._reply(identity, rid, error=reply.error)
             return True
-        header = msg.header["result"]
+        header = reply.result
         try:
             entry = self.cache.apply(key, header, msg.payloads[0] if msg.payloads else None)
         except MeshError as exc:   # a malformed answer: the cache is unchanged, the readers are told
@@ -115,15 +115,12 @@ class CacheProxy:
 
     def _reply(self, identity: bytes, rid: int, result: Any = None, error: Any = None, blob: Optional[bytes] = None) -> None:
         if error is not None:
-            header = {"rid": rid, "ok": False, "error": error}
+            record = Reply(rid, False, error=error)
         else:
-            header = {"rid": rid, "ok": True, "result": result}
-        payloads = []
-        if blob is not None:
-            header["blob"] = True
-            payloads = [blob]
+            record = Reply(rid, True, result, blob=blob is not None)
+        payloads = [] if blob is None else [blob]
         try:
-            self.sock.send_multipart([identity, *encode(Cmd.REPLY, header, payloads)], flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart([identity, *encode(record, payloads)], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             pass  # the instance is gone
 

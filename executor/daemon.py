@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import zmq
 
@@ -27,7 +27,7 @@ from mesh.process import die_with_parent
 from mesh.config import Settings
 from mesh.errors import InvalidArgument, ProtocolError
 from mesh.log import event
-from mesh.protocol import Cmd, decode, encode
+from mesh.protocol import Cmd, Drain, ExecHello, Exited, Heartbeat, decode, encode
 from mesh.spec import AppSpec
 
 from .cache_proxy import CacheProxy
@@ -76,7 +76,7 @@ class ExecutorDaemon:
         self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self.sock: Optional[zmq.Socket] = None
         self.cache = CacheProxy(self.run_dir, int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30))),
-                                self._send_frames)
+                                self._send)
         self.live = transport.Liveness(self.settings.heartbeat_interval, self.settings.liveness)
 
     # -- connection --------------------------------------------------------
@@ -85,15 +85,12 @@ class ExecutorDaemon:
             self.sock.close(linger=0)
         self.sock = transport.dealer(self.manager, curve=self.curve)
         self.live = transport.Liveness(self.live.interval, self.live.liveness)
-        self._send(Cmd.EXEC_HELLO, {"id": self.id, "caps": detect(self.slots, self.labels)})
+        self._send(ExecHello(self.id, detect(self.slots, self.labels)))
 
-    def _send(self, cmd: Cmd, header: object) -> None:
-        self._send_frames(cmd, header, [])
-
-    def _send_frames(self, cmd: Cmd, header: object, payloads: List[object]) -> None:
+    def _send(self, record: Any, payloads: Sequence[Any] = ()) -> None:
         assert self.sock is not None
         try:
-            self.sock.send_multipart(encode(cmd, header, payloads), flags=zmq.NOBLOCK)
+            self.sock.send_multipart(encode(record, payloads), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected yet; the heartbeat/hello cycle covers it
         self.live.sent()
@@ -117,8 +114,7 @@ class ExecutorDaemon:
                                         preexec_fn=die_with_parent(signal.SIGKILL, own_group=True))
         except OSError as exc:
             where = f" in {app.working_directory}" if app.working_directory else ""
-            self._send(Cmd.EXITED, {"iid": iid, "code": -1,
-                                    "reason": f"cannot start {app.command!r}{where}: {exc.strerror or exc}"})
+            self._send(Exited(iid, -1, f"cannot start {app.command!r}{where}: {exc.strerror or exc}"))
             return
         self.children[iid] = Child(iid, app.name, proc, log_path)
         event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid)
@@ -126,7 +122,7 @@ class ExecutorDaemon:
     def _stop(self, iid: str, grace: float = 5.0, reason: str = "stopped") -> None:
         child = self.children.get(iid)
         if child is None:
-            self._send(Cmd.EXITED, {"iid": iid, "code": 0, "reason": reason})
+            self._send(Exited(iid, 0, reason))
             return
         child.stopping = True
         child.reason = reason
@@ -153,7 +149,7 @@ class ExecutorDaemon:
             else:
                 reason = f"instance exited with code {code}" + _tail(child.log_path)
                 event(log, logging.WARNING, "instance crashed", instance=iid, code=code)
-            self._send(Cmd.EXITED, {"iid": iid, "code": code, "reason": reason})
+            self._send(Exited(iid, code, reason))
 
     def _stop_all(self, grace: float, reason: str) -> None:
         for iid in list(self.children):
@@ -174,8 +170,8 @@ class ExecutorDaemon:
         self.live.heard()
         h = msg.header
         if msg.cmd is Cmd.WELCOME:
-            self.live.interval = h["heartbeat_ms"] / 1000.0
-            self.live.liveness = h["liveness"]
+            self.live.interval = h.heartbeat_ms / 1000.0
+            self.live.liveness = h.liveness
             event(log, logging.INFO, "joined manager", executor=self.id, manager=self.manager)
             line = f"joined {self.manager} as {self.id}, {self.slots} slots"
             if self._joined:
@@ -185,19 +181,19 @@ class ExecutorDaemon:
             self._joined = True
         elif msg.cmd is Cmd.LAUNCH:
             try:
-                app = AppSpec.from_dict(h["app"])
+                app = AppSpec.from_dict(h.app)
             except Exception as exc:
-                self._send(Cmd.EXITED, {"iid": h["iid"], "code": -1, "reason": f"bad application spec: {exc}"})
+                self._send(Exited(h.iid, -1, f"bad application spec: {exc}"))
                 return
-            self._launch(h["iid"], app, str(h.get("token", "")))
+            self._launch(h.iid, app, h.token)
         elif msg.cmd is Cmd.STOP:
-            self._stop(h["iid"])
-        elif msg.cmd is Cmd.GONE and h.get("fatal"):
-            event(log, logging.ERROR, "the manager refused this executor", reason=h["reason"])
-            self.refused = str(h["reason"])
+            self._stop(h.iid)
+        elif msg.cmd is Cmd.GONE and h.fatal:
+            event(log, logging.ERROR, "the manager refused this executor", reason=h.reason)
+            self.refused = h.reason
             self.stop()
         elif msg.cmd is Cmd.GONE:
-            event(log, logging.WARNING, "manager does not know us; rejoining", reason=h["reason"])
+            event(log, logging.WARNING, "manager does not know us; rejoining", reason=h.reason)
             self._stop_all(grace=1.0, reason="the manager forgot this executor")
             self._connect()
         elif msg.cmd is Cmd.HEARTBEAT:
@@ -246,14 +242,14 @@ class ExecutorDaemon:
                 if not self._drain_sent:
                     sdnotify.stopping()
                     sdnotify.status(f"draining: {len(self.children)} instances, up to {self.grace:g}s")
-                    self._send(Cmd.DRAIN, {})
+                    self._send(Drain())
                     self._drain_sent = True
                     event(log, logging.INFO, "draining", executor=self.id, instances=len(self.children),
                           grace_s=self.grace)
                 if not self.children or time.monotonic() > self._drain_deadline:
                     break
             if self.live.should_ping():
-                self._send(Cmd.HEARTBEAT, {"labels": self.labels, "cache": self.cache.stats()})
+                self._send(Heartbeat(self.labels, self.cache.stats()))
             if self.live.dead():
                 event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(self.live.silent_for(), 1))
                 sdnotify.status(f"the manager at {self.manager} went silent; reconnecting")
@@ -274,7 +270,7 @@ class ExecutorDaemon:
     def _reload(self) -> None:
         self._reload_requested = False
         sdnotify.reload(self.on_reload, log, executor=self.id)
-        self._send(Cmd.HEARTBEAT, {"labels": self.labels, "cache": self.cache.stats()})  # new labels now
+        self._send(Heartbeat(self.labels, self.cache.stats()))  # new labels now
 
     def drain(self) -> None:
         """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""

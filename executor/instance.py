@@ -29,7 +29,7 @@ from mesh import keys, patch, transport
 from mesh.config import Settings
 from mesh.errors import Internal, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
 from mesh.log import event, setup
-from mesh.protocol import Cmd, Message, decode, encode
+from mesh.protocol import Bind, Cmd, CtxPatch, CtxWrite, Done, InstHello, Message, Outcome, Resync, decode, encode
 from mesh.replica import DOC, Replica
 
 log = logging.getLogger("zeromesh.instance")
@@ -57,7 +57,7 @@ class Instance:
         self._released: Optional[str] = None               # the reason of the manager's GONE, once received
         self._seq = 0
         self._answers: Dict[int, Any] = {}   # seq of our own writes awaiting an answer -> _WAITING, None or error
-        self._done: List[List[Any]] = []     # finished tasks not yet reported: [tid, error|None] ...
+        self._done: List[Outcome] = []       # finished tasks not yet reported: (tid, error|None) ...
         self._frames: List[Any] = []         # ... and their result frames
         self._write_timeout = Settings().instance_write_timeout
         self._handlers: Dict[Cmd, Callable[[Message], None]] = {
@@ -137,8 +137,7 @@ class Instance:
         self._seq += 1
         seq = self._seq
         self._answers[seq] = _WAITING
-        header = {"sid": self._sid, "seq": seq, "base": self._replica.version, "ops": ops}
-        self._sock.send_multipart(encode(Cmd.CTX_WRITE, header, [] if blob is None else [blob]))
+        self._sock.send_multipart(encode(CtxWrite(self._sid, seq, ops), [] if blob is None else [blob]))
 
         def settled() -> bool:
             answer = self._answers[seq]
@@ -164,22 +163,22 @@ class Instance:
     # -- the replica: every handler of a context message ------------------------------
     def _on_ctx_patch(self, msg: Message) -> None:
         self._apply_patch(msg)
-        seq = msg.header["seq"]
+        seq = msg.header.seq
         if seq is not None and self._answers.get(seq) is _WAITING:
             self._answers[seq] = None
 
     def _on_ctx_reject(self, msg: Message) -> None:
-        seq = msg.header["seq"]
+        seq = msg.header.seq
         if self._answers.get(seq) is _WAITING:
-            self._answers[seq] = msg.header["error"] or Internal("rejected without a reason").to_wire()
+            self._answers[seq] = msg.header.error or Internal("rejected without a reason").to_wire()
 
     def _apply_patch(self, msg: Message) -> None:
         """Apply one sequenced write to the replica; on a version gap, ask for a snapshot."""
-        h = msg.header
-        if h["sid"] != self._sid:
+        h: CtxPatch = msg.header
+        if h.sid != self._sid:
             return  # another session's: this instance has moved on
-        blob = msg.payloads[0] if h["ops"] is None and msg.payloads else None
-        if self._replica.receive(h["version"], h["ops"], blob).needs_snapshot:
+        blob = msg.payloads[0] if h.ops is None and msg.payloads else None
+        if self._replica.receive(h.version, h.ops, blob).needs_snapshot:
             self._request_snapshot()
 
     def _request_snapshot(self) -> None:
@@ -189,10 +188,11 @@ class Instance:
         assert self._sock is not None
         self._resyncing = True
         self.resyncs += 1
-        self._sock.send_multipart(encode(Cmd.RESYNC, {"sid": self._sid, "have": self._replica.version}))
+        assert self._sid is not None
+        self._sock.send_multipart(encode(Resync(self._sid, self._replica.version)))
 
     def _on_bind(self, msg: Message) -> None:
-        sid = msg.header["sid"]
+        sid = msg.header.sid
         if sid is not None and sid == self._sid and not self._binds_queued:
             self._bind(msg)          # a snapshot of our session (a resync's answer): take it now
         else:
@@ -202,18 +202,18 @@ class Instance:
 
     def _bind(self, msg: Message) -> None:
         """Take the manager's snapshot: of our session (a resync), or of the session we now serve."""
-        h = msg.header
+        h: Bind = msg.header
         data = msg.payloads[0] if msg.payloads else b""
-        if h["sid"] is not None and h["sid"] == self._sid:
-            self._replica.restore(h["kind"], h["version"], data)   # STALE (and kept) if we hold it already
+        if h.sid is not None and h.sid == self._sid:
+            self._replica.restore(h.kind, h.version, data)   # STALE (and kept) if we hold it already
         else:
             self._flush()   # the last session's results go out before the next session's work
-            self._sid = h["sid"]
-            self._replica = Replica.from_wire(h["kind"], data, h["version"])
+            self._sid = h.sid
+            self._replica = Replica.from_wire(h.kind, data, h.version)
         self._resyncing = False
 
     def _on_gone(self, msg: Message) -> None:
-        self._released = str(msg.header.get("reason") or "no reason given")
+        self._released = str(msg.header.reason or "no reason given")
         event(log, logging.INFO, "manager released this instance", reason=self._released)
 
     # -- receiving ---------------------------------------------------------------------
@@ -300,8 +300,7 @@ class Instance:
         self._write_timeout = Settings.load().instance_write_timeout
         sock = transport.dealer(manager, linger_ms=1000, curve=curve)
         self._sock = sock
-        sock.send_multipart(encode(Cmd.INST_HELLO, {"iid": iid, "eid": eid, "pid": os.getpid(),
-                                                    "token": os.environ.get("ZMESH_INSTANCE_TOKEN", "")}))
+        sock.send_multipart(encode(InstHello(iid, eid, os.getpid(), os.environ.get("ZMESH_INSTANCE_TOKEN", ""))))
         event(log, logging.INFO, "instance serving", instance=iid, manager=manager)
         try:
             self._main()
@@ -329,7 +328,7 @@ class Instance:
         first (read your writes); if none comes in time, Unavailable ends the
         instance and the manager retries its tasks elsewhere.
         """
-        sid, version, items = msg.header[0], msg.header[1], msg.header[2]
+        sid, version, items = msg.header
         if sid == self._sid:
             self._catch_up(version)
         started = time.monotonic()
@@ -337,7 +336,7 @@ class Instance:
             if self._released is not None:
                 return   # the manager no longer counts on these results
             err, out = self._run_one(payload)
-            self._done.append([tid, err])
+            self._done.append((tid, err))
             self._frames.append(out)
             if time.monotonic() - started > RESULT_FLUSH:
                 self._flush()
@@ -346,7 +345,7 @@ class Instance:
     def _flush(self) -> None:
         if self._done:
             assert self._sock is not None
-            transport.send(self._sock, encode(Cmd.DONE, self._done, self._frames), flags=0)
+            transport.send(self._sock, encode(Done(self._done), self._frames), flags=0)
             self._done = []
             self._frames = []
 

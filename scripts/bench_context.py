@@ -91,8 +91,8 @@ class WireCounter:
     def __init__(self, session: Session) -> None:
         self.bytes = 0
 
-        def counting(sock: Any, cmd: Any, header: Any, payloads: Any = ()) -> None:
-            frames = encode(cmd, header, payloads)
+        def counting(sock: Any, record: Any, payloads: Any = ()) -> None:
+            frames = encode(record, payloads)
             self.bytes += sum(memoryview(f).nbytes for f in frames)
             sock.send_multipart(frames, copy=False)
 

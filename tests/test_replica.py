@@ -22,7 +22,7 @@ from mesh.cache import ObjectCache
 from mesh.context import Document
 from mesh.errors import Conflict, Internal, InvalidArgument, ProtocolError, ResourceExhausted, Unavailable
 from mesh.objects import PATCH_HISTORY, Objects
-from mesh.protocol import Cmd, Message, decode, encode, pack
+from mesh.protocol import MAGIC, Bind, Reply, Cmd, CtxPatch, CtxReject, Gone, Message, decode, encode, pack
 from mesh.replica import BLOB, DOC, Outcome, Replica
 
 INCR = [{"op": "incr", "path": "/n", "value": 1}]
@@ -380,7 +380,7 @@ class ScriptedSocket:
         self.closed = False
 
     def deliver(self, cmd: Cmd, header: Any, payloads: Any = ()) -> None:
-        self.inbox.append(encode(cmd, header, list(payloads)))
+        self.inbox.append(frames_of(cmd, header, list(payloads)))
 
     def getsockopt(self, option: int) -> int:
         if option == zmq.EVENTS:
@@ -418,13 +418,18 @@ class ScriptedSocket:
         return [m.cmd for m in self.sent]
 
 
+def frames_of(cmd: Cmd, header: Any, payloads: List[Any]) -> List[Any]:
+    """A message as a peer puts it on the wire, from a raw header (checked when the instance decodes it)."""
+    return [MAGIC, bytes((cmd,)), pack(header), *payloads]
+
+
 def _instance(fn: Callable[[Any], Any], sock: ScriptedSocket, sid: str = "s1", ctx: Any = None,
               version: int = 0, write_timeout: float = 30.0) -> Instance:
     ins = Instance()
     ins.entrypoint(fn)
     ins._sock = sock  # type: ignore[assignment]
     ins._write_timeout = write_timeout
-    ins._bind(Message(Cmd.BIND, {"sid": sid, "app": "t", "kind": DOC, "version": version}, [pack(ctx)]))
+    ins._bind(Message(Cmd.BIND, Bind(sid, "t", DOC, version), [pack(ctx)]))
     return ins
 
 
@@ -443,17 +448,16 @@ class Sequencer:
         h = msg.header
         if msg.cmd is Cmd.CTX_WRITE:
             try:
-                version = self.doc.apply(h["ops"], msg.payloads[0] if msg.payloads else None)
+                version = self.doc.apply(h.ops, msg.payloads[0] if msg.payloads else None)
             except (Conflict, InvalidArgument) as exc:
-                return [encode(Cmd.CTX_REJECT, {"sid": self.sid, "seq": h["seq"], "error": exc.to_wire()})]
-            return [encode(Cmd.CTX_PATCH, {"sid": self.sid, "version": version, "ops": h["ops"], "seq": h["seq"]})]
+                return [encode(CtxReject(self.sid, h.seq, exc.to_wire()))]
+            return [encode(CtxPatch(self.sid, version, h.ops, h.seq))]
         if msg.cmd is Cmd.RESYNC:
             return [self.bind()]
         return []
 
     def bind(self) -> List[Any]:
-        return encode(Cmd.BIND, {"sid": self.sid, "app": "t", "kind": self.doc.kind, "version": self.doc.version},
-                      [self.doc.encoded()])
+        return encode(Bind(self.sid, "t", self.doc.kind, self.doc.version), [self.doc.encoded()])
 
     def broadcast(self, sock: ScriptedSocket, ops: List[Any]) -> None:
         """Another writer's write: sequenced here, delivered to the instance."""
@@ -468,9 +472,9 @@ def release_after(results: int, manager: Manager) -> Manager:
     def answer(msg: Message) -> List[List[Any]]:
         out = manager(msg)
         if msg.cmd is Cmd.DONE:
-            seen[0] += len(msg.header)
+            seen[0] += len(msg.header.outcomes)
             if seen[0] >= results:
-                out.append(encode(Cmd.GONE, {"reason": "test over"}))
+                out.append(encode(Gone("test over")))
         return out
 
     return answer
@@ -549,7 +553,7 @@ def test_the_write_timeout_is_the_instance_write_timeout_setting(monkeypatch):
     from executor import instance
     monkeypatch.setenv("ZMESH_INSTANCE_WRITE_TIMEOUT", "0.25")
     monkeypatch.delenv("ZMESH_MANAGER_KEY", raising=False)
-    sock = ScriptedSocket(lambda msg: [Sequencer(None).bind(), encode(Cmd.GONE, {"reason": "done"})]
+    sock = ScriptedSocket(lambda msg: [Sequencer(None).bind(), encode(Gone("done"))]
                           if msg.cmd is Cmd.INST_HELLO else [])
     monkeypatch.setattr(instance.transport, "dealer", lambda *a, **k: sock)
     ins = Instance()
@@ -563,7 +567,7 @@ def test_the_write_timeout_is_the_instance_write_timeout_setting(monkeypatch):
 
 
 def test_gone_during_a_write_fails_it_at_once():
-    sock = ScriptedSocket(lambda msg: [encode(Cmd.GONE, {"reason": "unknown instance"})]
+    sock = ScriptedSocket(lambda msg: [encode(Gone("unknown instance"))]
                           if msg.cmd is Cmd.CTX_WRITE else [])
     ins = _instance(lambda req: None, sock, ctx={"n": 0})
     with pytest.raises(Unavailable, match="released"):
@@ -600,7 +604,7 @@ def test_the_main_loop_runs_tasks_writes_and_reports_until_released():
     ins._main()
     # Then every task ran once, in order, each seeing its own write, and every result was reported
     results = [(tid, err, pickle.loads(frame)) for m in sock.sent if m.cmd is Cmd.DONE
-               for (tid, err), frame in zip(m.header, m.payloads)]
+               for (tid, err), frame in zip(m.header.outcomes, m.payloads)]
     assert [r[2] for r in results] == [("a", 1), ("b", 2), ("c", 3)]
     assert all(err is None for _, err, _ in results)
     assert seqr.doc.value == {"n": 3} and ins.resyncs == 0
@@ -697,20 +701,19 @@ class Replies:
 
     def send_multipart(self, frames: List[Any], *args: Any, **kwargs: Any) -> None:
         msg = decode(frames[1:])
-        self.sent.append((frames[0], msg.header, [bytes(p) for p in msg.payloads]))
+        self.sent.append((frames[0], msg.header._asdict(), [bytes(p) for p in msg.payloads]))
 
 
 def _proxy():
     from executor.cache_proxy import CacheProxy
     asked: List[dict] = []
     replies = Replies()
-    proxy = CacheProxy("/nonexistent", 1 << 20, lambda cmd, header, frames: asked.append(header), sock=replies)
+    proxy = CacheProxy("/nonexistent", 1 << 20, lambda request, frames: asked.append(request._asdict()), sock=replies)
     return proxy, asked, replies
 
 
 def _reply(rid: int, result: dict, data: Optional[bytes] = None) -> Message:
-    header = {"rid": rid, "ok": True, "result": result}
-    return Message(Cmd.REPLY, header, [] if data is None else [data])
+    return Message(Cmd.REPLY, Reply(rid, True, result, blob=data is not None), [] if data is None else [data])
 
 
 def test_the_cache_proxy_refetches_whole_when_an_answer_does_not_follow_on():

@@ -29,10 +29,9 @@ else:
         before = self._version
         _real(self, msg)
         now = time.time()
-        h = msg.header
-        v = h.get("version")
+        v = msg.header.version
         # Applied as a patch (not skipped, not replaced by a resync snapshot).
-        if h.get("sid") == self._sid and v == before + 1 and self._version == v:
+        if msg.header.sid == self._sid and v == before + 1 and self._version == v:
             _applied.setdefault(self._sid, {})[v] = now
 
     _recording.bench_applied = APPLIED
