@@ -6,8 +6,9 @@ every wait, and zmq_sockets (autouse here) fails any test that leaves a socket o
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -39,6 +40,17 @@ def tools_spec(name: str = "tools", **spec: object) -> dict:
     return {"metadata": {"name": name},
             "spec": {"working_directory": os.path.join(HERE, "apps"), "command": sys.executable,
                      "arguments": ["tools_service.py"], **spec}}
+
+
+def stored(db: str, sql: str, *args: Any) -> Any:
+    """One value read from a manager's SQLite database, read-only (the manager keeps writing):
+    what is on disk, for tests that wait until something survives a crash."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute(sql, args).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else row[0]
 
 
 @pytest.fixture(scope="module")
