@@ -383,6 +383,8 @@ class SocketTracker:
 
         def socket(ctx: zmq.Context, socket_type: int, *args: Any, **kwargs: Any) -> Any:
             s = original(ctx, socket_type, *args, **kwargs)
+            if _made_by_pyzmq_gc():
+                return s      # pyzmq's own zero-copy garbage collector: it lives as long as the context
             where = _caller()
             with tracker._lock:
                 tracker.sockets.append((s, f"{_type_name(socket_type)} from {where}"))
@@ -416,6 +418,16 @@ class SocketTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_PYZMQ_GC = os.path.join("zmq", "utils", "garbage.py")
+
+
+def _made_by_pyzmq_gc() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:   # nested trackers
+        frame = frame.f_back   # type: ignore[assignment]
+    return frame is not None and frame.f_code.co_filename.endswith(_PYZMQ_GC)
 
 
 def _caller() -> str:
