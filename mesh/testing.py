@@ -62,7 +62,7 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_TOKEN_TTL": "60",                 # tokens renew within a long test
     "ZMESH_MAX_CONTEXT_SIZE": str(16 * 1024 * 1024),
     "ZMESH_SEND_HWM": "10000",
-    "ZMESH_RESEND_AFTER": "10",              # a client asks again after 10 s without answers
+    "ZMESH_RESEND_AFTER": "30",              # a client asks again after 30 s without answers
     "ZMESH_MAX_INFLIGHT": "100000",
     "ZMESH_MAX_PENDING": "100000",
     "ZMESH_REQUEST_TIMEOUT": "10",
@@ -312,10 +312,9 @@ class LocalMesh:
         assert self._readiness is not None, "start the manager first"
         readiness = self._readiness
 
-        def joined() -> int:
+        def joined() -> bool:
             pids = readiness.drain()
-            n = sum(1 for p in self.executors if p.poll() is None and p.pid in pids)
-            return n if n >= count else 0
+            return sum(1 for p in self.executors if p.poll() is None and p.pid in pids) >= count
 
         try:
             wait_until(joined, timeout, interval=0.02, what=f"{count} executors to join")
