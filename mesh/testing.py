@@ -389,7 +389,8 @@ class SocketTracker:
                 tracker.sockets.append((s, f"{_type_name(socket_type)} from {where}"))
             return s
 
-        self._wrapper = zmq.Context.socket = socket  # type: ignore[method-assign]
+        setattr(zmq.Context, "socket", socket)
+        self._wrapper = socket
         return self
 
     def stop(self) -> None:
@@ -399,7 +400,7 @@ class SocketTracker:
             return
         if zmq.Context.socket is not self._wrapper:
             raise RuntimeError("SocketTrackers must be stopped in the reverse order of their start")
-        zmq.Context.socket = self._original  # type: ignore[method-assign]
+        setattr(zmq.Context, "socket", self._original)
         self._wrapper = None
 
     def open_sockets(self) -> List[str]:

@@ -17,8 +17,9 @@ def _object_connections() -> Iterator[None]:
     close those this test opened, so the socket check sees only real leaks."""
     yield
     with client_objects._lock:
-        while client_objects._conns:
-            client_objects._conns.popitem()[1].close()
+        for conn in client_objects._conns.values():
+            conn.close()
+        client_objects._conns.clear()
 
 
 def _cache_stats(client, wanted, what):

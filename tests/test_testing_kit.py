@@ -200,3 +200,13 @@ def test_local_mesh_ends_every_process_by_pid_and_client_local_is_the_same_class
     # When it exits, then the manager, the executors and the instance are gone
     assert all(p.poll() is not None for p in [m.manager, *m.executors])
     wait_until(lambda: all(_gone(p) for p in [*daemons, instance]), timeout=10, what="every mesh process to end")
+
+
+def test_the_kit_imports_without_pytest():
+    # pytest is not a runtime dependency: without it, everything but the fixtures is there
+    code = ("import sys; sys.modules['pytest'] = None; import mesh.testing as t; "
+            "print(sorted(n for n in ('LocalMesh', 'wait_until', 'FAST', 'zmq_sockets', 'local_mesh') if hasattr(t, n)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['FAST', 'LocalMesh', 'wait_until']"
