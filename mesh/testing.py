@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -94,8 +95,8 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
                what: Optional[str] = None) -> T:
     """Call ``predicate`` until it returns something truthy, and return that value.
 
-    Bounded twice: at most ``timeout / interval + 1`` calls, and no call starts after
-    ``timeout`` seconds.  On timeout raises :class:`mesh.errors.DeadlineExceeded` naming what
+    Bounded twice: at most ``timeout / interval + 2`` calls (one every ``interval``, and one
+    at the deadline), and no call starts after ``timeout`` seconds.  On timeout raises :class:`mesh.errors.DeadlineExceeded` naming what
     was awaited (``what``, else the predicate's name) and the last value it returned.
     Exceptions from the predicate propagate: a failure is not a reason to keep waiting.
     """
@@ -103,9 +104,8 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
         raise ValueError("wait_until needs timeout >= 0 and interval > 0")
     name = what or getattr(predicate, "__qualname__", None) or repr(predicate)
     deadline = time.monotonic() + timeout
-    polls = int(timeout / interval) + 1
     last: Any = None
-    for _ in range(polls + 1):
+    for _ in range(int(timeout / interval) + 2):
         last = predicate()
         if last:
             return last
@@ -149,6 +149,8 @@ class _Readiness:
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, "notify.sock")
+        if len(self.path) > 100:     # sun_path holds 108 bytes; a long $TMPDIR would not fit
+            self.path = os.path.join(tempfile.mkdtemp(prefix="zmn-", dir="/tmp"), "notify.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(self.path)
@@ -158,7 +160,7 @@ class _Readiness:
 
     def drain(self) -> Set[int]:
         """Read every waiting datagram; return the PIDs that have said READY=1 so far."""
-        while True:
+        for _ in range(100_000):     # more than a socket buffer holds
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(self._creds.size))
             except (BlockingIOError, InterruptedError):
@@ -170,6 +172,7 @@ class _Readiness:
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     self.ready.add(self._creds.unpack(payload[:self._creds.size])[0])
+        return self.ready
 
     def close(self) -> None:
         self.sock.close()
@@ -186,7 +189,8 @@ class LocalMesh:
     file, so parallel meshes never collide.  Every process is ended by its PID (:meth:`stop`),
     and the daemons die with the thread that started them (PR_SET_PDEATHSIG), so a killed
     test run leaves nothing behind.  Logs: ``manager.log`` and ``executor-N.log`` in
-    ``log_dir``.
+    ``log_dir`` (default: the mesh's temporary directory, then kept after :meth:`stop`;
+    with a ``log_dir`` and no ``db``, stop() removes the temporary directory).
 
     ``secure``: CURVE keys for the manager and each executor (allow-listed) and an ``admin``
     user, all made offline in a temporary directory; ``manager_key``, ``admin_user`` and
@@ -202,6 +206,8 @@ class LocalMesh:
         self.slots = slots
         self.dir = tempfile.mkdtemp(prefix="zmesh-local-")
         self.db = db or os.path.join(self.dir, "manager.db")
+        # the temporary directory goes with stop() unless it holds what the caller will want to read
+        self._remove_dir = log_dir is not None and db is None
         self.bind = bind
         self.env: Dict[str, str] = {**os.environ, **(env or {})}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,18 +318,21 @@ class LocalMesh:
         assert self._readiness is not None, "start the manager first"
         readiness = self._readiness
 
+        def exited() -> str:
+            return ", ".join(f"executor-{i} (code {p.returncode})" for i, p in enumerate(self.executors)
+                             if p.poll() is not None)
+
         def joined() -> bool:
+            running = [p for p in self.executors if p.poll() is None]
+            if len(running) < count:
+                raise Unavailable(f"{count} executors cannot join: exited {exited()}; see {self.log_dir}")
             pids = readiness.drain()
-            return sum(1 for p in self.executors if p.poll() is None and p.pid in pids) >= count
+            return sum(1 for p in running if p.pid in pids) >= count
 
         try:
             wait_until(joined, timeout, interval=0.02, what=f"{count} executors to join")
         except DeadlineExceeded:
-            exited = [f"executor-{i} (code {p.returncode})" for i, p in enumerate(self.executors)
-                      if p.poll() is not None]
-            raise Unavailable(f"{count} executors did not join in {timeout:g}s"
-                              + (f"; exited: {', '.join(exited)}" if exited else "")
-                              + f"; see {self.log_dir}") from None
+            raise Unavailable(f"{count} executors did not join in {timeout:g}s; see {self.log_dir}") from None
 
     def pids(self) -> List[int]:
         """The PIDs of every daemon this mesh started (manager first), running or not."""
@@ -346,6 +355,8 @@ class LocalMesh:
         if self._readiness is not None:
             self._readiness.close()
             self._readiness = None
+        if self._remove_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalMesh":
         try:
