@@ -17,7 +17,7 @@ from client import Client, Session
 from conftest import tools_spec
 from mesh import testing
 from mesh.config import Settings
-from mesh.errors import DeadlineExceeded
+from mesh.errors import DeadlineExceeded, Unavailable
 from mesh.testing import FAST, LocalMesh, SocketTracker, fast_settings, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,3 +210,15 @@ def test_the_kit_imports_without_pytest():
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['FAST', 'LocalMesh', 'wait_until']"
+
+
+def test_local_mesh_fails_at_once_when_an_executor_cannot_join(tmp_path):
+    # Given an executor that exits at start (a label the CLI refuses)
+    m = LocalMesh(executors=1, env=FAST, labels=[{"": "no-key"}], log_dir=str(tmp_path))
+    t0 = time.monotonic()
+    # When the mesh starts, then it says so without waiting out its 20 s, and names the executor
+    with pytest.raises(Unavailable, match="exited executor-0"):
+        with m:
+            pass
+    assert time.monotonic() - t0 < 15
+    assert all(_gone(p) for p in m.pids())
