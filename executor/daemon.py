@@ -75,8 +75,7 @@ class ExecutorDaemon:
         self._reload_requested = False
         self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self.sock: Optional[zmq.Socket] = None
-        self.cache = CacheProxy(self.run_dir, int(os.environ.get("ZMESH_CACHE_BYTES", str(1 << 30))),
-                                self._send)
+        self.cache = CacheProxy(self.run_dir, self.settings.cache_bytes, self._send)
         self.live = transport.Liveness(self.settings.heartbeat_interval, self.settings.liveness)
 
     # -- connection --------------------------------------------------------
@@ -119,14 +118,14 @@ class ExecutorDaemon:
         self.children[iid] = Child(iid, app.name, proc, log_path)
         event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid)
 
-    def _stop(self, iid: str, grace: float = 5.0, reason: str = "stopped") -> None:
+    def _stop(self, iid: str, grace: Optional[float] = None, reason: str = "stopped") -> None:
         child = self.children.get(iid)
         if child is None:
             self._send(Exited(iid, 0, reason))
             return
         child.stopping = True
         child.reason = reason
-        child.kill_at = time.monotonic() + grace
+        child.kill_at = time.monotonic() + (self.settings.stop_grace if grace is None else grace)
         try:
             os.killpg(child.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -194,7 +193,7 @@ class ExecutorDaemon:
             self.stop()
         elif msg.cmd is Cmd.GONE:
             event(log, logging.WARNING, "manager does not know us; rejoining", reason=h.reason)
-            self._stop_all(grace=1.0, reason="the manager forgot this executor")
+            self._stop_all(grace=self.settings.stop_grace, reason="the manager forgot this executor")
             self._connect()
         elif msg.cmd is Cmd.HEARTBEAT:
             pass
@@ -253,11 +252,11 @@ class ExecutorDaemon:
             if self.live.dead():
                 event(log, logging.WARNING, "manager silent; reconnecting", silent_s=round(self.live.silent_for(), 1))
                 sdnotify.status(f"the manager at {self.manager} went silent; reconnecting")
-                self._stop_all(grace=1.0, reason="the manager went silent")
+                self._stop_all(grace=self.settings.stop_grace, reason="the manager went silent")
                 self._connect()
         if not self._drain_sent:        # SIGINT: no drain
             sdnotify.stopping()
-        self._stop_all(grace=5.0, reason="the executor is shutting down")
+        self._stop_all(grace=self.settings.stop_grace, reason="the executor is shutting down")
         if self.sock is not None:
             self.sock.close(linger=0)
         self.cache.close()

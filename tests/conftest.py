@@ -1,9 +1,14 @@
-"""Fixtures: a real local mesh (manager + executors as processes) on random loopback ports."""
+"""Fixtures: a real local mesh (manager + executors as processes) on random loopback ports.
+
+The kit is the public one, mesh.testing: FAST shrinks every timer, wait_until bounds
+every wait, and zmq_sockets (autouse here) fails any test that leaves a socket open.
+"""
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
-from typing import Dict, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -12,14 +17,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples", "echo"))
 sys.path.insert(0, os.path.join(HERE, "apps"))
 
-# Every timer shrunk: tests wait on events, and these bound how long an event can take.
-FAST: Dict[str, str] = {
-    "ZMESH_HEARTBEAT_INTERVAL": "0.2",
-    "ZMESH_LIVENESS": "10",
-    "ZMESH_IDLE_TIMEOUT": "5",
-    "ZMESH_REQUEST_TIMEOUT": "10",
-    "ZMESH_LOG_LEVEL": "INFO",
-}
+from mesh.testing import FAST, wait_until, zmq_sockets  # noqa: E402,F401  (zmq_sockets: a fixture)
+
+# The test process itself (clients, sessions) runs with the same short timers as the daemons.
 for k, v in FAST.items():
     os.environ.setdefault(k, v)
 
@@ -29,10 +29,28 @@ from client.local import LocalMesh  # noqa: E402
 ECHO_YAML = os.path.join(ROOT, "examples", "echo", "echo-app.yaml")
 
 
+
+@pytest.fixture(autouse=True)
+def _no_open_sockets(zmq_sockets: object) -> Iterator[None]:
+    """Every test here: a zmq socket left open fails it (mesh.testing.zmq_sockets)."""
+    yield
+
+
 def tools_spec(name: str = "tools", **spec: object) -> dict:
     return {"metadata": {"name": name},
             "spec": {"working_directory": os.path.join(HERE, "apps"), "command": sys.executable,
                      "arguments": ["tools_service.py"], **spec}}
+
+
+def stored(db: str, sql: str, *args: Any) -> Any:
+    """One value read from a manager's SQLite database, read-only (the manager keeps writing):
+    what is on disk, for tests that wait until something survives a crash."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute(sql, args).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else row[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import zmq
 
 from client import Client, Session
 from client.local import LocalMesh
-from conftest import FAST, tools_spec
-from mesh.protocol import Cmd, decode, encode
+from conftest import FAST, stored, tools_spec, wait_until
+from mesh.protocol import Cmd, Submit, decode, encode
 
 PAYLOAD = 256 * 1024       # above malloc's mmap threshold, so freed memory leaves the RSS
 TASKS = 600                # 150 MiB of answers the stuck client never reads
@@ -46,15 +46,13 @@ def test_stuck_reader_keeps_manager_memory_bounded(tmp_path, send_hwm, bounded):
                 payload = cloudpickle.dumps(("echo", b"z" * PAYLOAD))
                 for start in range(0, TASKS, 50):        # in steps, so inputs never pile up
                     tags = list(range(start, start + 50))
-                    stuck.send_multipart(encode(Cmd.SUBMIT, [s.id(), tags, "stuck", False], [payload] * 50))
-                    deadline = time.monotonic() + 60
-                    while c.get_session(s.id()).succeeded < start + 50 + 1 and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                # kept answers are on disk once the writer thread has caught up
-                deadline = time.monotonic() + 30
-                while c.stats()["store_backlog"] and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                time.sleep(0.3)
+                    stuck.send_multipart(encode(Submit(s.id(), tags, "stuck", False), [payload] * 50))
+                    wait_until(lambda: c.get_session(s.id()).succeeded >= start + 50 + 1, timeout=60, interval=0.02,
+                               what=f"tasks {start}..{start + 49} to finish")
+                # the kept answers are on disk, and the writer thread holds no batch any more
+                wait_until(lambda: stored(m.db, "SELECT count(*) FROM tasks WHERE session=? AND state='succeeded'",
+                                          s.id()) == TASKS + 1 and c.stats()["store_backlog"] == 0,
+                           timeout=30, what="every finished task in the database")
                 grown = _rss(m.manager.pid) - before
                 assert s.invoke(("echo", "served"), timeout=30) == "served", "others are served meanwhile"
                 if bounded:
@@ -63,17 +61,21 @@ def test_stuck_reader_keeps_manager_memory_bounded(tmp_path, send_hwm, bounded):
                     assert grown > 100 * 2**20, f"control grew only {grown >> 20} MiB; the test proves nothing"
                 if bounded:   # the stuck client wakes up and asks again: its last answers were kept
                     resent = [TASKS - 3, TASKS - 2, TASKS - 1]
-                    got = set()
-                    deadline = time.monotonic() + 30
-                    next_ask = 0.0
-                    while got != set(resent) and time.monotonic() < deadline:
-                        if time.monotonic() >= next_ask:   # as the client library does, every resend_after
-                            stuck.send_multipart(encode(Cmd.SUBMIT, [s.id(), resent, "stuck", True], [payload] * 3))
-                            next_ask = time.monotonic() + 2.0
-                        if stuck.poll(100):                # old answers drain first
+                    got: set = set()
+                    asked = [0.0]
+
+                    def answered():
+                        if time.monotonic() >= asked[0] + 2.0:   # as the client library does, every resend_after
+                            stuck.send_multipart(encode(Submit(s.id(), resent, "stuck", True), [payload] * 3))
+                            asked[0] = time.monotonic()
+                        for _ in range(TASKS):                   # old answers drain first
+                            if not stuck.poll(10):
+                                break
                             msg = decode(stuck.recv_multipart())
                             if msg.cmd is Cmd.RESULT:
-                                got |= {tag for tag, err in msg.header[1] if err is None and tag in resent}
-                    assert got == set(resent)
+                                got.update(tag for tag, err in msg.header.outcomes if err is None and tag in resent)
+                        return got == set(resent)
+
+                    wait_until(answered, timeout=30, interval=0.01, what=f"answers to the resent tasks {resent}")
             finally:
                 stuck.close(0)

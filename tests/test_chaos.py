@@ -1,20 +1,22 @@
-"""Chaos: for a bounded time, kill random instances and executors while a client streams
-tasks; then check the history: no task lost, no answer duplicated or mixed up."""
+"""Chaos: kill random instances and executors while a client streams tasks (a bounded number
+of rounds, each waiting for the mesh to make progress); then check the history: no task lost,
+no answer duplicated or mixed up."""
 from __future__ import annotations
 
 import os
 import random
 import signal
-import time
+import subprocess
 
 from client import Client, Session
 from client.local import LocalMesh
-from conftest import FAST, tools_spec
+from conftest import FAST, tools_spec, wait_until
 from mesh import errors
 from test_restart import _children
 
-CHAOS_SECONDS = 8.0
 TASKS = 600
+BATCH = 25          # tasks submitted per round, TASKS // BATCH rounds
+AHEAD = 50          # a round starts once at most this many answers are outstanding
 
 
 def test_chaos_no_task_lost_no_answer_duplicated(tmp_path):
@@ -25,20 +27,21 @@ def test_chaos_no_task_lost_no_answer_duplicated(tmp_path):
             c.register_application(tools_spec("chaos", max_retries=5))
         with Session("chaos", manager=m.endpoint) as s, Client(m.endpoint) as c:
             futs = {}
-            deadline = time.monotonic() + CHAOS_SECONDS
             kills = {"instance": 0, "executor": 0}
             i = 0
-            while time.monotonic() < deadline and i < TASKS:
-                for _ in range(25):
+            rounds = TASKS // BATCH
+            for r in range(rounds):
+                for _ in range(BATCH):
                     futs[i] = s.submit(("echo", i))
                     i += 1
-                time.sleep(0.1)
+                wait_until(lambda: sum(not f.done() for f in futs.values()) <= AHEAD, timeout=60, interval=0.02,
+                           what=f"at most {AHEAD} answers outstanding")
                 if rnd.random() < 0.3:
                     victims = [p for e in m.executors if e.poll() is None for p in _children(e.pid)]
                     if victims:
                         LocalMesh.end(_proc(rnd.choice(victims)), signal.SIGKILL)
                         kills["instance"] += 1
-                if rnd.random() < 0.05:
+                if rnd.random() < 0.05 or (r == rounds // 2 and not kills["executor"]):   # at least one
                     alive = [e for e in m.executors if e.poll() is None]
                     if len(alive) > 1:
                         LocalMesh.end(rnd.choice(alive), signal.SIGKILL)
@@ -52,10 +55,9 @@ def test_chaos_no_task_lost_no_answer_duplicated(tmp_path):
                 except errors.TaskFailed as exc:       # ran out of retries: said, not lost
                     assert "attempts died" in str(exc)
                     outcomes["failed"] += 1
-            assert kills["instance"] > 0
+            assert kills["instance"] > 0 and kills["executor"] > 0, kills
             info = c.get_session(s.id())
             assert info.succeeded == outcomes["ok"] and info.failed == outcomes["failed"]
-            assert outcomes["ok"] + outcomes["failed"] == len(futs)
             # every accepted answer is one success here (the service never raises): none counted twice
             assert c.stats()["tasks_finished"] == outcomes["ok"], "an answer was accepted twice"
 
@@ -74,7 +76,9 @@ class _proc:
             return 0
 
     def wait(self, timeout=None):
-        deadline = time.monotonic() + (timeout or 10)
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        try:
+            wait_until(lambda: self.poll() is not None, timeout=timeout or 10, interval=0.01,
+                       what=f"process {self.pid} to exit")
+        except errors.DeadlineExceeded:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 10) from None
         return 0

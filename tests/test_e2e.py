@@ -12,7 +12,7 @@ import zmq
 from client import Session
 from echo_service import EchoRequest, EchoResponse
 from mesh import errors
-from mesh.protocol import MAGIC, Cmd, encode
+from mesh.protocol import MAGIC, Cmd, Done, Submit, encode
 
 
 def test_echo_example_verbatim(mesh):
@@ -131,8 +131,8 @@ def test_garbage_on_the_port_does_not_stop_the_manager(mesh):
         bad.send_multipart([b"hello"])
         bad.send_multipart([MAGIC, b"\x10", b"\xc1garbage"])
         bad.send_multipart([b"ZM\x09", b"\x01", b"\x80"])
-        bad.send_multipart(encode(Cmd.SUBMIT, ["nope", [1, 2], "c", False], [b"only one payload"]))
-        bad.send_multipart(encode(Cmd.DONE, [[1, None]], [b"x"]))
+        bad.send_multipart(encode(Submit("nope", [1, 2], "c", False), [b"only one payload"]))
+        bad.send_multipart(encode(Done([(1, None)]), [b"x"]))
         for _ in range(200):
             bad.send_multipart([MAGIC, bytes([rnd.randrange(256)]), bytes(rnd.getrandbits(8) for _ in range(16))])
         assert bad.poll(5000), "a bad peer gets a protocol error back"

@@ -12,7 +12,7 @@ from client.local import LocalMesh
 from conftest import FAST, tools_spec
 from mesh import errors
 from mesh.config import Settings
-from mesh.protocol import Cmd, encode
+from mesh.protocol import Cmd, Submit, encode
 
 LIMITS = {**FAST, "ZMESH_MAX_MESSAGE_SIZE": str(1 << 20), "ZMESH_MAX_PENDING": "50",
           "ZMESH_MAX_CONTEXT_SIZE": str(64 * 1024)}
@@ -54,7 +54,7 @@ def test_oversized_message_from_a_raw_peer_is_dropped_and_others_are_served(smal
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(small_mesh.endpoint)
     try:
-        raw.send_multipart(encode(Cmd.SUBMIT, ["x", [1], "c", False], [b"y" * (2 << 20)]))
+        raw.send_multipart(encode(Submit("x", [1], "c", False), [b"y" * (2 << 20)]))
         with Session("tools", manager=small_mesh.endpoint) as s:
             assert s.invoke(("echo", 1), timeout=30) == 1
     finally:

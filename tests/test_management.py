@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 import os
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from client import Client, Session
 from client.api import ExecutorInfo, Page, SessionInfo, TaskInfo
 from client.cli import main
 from client.local import LocalMesh
-from conftest import FAST, tools_spec
+from conftest import FAST, tools_spec, wait_until
 from mesh import errors
 
 
@@ -172,15 +171,13 @@ def test_sighup_reloads_an_executors_labels_from_its_config_file(tmp_path):
         p = subprocess.Popen([sys.executable, "-m", "client.cli", "executor", "--config", str(cfg)],
                              env={**os.environ, **FAST}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            m.wait_executors(1)
             with m.client() as c:
-                assert c.get_executor("hup").labels == {"zone": "a"}
+                hup = wait_until(lambda: c.get_executor("hup"), timeout=20, what="executor hup to join")
+                assert hup.labels == {"zone": "a"}
                 cfg.write_text(cfg.read_text().replace("zone: a", "zone: b"))
                 p.send_signal(signal.SIGHUP)
-                deadline = time.monotonic() + 15
-                while c.get_executor("hup").labels != {"zone": "b"} and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                assert c.get_executor("hup").labels == {"zone": "b"}
+                wait_until(lambda: c.get_executor("hup").labels == {"zone": "b"}, timeout=15,
+                           what="the reloaded labels")
                 assert p.poll() is None, "SIGHUP reloads; it does not stop the executor"
         finally:
             LocalMesh.end(p)

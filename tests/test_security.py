@@ -3,6 +3,7 @@ with roles and expiring tokens.  Real processes, real keys."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -10,15 +11,16 @@ import time
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from client import Client, Session
 from client.auth import PasswordAuth, RobotAuth
 from client.connection import Connection
 from client.local import LocalMesh
-from conftest import FAST, tools_spec
+from conftest import FAST, tools_spec, wait_until
 from mesh import errors, keys
 from mesh.config import Settings
-from mesh.protocol import Cmd, encode
+from mesh.protocol import Cmd, Request, encode
 
 TTL = "3"   # seconds a token lives here, so renewal and expiry happen within a test
 
@@ -62,7 +64,8 @@ def test_wrong_manager_key_is_unavailable_in_time_not_a_hang(secure, tmp_path):
 
 def test_executor_with_a_key_not_on_the_allow_list_is_refused(secure, tmp_path):
     _, secret = keys.generate(str(tmp_path), "stranger")
-    before = secure.client().stats()["auth_denied"]
+    with secure.client() as c:
+        before = c.stats()["auth_denied"]
     p = subprocess.Popen([sys.executable, "-m", "client.cli", "executor", "--manager", secure.endpoint,
                           "--manager-key", secure.manager_key, "--curve-secret", secret, "--name", "stranger"],
                          env={**os.environ, **FAST}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -77,41 +80,68 @@ def test_executor_with_a_key_not_on_the_allow_list_is_refused(secure, tmp_path):
 
 
 def test_wrong_password_revoked_robot_and_expired_token_are_unauthenticated(secure):
-    with pytest.raises(errors.Unauthenticated, match="password"):
-        Client(secure.endpoint, manager_key=secure.manager_key, auth=PasswordAuth("ana", "nope")).ping()
-    with pytest.raises(errors.Unauthenticated, match="password"):
-        Client(secure.endpoint, manager_key=secure.manager_key, auth=PasswordAuth("ana", "nope")).stats()
+    with Client(secure.endpoint, manager_key=secure.manager_key, auth=PasswordAuth("ana", "nope")) as wrong:
+        with pytest.raises(errors.Unauthenticated, match="password"):
+            wrong.ping()
+        with pytest.raises(errors.Unauthenticated, match="password"):
+            wrong.stats()
     with secure.client() as admin:
         robot = admin.create_robot("ci", "user")
     ci = Client(secure.endpoint, manager_key=secure.manager_key, auth=RobotAuth(robot["id"], robot["secret"]))
     try:
         assert ci.whoami()["name"] == robot["id"]
-        token = ci.conn._token
+        robot_token = ci.conn._token
         with secure.client() as admin:
             admin.revoke_robot(robot["id"])
         with pytest.raises(errors.Unauthenticated, match="revoked"):
             ci.stats()
     finally:
         ci.close()
-    time.sleep(float(TTL) + 0.5)   # that token, and any, has expired by now
-    stale = Connection(secure.endpoint, manager_key=secure.manager_key, token=token)
+    revoked = Connection(secure.endpoint, manager_key=secure.manager_key, token=robot_token)
     try:
-        with pytest.raises(errors.Unauthenticated):
-            stale.call("stats")
+        with pytest.raises(errors.Unauthenticated):    # the revoked robot's token went with it
+            revoked.whoami()
+    finally:
+        revoked.close()
+    # Given ana's token, valid now; when its TTL passes, then it is refused as expired
+    login = Connection(secure.endpoint, manager_key=secure.manager_key, auth=PasswordAuth("ana", "ana-pw"))
+    try:
+        login.whoami()
+        token = login._token
+    finally:
+        login.close()
+    stale = Connection(secure.endpoint, manager_key=secure.manager_key, token=token)
+
+    def refused_as_expired():
+        try:
+            stale.whoami()
+        except errors.Unauthenticated as exc:
+            assert "expired" in str(exc), exc
+            return True
+        return False
+
+    try:
+        assert stale.whoami()["name"] == "ana", "the token works before it expires"
+        wait_until(refused_as_expired, timeout=3 * float(TTL), interval=0.1, what="ana's token to expire")
     finally:
         stale.close()
 
 
 def test_tokens_renew_transparently_during_a_long_session(secure):
     with _session(secure, "ana", "ana-pw") as s:
-        first = s._conn._token
-        deadline = time.monotonic() + 3 * float(TTL)
-        n = 0
-        while time.monotonic() < deadline:          # three token lifetimes of steady work
+        tokens = [s._conn._token]
+        t0 = time.monotonic()
+
+        def work_until_renewed_three_times():       # steady work; a renewal at each half-life
+            n = len(tokens)
             assert s.invoke(("echo", n), timeout=30) == n
-            n += 1
-            time.sleep(0.05)
-        assert s._conn._token != first, "the token was renewed"
+            if s._conn._token != tokens[-1]:
+                tokens.append(s._conn._token)
+            return len(tokens) > 3
+
+        wait_until(work_until_renewed_three_times, timeout=4 * float(TTL), interval=0.05,
+                   what="three token renewals")
+        assert time.monotonic() - t0 > float(TTL), "work went on past the first token's lifetime"
 
 
 def test_users_see_and_touch_only_their_own_sessions_and_cannot_register(secure):
@@ -147,20 +177,39 @@ def test_users_see_and_touch_only_their_own_sessions_and_cannot_register(secure)
 def test_plain_zeromq_and_raw_tcp_peers_reach_no_handler(secure):
     with secure.client() as c:
         before = c.stats()["requests"]
+        # Given a plain (not CURVE) ZeroMQ peer that sends 20 control requests
         plain = zmq.Context.instance().socket(zmq.DEALER)
         plain.setsockopt(zmq.LINGER, 0)
+        failed = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        monitor = plain.get_monitor_socket(failed)
         plain.connect(secure.endpoint)
         try:
             for _ in range(20):
-                plain.send_multipart(encode(Cmd.REQUEST, {"rid": 1, "method": "stats", "args": {}}))
-            assert not plain.poll(1500), "a plain peer got an answer"
+                plain.send_multipart(encode(Request(1, "stats", {})))
+            # When the manager refuses its handshake (messages are delivered only after one succeeds)
+            wait_until(lambda: monitor.poll(100) and recv_monitor_message(monitor)["event"] & failed,
+                       timeout=10, what="the manager to refuse a plain peer's handshake")
+            assert not plain.poll(0), "a plain peer got an answer"
         finally:
+            plain.disable_monitor()
+            monitor.close(0)
             plain.close(0)
-        import socket
+        # and a raw TCP peer sends garbage: the manager hangs up on it
         host, port = secure.endpoint.replace("tcp://", "").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=2) as raw:
             raw.sendall(os.urandom(4096))
-        time.sleep(0.3)
+
+            def hung_up():
+                try:
+                    return raw.recv(4096) == b""     # the manager's greeting, then end of stream
+                except ConnectionResetError:
+                    return True
+                except socket.timeout:
+                    return False
+
+            wait_until(hung_up, timeout=10, interval=0.01, what="the manager to close a raw TCP peer")
+        # Then no request reached a handler:
         after = c.stats()["requests"]
         # our own second stats call, and perhaps our token's renewal: not the plain peer's 20 requests
         assert after - before <= 2, f"{after - before} requests reached a handler"
