@@ -200,10 +200,10 @@ class Manager:
         it catches up: it takes work no faster than it can record it (peers' messages wait
         in their own queues meanwhile).
         """
+        self.core.store_backlog = self.writer.backlog()   # what stats report
         open_hold = bool(self._holds) and self._holds[-1][0] is None
         if not self.core.batch and not open_hold:
             return
-        self.core.store_backlog = self.writer.backlog()
         fut = self.writer.submit(self.store.write, self.core.take_batch())
         if open_hold:
             self._holds[-1] = (fut, self._holds[-1][1])

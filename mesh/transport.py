@@ -45,7 +45,8 @@ def dealer(endpoint: str, linger_ms: int = 0, ctx: Optional[zmq.Context] = None,
 
     ``curve`` = (manager's public key, our public key, our secret key) encrypts
     the connection and authenticates the manager: with the wrong manager key
-    the handshake fails and nothing is ever delivered.
+    the handshake fails and nothing is ever delivered.  Raises ``zmq.ZMQError``
+    (and closes the socket) when ``endpoint`` cannot be connected to.
     """
     s = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
     if curve is not None:
@@ -55,7 +56,11 @@ def dealer(endpoint: str, linger_ms: int = 0, ctx: Optional[zmq.Context] = None,
     s.setsockopt(zmq.LINGER, linger_ms)
     s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-    s.connect(endpoint)
+    try:
+        s.connect(endpoint)
+    except zmq.ZMQError:
+        s.close(linger=0)   # a malformed endpoint must not leave a socket behind
+        raise
     return s
 
 
