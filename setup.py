@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="zeromesh",
@@ -6,7 +6,7 @@ setup(
     description="A ZeroMQ peer-to-peer executor mesh for Python",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=["mesh", "executor", "client"],
+    packages=find_packages(include=["mesh", "mesh.*", "executor", "executor.*", "client", "client.*"]),
     package_data={"mesh": ["py.typed"], "executor": ["py.typed"], "client": ["py.typed"]},
     python_requires=">=3.9",
     install_requires=[

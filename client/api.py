@@ -22,15 +22,29 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Type, TypeVar, Union, cast, overload
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Type,
+    TypeVar,
+    Union,
+    cast,
+    overload,
+)
 
 from mesh.errors import InvalidArgument, NotFound
-from mesh.spec import AppSpec, load_spec
+from mesh.model.spec import AppSpec, load_spec
 
 from .connection import Connection
 
 T = TypeVar("T")
-MAX_PAGE = 10_000   # the manager's largest page (mesh.query.MAX_LIMIT)
+MAX_PAGE = 10_000   # the manager's largest page (mesh.core.query.MAX_LIMIT)
 
 
 class Record:

@@ -10,9 +10,11 @@ registers their commands on it (imports go one way: they never import this one).
 """
 from __future__ import annotations
 
-from . import cli_daemons  # noqa: F401  (manager, executor, up, config show)
-from . import cli_manage  # noqa: F401  (register, unregister, list, view, close, cancel, drain, top, invoke, ...)
-from . import cli_security  # noqa: F401  (keys, executor-keys, users, robots, login)
+from . import (
+    cli_daemons,  # noqa: F401  (manager, executor, up, config show)
+    cli_manage,  # noqa: F401  (register, unregister, list, view, close, cancel, drain, top, invoke, ...)
+    cli_security,  # noqa: F401  (keys, executor-keys, users, robots, login)
+)
 from .cli_common import _errors, _table, _when, json_option, main, manager_option
 
 __all__ = ["main", "_errors", "_table", "_when", "json_option", "manager_option"]

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 import click
 import zmq
 
-from mesh.config import default_manager
 from mesh.errors import DeadlineExceeded, MeshError, Unavailable
+from mesh.ops.config import default_manager
 
 if TYPE_CHECKING:
     from .api import Client

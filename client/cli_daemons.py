@@ -10,15 +10,15 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
-from mesh.config import Settings
 from mesh.errors import InvalidArgument, MeshError
+from mesh.ops.config import Settings
 
-from .cli_common import _errors, _labels, fail, config_option, json_option, main, manager_option
+from .cli_common import _errors, _labels, config_option, fail, json_option, main, manager_option
 
 
 def _daemon_config(config_path: Optional[str], flags: Dict[str, Any], kind: str) -> Dict[str, Any]:
     """Effective daemon settings: defaults < --config file < ZMESH_* env < flags."""
-    from mesh import settings_file as sf
+    from mesh.ops import settings_file as sf
     keys, defaults = ((sf.MANAGER_KEYS, sf.manager_defaults()) if kind == "manager"
                       else (sf.EXECUTOR_KEYS, sf.executor_defaults()))
     return sf.values(sf.load_layers(config_path, os.environ, flags, keys, defaults=defaults))
@@ -55,8 +55,8 @@ def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], 
             metrics_port: Optional[int], curve_secret: Optional[str], insecure: Optional[bool],
             log_level: Optional[str]) -> None:
     """Run the session manager in the foreground.  Needs --curve-secret FILE or --insecure."""
-    from mesh import log
     from mesh.manager import run
+    from mesh.ops import log
     flags = {"bind": bind, "db": db, "log_level": log_level, "curve_secret": curve_secret, "insecure": insecure}
     cfg = _daemon_config(config_path, flags, "manager")
     log.setup(cfg["log_level"], cfg["log_format"])
@@ -85,7 +85,7 @@ def executor(config_path: Optional[str], manager: Optional[str], slots: Optional
 
     Needs --manager-key FILE and --curve-secret FILE, or --insecure."""
     from executor.daemon import ExecutorDaemon
-    from mesh import log
+    from mesh.ops import log
     flags = {"manager": manager, "slots": slots, "labels": _labels(labels) or None, "name": name,
              "log_level": log_level, "manager_key": manager_key, "curve_secret": curve_secret, "insecure": insecure}
     cfg = _daemon_config(config_path, flags, "executor")
@@ -145,7 +145,7 @@ def config_show(manager_config: Optional[str], executor_config: Optional[str], a
 
     The environment layer is this shell's ZMESH_* variables, not a unit's Environment=.
     """
-    from mesh import settings_file as sf
+    from mesh.ops import settings_file as sf
     if manager_config and executor_config:
         raise click.UsageError("choose one of --manager-config, --executor-config")
     if executor_config:

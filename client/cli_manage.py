@@ -59,7 +59,7 @@ def _dict(obj: Any) -> Dict[str, Any]:
 
 
 def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
-    from mesh.resources import format_bytes
+    from mesh.model.resources import format_bytes
     r = dict(r)
     r["created"] = _when(r.get("created_at"))
     r["finished"] = _when(r.get("finished_at"))
@@ -82,7 +82,7 @@ def _human(kind: str, r: Dict[str, Any]) -> Dict[str, Any]:
 @_errors
 def register(manager: Optional[str], path: str, replace: bool, as_json: bool) -> None:
     """Register an application from its YAML spec."""
-    from mesh.spec import load_spec
+    from mesh.model.spec import load_spec
     spec = load_spec(path)
     with _client(manager) as c:
         app = c.register_application(spec, replace=replace)

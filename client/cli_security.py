@@ -13,8 +13,9 @@ from typing import Any, Callable, Optional
 
 import click
 
-from mesh import auth, keys
 from mesh.errors import InvalidArgument, Unavailable
+from mesh.model import auth
+from mesh.ops import keys
 
 from .cli_common import _client, _errors, _table, _when, json_option, main, manager_option
 
@@ -23,11 +24,11 @@ db_option = click.option("--db", "db", default=None, metavar="PATH",
 
 
 def _offline(db: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(store, *args)`` on the manager's database: the same mesh.auth function the manager
+    """``fn(store, *args)`` on the manager's database: the same mesh.model.auth function the manager
     calls online, so the same mistake raises the same typed error."""
     import sqlite3
 
-    from mesh.store import Store
+    from mesh.data.store import Store
     try:
         store = Store(db)
     except sqlite3.Error as exc:
@@ -244,7 +245,7 @@ def login(manager: Optional[str], user: Optional[str], password_stdin: bool) -> 
     """Log in and keep a token for this manager (in ~/.config/zeromesh/tokens.json, mode 0600)."""
     import os
 
-    from mesh.config import default_manager
+    from mesh.ops.config import default_manager
 
     from .auth import PasswordAuth, store_token
     from .connection import Connection

@@ -27,11 +27,20 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import zmq
 
-from mesh import keys, transport
-from mesh.config import Settings, default_manager
-from mesh.errors import (DeadlineExceeded, InvalidArgument, MeshError, ProtocolError, ResourceExhausted,
-                         Unauthenticated, Unavailable, from_wire)
-from mesh.protocol import Cmd, Message, Reply, Request, Submit, decode, encode, pack
+from mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MeshError,
+    ProtocolError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    from_wire,
+)
+from mesh.ops import keys
+from mesh.ops.config import Settings, default_manager
+from mesh.wire import transport
+from mesh.wire.protocol import Cmd, Message, Reply, Request, Submit, decode, encode, pack
 
 from . import auth as client_auth
 

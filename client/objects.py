@@ -17,18 +17,18 @@ from typing import Any, Dict, List, Optional, Union
 
 import cloudpickle
 
-from mesh import patch
-from mesh.cache import ObjectCache
-from mesh.config import Settings
+from mesh.data import patch
+from mesh.data.cache import ObjectCache
+from mesh.data.replica import DOC
 from mesh.errors import Internal
-from mesh.protocol import pack
-from mesh.replica import DOC
+from mesh.ops.config import Settings
+from mesh.wire.protocol import pack
 
 from .connection import Connection
 
 
 def _cache_bytes() -> int:
-    """``ZMESH_CACHE_BYTES``, parsed as every setting is (:attr:`mesh.config.Settings.cache_bytes`);
+    """``ZMESH_CACHE_BYTES``, parsed as every setting is (:attr:`mesh.ops.config.Settings.cache_bytes`);
     only that variable is read, so a malformed unrelated one cannot break ``import client``."""
     raw = os.environ.get("ZMESH_CACHE_BYTES")
     return Settings.load({} if raw is None else {"ZMESH_CACHE_BYTES": raw}).cache_bytes
@@ -49,7 +49,7 @@ cache = ObjectCache(CACHE_BYTES)
 
 
 def _conn(endpoint: Optional[str] = None) -> Connection:
-    from mesh.config import default_manager
+    from mesh.ops.config import default_manager
     endpoint = endpoint or default_manager()
     with _lock:
         c = _conns.get(endpoint)

@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional
 
 import cloudpickle
 
-from mesh import patch
+from mesh.data import patch
 from mesh.errors import DeadlineExceeded, InvalidArgument
-from mesh.protocol import pack, unpack
+from mesh.wire.protocol import pack, unpack
 
 from .connection import Connection
 

@@ -4,7 +4,7 @@ Instances on this machine ask here instead of the manager (``get_object``);
 the proxy asks the manager only for what its own cache lacks (its version in
 ``have``), and concurrent requests for one key share one fetch.  So a 50 MB
 object crosses the network once per executor, and a patch arrives as a patch.
-The cache's entries are replicas (:mod:`mesh.replica`): an answer that does
+The cache's entries are replicas (:mod:`mesh.data.replica`): an answer that does
 not follow on from what the proxy holds is refetched whole, never guessed at.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import zmq
 
-from mesh.cache import ObjectCache
+from mesh.data.cache import ObjectCache
 from mesh.errors import InvalidArgument, MeshError, ProtocolError
-from mesh.log import event
-from mesh.protocol import Cmd, Message, Reply, Request, decode, encode
+from mesh.ops.log import event
+from mesh.wire.protocol import Cmd, Message, Reply, Request, decode, encode
 
 log = logging.getLogger("zeromesh.executor")
 

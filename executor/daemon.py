@@ -22,13 +22,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import zmq
 
-from mesh import keys, sdnotify, transport
-from mesh.process import die_with_parent
-from mesh.config import Settings
 from mesh.errors import InvalidArgument, ProtocolError
-from mesh.log import event
-from mesh.protocol import Cmd, Drain, ExecHello, Exited, Heartbeat, decode, encode
-from mesh.spec import AppSpec
+from mesh.model.spec import AppSpec
+from mesh.ops import keys, sdnotify
+from mesh.ops.config import Settings
+from mesh.ops.log import event
+from mesh.ops.process import die_with_parent
+from mesh.wire import transport
+from mesh.wire.protocol import Cmd, Drain, ExecHello, Exited, Heartbeat, decode, encode
 
 from .cache_proxy import CacheProxy
 from .capabilities import detect

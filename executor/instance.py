@@ -25,12 +25,14 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import cloudpickle
 import zmq
 
-from mesh import keys, patch, transport
-from mesh.config import Settings
+from mesh.data import patch
+from mesh.data.replica import DOC, Replica
 from mesh.errors import Internal, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
-from mesh.log import event, setup
-from mesh.protocol import Bind, Cmd, CtxPatch, CtxWrite, Done, InstHello, Message, Outcome, Resync, decode, encode
-from mesh.replica import DOC, Replica
+from mesh.ops import keys
+from mesh.ops.config import Settings
+from mesh.ops.log import event, setup
+from mesh.wire import transport
+from mesh.wire.protocol import Bind, Cmd, CtxPatch, CtxWrite, Done, InstHello, Message, Outcome, Resync, decode, encode
 
 log = logging.getLogger("zeromesh.instance")
 
@@ -49,7 +51,7 @@ class Instance:
         self._takes_arg = True
         self._req_type: Optional[type] = None
         self._sid: Optional[str] = None
-        self._replica = Replica()        # this session's context (mesh.replica: in order, gap -> snapshot)
+        self._replica = Replica()        # this session's context (mesh.data.replica: in order, gap -> snapshot)
         self._resyncing = False          # a RESYNC is out; the BIND that answers it has not arrived
         self._sock: Optional[zmq.Socket] = None
         self._work: Deque[Message] = collections.deque()   # TASKS, and BINDs queued behind them, in arrival order

@@ -31,15 +31,15 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import keys, sdnotify, transport
-from .config import Settings
-from .core import CPU, Call, Core, Effects, Send
-from .errors import InvalidArgument, ProtocolError
-from .log import event
-from .metrics import manager_metrics
-from .protocol import decode, encode
-from .state import ALIVE, OPEN
-from .store import Store, Writer
+from mesh.core import CPU, Call, Core, Effects, Send
+from mesh.data.store import Store, Writer
+from mesh.errors import InvalidArgument, ProtocolError
+from mesh.model.records import ALIVE, OPEN
+from mesh.ops import keys, sdnotify
+from mesh.ops.config import Settings
+from mesh.ops.log import event
+from mesh.wire import transport
+from mesh.wire.protocol import decode, encode
 
 log = logging.getLogger("zeromesh.manager")
 
@@ -59,7 +59,6 @@ class Manager:
         self.writer = Writer(self.store)
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-cpu")
         self.core = Core(self.settings, secured=self.curve is not None)
-        self.core.metrics_view = lambda: manager_metrics(self.core, self.writer.backlog(), time.time())
         self._restored = self.core.restore(self.store.load_state())
         # sends waiting for a commit, in order: (commit future or None while the batch is open, sends)
         self._holds: Deque[Tuple[Optional["concurrent.futures.Future[Any]"], List[Send]]] = collections.deque()
@@ -295,6 +294,7 @@ class Manager:
         self._stopped.set()
 
     def metrics_text(self) -> str:
+        self.core.now, self.core.store_backlog = time.time(), self.writer.backlog()
         return self.core.metrics_text()
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -5,7 +5,7 @@ Public API (documented in docs/testing.md)::
     LocalMesh            a manager and executors as real processes on random loopback ports
     wait_until(pred)     poll a predicate, bounded in count and time; DeadlineExceeded says what
     FAST                 ZMESH_* values that shrink every timer and limit for tests
-    fast_settings()      the same as a mesh.config.Settings
+    fast_settings()      the same as a mesh.ops.config.Settings
     SocketTracker        records every zmq socket created while it is active
     end_process(proc)    end one child by its PID: a signal, then SIGKILL if it lingers
 
@@ -18,7 +18,7 @@ top-level conftest.py, or ``from mesh.testing import local_mesh, zmq_sockets``):
 
 The mesh package never imports ``client``: LocalMesh starts ``python -m client.cli``
 as a subprocess and learns that its executors joined from their systemd readiness
-notifications (READY=1, see mesh.sdnotify), not from a client call.
+notifications (READY=1, see mesh.ops.sdnotify), not from a client call.
 ``client.local.LocalMesh`` adds ``client()`` and ``admin`` on top of this class.
 """
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import zmq
 
-from .config import Settings
-from .errors import DeadlineExceeded, Unavailable
-from .process import die_with_parent
+from mesh.errors import DeadlineExceeded, Unavailable
+from mesh.ops.config import Settings
+from mesh.ops.process import die_with_parent
 
 __all__ = ["LocalMesh", "wait_until", "FAST", "fast_settings", "SocketTracker", "end_process"]
 
@@ -76,7 +76,7 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_CACHE_BYTES": str(256 * 1024 * 1024),
     "ZMESH_LOG_LEVEL": "INFO",
 })
-"""ZMESH_* values for tests: every timer of :class:`mesh.config.Settings` shrunk so that a test
+"""ZMESH_* values for tests: every timer of :class:`mesh.ops.config.Settings` shrunk so that a test
 waiting on an event waits seconds, not minutes; every limit set to a value a laptop-sized test
 passes under.  Not set: ``prefetch`` and ``queue_target`` (scheduling policy, not a wait or a
 bound) and ``metrics_host``.  Merge it: ``LocalMesh(env={**FAST, "ZMESH_SEND_HWM": "20"})``."""
@@ -242,8 +242,9 @@ class LocalMesh:
             log.close()
 
     def _make_keys(self) -> None:
-        from . import auth, keys
-        from .store import Store
+        from mesh.data.store import Store
+        from mesh.model import auth
+        from mesh.ops import keys
         self.keys_dir = os.path.join(self.dir, "keys")
         self.manager_key, self._manager_secret = keys.generate(self.keys_dir, "manager")
         password = secrets.token_urlsafe(12)
@@ -260,8 +261,8 @@ class LocalMesh:
     def _executor_security(self, name: str) -> List[str]:
         if not self.secure:
             return ["--insecure"]
-        from . import keys
-        from .store import Store
+        from mesh.data.store import Store
+        from mesh.ops import keys
         public, secret = keys.generate(self.keys_dir, name)
         store = Store(self.db)   # offline, as an operator would with `zmesh executor-keys add --db`
         try:
@@ -312,7 +313,7 @@ class LocalMesh:
     def wait_executors(self, count: int, timeout: float = 20.0) -> None:
         """Wait until ``count`` running executors started by this mesh have joined the manager.
 
-        An executor says READY=1 once the manager welcomed it (mesh.sdnotify); a rejoin after
+        An executor says READY=1 once the manager welcomed it (mesh.ops.sdnotify); a rejoin after
         a manager restart is not a new READY, so wait on the manager's own list for that.
         """
         assert self._readiness is not None, "start the manager first"

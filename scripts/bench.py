@@ -77,10 +77,11 @@ for p in (ROOT, HERE):
 
 import bench_limit  # noqa: E402
 import bench_peers  # noqa: E402
+
 from client import Client, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
-from mesh.config import Settings  # noqa: E402
-from mesh.process import die_with_parent  # noqa: E402
+from mesh.ops.config import Settings  # noqa: E402
+from mesh.ops.process import die_with_parent  # noqa: E402
 
 APPS = os.path.join(HERE, "bench_apps")
 MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop

@@ -52,7 +52,7 @@ import cloudpickle  # noqa: E402
 
 from client import Client, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
-from mesh.protocol import encode, pack  # noqa: E402
+from mesh.wire.protocol import encode, pack  # noqa: E402
 
 APPS = os.path.join(HERE, "bench_apps")
 APP = "ctxbench"

@@ -47,7 +47,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import bench_limit  # noqa: E402  (scripts/ is on sys.path when run as a script or imported)
-from mesh.process import die_with_parent  # noqa: E402
+
+from mesh.ops.process import die_with_parent  # noqa: E402
+
 MAX_LOOPS = 10 ** 9          # count bound on every otherwise time-bounded loop
 RESULT_WAIT = 30.0           # seconds any single task may take before the run is declared broken
 WARMUP_LIMIT = 60.0          # seconds workers have to start and serve

@@ -7,11 +7,11 @@ import time
 import cloudpickle
 import pytest
 import zmq
+from conftest import FAST, stored, tools_spec, wait_until
 
 from client import Client, Session
 from client.local import LocalMesh
-from conftest import FAST, stored, tools_spec, wait_until
-from mesh.protocol import Cmd, Submit, decode, encode
+from mesh.wire.protocol import Cmd, Submit, decode, encode
 
 PAYLOAD = 256 * 1024       # above malloc's mmap threshold, so freed memory leaves the RSS
 TASKS = 600                # 150 MiB of answers the stuck client never reads

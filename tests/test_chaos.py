@@ -8,11 +8,12 @@ import random
 import signal
 import subprocess
 
+from conftest import FAST, tools_spec, wait_until
+from test_restart import _children
+
 from client import Client, Session
 from client.local import LocalMesh
-from conftest import FAST, tools_spec, wait_until
 from mesh import errors
-from test_restart import _children
 
 TASKS = 600
 BATCH = 25          # tasks submitted per round, TASKS // BATCH rounds

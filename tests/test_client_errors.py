@@ -20,8 +20,8 @@ import pytest
 
 from client import Client, Connection, Session
 from client.api import Page, SessionInfo
-from mesh import auth
 from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable
+from mesh.model import auth
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BOUND = 15.0        # seconds any single step below may take before the test fails
@@ -291,7 +291,7 @@ MISTAKES = [("robots", "revoke", "robot-nope"), ("users", "remove", "nobody"),
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=lambda m: " ".join(m[:2]))
 def test_offline_and_online_admin_mistakes_match(mesh, tmp_path, mistake):
-    from mesh.store import Store
+    from mesh.data.store import Store
     db = str(tmp_path / "offline.db")
     Store(db).close()
     offline = _zmesh(*mistake, "--db", db)
@@ -301,7 +301,7 @@ def test_offline_and_online_admin_mistakes_match(mesh, tmp_path, mistake):
 
 
 def test_auth_executor_key_functions_raise_not_found(tmp_path):
-    from mesh.store import Store
+    from mesh.data.store import Store
     store = Store(str(tmp_path / "m.db"))
     try:
         auth.add_executor_key(store, "PUBLICKEY", "m1")

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tools_spec
 
 from client import Session
-from conftest import tools_spec
 from mesh import errors
 
 

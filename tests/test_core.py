@@ -6,16 +6,34 @@ store (``:memory:``); nothing here opens a socket, starts a process or sleeps.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, List, Optional, Sequence, Tuple, Type
 
 import pytest
 
-from mesh.config import Settings
 from mesh.core import Call, Core, Effects, Send
+from mesh.data.store import Store
 from mesh.errors import ERRORS
-from mesh.protocol import (Bind, CtxPatch, CtxReject, CtxWrite, Done, ExecHello, Exited, InstHello, Launch,
-                           Message, Reply, Request, Result, Resync, Submit, Tasks, decode, encode)
-from mesh.store import Store
+from mesh.ops.config import Settings
+from mesh.wire.protocol import (
+    Bind,
+    CtxPatch,
+    CtxReject,
+    CtxWrite,
+    Done,
+    ExecHello,
+    Exited,
+    InstHello,
+    Launch,
+    Message,
+    Reply,
+    Request,
+    Result,
+    Resync,
+    Submit,
+    Tasks,
+    decode,
+    encode,
+)
 
 ECHO = {"metadata": {"name": "echo"}, "spec": {"command": "python3", "arguments": ["echo.py"], "max_retries": 2}}
 
@@ -112,7 +130,7 @@ class Mesh:
 
 
 def _cmd(record: Any) -> Any:
-    from mesh.protocol import CMD_OF
+    from mesh.wire.protocol import CMD_OF
     return CMD_OF[type(record)]
 
 
@@ -195,7 +213,6 @@ def test_retry_budget(mesh: Mesh, deaths: int, outcome: str) -> None:
 def test_a_late_answer_from_an_evicted_instance_is_dropped(mesh: Mesh) -> None:
     # Given a task running on an instance of an executor that then goes silent
     iid, inst = running(mesh, 1)
-    ex = b"e1"
     tid = mesh.to(inst, Tasks)[0].items[0][0]
     mesh.tick(mesh.settings.dead_after + 1)          # evicted: its task is requeued
     assert mesh.core.tasks[tid].state == "pending"
@@ -293,7 +310,7 @@ def test_a_replica_gap_is_repaired_with_a_snapshot(mesh: Mesh) -> None:
     # Then it gets a BIND with the current version and snapshot
     bind = [s for s in mesh.sent if s.peer == inst and isinstance(s.record, Bind)][-1]
     assert bind.record.version == 1
-    from mesh.protocol import unpack
+    from mesh.wire.protocol import unpack
     assert unpack(bind.payloads[0]) == {"a": 1}
 
 

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import zmq
+from echo_service import EchoRequest, EchoResponse
 
 from client import Session
-from echo_service import EchoRequest, EchoResponse
 from mesh import errors
-from mesh.protocol import MAGIC, Cmd, Done, Submit, encode
+from mesh.wire.protocol import MAGIC, Done, Submit, encode
 
 
 def test_echo_example_verbatim(mesh):

@@ -10,12 +10,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # package -> packages it must never import
 FORBIDDEN = {"mesh": {"client", "executor"}, "executor": {"client"}}
-# inside mesh: the pure layers import no I/O layer (the core is sans-I/O: effects out, no sockets)
-PURE = {"protocol", "errors", "scheduler", "patch", "resources", "spec", "context", "config", "batch",
-        "core/__init__", "core/base", "core/effects", "core/tasks", "core/members", "core/contexts", "core/control"}
+# inside mesh: the pure layers import no I/O (the core is sans-I/O: effects out, no sockets)
+PURE = {"errors", "wire/protocol", "core/__init__", "core/base", "core/effects", "core/tasks", "core/members",
+        "core/contexts", "core/control", "core/scheduler", "core/query", "model/records", "model/spec",
+        "model/resources", "data/batch", "data/patch", "data/replica", "data/context", "data/objects",
+        "data/cache", "ops/config"}
 IO_MODULES = {"zmq", "asyncio", "sqlite3", "socket", "cloudpickle", "pickle", "threading", "subprocess"}
-# modules of ours that do I/O: the core must not import them either
-IO_OURS = {"mesh.store", "mesh.manager", "mesh.transport", "mesh.sdnotify", "mesh.process", "mesh.testing"}
+# modules of ours that do I/O: a pure module must not import them either
+IO_OURS = {"mesh.data.store", "mesh.manager", "mesh.wire.transport", "mesh.ops.sdnotify", "mesh.ops.process",
+           "mesh.testing"}
+# the layers, top to bottom: a module imports only from its own layer or those below it
+LAYERS = ["mesh.testing", "mesh.manager", "mesh.core", "mesh.data.store", "mesh.wire.transport", "mesh.model",
+          "mesh.data", "mesh.wire.protocol", "mesh.ops", "mesh.errors"]
 PACKAGES = ("mesh", "executor", "client")
 
 
@@ -50,14 +56,28 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _graph():
-    """module -> modules of ours it imports, anywhere in the file (functions and TYPE_CHECKING too)."""
+def _type_only(tree: ast.AST) -> set:
+    """Import nodes under ``if TYPE_CHECKING:`` (annotations only: no dependency at run time)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            found |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return found
+
+
+def _graph(runtime_only: bool = False):
+    """module -> modules of ours it imports, anywhere in the file (in functions too; under
+    TYPE_CHECKING too unless ``runtime_only``)."""
     modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     graph = {}
     for mod, path in modules.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        skip = _type_only(tree) if runtime_only else set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -68,9 +88,27 @@ def _graph():
                 names = [stem] + [f"{stem}.{a.name}" for a in node.names]
             else:
                 continue
-            deps |= {n for n in names if n in modules and n != mod}
+            # "from pkg import sub" depends on the submodule only, not on the package
+            deps |= {n for n in names if n in modules and n != mod and not (n + "." + names[-1].rpartition(".")[2]
+                                                                          in modules and n == names[0])}
         graph[mod] = deps
     return graph
+
+
+def _layer(mod: str) -> int:
+    """Index of the most specific layer ``mod`` belongs to (lower index = higher layer)."""
+    best = max((p for p in LAYERS if mod == p or mod.startswith(p + ".")), key=len)
+    return LAYERS.index(best)
+
+
+def test_mesh_layers_import_downwards():
+    graph = _graph(runtime_only=True)
+    for mod, deps in graph.items():
+        if not mod.startswith("mesh.") or mod == "mesh":
+            continue
+        for dep in deps:
+            if dep.startswith("mesh.") and dep != "mesh":
+                assert _layer(dep) >= _layer(mod) or dep.startswith(mod + "."), f"{mod} imports {dep}, a layer above it"
 
 
 def test_no_import_cycles_anywhere():

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import zmq
+from conftest import FAST, tools_spec
 
 from client import Client, Connection, Session
 from client.local import LocalMesh
-from conftest import FAST, tools_spec
 from mesh import errors
-from mesh.config import Settings
-from mesh.protocol import Cmd, Submit, encode
+from mesh.ops.config import Settings
+from mesh.wire.protocol import Submit, encode
 
 LIMITS = {**FAST, "ZMESH_MAX_MESSAGE_SIZE": str(1 << 20), "ZMESH_MAX_PENDING": "50",
           "ZMESH_MAX_CONTEXT_SIZE": str(64 * 1024)}

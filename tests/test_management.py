@@ -10,12 +10,12 @@ import urllib.request
 
 import pytest
 from click.testing import CliRunner
+from conftest import FAST, tools_spec, wait_until
 
 from client import Client, Session
 from client.api import ExecutorInfo, Page, SessionInfo, TaskInfo
 from client.cli import main
 from client.local import LocalMesh
-from conftest import FAST, tools_spec, wait_until
 from mesh import errors
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
+from conftest import wait_until
 
 from client import Session, delete_object, get_object, patch_object, put_object, update_object
 from client import objects as client_objects
-from conftest import wait_until
 from mesh import errors
 
 

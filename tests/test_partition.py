@@ -8,10 +8,10 @@ import subprocess
 import warnings
 
 import pytest
+from conftest import FAST, tools_spec, wait_until
 
 from client import Client, Session
 from client.local import LocalMesh
-from conftest import FAST, tools_spec, wait_until
 
 NS = f"zmesh-t{os.getpid() % 100000}"
 HOST_IF, NS_IF = f"zmh{os.getpid() % 100000}", f"zmn{os.getpid() % 100000}"

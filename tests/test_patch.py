@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mesh.data.patch import apply_patch, copy_document, diff, is_document, validate_ops
 from mesh.errors import Conflict, InvalidArgument
-from mesh.patch import apply_patch, copy_document, diff, is_document, validate_ops
 
 
 def typed(x):

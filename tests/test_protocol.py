@@ -1,4 +1,4 @@
-"""Wire codec (mesh.protocol) and wire errors (mesh.errors): pure, no sockets.
+"""Wire codec (mesh.wire.protocol) and wire errors (mesh.errors): pure, no sockets.
 
 ``decode`` runs on untrusted bytes inside the manager's event loop, so besides
 the round trips every malformed input must come back as ``ProtocolError`` and
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from mesh import errors
 from mesh.errors import ERRORS, Internal, MeshError, NotFound, ProtocolError, TaskFailed, from_wire
-from mesh.protocol import MAGIC, RECORDS, VERSION, Cmd, Message, Submit, decode, encode, header_of, pack
+from mesh.wire.protocol import MAGIC, RECORDS, VERSION, Cmd, Message, decode, encode, header_of, pack
 
 # --------------------------------------------------------------------------------------------
 # Valid headers: one per command, with the number of payload frames the command carries.

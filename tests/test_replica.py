@@ -1,4 +1,4 @@
-"""One replica (mesh/replica.py) and its three users, tested without a socket.
+"""One replica (mesh/data/replica.py) and its three users, tested without a socket.
 
 Given / When / Then.  The instance SDK's receive loop is driven through a
 scripted stand-in for its DEALER socket: a "manager" function answers what the
@@ -18,12 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from executor.instance import Instance
-from mesh.cache import ObjectCache
-from mesh.context import Document
+from mesh.data.cache import ObjectCache
+from mesh.data.context import Document
+from mesh.data.objects import PATCH_HISTORY, Objects
+from mesh.data.replica import BLOB, DOC, Outcome, Replica
 from mesh.errors import Conflict, Internal, InvalidArgument, ProtocolError, ResourceExhausted, Unavailable
-from mesh.objects import PATCH_HISTORY, Objects
-from mesh.protocol import MAGIC, Bind, Reply, Cmd, CtxPatch, CtxReject, Gone, Message, decode, encode, pack
-from mesh.replica import BLOB, DOC, Outcome, Replica
+from mesh.wire.protocol import MAGIC, Bind, Cmd, CtxPatch, CtxReject, Gone, Message, Reply, decode, encode, pack
 
 INCR = [{"op": "incr", "path": "/n", "value": 1}]
 

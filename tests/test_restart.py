@@ -5,10 +5,10 @@ import os
 import signal
 
 import pytest
+from conftest import FAST, stored, tools_spec, wait_until
 
 from client import Client, Session
 from client.local import LocalMesh
-from conftest import FAST, stored, tools_spec, wait_until
 
 
 def _task(i):

@@ -1,4 +1,4 @@
-"""Placement policy (mesh.scheduler.plan): plain data in, actions out; no sockets.
+"""Placement policy (mesh.core.scheduler.plan): plain data in, actions out; no sockets.
 
 Each test reads Given (the views) / When (plan) / Then (the actions).
 """
@@ -10,9 +10,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from mesh.resources import Resources
-from mesh.scheduler import (Drain, ExecutorView, InstanceView, Launch, Rebind, SessionView, Stop, fits,
-                            plan)
+from mesh.core.scheduler import Drain, ExecutorView, InstanceView, Launch, Rebind, SessionView, Stop, fits, plan
+from mesh.model.resources import Resources
 
 GIB = 1024 ** 3
 

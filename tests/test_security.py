@@ -11,16 +11,17 @@ import time
 
 import pytest
 import zmq
+from conftest import FAST, tools_spec, wait_until
 from zmq.utils.monitor import recv_monitor_message
 
 from client import Client, Session
 from client.auth import PasswordAuth, RobotAuth
 from client.connection import Connection
 from client.local import LocalMesh
-from conftest import FAST, tools_spec, wait_until
-from mesh import errors, keys
-from mesh.config import Settings
-from mesh.protocol import Cmd, Request, encode
+from mesh import errors
+from mesh.ops import keys
+from mesh.ops.config import Settings
+from mesh.wire.protocol import Request, encode
 
 TTL = "3"   # seconds a token lives here, so renewal and expiry happen within a test
 

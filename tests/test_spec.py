@@ -7,8 +7,8 @@ import pytest
 
 from executor.capabilities import detect
 from mesh.errors import InvalidArgument
-from mesh.resources import Resources, format_bytes, parse_memory
-from mesh.spec import AppSpec, load_spec, parse_spec
+from mesh.model.resources import Resources, format_bytes, parse_memory
+from mesh.model.spec import AppSpec, load_spec, parse_spec
 
 EXAMPLE = """\
 metadata:

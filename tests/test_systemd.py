@@ -13,10 +13,18 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from mesh import sdnotify
 from mesh.errors import InvalidArgument
-from mesh.settings_file import (EXECUTOR_KEYS, MANAGER_CONFIG, MANAGER_KEYS, executor_config, format_layers,
-                                load_layers, manager_defaults, values)
+from mesh.ops import sdnotify
+from mesh.ops.settings_file import (
+    EXECUTOR_KEYS,
+    MANAGER_CONFIG,
+    MANAGER_KEYS,
+    executor_config,
+    format_layers,
+    load_layers,
+    manager_defaults,
+    values,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "scripts" / "systemd"

@@ -12,12 +12,12 @@ import time
 
 import pytest
 import zmq
+from conftest import tools_spec
 
 from client import Client, Session
-from conftest import tools_spec
 from mesh import testing
-from mesh.config import Settings
 from mesh.errors import DeadlineExceeded, Unavailable
+from mesh.ops.config import Settings
 from mesh.testing import FAST, LocalMesh, SocketTracker, fast_settings, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,9 +11,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from echo_service import EchoRequest  # noqa: E402
+
 from client import Client, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
-from echo_service import EchoRequest  # noqa: E402
 
 
 def main() -> None:

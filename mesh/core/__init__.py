@@ -22,22 +22,23 @@ import itertools
 import logging
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from .. import auth
-from ..config import Settings
-from ..context import Document
-from ..errors import ProtocolError
-from ..log import event
-from ..protocol import Cmd, Message, Reply
-from ..resources import Resources
-from ..spec import AppSpec
-from ..state import OPEN, App, Session, Task
-from ..batch import SavedState
-from .base import log
-from .contexts import ContextRules
-from .control import ControlRules, Later, WithBlob
-from .effects import CPU, STORE, Call, Effect, Effects, Send
-from .members import MemberRules
-from .tasks import TaskRules
+from mesh.core import report
+from mesh.core.base import log
+from mesh.core.contexts import ContextRules
+from mesh.core.control import ControlRules, Later, WithBlob
+from mesh.core.effects import CPU, STORE, Call, Effect, Effects, Send
+from mesh.core.members import MemberRules
+from mesh.core.tasks import TaskRules
+from mesh.data.batch import SavedState
+from mesh.data.context import Document
+from mesh.errors import ProtocolError
+from mesh.model import auth
+from mesh.model.records import OPEN, App, Session, Task
+from mesh.model.resources import Resources
+from mesh.model.spec import AppSpec
+from mesh.ops.config import Settings
+from mesh.ops.log import event
+from mesh.wire.protocol import Cmd, Message, Reply
 
 __all__ = ["Core", "Send", "Call", "Effect", "Effects", "STORE", "CPU", "Later", "WithBlob"]
 
@@ -48,7 +49,6 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
     def __init__(self, settings: Optional[Settings] = None, secured: bool = False) -> None:
         super().__init__(settings or Settings(), secured)
         self.methods = self.control_methods()
-        self.metrics_view: Optional[Callable[[], str]] = None
         self._table: Dict[Cmd, Callable[[bytes, Any, Sequence[Any], Optional[str]], None]] = {
             Cmd.SUBMIT: lambda p, r, f, k: self.on_submit(p, r, f),
             Cmd.DONE: lambda p, r, f, k: self.on_done(p, r, f),
@@ -129,7 +129,8 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
         return self.take()
 
     def metrics_text(self) -> str:
-        return self.metrics_view() if self.metrics_view is not None else ""
+        """Prometheus text of the counters and gauges as of the last event."""
+        return report.metrics_text(self)
 
     # -- restart -----------------------------------------------------------------------
     def restore(self, saved: SavedState) -> Effects:

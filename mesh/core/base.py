@@ -1,6 +1,6 @@
 """The core's state and the few helpers every rule module shares.
 
-Plain data only: dicts of the records in :mod:`mesh.state`, the pending store
+Plain data only: dicts of the records in :mod:`mesh.model.records`, the pending store
 batch, counters.  Rule modules (tasks, members, contexts, control) are mixins
 over this class; :class:`mesh.core.Core` puts them together.
 """
@@ -11,16 +11,16 @@ import logging
 import secrets
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from .. import auth
-from ..config import Settings
-from ..errors import MeshError, PermissionDenied, Unauthenticated
-from ..log import event
-from ..metrics import Histogram
-from ..objects import Objects
-from ..protocol import Gone
-from ..state import App, Executor, Instance, Session, Task
-from ..batch import Batch
-from .effects import Call, Effects, Send
+from mesh.core.effects import Call, Effects, Send
+from mesh.data.batch import Batch
+from mesh.data.objects import Objects
+from mesh.errors import MeshError, PermissionDenied, Unauthenticated
+from mesh.model import auth
+from mesh.model.records import App, Executor, Instance, Session, Task
+from mesh.ops.config import Settings
+from mesh.ops.log import event
+from mesh.ops.metrics import Histogram
+from mesh.wire.protocol import Gone
 
 log = logging.getLogger("zeromesh.manager")
 

@@ -1,7 +1,7 @@
 """Context and object rules: the manager is the sequencer of every versioned document.
 
 A session's context (docs/context.md) and each cached object is a
-:class:`~mesh.context.Document`.  A write is applied atomically, gets the next
+:class:`~mesh.data.context.Document`.  A write is applied atomically, gets the next
 version, is logged in the batch (a patch, or a snapshot every
 ``snapshot_every`` writes) and only then announced: every CTX_PATCH and every
 write acknowledgement is an ``after_commit`` send, so a version a peer has
@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Optional, Sequence
 
-from ..errors import Conflict, FailedPrecondition, MeshError
-from ..log import event
-from ..objects import StoredObject
-from ..protocol import CtxPatch, CtxReject, CtxWrite, Resync, pack
-from ..state import Instance, Session
-from ..batch import OBJECT_PREFIX
-from .base import Base, log
+from mesh.core.base import Base, log
+from mesh.data.batch import OBJECT_PREFIX
+from mesh.data.objects import StoredObject
+from mesh.errors import Conflict, FailedPrecondition, MeshError
+from mesh.model.records import Instance, Session
+from mesh.ops.log import event
+from mesh.wire.protocol import CtxPatch, CtxReject, CtxWrite, Resync, pack
 
 
 class ContextRules(Base):

@@ -17,18 +17,29 @@ import logging
 import secrets
 from typing import Any, Callable, Dict, List, Optional
 
-from .. import auth, keys, query
-from ..auth import INSECURE, Principal
-from ..context import DOC, KINDS, Document
-from ..errors import (AlreadyExists, Cancelled, FailedPrecondition, Internal, InvalidArgument, MeshError, NotFound,
-                      PermissionDenied, ResourceExhausted)
-from ..log import event
-from ..protocol import VERSION, Reply, Request
-from ..resources import Resources
-from ..spec import AppSpec
-from ..state import CANCELLED, CLOSED, OPEN, PENDING, App, Session
-from .base import AUTH_ERRORS, Base, log
-from .effects import CPU, STORE, Call
+from mesh.core import query
+from mesh.core.base import AUTH_ERRORS, Base, log
+from mesh.core.effects import CPU, STORE, Call
+from mesh.data.context import DOC, KINDS, Document
+from mesh.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from mesh.model import auth
+from mesh.model.auth import INSECURE, Principal
+from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, App, Session
+from mesh.model.resources import Resources
+from mesh.model.spec import AppSpec
+from mesh.ops import keys
+from mesh.ops.log import event
+from mesh.wire.protocol import VERSION, Reply, Request
 
 APP_FIELDS = ["name", "command", "working_directory", "description", "created_at", "labels"]
 SESSION_FIELDS = ["id", "application", "state", "created_at", "closed_at", "pending", "running", "succeeded",
@@ -150,7 +161,7 @@ class ControlRules(Base):
     def _find(self, rows: List[Dict[str, Any]], fields: List[str], args: Args) -> Dict[str, Any]:
         return query.find(rows, fields, args.get("filter"), args.get("page"), args.get("sort"))
 
-    def metrics_text(self) -> str:   # defined by the loop's ops view
+    def metrics_text(self) -> str:   # mesh.core.Core
         raise NotImplementedError
 
     # -- mesh ---------------------------------------------------------------------
@@ -164,7 +175,7 @@ class ControlRules(Base):
                 "instances": len(self.instances)}
 
     def do_metrics(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        return {"text": self.metrics_text()}
+        return {"text": self.metrics_text()}   # self.now is this request's time
 
     # -- applications -------------------------------------------------------------------
     def do_register_application(self, args: Args, blob: Optional[bytes] = None,

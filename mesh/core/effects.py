@@ -9,13 +9,13 @@ loop (:mod:`mesh.manager`) performs them **in order**:
   :meth:`Core.lost`, which runs the send's ``if_lost`` (keep an undelivered
   answer for the client's resend).
 * :class:`Call`  one function run off the event loop, on the store's writer
-  thread (``STORE``: it gets the :class:`~mesh.store.Store`) or on a worker
+  thread (``STORE``: it gets the :class:`~mesh.data.store.Store`) or on a worker
   thread (``CPU``: password hashing); its result, or the exception it raised,
   is handed back to the core with :meth:`Core.complete`, whose effects are
   performed in turn.
 
 Changes to tasks, contexts and objects are not effects: the core collects them
-in its :class:`~mesh.store.Batch` (plain data), and the loop hands the batch
+in its :class:`~mesh.data.store.Batch` (plain data), and the loop hands the batch
 to the writer thread once per round (group commit).
 
 **The durability rule.**  A ``Send`` with ``after_commit=True`` tells a peer
@@ -39,7 +39,7 @@ CPU = "cpu"       # run on a worker thread (slow pure work: scrypt)
 @dataclass(frozen=True)
 class Send:
     peer: bytes                      # ROUTER identity
-    record: Any                      # a mesh.protocol record
+    record: Any                      # a mesh.wire.protocol record
     payloads: Sequence[Any] = ()
     after_commit: bool = False       # wait for the batch changes made before it (see above)
     if_lost: Optional[Callable[[], None]] = None   # the loop could not send it: Core.lost calls this

@@ -5,7 +5,7 @@ heartbeat; one silent for ``liveness x heartbeat_interval`` is evicted and its
 instances' running tasks are requeued.  An instance that does not say hello
 within ``instance_start_timeout`` is stopped; an application whose instances
 die before hello ``start_failures`` times in a row fails its queued tasks.
-Placement decisions come from the pure :func:`mesh.scheduler.plan`.
+Placement decisions come from the pure :func:`mesh.core.scheduler.plan`.
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import hmac
 import logging
 from typing import Optional
 
-from .. import auth, scheduler
-from ..errors import ProtocolError
-from ..log import event
-from ..protocol import Bind, ExecHello, Exited, Heartbeat, InstHello, Launch, Stop, Welcome, pack
-from ..resources import Resources
-from ..state import ALIVE, DRAINING, LOST, OPEN, Executor, Instance, Session
-from .base import Base, log
-from .effects import Call
+from mesh.core import scheduler
+from mesh.core.base import Base, log
+from mesh.core.effects import Call
+from mesh.errors import ProtocolError
+from mesh.model import auth
+from mesh.model.records import ALIVE, DRAINING, LOST, OPEN, Executor, Instance, Session
+from mesh.model.resources import Resources
+from mesh.ops.log import event
+from mesh.wire.protocol import Bind, ExecHello, Exited, Heartbeat, InstHello, Launch, Stop, Welcome, pack
 
 
 class MemberRules(Base):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import FailedPrecondition, MeshError, NotFound, ResourceExhausted, TaskFailed
-from ..protocol import Done, Outcome, Result, Submit, Tasks
-from ..state import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNING, SUCCEEDED, Instance, Session, Task
-from .base import AUTH_ERRORS, Base
-from .effects import Call
+from mesh.core.base import AUTH_ERRORS, Base
+from mesh.core.effects import Call
+from mesh.errors import FailedPrecondition, MeshError, NotFound, ResourceExhausted, TaskFailed
+from mesh.model.records import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNING, SUCCEEDED, Instance, Session, Task
+from mesh.wire.protocol import Done, Outcome, Result, Submit, Tasks
 
 
 def _json(err: Dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ HTTP ``GET /metrics`` with ``--metrics-port``).
 from __future__ import annotations
 
 import bisect
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 # seconds from submit to answer: 100 µs .. 1 min
 LATENCY_BUCKETS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -76,30 +76,3 @@ def render(counters: Iterable[Tuple[str, str, Mapping[str, str], float]],
         lines += [f"{name}_sum {h.sum}", f"{name}_count {h.count}"]
     return "\n".join(lines) + "\n"
 
-
-def manager_metrics(core: Any, store_backlog: int, now: float) -> str:
-    """Every counter, gauge and histogram of a manager core, in the Prometheus text format."""
-    from .state import ALIVE, OPEN, PENDING, RUNNING   # plain constants
-
-    Series = List[Tuple[str, str, Dict[str, str], float]]
-    counters: Series = [(f"zeromesh_{k}_total", f"manager counter {k}", {}, v) for k, v in sorted(core.stats.items())]
-    by_state: Dict[str, int] = {}
-    for s in core.sessions.values():
-        for state, n in s.counts.items():
-            by_state[state] = by_state.get(state, 0) + n
-    counters += [("zeromesh_tasks_total", "tasks that ended, by state", {"state": k}, v)
-                 for k, v in sorted(by_state.items())]
-    sessions = list(core.sessions.values())
-    gauges: Series = [
-        ("zeromesh_tasks", "tasks in the manager now, by state", {"state": PENDING}, sum(len(s.pending) for s in sessions)),
-        ("zeromesh_tasks", "tasks in the manager now, by state", {"state": RUNNING}, sum(s.running for s in sessions)),
-        ("zeromesh_sessions_open", "open sessions", {}, sum(1 for s in sessions if s.state == OPEN)),
-        ("zeromesh_instances", "service instances", {}, len(core.instances)),
-        ("zeromesh_store_backlog", "group commits waiting for the writer thread", {}, store_backlog)]
-    gauges += [("zeromesh_session_queue_depth", "tasks queued per open session", {"session": s.id},
-                len(s.pending)) for s in sessions if s.state == OPEN]
-    gauges += [("zeromesh_executor_up", "1 if the executor is alive", {"executor": e.id},
-                1 if e.state == ALIVE else 0) for e in core.executors.values()]
-    gauges += [("zeromesh_executor_silence_seconds", "seconds since the executor was last heard",
-                {"executor": e.id}, round(now - e.last_seen, 3)) for e in core.executors.values()]
-    return render(counters, gauges, [("zeromesh_task_latency_seconds", "submit to answer", core.latency)])

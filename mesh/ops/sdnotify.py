@@ -98,7 +98,7 @@ def reload(apply: Optional[Callable[[], None]], logger: logging.Logger, status_l
     A failed reload keeps the running configuration and says so in the log:
     a bad edit of a config file must not take a daemon down.
     """
-    from .log import event
+    from mesh.ops.log import event
     reloading()
     try:
         if apply is not None:

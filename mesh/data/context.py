@@ -2,7 +2,7 @@
 
 The manager is the sequencer (docs/context.md): every accepted write gets the
 next version and is broadcast to the replicas in version order.  The rules of
-versions, order, gaps and errors are those of :class:`mesh.replica.Replica`;
+versions, order, gaps and errors are those of :class:`mesh.data.replica.Replica`;
 a :class:`Document` adds what only the sequencer needs: a size limit checked
 before a write is accepted, and the replay of the patch log after a restart.
 The manager decodes a ``doc`` with msgpack only: nothing is unpickled.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
-from .errors import Internal, ResourceExhausted
-from .protocol import unpack
-from .replica import BLOB, DOC, KINDS, Replica
+from mesh.data.replica import BLOB, DOC, KINDS, Replica
+from mesh.errors import Internal, ResourceExhausted
+from mesh.wire.protocol import unpack
 
 __all__ = ["BLOB", "DOC", "KINDS", "Document"]
 

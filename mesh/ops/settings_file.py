@@ -9,7 +9,7 @@ A key the file does not know is an error naming the key and the file (a typo
 must not silently fall back to a default); a ``null`` value in the file means
 "not set here".  Environment variables are ``ZMESH_`` + the key in capitals
 (``ZMESH_LOG_LEVEL``, ``ZMESH_HEARTBEAT_INTERVAL``), the same names
-:class:`mesh.config.Settings` and :mod:`mesh.log` read.  A map value (executor
+:class:`mesh.ops.config.Settings` and :mod:`mesh.ops.log` read.  A map value (executor
 ``labels``) is written ``k=v,k2=v2`` in the environment.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
-from .config import DEFAULT_MANAGER, Settings
-from .errors import InvalidArgument
+from mesh.errors import InvalidArgument
+from mesh.ops.config import DEFAULT_MANAGER, Settings
 
 MANAGER_CONFIG = "/etc/zeromesh/manager.yaml"
 EXECUTOR_CONFIG_DIR = "/etc/zeromesh/executor.d"
@@ -49,7 +49,7 @@ def executor_config(name: str) -> str:
 
 
 def manager_defaults() -> Dict[str, Any]:
-    from .config import default_db
+    from mesh.ops.config import default_db
     return {"bind": "tcp://127.0.0.1:5555", "db": default_db(), "log_level": "INFO", "log_format": "kv",
             "heartbeat_interval": _SETTINGS_DEFAULTS["heartbeat_interval"],
             "liveness": _SETTINGS_DEFAULTS["liveness"], "curve_secret": None, "insecure": False}

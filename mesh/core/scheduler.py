@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
-from .resources import Resources
+from mesh.model.resources import Resources
 
 
 @dataclass

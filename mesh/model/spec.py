@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from mesh.errors import InvalidArgument
-from mesh.resources import Resources
+from mesh.model.resources import Resources
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _TOP_KEYS = ("metadata", "spec")

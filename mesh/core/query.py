@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from .errors import InvalidArgument
+from mesh.errors import InvalidArgument
 
 MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 100

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .batch import OBJECT_PREFIX, Batch, Context, SavedState
+from mesh.data.batch import OBJECT_PREFIX, Batch, SavedState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,7 +155,7 @@ class Store:
     def load_objects(self) -> List[Tuple[str, Optional[str], Optional[float]]]:
         return self.db.execute("SELECT key, session, expires_at FROM objects").fetchall()
 
-    # -- security (see mesh/auth.py) --------------------------------------------
+    # -- security (see mesh/model/auth.py) --------------------------------------------
     def add_executor_key(self, public: str, name: str, now: float) -> None:
         self.db.execute("INSERT OR REPLACE INTO executor_keys VALUES (?, ?, ?)", (public, name, now))
 

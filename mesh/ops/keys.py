@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import zmq
 import zmq.auth
 
-from .errors import InvalidArgument
+from mesh.errors import InvalidArgument
 
 SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1, "maxmem": 64 * 1024 * 1024, "dklen": 32}
 

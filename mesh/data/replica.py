@@ -18,12 +18,12 @@ context) and every object cache (a client's, an executor's).  All three use
    (:attr:`Outcome.needs_snapshot`); the owner fetches a snapshot and calls
    :meth:`Replica.restore`.  Nothing is ever guessed or skipped silently.
 4. **Errors leave the replica unchanged.**  A write is computed beside the
-   current content (:func:`mesh.patch.apply_patch` is copy-on-write) and
+   current content (:func:`mesh.data.patch.apply_patch` is copy-on-write) and
    committed only once it has applied whole.
 
 Two kinds of value (``kind``):
 
-* ``doc``  a msgpack document (:func:`mesh.patch.is_document`), changed by
+* ``doc``  a msgpack document (:func:`mesh.data.patch.is_document`), changed by
   JSON-patch ops (plus ``incr``).  Encoded with msgpack: nothing is unpickled.
 * ``blob`` opaque bytes (a cloudpickled object), replaced whole by each write.
   The one op list a blob accepts is a whole replacement by a document
@@ -41,9 +41,9 @@ from __future__ import annotations
 import enum
 from typing import Any, List, Optional, Sequence, Tuple, Type, TypeVar
 
-from . import patch
-from .errors import InvalidArgument, MeshError
-from .protocol import Frame, pack, unpack
+from mesh.data import patch
+from mesh.errors import InvalidArgument, MeshError
+from mesh.wire.protocol import Frame, pack, unpack
 
 DOC = "doc"
 BLOB = "blob"
@@ -113,7 +113,7 @@ class Replica:
 
     ``value`` is never mutated in place (patches are copy-on-write), so it may
     be shared with readers that treat it as read-only; hand callers a copy
-    (:func:`mesh.patch.copy_document`) when they may change it.
+    (:func:`mesh.data.patch.copy_document`) when they may change it.
 
     ``size_hint`` estimates the encoded size for limits and cache eviction: it
     is exact after a snapshot or :meth:`encoded`, and grows by the ``size`` each

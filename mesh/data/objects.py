@@ -1,10 +1,10 @@
 """The object cache's source of truth: versioned objects kept by the manager.
 
-An object is a :class:`~mesh.context.Document` (a msgpack document that can be
+An object is a :class:`~mesh.data.context.Document` (a msgpack document that can be
 patched, or an opaque blob replaced whole) with a key, an optional owning
 session (deleted with it) and an optional time to live.  Its versions follow
-the rules of :class:`mesh.replica.Replica`: the manager is the sequencer, and
-every reader's cache (:mod:`mesh.cache`) is a replica.  Readers say which
+the rules of :class:`mesh.data.replica.Replica`: the manager is the sequencer, and
+every reader's cache (:mod:`mesh.data.cache`) is a replica.  Readers say which
 version they hold; the answer is the cheapest that brings them up to date:
 nothing (``same``), the writes since (``patches``: one op list per version,
 oldest first, ending at ``version``), or the whole object (``full``).  This
@@ -16,8 +16,8 @@ import collections
 import secrets
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from .context import DOC, KINDS, Document
-from .errors import InvalidArgument, NotFound
+from mesh.data.context import DOC, KINDS, Document
+from mesh.errors import InvalidArgument, NotFound
 
 PATCH_HISTORY = 64  # recent patches kept per object, so a reader a few versions behind gets patches
 

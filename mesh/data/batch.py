@@ -1,9 +1,9 @@
 """What the manager's core hands to the store: plain data, no I/O.
 
 :class:`Batch` collects the changes of one group commit (the core fills it,
-the writer thread writes it with :meth:`mesh.store.Store.write`);
+the writer thread writes it with :meth:`mesh.data.store.Store.write`);
 :class:`SavedState` is what a restarting core is rebuilt from
-(:meth:`mesh.store.Store.load_state`, :meth:`mesh.core.Core.restore`).
+(:meth:`mesh.data.store.Store.load_state`, :meth:`mesh.core.Core.restore`).
 """
 from __future__ import annotations
 

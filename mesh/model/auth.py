@@ -9,7 +9,7 @@
   are kept as SHA-256 digests, so the database holds no usable credential.
 * On an ``--insecure`` manager every peer acts as admin.
 
-The functions taking a :class:`~mesh.store.Store` are what both the running
+The functions taking a :class:`~mesh.data.store.Store` are what both the running
 manager (on its writer thread) and the offline CLI (``--db PATH``) call, so a
 mistake (an unknown user, robot or executor key) is the same typed error with
 the same message either way: ``NotFound`` for a name that matches nothing,
@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from . import keys
-from .errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from mesh.ops import keys
 
 if TYPE_CHECKING:   # the functions below run against a Store (on the manager's writer thread, or offline)
-    from .store import Store
+    from mesh.data.store import Store
 
 ROLES = ("viewer", "user", "admin")
 RANK = {"instance": 0, "viewer": 1, "user": 2, "admin": 3}

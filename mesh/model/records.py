@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set
 
-from .context import Document
-from .resources import Resources
-from .spec import AppSpec
+from mesh.data.context import Document
+from mesh.model.resources import Resources
+from mesh.model.spec import AppSpec
 
 # Session states
 OPEN = "open"        # accepts tasks

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import msgpack
 
-from .errors import ProtocolError
+from mesh.errors import ProtocolError
 
 VERSION = 2
 """1: the first protocol.  2: typed records (unknown fields refused), DONE wrapped in a list,

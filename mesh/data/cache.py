@@ -3,11 +3,11 @@
 Used twice with the same logic: by client processes (their own cache) and by
 each executor (one cache shared by all instances on the machine, so a large
 object crosses the network once per executor).  Every entry is a
-:class:`mesh.replica.Replica`, so an object's versions follow the same rules
+:class:`mesh.data.replica.Replica`, so an object's versions follow the same rules
 as a session's context: patches apply only in version order, a duplicate or
 stale answer is ignored, and a gap is answered by a whole snapshot.
 
-:meth:`ObjectCache.apply` folds a ``get_object`` answer (see :mod:`mesh.objects`)
+:meth:`ObjectCache.apply` folds a ``get_object`` answer (see :mod:`mesh.data.objects`)
 into the cache:
 
 * ``same``     the reader's version is the newest: nothing to do.
@@ -24,9 +24,9 @@ from __future__ import annotations
 import collections
 from typing import Any, Dict, Optional
 
-from .errors import ProtocolError
-from .protocol import Frame, pack
-from .replica import DOC, Replica
+from mesh.data.replica import DOC, Replica
+from mesh.errors import ProtocolError
+from mesh.wire.protocol import Frame, pack
 
 __all__ = ["Entry", "ObjectCache"]
 
