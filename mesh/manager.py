@@ -201,9 +201,10 @@ class Manager:
         """
         self.core.store_backlog = self.writer.backlog()   # what stats report
         open_hold = bool(self._holds) and self._holds[-1][0] is None
-        if not self.core.batch and not open_hold:
+        batch = self.core.take_batch(time.time())
+        if not batch and not open_hold:
             return
-        fut = self.writer.submit(self.store.write, self.core.take_batch())
+        fut = self.writer.submit(self.store.write, batch)
         if open_hold:
             self._holds[-1] = (fut, self._holds[-1][1])
             fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._release))

@@ -328,3 +328,34 @@ def test_a_secured_core_refuses_calls_without_a_token() -> None:
     assert not reply.ok and reply.error["code"] == "unauthenticated"
     assert m.core.stats["auth_denied"] == 1
     assert m.request("ping").ok
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+def _rows(m: Mesh) -> Dict[int, Tuple[str, Optional[bytes]]]:
+    return {r[0]: (r[1], r[2]) for r in m.store.db.execute("SELECT id, state, input FROM tasks")}
+
+
+def test_a_task_that_ends_young_is_written_once_finished_and_without_its_request(mesh: Mesh) -> None:
+    # Given a task answered within record_after of its submission
+    iid, inst = running(mesh, 1)
+    mesh.store.write(mesh.core.take_batch(mesh.now))
+    assert _rows(mesh) == {}, "not written while young"
+    mesh.now += mesh.settings.record_after / 2
+    mesh.msg(inst, Done([(1, None)]), [b"out"])
+    # When the next group commit runs
+    mesh.store.write(mesh.core.take_batch(mesh.now))
+    # Then its record is there, finished, with no request kept
+    assert _rows(mesh) == {1: ("succeeded", None)}
+
+
+def test_a_task_that_lives_longer_is_written_with_its_request_then_finished(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    # When it is still running record_after later
+    mesh.now += mesh.settings.record_after + 0.1
+    mesh.store.write(mesh.core.take_batch(mesh.now))
+    # Then its record and request are on disk (a restart would run it again)
+    assert _rows(mesh) == {1: ("pending", b"req-1")}
+    mesh.msg(inst, Done([(1, None)]), [b"out"])
+    mesh.store.write(mesh.core.take_batch(mesh.now))
+    assert _rows(mesh) == {1: ("succeeded", None)}

@@ -6,6 +6,7 @@ over this class; :class:`mesh.core.Core` puts them together.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import secrets
@@ -46,6 +47,9 @@ class Base:
         self.objects = Objects()
         self.latency = Histogram()                       # seconds from submit to answer
         self.batch = Batch()                             # changes for the next group commit
+        # rows of tasks not yet written, oldest first: a task is recorded once it finishes, or once
+        # it has waited record_after seconds (a younger one is covered by its client's resend)
+        self.young: "collections.OrderedDict[int, List[Any]]" = collections.OrderedDict()
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
         self.tokens = auth.Tokens({})
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
@@ -72,10 +76,27 @@ class Base:
         out, self.out = self.out, []
         return out
 
-    def take_batch(self) -> Batch:
-        """The changes since the last group commit, for the writer thread."""
+    def take_batch(self, now: Optional[float] = None) -> Batch:
+        """The changes since the last group commit, for the writer thread, with the records of
+        tasks that have waited ``record_after`` seconds by ``now`` (every task without ``now``)."""
+        young, tasks = self.young, self.batch.tasks
+        cutoff = None if now is None else now - self.settings.record_after
+        while young:
+            tid, row = next(iter(young.items()))
+            if cutoff is not None and row[4] > cutoff:
+                break
+            del young[tid]
+            tasks[tid] = row
         batch, self.batch = self.batch, Batch()
         return batch
+
+    def finish_record(self, tid: int, state: str, attempts: int, error: Optional[str]) -> None:
+        """A task ended: its record, written once if it was still young."""
+        row = self.young.pop(tid, None)
+        if row is None:
+            self.batch.finish_task(tid, state, attempts, self.now, error)
+        else:
+            self.batch.tasks[tid] = Batch.finish_row(row, state, attempts, self.now, error)
 
     def plan_soon(self) -> None:
         self.plan_wanted = True

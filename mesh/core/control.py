@@ -34,7 +34,7 @@ from mesh.errors import (
 )
 from mesh.model import auth
 from mesh.model.auth import INSECURE, Principal
-from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, App, Session
+from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, App, Session, Task
 from mesh.model.resources import Resources
 from mesh.model.spec import AppSpec
 from mesh.ops import keys
@@ -327,15 +327,29 @@ class ControlRules(Base):
             row["state"], row["attempts"], row["instance"] = t.state, t.attempt, t.instance
         return row
 
+    @staticmethod
+    def _memory_row(t: Task) -> Dict[str, Any]:
+        """The record of a task too young to be written yet (``record_after``)."""
+        return {"id": t.id, "session": t.sid, "state": t.state, "attempts": t.attempt, "created_at": t.created_at,
+                "finished_at": None, "error": None, "instance": t.instance}
+
+    def _task_rows(self, sid: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        stored = {r["id"] for r in rows}
+        young = [self._memory_row(t) for t in self.tasks.values() if t.sid == sid and t.id not in stored]
+        return [self._overlay(r) for r in rows] + young
+
     def do_find_tasks(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
         s = self._session(_arg(args, "session", str), who)
         return Later(lambda store: store.task_rows(s.id),
-                     then=lambda rows: self._find([self._overlay(r) for r in rows], TASK_FIELDS, args))
+                     then=lambda rows: self._find(self._task_rows(s.id, rows), TASK_FIELDS, args))
 
     def do_get_task(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
         tid = _arg(args, "id", int)
 
         def found(row: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+            t = self.tasks.get(tid)
+            if row is None and t is not None:
+                row = self._memory_row(t)
             if row is None or row["session"] not in self.sessions:
                 raise NotFound(f"task {tid} does not exist", task=tid)
             self._session(row["session"], who)

@@ -57,7 +57,7 @@ class TaskRules(Base):
                 limit="max_pending", session=s.id))
             tags, payloads = tags[:room], payloads[:room]
         now = self.now
-        add = self.batch.add_task
+        young, row = self.young, self.batch.task_row
         keep_max = self.settings.persist_input_max
         sid = s.id
         for tag, payload in zip(tags, payloads):
@@ -68,7 +68,7 @@ class TaskRules(Base):
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
             s.bytes_in += len(payload)
-            add(tid, sid, now, payload if len(payload) <= keep_max else None, cid, tag)
+            young[tid] = row(tid, sid, now, payload if len(payload) <= keep_max else None, cid, tag)
         self.stats["tasks_submitted"] += len(tags)
         self.dispatch(s)
 
@@ -164,7 +164,7 @@ class TaskRules(Base):
             return
         now = self.now
         out: Dict[Tuple[bytes, str], Tuple[List[Outcome], List[Any], List[int]]] = {}
-        finish = self.batch.finish_task
+        finish = self.finish_record
         for (tid, err), payload in zip(rec.outcomes, payloads):
             t = self.tasks.get(tid)
             if t is None or t.instance != inst.id or t.state != RUNNING:
@@ -178,7 +178,7 @@ class TaskRules(Base):
             if s is not None:
                 s.running -= 1
                 s.counts[state] += 1
-            finish(tid, state, t.attempt, now, None if err is None else _json(err))
+            finish(tid, state, t.attempt, None if err is None else _json(err))
             self.latency.observe(now - t.created_at)
             items, frames, tids = out.setdefault((t.client, t.sid), ([], [], []))
             items.append((t.tag, err))
@@ -224,7 +224,7 @@ class TaskRules(Base):
             s = self.sessions.get(t.sid)
             if s is not None:
                 s.counts[state] += 1
-            self.batch.finish_task(t.id, state, t.attempt, self.now, text)
+            self.finish_record(t.id, state, t.attempt, text)
             if t.client:
                 out.setdefault((t.client, t.sid), []).append((t.tag, err))
         for (client, sid), items in out.items():

@@ -26,14 +26,24 @@ class Batch:
     objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
     deleted_objects: List[str] = field(default_factory=list)
 
+    @staticmethod
+    def task_row(tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> List[Any]:
+        """A new task's row (columns of the ``tasks`` table).  ``payload`` None: the request is not
+        kept (too large; the client resends it if need be)."""
+        return [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
+
     def add_task(self, tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> None:
-        """``payload`` None: the request is not kept (too large; the client resends it if need be)."""
-        self.tasks[tid] = [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
+        self.tasks[tid] = self.task_row(tid, sid, created_at, payload, client, tag)
+
+    @staticmethod
+    def finish_row(row: List[Any], state: str, attempts: int, when: float, error: Optional[str]) -> List[Any]:
+        row[2], row[3], row[5], row[6], row[8] = state, attempts, when, None, error
+        return row
 
     def finish_task(self, tid: int, state: str, attempts: int, when: float, error: Optional[str]) -> None:
         row = self.tasks.get(tid)
         if row is not None:
-            row[2], row[3], row[5], row[6], row[8] = state, attempts, when, None, error
+            self.finish_row(row, state, attempts, when, error)
         else:
             self.finished.append((state, attempts, when, None, error, tid))
 

@@ -43,6 +43,10 @@ class Settings:
     persist_input_max: int = 64 * 1024
     """Largest request kept in SQLite while its task waits; a larger one is resent by its client
     after a manager restart instead of being written (a 10 MiB write per task costs more than it saves)."""
+    record_after: float = 0.5
+    """Seconds a queued or running task lives in memory only: a task that finishes sooner is
+    written once, finished and without its request; one that lives longer is written with its
+    request and again when it ends.  A manager crash forgets younger tasks; their clients resend them."""
     max_store_backlog: int = 64
     """Group commits the writer thread may fall behind before the manager stops taking input."""
     max_message_size: int = 256 * 1024 * 1024
