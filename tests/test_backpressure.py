@@ -7,7 +7,7 @@ import time
 import cloudpickle
 import pytest
 import zmq
-from conftest import FAST, stored, tools_spec, wait_until
+from conftest import FAST, tools_spec, wait_until
 
 from client import Client, Session
 from client.local import LocalMesh
@@ -50,8 +50,8 @@ def test_stuck_reader_keeps_manager_memory_bounded(tmp_path, send_hwm, bounded):
                     wait_until(lambda: c.get_session(s.id()).succeeded >= start + 50 + 1, timeout=60, interval=0.02,
                                what=f"tasks {start}..{start + 49} to finish")
                 # the kept answers are on disk, and the writer thread holds no batch any more
-                wait_until(lambda: stored(m.db, "SELECT count(*) FROM tasks WHERE session=? AND state='succeeded'",
-                                          s.id()) == TASKS + 1 and c.stats()["store_backlog"] == 0,
+                wait_until(lambda: c.find_tasks(s.id(), filter={"state": "succeeded"}, page={"limit": 1}).total
+                           == TASKS + 1 and c.stats()["store_backlog"] == 0,
                            timeout=30, what="every finished task in the database")
                 grown = _rss(m.manager.pid) - before
                 assert s.invoke(("echo", "served"), timeout=30) == "served", "others are served meanwhile"

@@ -333,7 +333,9 @@ def test_a_secured_core_refuses_calls_without_a_token() -> None:
 # -- records ---------------------------------------------------------------------------------------
 
 def _rows(m: Mesh) -> Dict[int, Tuple[str, Optional[bytes]]]:
-    return {r[0]: (r[1], r[2]) for r in m.store.db.execute("SELECT id, state, input FROM tasks")}
+    """What the store holds: open tasks with their requests, and finished ones from the log."""
+    rows = {r[0]: (r[1], r[2]) for r in m.store.db.execute("SELECT id, state, input FROM tasks")}
+    return {**rows, **{r["id"]: (r["state"], None) for r in m.store.task_rows("s1") if r["id"] not in rows}}
 
 
 def test_a_task_that_ends_young_is_written_once_finished_and_without_its_request(mesh: Mesh) -> None:
@@ -345,8 +347,9 @@ def test_a_task_that_ends_young_is_written_once_finished_and_without_its_request
     mesh.msg(inst, Done([(1, None)]), [b"out"])
     # When the next group commit runs
     mesh.store.write(mesh.core.take_batch(mesh.now))
-    # Then its record is there, finished, with no request kept
+    # Then its record is there, finished, with no request kept: one log row, no open row
     assert _rows(mesh) == {1: ("succeeded", None)}
+    assert mesh.store.db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
 
 
 def test_a_task_that_lives_longer_is_written_with_its_request_then_finished(mesh: Mesh) -> None:
@@ -359,3 +362,20 @@ def test_a_task_that_lives_longer_is_written_with_its_request_then_finished(mesh
     mesh.msg(inst, Done([(1, None)]), [b"out"])
     mesh.store.write(mesh.core.take_batch(mesh.now))
     assert _rows(mesh) == {1: ("succeeded", None)}
+    assert mesh.store.db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0, "the open row moved to the log"
+    assert mesh.store.get_task(1)["state"] == "succeeded" and mesh.store.max_task_id() == 1
+
+
+def test_finished_tasks_of_one_commit_are_one_log_row_per_session(mesh: Mesh) -> None:
+    # Given 200 tasks of one session answered within one commit window
+    iid, inst = running(mesh, 200)
+    for _ in range(200):
+        tids = [i[0] for t in mesh.to(inst, Tasks) for i in t.items if i[0] in mesh.core.tasks]
+        if not tids:
+            break
+        mesh.msg(inst, Done([(tid, None) for tid in tids]), [b"out"] * len(tids))
+    mesh.store.write(mesh.core.take_batch(mesh.now))
+    # Then one row holds them all, and every record reads back
+    assert mesh.store.db.execute("SELECT count(*) FROM task_log").fetchone()[0] == 1
+    assert [r["id"] for r in mesh.store.task_rows("s1")] == list(range(1, 201))
+    assert mesh.store.get_task(137)["state"] == "succeeded"

@@ -163,7 +163,7 @@ class TaskRules(Base):
             self.gone(peer, "unknown instance")
             return
         now = self.now
-        out: Dict[Tuple[bytes, str], Tuple[List[Outcome], List[Any], List[int]]] = {}
+        out: Dict[Tuple[bytes, str], Tuple[List[Outcome], List[Any], List[Task]]] = {}
         finish = self.finish_record
         for (tid, err), payload in zip(rec.outcomes, payloads):
             t = self.tasks.get(tid)
@@ -180,17 +180,17 @@ class TaskRules(Base):
                 s.counts[state] += 1
             finish(tid, state, t.attempt, None if err is None else _json(err))
             self.latency.observe(now - t.created_at)
-            items, frames, tids = out.setdefault((t.client, t.sid), ([], [], []))
+            items, frames, done = out.setdefault((t.client, t.sid), ([], [], []))
             items.append((t.tag, err))
             frames.append(payload if err is None else b"")
-            tids.append(tid)
+            done.append(t)
         accepted = sum(len(items) for items, _, _ in out.values())
         self.stats["tasks_finished"] += accepted
         self.stats["late_answers_dropped"] += len(rec.outcomes) - accepted
         inst.observe(now, len(rec.outcomes))
-        for (client, sid), (items, frames, tids) in out.items():
+        for (client, sid), (items, frames, done) in out.items():
             self.stats["bytes_out"] += sum(len(f) for f in frames)
-            keep = lambda tids=tids, items=items, frames=frames: self.keep_outputs(tids, items, frames)  # noqa: E731
+            keep = lambda done=done, items=items, frames=frames: self.keep_outputs(done, items, frames)  # noqa: E731
             if client:
                 self.send(client, Result(sid, items), frames, if_lost=keep)
             else:   # its client is away (the manager restarted): keep the output for its resend
@@ -206,11 +206,11 @@ class TaskRules(Base):
             elif self.waiting or inst.draining or s is None or s.state != OPEN:
                 self.plan_soon()   # an idle instance may serve a session that waits
 
-    def keep_outputs(self, tids: Sequence[int], items: Sequence[Outcome], frames: Sequence[Any]) -> None:
+    def keep_outputs(self, done: Sequence[Task], items: Sequence[Outcome], frames: Sequence[Any]) -> None:
         """Answers that could not be delivered are written down for the client's resend."""
-        for tid, (_, err), payload in zip(tids, items, frames):
+        for t, (_, err), payload in zip(done, items, frames):
             if err is None:
-                self.batch.keep_output(tid, payload, self.now)
+                self.batch.keep_output(t.id, payload, t.cid, t.tag)
 
     def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = FAILED) -> None:
         """Finish tasks without a result (cancelled, or out of retries): one RESULT per client."""

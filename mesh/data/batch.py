@@ -25,6 +25,8 @@ class Batch:
     snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
     objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
     deleted_objects: List[str] = field(default_factory=list)
+    # answers kept for a client's resend: (client id, tag, task id, state, output, error)
+    answers: List[Tuple[str, int, int, str, Optional[bytes], Optional[str]]] = field(default_factory=list)
 
     @staticmethod
     def task_row(tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> List[Any]:
@@ -47,22 +49,22 @@ class Batch:
         else:
             self.finished.append((state, attempts, when, None, error, tid))
 
-    def keep_output(self, tid: int, output: Any, when: float) -> None:
-        """A result that could not be delivered is kept for the client to collect."""
+    def keep_output(self, tid: int, output: Any, client: str, tag: int) -> None:
+        """A result that could not be delivered is kept for the client to collect by resending."""
         row = self.tasks.get(tid)
         if row is not None:
             row[7] = output
         else:
-            self.finished.append(("succeeded", -1, when, output, None, tid))
+            self.answers.append((client, tag, tid, "succeeded", output, None))
 
     def size(self) -> int:
         """How many changes the batch holds (a handler that grew it changed durable state)."""
         return (len(self.tasks) + len(self.finished) + len(self.patches) + len(self.snapshots) + len(self.objects)
-                + len(self.deleted_objects))
+                + len(self.deleted_objects) + len(self.answers))
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects)
+                    or self.deleted_objects or self.answers)
 
 
 Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches

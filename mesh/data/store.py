@@ -15,9 +15,10 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mesh.data.batch import OBJECT_PREFIX, Batch, SavedState
+from mesh.wire.protocol import pack, unpack
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,7 +38,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     client TEXT NOT NULL DEFAULT '', tag INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_by_session ON tasks (session, id);
 DROP INDEX IF EXISTS tasks_by_client;
-CREATE INDEX IF NOT EXISTS tasks_answered ON tasks (client, tag) WHERE output IS NOT NULL OR error IS NOT NULL;
+CREATE TABLE IF NOT EXISTS task_log (
+    session TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, records BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS task_log_by_session ON task_log (session, first);
+CREATE INDEX IF NOT EXISTS task_log_by_last ON task_log (last);
+CREATE TABLE IF NOT EXISTS answers (
+    client TEXT NOT NULL, tag INTEGER NOT NULL, id INTEGER NOT NULL, state TEXT NOT NULL, output BLOB, error TEXT,
+    PRIMARY KEY (client, tag, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS executor_keys (
     public TEXT PRIMARY KEY, name TEXT NOT NULL, added_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
@@ -51,7 +58,14 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
 """
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Tasks: ``tasks`` holds the records of open tasks (queued or running for longer than record_after,
+# with their requests) and of tasks lost in a restart; a finished task's record moves to
+# ``task_log``, one row per session per group commit (a msgpack list of LOG_FIELDS), so a commit
+# of thousands of finished tasks writes a handful of rows.  ``answers`` keeps what a resending
+# client may still need: undelivered outputs and errors, by (client id, tag).
+LOG_FIELDS = ("id", "state", "attempts", "created_at", "finished_at", "error", "client", "tag")
+OPEN_STATES = ("pending", "running")
 
 
 class Store:
@@ -182,57 +196,63 @@ class Store:
             "ORDER BY id").fetchall()
 
     def find_by_tags(self, client: str, tags: List[int]) -> Dict[int, Tuple[str, Optional[bytes], Optional[str]]]:
-        """A resending client's tasks that this database can answer: tag -> (state, output, error).
-
-        Only records holding an answer (an undelivered output, or an error) are looked up, through a
-        partial index that every other task record skips (one B-tree less per task written)."""
+        """A resending client's tasks that this database can answer: tag -> (state, output, error)."""
         out: Dict[int, Tuple[str, Optional[bytes], Optional[str]]] = {}
         for i in range(0, len(tags), 500):
             chunk = tags[i:i + 500]
             rows = self.db.execute(
-                f"SELECT tag, state, output, error FROM tasks WHERE client=? AND tag IN ({','.join('?' * len(chunk))}) "
-                "AND (output IS NOT NULL OR error IS NOT NULL) ORDER BY id",   # the newest answer of a tag wins
+                f"SELECT tag, state, output, error FROM answers WHERE client=? AND tag IN ({','.join('?' * len(chunk))}) "
+                "ORDER BY id",   # the newest answer of a tag wins
                 (client, *chunk)).fetchall()
             out.update({r[0]: (r[1], r[2], r[3]) for r in rows})
         return out
 
     def max_task_id(self) -> int:
-        return self.db.execute("SELECT COALESCE(MAX(id), 0) FROM tasks").fetchone()[0]
+        return self.db.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM tasks), 0), "
+                               "COALESCE((SELECT MAX(last) FROM task_log), 0))").fetchone()[0]
 
-    def get_output(self, tid: int) -> Optional[bytes]:
-        r = self.db.execute("SELECT output FROM tasks WHERE id=?", (tid,)).fetchone()
-        return r[0] if r else None
-
-    _TASK_COLUMNS = "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks "
+    _OPEN_COLUMNS = "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks "
 
     @staticmethod
-    def _task_record(r: Tuple[Any, ...]) -> Dict[str, Any]:
+    def _task_record(r: Sequence[Any]) -> Dict[str, Any]:
         return {"id": r[0], "session": r[1], "state": r[2], "attempts": r[3], "created_at": r[4],
                 "finished_at": r[5], "error": json.loads(r[6]) if r[6] else None}
 
+    @classmethod
+    def _logged(cls, sid: str, records: bytes) -> List[Dict[str, Any]]:
+        return [cls._task_record((r[0], sid, r[1], r[2], r[3], r[4], r[5])) for r in unpack(records)]
+
     def get_task(self, tid: int) -> Optional[Dict[str, Any]]:
-        r = self.db.execute(self._TASK_COLUMNS + "WHERE id=?", (tid,)).fetchone()
-        return None if r is None else self._task_record(r)
+        r = self.db.execute(self._OPEN_COLUMNS + "WHERE id=?", (tid,)).fetchone()
+        if r is not None:
+            return self._task_record(r)
+        for sid, records in self.db.execute("SELECT session, records FROM task_log WHERE last >= ? AND first <= ?",
+                                            (tid, tid)):
+            for rec in self._logged(sid, records):
+                if rec["id"] == tid:
+                    return rec
+        return None
 
     def task_rows(self, sid: str) -> List[Dict[str, Any]]:
-        """Every task record of a session, without payloads (for find_tasks)."""
-        rows = self.db.execute(self._TASK_COLUMNS + "WHERE session=? ORDER BY id", (sid,)).fetchall()
-        return [self._task_record(r) for r in rows]
-
-    def task_counts(self, sid: str) -> Dict[str, int]:
-        rows = self.db.execute("SELECT state, COUNT(*) FROM tasks WHERE session=? GROUP BY state", (sid,))
-        return dict(rows.fetchall())
+        """Every task record of a session, without payloads (for find_tasks), by id."""
+        rows = [self._task_record(r) for r in self.db.execute(self._OPEN_COLUMNS + "WHERE session=?", (sid,))]
+        for (records,) in self.db.execute("SELECT records FROM task_log WHERE session=? ORDER BY first", (sid,)):
+            rows += self._logged(sid, records)
+        return sorted(rows, key=lambda r: r["id"])
 
     def write(self, batch: Batch) -> None:
-        """One group commit: every change the event loop collected since the last."""
+        """One group commit: every change the core collected since the last."""
+        open_rows = [row for row in batch.tasks.values() if row[2] in OPEN_STATES]
+        ended = [row for row in batch.tasks.values() if row[2] not in OPEN_STATES]
         with self.db:
-            if batch.tasks:
-                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                    batch.tasks.values())
+            if open_rows:
+                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", open_rows)
             if batch.finished:
-                self.db.executemany(
-                    "UPDATE tasks SET state=?, attempts=MAX(attempts, ?), finished_at=?, "
-                    "output=COALESCE(?, output), error=COALESCE(?, error), input=NULL WHERE id=?", batch.finished)
+                ended += self._close_open(batch.finished)
+            if ended:
+                self._log(ended)
+            if batch.answers:
+                self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)", batch.answers)
             if batch.patches:
                 self.db.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?, ?)", batch.patches)
             for sid, version, kind, data in batch.snapshots:
@@ -244,6 +264,35 @@ class Store:
                 self.db.execute("DELETE FROM objects WHERE key=?", (key,))
                 self.db.execute("DELETE FROM snapshots WHERE session=?", (OBJECT_PREFIX + key,))
                 self.db.execute("DELETE FROM patches WHERE session=?", (OBJECT_PREFIX + key,))
+
+
+    def _close_open(self, finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]]) -> List[List[Any]]:
+        """Tasks written open earlier that have ended: their rows leave ``tasks`` for the log."""
+        ids = [f[5] for f in finished]
+        rows: Dict[int, List[Any]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows.update({r[0]: list(r) for r in self.db.execute(f"SELECT * FROM tasks WHERE id IN ({marks})", chunk)})
+            self.db.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
+        for state, attempts, when, output, error, tid in finished:
+            row = rows.get(tid)
+            if row is not None:
+                row[2], row[3], row[5], row[6], row[7], row[8] = state, max(row[3], attempts), when, None, output, error
+        return list(rows.values())
+
+    def _log(self, rows: List[List[Any]]) -> None:
+        """Finished tasks: one task_log row per session, and their answers where one may be asked for."""
+        by_session: Dict[str, List[List[Any]]] = {}
+        for row in rows:
+            by_session.setdefault(row[1], []).append([row[0], row[2], row[3], row[4], row[5], row[8], row[9], row[10]])
+        self.db.executemany("INSERT INTO task_log VALUES (?, ?, ?, ?)",
+                            [(sid, min(r[0] for r in recs), max(r[0] for r in recs), pack(recs))
+                             for sid, recs in by_session.items()])
+        kept = [(row[9], row[10], row[0], row[2], row[7], row[8]) for row in rows
+                if row[7] is not None or row[8] is not None]
+        if kept:
+            self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)", kept)
 
 
 class Writer:
