@@ -330,7 +330,7 @@ class Instance:
         first (read your writes); if none comes in time, Unavailable ends the
         instance and the manager retries its tasks elsewhere.
         """
-        sid, version, items = msg.header
+        sid, version, items = msg.header.sid, msg.header.version, msg.header.items
         if sid == self._sid:
             self._catch_up(version)
         started = time.monotonic()

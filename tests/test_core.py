@@ -58,7 +58,11 @@ class Mesh:
             eff = todo.pop(0)
             if isinstance(eff, Send):
                 # every record the core sends must survive the codec unchanged
-                assert encode(decode(encode(eff.record, eff.payloads)).header) == encode(eff.record)
+                back = decode(encode(eff.record, eff.payloads))
+                if "sizes" in back.header._fields:
+                    back.header = back.header._replace(sizes=None)   # the codec's bundling, undone
+                assert encode(back.header) == encode(eff.record)
+                assert [bytes(p) for p in back.payloads] == [bytes(p) for p in eff.payloads]
                 sends.append(eff)
             else:
                 assert isinstance(eff, Call)

@@ -95,18 +95,20 @@ class Gone(NamedTuple):
 
 
 class Submit(NamedTuple):
-    """Tasks of one session, one payload frame per tag.  ``(cid, tag)`` names a task across resends."""
+    """Tasks of one session, one payload per tag.  ``(cid, tag)`` names a task across resends."""
     sid: str
     tags: List[int]
     cid: str
     resend: bool
     token: Optional[str] = None
+    sizes: Optional[List[int]] = None
 
 
 class Result(NamedTuple):
-    """Answers of one session: ``(tag, error|nil)`` each, one payload frame each (empty on error)."""
+    """Answers of one session: ``(tag, error|nil)`` each, one payload each (empty on error)."""
     sid: str
     outcomes: List[Outcome]
+    sizes: Optional[List[int]] = None
 
 
 class ExecHello(NamedTuple):
@@ -157,16 +159,18 @@ class Bind(NamedTuple):
 
 
 class Tasks(NamedTuple):
-    """Tasks to run, ``(task id, attempt)`` each, one payload frame each; ``version``: the
+    """Tasks to run, ``(task id, attempt)`` each, one payload each; ``version``: the
     session's context version at dispatch (a replica behind it resyncs first)."""
     sid: str
     version: int
     items: List[Tuple[int, int]]
+    sizes: Optional[List[int]] = None
 
 
 class Done(NamedTuple):
-    """Answers: ``(task id, error|nil)`` each, one payload frame each (empty on error)."""
+    """Answers: ``(task id, error|nil)`` each, one payload each (empty on error)."""
     outcomes: List[Outcome]
+    sizes: Optional[List[int]] = None
 
 
 class CtxWrite(NamedTuple):
@@ -209,7 +213,13 @@ RECORDS: Dict[Cmd, Tuple[Type[Any], str]] = {
 }
 CMD_OF: Dict[Type[Any], Cmd] = {rec: cmd for cmd, (rec, _) in RECORDS.items()}
 
-# How many payload frames each command carries (commands not listed carry none).
+# Commands with one payload per item.  Small payloads travel bundled: one frame holding them all,
+# cut by the header's ``sizes`` (a frame costs a system call and a Python call at each end; a few
+# hundred no-op tasks then cost one frame, not hundreds).  Large ones travel one frame each, uncopied.
+BUNDLED = frozenset({Cmd.SUBMIT, Cmd.RESULT, Cmd.TASKS, Cmd.DONE})
+BUNDLE_ITEM_MAX = 64 * 1024        # a payload this large or larger is never copied into a bundle
+
+# How many payloads each command carries, after unbundling (commands not listed carry none).
 _PAYLOADS: Dict[Cmd, Callable[[Any], int]] = {
     Cmd.SUBMIT: lambda r: len(r.tags),
     Cmd.RESULT: lambda r: len(r.outcomes),
@@ -348,9 +358,29 @@ def header_of(record: Any) -> Any:
 
 
 def encode(record: Any, payloads: Sequence[Frame] = ()) -> List[Frame]:
-    """The frames of one message (without a ROUTER identity)."""
+    """The frames of one message (without a ROUTER identity); small payloads of the hot-path
+    commands are bundled into one frame (see ``BUNDLED``)."""
     cmd = CMD_OF[type(record)]
+    if cmd in BUNDLED and len(payloads) > 1 and all(len(p) < BUNDLE_ITEM_MAX for p in payloads):
+        record = record._replace(sizes=[len(p) for p in payloads])
+        payloads = [b"".join(payloads)]
     return [MAGIC, _CMD_BYTES[cmd], pack(header_of(record)), *payloads]
+
+
+def _unbundle(cmd: Cmd, sizes: List[int], frames: List[Frame]) -> List[Frame]:
+    """The payloads of a bundled message: views into its one frame (no copy)."""
+    if len(frames) != 1:
+        raise ProtocolError(f"{cmd.name}: a bundle is one payload frame, got {len(frames)}", field="sizes")
+    buf = memoryview(frames[0])
+    if any(n < 0 for n in sizes) or sum(sizes) != buf.nbytes:
+        raise ProtocolError(f"{cmd.name}: bundle sizes add up to {sum(sizes)}, the frame has {buf.nbytes} bytes",
+                            field="sizes")
+    out: List[Frame] = []
+    at = 0
+    for n in sizes:
+        out.append(buf[at:at + n])
+        at += n
+    return out
 
 
 _CMD_BYTES = {cmd: bytes((cmd,)) for cmd in Cmd}
@@ -388,6 +418,8 @@ def decode(frames: Sequence[Frame]) -> Message:
     except Exception:  # a check tripping on a weird shape is still a bad header
         raise ProtocolError(f"{cmd.name}: header has the wrong shape") from None
     payloads = list(frames[3:])
+    if cmd in BUNDLED and record.sizes is not None:
+        payloads = _unbundle(cmd, record.sizes, payloads)
     expected = _PAYLOADS[cmd](record) if cmd in _PAYLOADS else 0
     if len(payloads) != expected:
         raise ProtocolError(f"{cmd.name}: {len(payloads)} payload frames, expected {expected}")
