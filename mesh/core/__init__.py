@@ -152,8 +152,7 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
             self.objects.load(key, doc, sid, expires_at)
         self._next_tid = itertools.count(saved.max_task_id + 1)
         if self.secured:   # a restart logs nobody out
-            self.tokens = auth.Tokens({d: (auth.Principal(name, role, kind), expires)
-                                       for d, name, kind, role, expires in saved.tokens})
+            self.tokens = auth.Tokens(auth.token_table(saved.tokens))
         lost = []
         for tid, sid, attempts, payload, cid, tag in saved.unfinished:
             s = self.sessions.get(sid)

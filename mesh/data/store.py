@@ -182,6 +182,48 @@ class Store:
         rows = self.db.execute("SELECT public, name, added_at FROM executor_keys ORDER BY name").fetchall()
         return [{"public": r[0], "name": r[1], "added_at": r[2]} for r in rows]
 
+    # users, robots and login tokens: the rules are in mesh/model/auth.py, the SQL here
+    def user(self, name: str) -> Optional[Tuple[str, str]]:
+        """(role, secret hash) of a user, or None."""
+        return self.db.execute("SELECT role, secret FROM users WHERE name=?", (name,)).fetchone()
+
+    def insert_user(self, name: str, role: str, secret_hash: str, now: float) -> None:
+        self.db.execute("INSERT INTO users VALUES (?, ?, ?, ?)", (name, role, secret_hash, now))
+
+    def delete_user(self, name: str) -> int:
+        """Removes the user and its tokens; how many users matched (0 or 1)."""
+        n = self.db.execute("DELETE FROM users WHERE name=?", (name,)).rowcount
+        self.db.execute("DELETE FROM tokens WHERE principal=? AND kind='user'", (name,))
+        return n
+
+    def users(self) -> List[Dict[str, Any]]:
+        rows = self.db.execute("SELECT name, role, created_at FROM users ORDER BY name").fetchall()
+        return [{"name": r[0], "role": r[1], "created_at": r[2]} for r in rows]
+
+    def robot(self, rid: str) -> Optional[Tuple[str, str, Optional[float]]]:
+        """(role, secret hash, revoked_at) of a robot, or None."""
+        return self.db.execute("SELECT role, secret, revoked_at FROM robots WHERE id=?", (rid,)).fetchone()
+
+    def insert_robot(self, rid: str, name: str, role: str, secret_hash: str, now: float) -> None:
+        self.db.execute("INSERT INTO robots VALUES (?, ?, ?, ?, ?, NULL)", (rid, name, role, secret_hash, now))
+
+    def revoke_robot(self, rid: str, now: float) -> int:
+        """Marks a live robot revoked and drops its tokens; how many robots matched (0 or 1)."""
+        n = self.db.execute("UPDATE robots SET revoked_at=? WHERE id=? AND revoked_at IS NULL", (now, rid)).rowcount
+        self.db.execute("DELETE FROM tokens WHERE principal=? AND kind='robot'", (rid,))
+        return n
+
+    def robots(self) -> List[Dict[str, Any]]:
+        rows = self.db.execute("SELECT id, name, role, created_at, revoked_at FROM robots ORDER BY created_at")
+        return [{"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "revoked_at": r[4]} for r in rows]
+
+    def save_token(self, token_digest: str, principal: str, kind: str, role: str, expires_at: float) -> None:
+        """One login token (as its digest), dropping expired ones on the way."""
+        with self.db:
+            self.db.execute("DELETE FROM tokens WHERE expires_at < ?", (time.time(),))
+            self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)", (token_digest, principal, kind, role,
+                                                                          expires_at))
+
     def executor_key_allowed(self, public: str) -> bool:
         return self.db.execute("SELECT 1 FROM executor_keys WHERE public=?", (public,)).fetchone() is not None
 

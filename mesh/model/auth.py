@@ -101,45 +101,38 @@ def add_user(store: Store, name: str, role: str, password: str) -> Dict[str, Any
     if not name or not password:
         raise InvalidArgument("a user needs a name and a non-empty password")
     with store.db:
-        if store.db.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+        if store.user(name) is not None:
             raise AlreadyExists(f"user {name!r} already exists", user=name)
-        store.db.execute("INSERT INTO users VALUES (?, ?, ?, ?)", (name, _role(role), keys.hash_secret(password),
-                                                                  time.time()))
+        store.insert_user(name, _role(role), keys.hash_secret(password), time.time())
     return {"name": name, "role": role}
 
 
 def remove_user(store: Store, name: str) -> None:
     with store.db:
-        if not store.db.execute("DELETE FROM users WHERE name=?", (name,)).rowcount:
+        if not store.delete_user(name):
             raise NotFound(f"user {name!r} does not exist", user=name)
-        store.db.execute("DELETE FROM tokens WHERE principal=? AND kind='user'", (name,))
 
 
 def list_users(store: Store) -> List[Dict[str, Any]]:
-    rows = store.db.execute("SELECT name, role, created_at FROM users ORDER BY name").fetchall()
-    return [{"name": r[0], "role": r[1], "created_at": r[2]} for r in rows]
+    return store.users()
 
 
 def create_robot(store: Store, name: str, role: str) -> Dict[str, Any]:
     """A robot account: its secret is returned once and stored only as a hash."""
     rid, secret = f"robot-{secrets.token_hex(4)}", secrets.token_urlsafe(32)
     with store.db:
-        store.db.execute("INSERT INTO robots VALUES (?, ?, ?, ?, ?, NULL)",
-                         (rid, name, _role(role), keys.hash_secret(secret), time.time()))
+        store.insert_robot(rid, name, _role(role), keys.hash_secret(secret), time.time())
     return {"id": rid, "name": name, "role": role, "secret": secret}
 
 
 def revoke_robot(store: Store, rid: str) -> None:
     with store.db:
-        if not store.db.execute("UPDATE robots SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
-                                (time.time(), rid)).rowcount:
+        if not store.revoke_robot(rid, time.time()):
             raise NotFound(f"robot {rid!r} does not exist or is already revoked", robot=rid)
-        store.db.execute("DELETE FROM tokens WHERE principal=? AND kind='robot'", (rid,))
 
 
 def list_robots(store: Store) -> List[Dict[str, Any]]:
-    rows = store.db.execute("SELECT id, name, role, created_at, revoked_at FROM robots ORDER BY created_at").fetchall()
-    return [{"id": r[0], "name": r[1], "role": r[2], "created_at": r[3], "revoked_at": r[4]} for r in rows]
+    return store.robots()
 
 
 # -- the executor allow-list (same rules offline and online) ---------------------------
@@ -168,30 +161,25 @@ def list_executor_keys(store: Store) -> List[Dict[str, Any]]:
 def credentials(store: Store, args: Dict[str, Any]) -> Tuple[Principal, str]:
     """The principal that ``args`` (user+password or robot+secret) claim, and the stored hash to check."""
     if isinstance(args.get("user"), str):
-        row = store.db.execute("SELECT role, secret FROM users WHERE name=?", (args["user"],)).fetchone()
-        if row is None:
+        user = store.user(args["user"])
+        if user is None:
             raise Unauthenticated("wrong user name or password")
-        return Principal(args["user"], row[0], "user"), row[1]
+        return Principal(args["user"], user[0], "user"), user[1]
     if isinstance(args.get("robot"), str):
-        row = store.db.execute("SELECT role, secret, revoked_at, name FROM robots WHERE id=?",
-                               (args["robot"],)).fetchone()
-        if row is None or row[2] is not None:
+        robot = store.robot(args["robot"])
+        if robot is None or robot[2] is not None:
             raise Unauthenticated("unknown or revoked robot")
-        return Principal(args["robot"], row[0], "robot"), row[1]
+        return Principal(args["robot"], robot[0], "robot"), robot[1]
     raise Unauthenticated("login needs user and password, or robot and secret")
 
 
 def save_token(store: Store, token: str, p: Principal, expires_at: float) -> None:
-    with store.db:
-        store.db.execute("DELETE FROM tokens WHERE expires_at < ?", (time.time(),))
-        store.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)", (digest(token), p.name, p.kind, p.role,
-                                                                      expires_at))
+    store.save_token(digest(token), p.name, p.kind, p.role, expires_at)
 
 
-def load_tokens(store: Store) -> Dict[str, Tuple[Principal, float]]:
-    rows = store.db.execute("SELECT digest, principal, kind, role, expires_at FROM tokens WHERE expires_at > ?",
-                            (time.time(),)).fetchall()
-    return {r[0]: (Principal(r[1], r[3], r[2]), r[4]) for r in rows}
+def token_table(rows: List[Tuple[str, str, str, str, float]]) -> Dict[str, Tuple[Principal, float]]:
+    """Saved tokens (``Store.live_tokens`` rows) as :class:`Tokens` holds them: a restart logs nobody out."""
+    return {d: (Principal(name, role, kind), expires) for d, name, kind, role, expires in rows}
 
 
 class Tokens:
