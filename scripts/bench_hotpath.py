@@ -15,24 +15,25 @@ zeromesh / limit per run (throughput: higher is better; latency: lower).
 With ``--json`` the per-run figures are written too.
 
 Usage: python scripts/bench_hotpath.py [--runs 6] [--tasks 20000] [--window 2000] [--latency 500]
+                                      [--quick] [--silent] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Deque, Dict, List
+from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import bench_limit  # noqa: E402
+from bench import stream_count as stream  # noqa: E402  (count tasks, window in flight -> seconds)
 
 from client import Client, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
@@ -41,22 +42,6 @@ NOOP = {"metadata": {"name": "noop"},
         "spec": {"working_directory": os.path.join(HERE, "bench_apps"), "command": sys.executable,
                  "arguments": ["noop_service.py"]}}
 RESULT_WAIT = 60.0
-MAX_LOOPS = 10_000_000
-
-
-def stream(session: Session, count: int, window: int) -> float:
-    """Run ``count`` no-op tasks with at most ``window`` in flight; seconds until the last answer."""
-    futs: Deque[Any] = collections.deque()
-    sent = 0
-    start = time.perf_counter()
-    for _ in range(MAX_LOOPS):
-        while sent < count and len(futs) < window:
-            futs.append(session.submit(None))
-            sent += 1
-        if not futs:
-            break
-        futs.popleft().result(RESULT_WAIT)
-    return time.perf_counter() - start
 
 
 def latency(session: Session, count: int) -> Dict[str, Any]:
@@ -99,7 +84,11 @@ def main(argv: Any = None) -> Dict[str, Any]:
     ap.add_argument("--window", type=int, default=2000)
     ap.add_argument("--latency", type=int, default=500, help="one-at-a-time tasks per run")
     ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--quick", action="store_true", help="1 run of 2,000 tasks and 30 invokes (for tests)")
+    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     opts = ap.parse_args(argv)
+    if opts.quick:
+        opts.runs, opts.tasks, opts.latency = 1, 2000, 30
     runs: List[Dict[str, Any]] = []
     env = {"ZMESH_LOG_LEVEL": "WARNING"}
     with tempfile.TemporaryDirectory(prefix="zmesh-hot-") as logs, \
@@ -121,7 +110,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
                        "p50_ratio": round(lat["p50_us"] / raw_lat["p50_us"], 3),
                        "p99_over_p50": round(lat["p99_us"] / lat["p50_us"], 3)}
                 runs.append(run)
-                print(f"run {i + 1}: {run}", file=sys.stderr, flush=True)
+                if not opts.silent:
+                    print(f"run {i + 1}: {run}", file=sys.stderr, flush=True)
     col = {k: [r[k] for r in runs] for k in runs[0]}
     summary = {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in col.items()}
     print(f"{opts.runs} runs of {opts.tasks:,} no-op tasks (window {opts.window}) on 2 executors x 1 slot; "

@@ -102,3 +102,14 @@ def test_bench_context_quick_reports_patch_vs_replace_and_lag(tmp_path):
     assert _positive(lag["overall"]["p50_us"]) and lag["overall"]["p99_us"] >= lag["overall"]["p50_us"]
     assert _positive(res["total_seconds"])
     assert "client write p50" in text   # the table was printed
+
+
+def test_bench_hotpath_quick_reports_ratios_against_the_limit(tmp_path):
+    out = tmp_path / "hot.json"
+    text = _run("bench_hotpath.py", out, 120)
+    res = json.loads(out.read_text())
+    [run] = res["runs"]
+    for key in ("tasks_per_s", "limit_tasks_per_s", "throughput_ratio", "p50_us", "limit_p50_us", "p50_ratio"):
+        assert _positive(run[key]), (key, run)
+    assert run["throughput_ratio"] == round(run["tasks_per_s"] / run["limit_tasks_per_s"], 3)
+    assert "throughput_ratio" in text and "min / median / max" in text
