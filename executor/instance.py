@@ -177,7 +177,7 @@ class Instance:
     def _apply_patch(self, msg: Message) -> None:
         """Apply one sequenced write to the replica; on a version gap, ask for a snapshot."""
         h: CtxPatch = msg.header
-        if h.sid != self._sid:
+        if h.session != self._sid:
             return  # another session's: this instance has moved on
         blob = msg.payloads[0] if h.ops is None and msg.payloads else None
         if self._replica.receive(h.version, h.ops, blob).needs_snapshot:
@@ -194,7 +194,7 @@ class Instance:
         self._sock.send_multipart(encode(Resync(self._sid, self._replica.version)))
 
     def _on_bind(self, msg: Message) -> None:
-        sid = msg.header.sid
+        sid = msg.header.session
         if sid is not None and sid == self._sid and not self._binds_queued:
             self._bind(msg)          # a snapshot of our session (a resync's answer): take it now
         else:
@@ -206,11 +206,11 @@ class Instance:
         """Take the manager's snapshot: of our session (a resync), or of the session we now serve."""
         h: Bind = msg.header
         data = msg.payloads[0] if msg.payloads else b""
-        if h.sid is not None and h.sid == self._sid:
+        if h.session is not None and h.session == self._sid:
             self._replica.restore(h.kind, h.version, data)   # STALE (and kept) if we hold it already
         else:
             self._flush()   # the last session's results go out before the next session's work
-            self._sid = h.sid
+            self._sid = h.session
             self._replica = Replica.from_wire(h.kind, data, h.version)
         self._resyncing = False
 
@@ -330,7 +330,7 @@ class Instance:
         first (read your writes); if none comes in time, Unavailable ends the
         instance and the manager retries its tasks elsewhere.
         """
-        sid, version, items = msg.header.sid, msg.header.version, msg.header.items
+        sid, version, items = msg.header.session, msg.header.version, msg.header.items
         if sid == self._sid:
             self._catch_up(version)
         started = time.monotonic()

@@ -37,16 +37,16 @@ VALID: Dict[Cmd, List[Tuple[Any, int]]] = {
     Cmd.STOP: [({"iid": "i1"}, 0)],
     Cmd.EXITED: [({"iid": "i1", "code": -9, "reason": "killed"}, 0)],
     Cmd.INST_HELLO: [({"iid": "i1", "eid": "e1", "pid": 4242}, 0)],
-    Cmd.BIND: [({"sid": "s1", "app": "echo", "kind": "pickle", "version": 3}, 1),
-               ({"sid": None, "app": "echo", "kind": "none", "version": 0}, 1)],
+    Cmd.BIND: [({"session": "s1", "app": "echo", "kind": "pickle", "version": 3}, 1),
+               ({"session": None, "app": "echo", "kind": "none", "version": 0}, 1)],
     Cmd.TASKS: [(["s1", 4, [[7, 0], [8, 2]]], 2), (["s1", 0, []], 0)],
     Cmd.DONE: [([[[7, None], [8, {"code": "task_failed"}]]], 2), ([[]], 0)],
-    Cmd.CTX_WRITE: [({"sid": "s1", "seq": 1, "ops": None}, 1),
-                    ({"sid": "s1", "seq": 2, "ops": [{"op": "add", "path": "/a", "value": 1}]}, 0)],
-    Cmd.CTX_PATCH: [({"sid": "s1", "version": 2, "ops": None}, 1),
-                    ({"sid": "s1", "version": 3, "ops": [], "seq": 4}, 0)],
-    Cmd.CTX_REJECT: [({"sid": "s1", "seq": 1, "error": {"code": "conflict", "message": "test failed"}}, 0)],
-    Cmd.RESYNC: [({"sid": "s1", "have": 3}, 0)],
+    Cmd.CTX_WRITE: [({"session": "s1", "seq": 1, "ops": None}, 1),
+                    ({"session": "s1", "seq": 2, "ops": [{"op": "add", "path": "/a", "value": 1}]}, 0)],
+    Cmd.CTX_PATCH: [({"session": "s1", "version": 2, "ops": None}, 1),
+                    ({"session": "s1", "version": 3, "ops": [], "seq": 4}, 0)],
+    Cmd.CTX_REJECT: [({"session": "s1", "seq": 1, "error": {"code": "conflict", "message": "test failed"}}, 0)],
+    Cmd.RESYNC: [({"session": "s1", "have": 3}, 0)],
     Cmd.DRAIN: [({}, 0)],
 }
 
@@ -108,7 +108,7 @@ def test_round_trip_memoryview_frames(cmd: Cmd, header: Any, n: int) -> None:
 
 def test_payload_frames_are_passed_through_untouched() -> None:
     blob = bytes(range(256)) * 10
-    msg = decode(frames_for(Cmd.BIND, {"sid": "s", "app": "a", "kind": "k", "version": 1}, 0)[:3] + [blob])
+    msg = decode(frames_for(Cmd.BIND, {"session": "s", "app": "a", "kind": "k", "version": 1}, 0)[:3] + [blob])
     assert bytes(msg.payloads[0]) == blob
 
 
@@ -212,11 +212,11 @@ FIELD_KINDS: Dict[Cmd, Dict[str, str]] = {
     Cmd.STOP: {"iid": "str"},
     Cmd.EXITED: {"iid": "str", "code": "int", "reason": "str"},
     Cmd.INST_HELLO: {"iid": "str", "eid": "str", "pid": "int"},
-    Cmd.BIND: {"sid": "opt_str", "app": "str", "kind": "str", "version": "int"},
-    Cmd.CTX_WRITE: {"sid": "str", "seq": "int", "ops": "opt_list"},
-    Cmd.CTX_PATCH: {"sid": "str", "version": "int", "ops": "opt_list", "seq": "opt_int"},
-    Cmd.CTX_REJECT: {"sid": "str", "seq": "int", "error": "map"},
-    Cmd.RESYNC: {"sid": "str", "have": "int"},
+    Cmd.BIND: {"session": "opt_str", "app": "str", "kind": "str", "version": "int"},
+    Cmd.CTX_WRITE: {"session": "str", "seq": "int", "ops": "opt_list"},
+    Cmd.CTX_PATCH: {"session": "str", "version": "int", "ops": "opt_list", "seq": "opt_int"},
+    Cmd.CTX_REJECT: {"session": "str", "seq": "int", "error": "map"},
+    Cmd.RESYNC: {"session": "str", "have": "int"},
     Cmd.DRAIN: {},
 }
 ACCEPTS: Dict[str, Any] = {
@@ -270,10 +270,10 @@ def test_map_header_wrong_shape(cmd: Cmd, header: Any, needle: str) -> None:
     (Cmd.EXEC_HELLO, {"id": "e", "caps": []}),
     (Cmd.LAUNCH, {"iid": "i", "app": "echo"}),
     (Cmd.EXITED, {"iid": "i", "code": None, "reason": "x"}),
-    (Cmd.BIND, {"sid": 1, "app": "a", "kind": "k", "version": 0}),
-    (Cmd.CTX_WRITE, {"sid": "s", "seq": 1, "ops": {}}),
-    (Cmd.CTX_PATCH, {"sid": "s", "version": 1, "ops": None, "seq": "1"}),
-    (Cmd.CTX_REJECT, {"sid": "s", "seq": 1, "error": None}),
+    (Cmd.BIND, {"session": 1, "app": "a", "kind": "k", "version": 0}),
+    (Cmd.CTX_WRITE, {"session": "s", "seq": 1, "ops": {}}),
+    (Cmd.CTX_PATCH, {"session": "s", "version": 1, "ops": None, "seq": "1"}),
+    (Cmd.CTX_REJECT, {"session": "s", "seq": 1, "error": None}),
 ], ids=lambda v: getattr(v, "name", None) if isinstance(v, Cmd) else None)
 def test_map_header_specific_wrong_types(cmd: Cmd, header: Any) -> None:
     msg = rejected(frames_for(cmd, header, 1))
@@ -283,17 +283,17 @@ def test_map_header_specific_wrong_types(cmd: Cmd, header: Any) -> None:
 LIST_CASES: List[Tuple[Cmd, Any]] = []
 # SUBMIT: [sid, [tag...], client id, resend]
 LIST_CASES += [(Cmd.SUBMIT, h) for h in (
-    {"sid": "s"}, "s", None, ["s"], ["s", []], ["s", [], "c"], ["s", [], "c", False, 1], [1, [], "c", False],
+    {"session": "s"}, "s", None, ["s"], ["s", []], ["s", [], "c"], ["s", [], "c", False, 1], [1, [], "c", False],
     ["s", {}, "c", False], ["s", [], 1, False], ["s", [], "c", 0], ["s", [], "c", None], [b"s", [], "c", False],
     ["s", [1, "x"], "c", False], ["s", [1.5], "c", False], ["s", [[1]], "c", False], ["s", [None], "c", False])]
 for _cmd, _items in ((Cmd.RESULT, [[1], [[1]], [[1, None, 3]], [["1", None]], [[1, "err"]], [[1, []]], [5]]),):
-    LIST_CASES += [(_cmd, {"sid": "s"}), (_cmd, "s"), (_cmd, None), (_cmd, ["s"]), (_cmd, ["s", [], 1]),
+    LIST_CASES += [(_cmd, {"session": "s"}), (_cmd, "s"), (_cmd, None), (_cmd, ["s"]), (_cmd, ["s", [], 1]),
                    (_cmd, [1, []]), (_cmd, [None, []]), (_cmd, ["s", {}]), (_cmd, ["s", None]),
                    (_cmd, [b"s", []])]
     LIST_CASES += [(_cmd, ["s", items]) for items in _items]
 # TASKS: [sid, context version, [[tid, attempt]...]]
 LIST_CASES += [(Cmd.TASKS, h) for h in (
-    {"sid": "s"}, "s", None, ["s", []], ["s", 1], ["s", 1, [], 2], [1, 1, []], [None, 1, []], [b"s", 1, []],
+    {"session": "s"}, "s", None, ["s", []], ["s", 1], ["s", 1, [], 2], [1, 1, []], [None, 1, []], [b"s", 1, []],
     ["s", None, []], ["s", "1", []], ["s", 1.0, []], ["s", [], 1], ["s", 1, {}], ["s", 1, None],
     ["s", 1, [[1]]], ["s", 1, [[1, None]]], ["s", 1, [["1", 0]]], ["s", 1, [[1, 0, 0]]], ["s", 1, [1]],
     ["s", 1, [[1, 1.0]]], ["s", [[1, 0]]])]
@@ -316,12 +316,12 @@ def test_list_header_wrong_shape(cmd: Cmd, header: Any) -> None:
     (Cmd.WELCOME, {"heartbeat_ms": 200, "liveness": False}, 0),
     (Cmd.EXITED, {"iid": "i", "code": False, "reason": "x"}, 0),
     (Cmd.INST_HELLO, {"iid": "i", "eid": "e", "pid": True}, 0),
-    (Cmd.BIND, {"sid": "s", "app": "a", "kind": "k", "version": True}, 1),
-    (Cmd.CTX_WRITE, {"sid": "s", "seq": True, "ops": []}, 0),
-    (Cmd.CTX_PATCH, {"sid": "s", "version": True, "ops": [], "seq": None}, 0),
-    (Cmd.CTX_PATCH, {"sid": "s", "version": 1, "ops": [], "seq": True}, 0),
-    (Cmd.CTX_REJECT, {"sid": "s", "seq": False, "error": {}}, 0),
-    (Cmd.RESYNC, {"sid": "s", "have": True}, 0),
+    (Cmd.BIND, {"session": "s", "app": "a", "kind": "k", "version": True}, 1),
+    (Cmd.CTX_WRITE, {"session": "s", "seq": True, "ops": []}, 0),
+    (Cmd.CTX_PATCH, {"session": "s", "version": True, "ops": [], "seq": None}, 0),
+    (Cmd.CTX_PATCH, {"session": "s", "version": 1, "ops": [], "seq": True}, 0),
+    (Cmd.CTX_REJECT, {"session": "s", "seq": False, "error": {}}, 0),
+    (Cmd.RESYNC, {"session": "s", "have": True}, 0),
     (Cmd.SUBMIT, ["s", [1, True], "c", False], 2),
     (Cmd.RESULT, ["s", [[True, None]]], 1),
     (Cmd.TASKS, ["s", 1, [[1, True]]], 1),
@@ -344,12 +344,12 @@ def test_bool_is_not_an_int(cmd: Cmd, header: Any, n: int) -> None:
     (Cmd.TASKS, ["s", 5, [[1, 0], [2, 0], [3, 0]]], 2, 3),
     (Cmd.TASKS, ["s", 5, []], 1, 0),
     (Cmd.DONE, [[[1, None]]], 2, 1),
-    (Cmd.BIND, {"sid": "s", "app": "a", "kind": "k", "version": 0}, 0, 1),
-    (Cmd.BIND, {"sid": "s", "app": "a", "kind": "k", "version": 0}, 2, 1),
-    (Cmd.CTX_WRITE, {"sid": "s", "seq": 1, "ops": None}, 0, 1),
-    (Cmd.CTX_WRITE, {"sid": "s", "seq": 1, "ops": []}, 1, 0),
-    (Cmd.CTX_PATCH, {"sid": "s", "version": 1, "ops": None, "seq": None}, 2, 1),
-    (Cmd.CTX_PATCH, {"sid": "s", "version": 1, "ops": [], "seq": 1}, 1, 0),
+    (Cmd.BIND, {"session": "s", "app": "a", "kind": "k", "version": 0}, 0, 1),
+    (Cmd.BIND, {"session": "s", "app": "a", "kind": "k", "version": 0}, 2, 1),
+    (Cmd.CTX_WRITE, {"session": "s", "seq": 1, "ops": None}, 0, 1),
+    (Cmd.CTX_WRITE, {"session": "s", "seq": 1, "ops": []}, 1, 0),
+    (Cmd.CTX_PATCH, {"session": "s", "version": 1, "ops": None, "seq": None}, 2, 1),
+    (Cmd.CTX_PATCH, {"session": "s", "version": 1, "ops": [], "seq": 1}, 1, 0),
 ], ids=lambda v: getattr(v, "name", None) if isinstance(v, Cmd) else None)
 def test_wrong_payload_frame_count(cmd: Cmd, header: Any, n: int, expected: int) -> None:
     msg = rejected(frames_for(cmd, header, n))

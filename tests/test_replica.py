@@ -462,7 +462,7 @@ class Sequencer:
     def broadcast(self, sock: ScriptedSocket, ops: List[Any]) -> None:
         """Another writer's write: sequenced here, delivered to the instance."""
         version = self.doc.apply(ops, None)
-        sock.deliver(Cmd.CTX_PATCH, {"sid": self.sid, "version": version, "ops": ops, "seq": None})
+        sock.deliver(Cmd.CTX_PATCH, {"session": self.sid, "version": version, "ops": ops, "seq": None})
 
 
 def release_after(results: int, manager: Manager) -> Manager:
@@ -542,7 +542,7 @@ def test_an_unanswered_write_times_out_with_unavailable_and_a_late_answer_is_dro
     with pytest.raises(Unavailable, match="instance_write_timeout"):
         ins.patch_context(INCR)
     # Then a late answer still updates the replica (it is a sequenced write) but answers no one
-    sock.deliver(Cmd.CTX_PATCH, {"sid": "s1", "version": 1, "ops": INCR, "seq": 1})
+    sock.deliver(Cmd.CTX_PATCH, {"session": "s1", "version": 1, "ops": INCR, "seq": 1})
     ins._pump(lambda: not sock.inbox, 0.0)
     assert ins._answers == {} and ins._version == 1
 
@@ -634,7 +634,7 @@ def test_a_bind_to_another_session_waits_behind_the_work_before_it():
 
     def task(req: Any) -> Any:
         if req == "x":
-            sock.deliver(Cmd.BIND, {"sid": "s2", "app": "t", "kind": DOC, "version": 4}, [pack("second")])
+            sock.deliver(Cmd.BIND, {"session": "s2", "app": "t", "kind": DOC, "version": 4}, [pack("second")])
             sock.deliver(*_tasks("s2", 4, "y"))
             ins.update_context("first, changed")
         return ins.session_id(), ins.context()
@@ -655,8 +655,8 @@ def test_binds_keep_their_order_when_the_instance_returns_to_its_session():
 
     def task(req: Any) -> Any:
         if req == "x":
-            sock.deliver(Cmd.BIND, {"sid": "s2", "app": "t", "kind": DOC, "version": 0}, [pack("s2 v0")])
-            sock.deliver(Cmd.BIND, {"sid": "s1", "app": "t", "kind": DOC, "version": 3}, [pack("s1 v3")])
+            sock.deliver(Cmd.BIND, {"session": "s2", "app": "t", "kind": DOC, "version": 0}, [pack("s2 v0")])
+            sock.deliver(Cmd.BIND, {"session": "s1", "app": "t", "kind": DOC, "version": 3}, [pack("s1 v3")])
             sock.deliver(*_tasks("s1", 3, "y"))
             ins.update_context("s1 v1")
         return ins.session_id(), ins.context()
@@ -682,7 +682,7 @@ def test_a_lossy_link_never_leaves_a_replica_wrong(seed):
         ops = [{"op": "add", "path": "/log/-", "value": i}]
         version = seqr.doc.apply(ops, None)
         if rnd.random() < 0.7:   # 30 % of the other writers' patches are lost
-            sock.deliver(Cmd.CTX_PATCH, {"sid": "s1", "version": version, "ops": ops, "seq": None})
+            sock.deliver(Cmd.CTX_PATCH, {"session": "s1", "version": version, "ops": ops, "seq": None})
         if rnd.random() < 0.2:
             ins.patch_context(INCR)
     sock.deliver(*_tasks("s1", seqr.doc.version, "check"))

@@ -55,10 +55,10 @@ class ContextRules(Base):
 
     def on_ctx_write(self, peer: bytes, rec: CtxWrite, payloads: Sequence[Any]) -> None:
         inst = self.peers.get(peer)
-        s = self.sessions.get(rec.sid)
+        s = self.sessions.get(rec.session)
         if not isinstance(inst, Instance) or s is None or inst.session is not s:
-            err = FailedPrecondition(f"instance is not bound to session {rec.sid!r}", session=rec.sid)
-            self.send(peer, CtxReject(rec.sid, rec.seq, err.to_wire()))
+            err = FailedPrecondition(f"instance is not bound to session {rec.session!r}", session=rec.session)
+            self.send(peer, CtxReject(rec.session, rec.seq, err.to_wire()))
             return
         try:
             blob = bytes(payloads[0]) if payloads else None
@@ -74,7 +74,7 @@ class ContextRules(Base):
             return
         s = inst.session
         self.stats["resyncs"] += 1
-        event(log, logging.INFO, "replica resync", instance=inst.id, session=rec.sid, have=rec.have,
+        event(log, logging.INFO, "replica resync", instance=inst.id, session=rec.session, have=rec.have,
               version=s.context.version if s else None)
         self.bind(inst, s, keep_draining=True)
 

@@ -24,10 +24,10 @@ def _json(err: Dict[str, Any]) -> str:
 
 class TaskRules(Base):
     def on_submit(self, peer: bytes, rec: Submit, payloads: Sequence[Any]) -> None:
-        s = self.sessions.get(rec.sid)
+        s = self.sessions.get(rec.session)
         error: Optional[MeshError] = None
         if s is None:
-            error = NotFound(f"session {rec.sid!r} does not exist", session=rec.sid)
+            error = NotFound(f"session {rec.session!r} does not exist", session=rec.session)
         elif self.secured:
             try:
                 self.may_submit(rec.token, s.owner)
@@ -35,9 +35,9 @@ class TaskRules(Base):
                 self.denied(peer, "submit", exc)
                 error = exc
         if error is None and s is not None and s.state != OPEN:
-            error = FailedPrecondition(f"session {rec.sid!r} is closed", session=rec.sid)
+            error = FailedPrecondition(f"session {rec.session!r} is closed", session=rec.session)
         if error is not None or s is None:
-            self.refuse(peer, rec.sid, rec.tags, error or NotFound(rec.sid))
+            self.refuse(peer, rec.session, rec.tags, error or NotFound(rec.session))
             return
         if rec.resend:
             self.resend(peer, s, rec.tags, rec.cid, payloads)

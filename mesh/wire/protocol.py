@@ -96,7 +96,7 @@ class Gone(NamedTuple):
 
 class Submit(NamedTuple):
     """Tasks of one session, one payload per tag.  ``(cid, tag)`` names a task across resends."""
-    sid: str
+    session: str
     tags: List[int]
     cid: str
     resend: bool
@@ -106,7 +106,7 @@ class Submit(NamedTuple):
 
 class Result(NamedTuple):
     """Answers of one session: ``(tag, error|nil)`` each, one payload each (empty on error)."""
-    sid: str
+    session: str
     outcomes: List[Outcome]
     sizes: Optional[List[int]] = None
 
@@ -151,8 +151,8 @@ class InstHello(NamedTuple):
 
 
 class Bind(NamedTuple):
-    """Serve session ``sid`` (or none); one payload frame: the context snapshot at ``version``."""
-    sid: Optional[str]
+    """Serve ``session`` (or none); one payload frame: the context snapshot at ``version``."""
+    session: Optional[str]
     app: str
     kind: str
     version: int
@@ -161,7 +161,7 @@ class Bind(NamedTuple):
 class Tasks(NamedTuple):
     """Tasks to run, ``(task id, attempt)`` each, one payload each; ``version``: the
     session's context version at dispatch (a replica behind it resyncs first)."""
-    sid: str
+    session: str
     version: int
     items: List[Tuple[int, int]]
     sizes: Optional[List[int]] = None
@@ -175,27 +175,27 @@ class Done(NamedTuple):
 
 class CtxWrite(NamedTuple):
     """JSON-patch ``ops``, or nil and one payload frame: a blob that replaces the context."""
-    sid: str
+    session: str
     seq: int
     ops: Optional[List[Any]]
 
 
 class CtxPatch(NamedTuple):
     """A sequenced write; ``seq`` is set only in the copy sent to its writer."""
-    sid: str
+    session: str
     version: int
     ops: Optional[List[Any]]
     seq: Optional[int] = None
 
 
 class CtxReject(NamedTuple):
-    sid: str
+    session: str
     seq: int
     error: Error
 
 
 class Resync(NamedTuple):
-    sid: str
+    session: str
     have: int
 
 

@@ -31,7 +31,7 @@ else:
         now = time.time()
         v = msg.header.version
         # Applied as a patch (not skipped, not replaced by a resync snapshot).
-        if msg.header.sid == self._sid and v == before + 1 and self._version == v:
+        if msg.header.session == self._sid and v == before + 1 and self._version == v:
             _applied.setdefault(self._sid, {})[v] = now
 
     _recording.bench_applied = APPLIED
