@@ -62,6 +62,7 @@ class Manager:
         self._restored = self.core.restore(self.store.load_state())
         # sends waiting for a commit, in order: (commit future or None while the batch is open, sends)
         self._holds: Deque[Tuple[Optional["concurrent.futures.Future[Any]"], List[Send]]] = collections.deque()
+        self._last_commit: Optional["concurrent.futures.Future[Any]"] = None   # the newest group commit
         self._held_peers: Dict[bytes, int] = collections.Counter()
         self._paused = False          # not reading: the store is behind
         self._closing = False
@@ -85,7 +86,7 @@ class Manager:
         self.endpoint = self.core.endpoint = cast(bytes, self.sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
 
     def _on_readable(self) -> None:
-        if self._paused:
+        if self._paused or self._closing:
             return
         sock, recv, core, perform = self.sock, transport.recv, self.core, self._perform
         copied = 1 if self.curve is not None else 4
@@ -117,7 +118,8 @@ class Manager:
         for eff in effects:
             if eff.__class__ is Send:
                 send = cast(Send, eff)
-                if send.after_commit and self.core.batch or self._held_peers.get(send.peer):
+                if send.after_commit and (self.core.batch or not self._committed()) \
+                        or self._held_peers.get(send.peer):
                     self._hold(send)
                 else:
                     self._send(send)
@@ -131,6 +133,10 @@ class Manager:
             event(log, logging.DEBUG, "send failed", record=type(send.record).__name__, error=exc.strerror)
             self._perform(self.core.lost(send, time.time()))
 
+    def _committed(self) -> bool:
+        """Has every batch handed to the writer so far committed?"""
+        return self._last_commit is None or self._last_commit.done()
+
     def _hold(self, send: Send) -> None:
         """Keep ``send`` until the batch open now has committed (the durability rule)."""
         if not self._holds or self._holds[-1][0] is not None:
@@ -138,15 +144,22 @@ class Manager:
         self._holds[-1][1].append(send)
         self._held_peers[send.peer] += 1
 
+    def _committed_one(self, fut: "concurrent.futures.Future[Any]") -> None:
+        """A group commit ended: a failure stops the manager (nothing it acknowledges may be
+        missing from disk); otherwise the sends that waited for it go out."""
+        if fut.exception() is not None:
+            event(log, logging.CRITICAL, "a group commit failed; stopping rather than acknowledge what is "
+                  "not on disk", error=repr(fut.exception()))
+            self._holds.clear()
+            self._held_peers.clear()
+            self.stop()
+            return
+        self._release()
+
     def _release(self) -> None:
         """Send what waited for commits that have finished, oldest first."""
         while self._holds and self._holds[0][0] is not None and self._holds[0][0].done():
-            fut, sends = self._holds.popleft()
-            if cast("concurrent.futures.Future[Any]", fut).exception() is not None:
-                event(log, logging.CRITICAL, "a group commit failed; stopping rather than acknowledge what is "
-                      "not on disk", error=str(fut.exception()))  # type: ignore[union-attr]
-                self.stop()
-                return
+            _, sends = self._holds.popleft()
             for send in sends:
                 self._held_peers[send.peer] -= 1
                 if not self._held_peers[send.peer]:
@@ -163,6 +176,8 @@ class Manager:
         fut.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._completed, call, f))
 
     def _completed(self, call: Call, fut: "concurrent.futures.Future[Any]") -> None:
+        if self._closing:
+            return   # the final commit has been taken: nothing more is decided
         exc = fut.exception()
         effects = self.core.complete(call, time.time(), None if exc else fut.result(), exc)
         self._perform(effects)
@@ -204,10 +219,10 @@ class Manager:
         batch = self.core.take_batch(time.time())
         if not batch and not open_hold:
             return
-        fut = self.writer.submit(self.store.write, batch)
+        fut = self._last_commit = self.writer.submit(self.store.write, batch)
         if open_hold:
             self._holds[-1] = (fut, self._holds[-1][1])
-            fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._release))
+        fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._committed_one, fut))
         if self.writer.backlog() >= self.settings.max_store_backlog and not self._paused:
             self._paused = True
             self.core.stats["store_pauses"] += 1
@@ -215,6 +230,8 @@ class Manager:
             fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._resume))
 
     def _resume(self) -> None:
+        if self._closing:
+            return
         if self.writer.backlog() >= self.settings.max_store_backlog // 2:
             self.writer.submit(lambda: None).add_done_callback(
                 lambda _: self.loop.call_soon_threadsafe(self._resume))
@@ -323,11 +340,14 @@ class Manager:
         for s in self.core.sessions.values():
             if s.state == OPEN:
                 self.core.snapshot(s)
-        await asyncio.wrap_future(self.writer.submit(self.store.write, self.core.take_batch()))
-        self._release()
+        final = self.writer.submit(self.store.write, self.core.take_batch())
+        if self._holds and self._holds[-1][0] is None:
+            self._holds[-1] = (final, self._holds[-1][1])
+        await asyncio.wrap_future(final)   # the writer is FIFO: every earlier commit has ended too
+        self._release()   # acknowledgements of what is now on disk still go out
         self.writer.close()
         self.cpu.shutdown(wait=False)
-        self.sock.close(linger=0)
+        self.sock.close(linger=500)   # half a second to deliver them
         event(log, logging.INFO, "manager stopped")
 
 

@@ -107,7 +107,6 @@ class ControlRules(Base):
 
     def answer(self, peer: bytes, rid: int, method: str, step: Callable[[], Any]) -> None:
         """Run one step of a handler and reply with its outcome, or schedule its next step."""
-        before = self.batch.size()
         try:
             result = step()
         except AUTH_ERRORS as exc:
@@ -129,7 +128,7 @@ class ControlRules(Base):
                            fail=lambda exc: self.answer(peer, rid, method,
                                                         lambda: later.fail(exc) if later.fail else _raise(exc))))
         else:
-            self.reply(peer, rid, result=result, after_commit=self.batch.size() != before)
+            self.reply(peer, rid, result=result, after_commit=True)
 
     def reply(self, peer: bytes, rid: int, result: Any = None, error: Optional[MeshError] = None,
               after_commit: bool = False) -> None:

@@ -147,8 +147,9 @@ class MemberRules(Base):
             return  # it gets BIND when it says hello
         if s is None:
             self.send(inst.identity, Bind(None, inst.app, "doc", 0), [pack(None)])
-        else:
-            self.send(inst.identity, Bind(s.id, inst.app, s.context.kind, s.context.version), [s.context.encoded()])
+        else:   # a snapshot names a version: sent once that version is on disk
+            self.send(inst.identity, Bind(s.id, inst.app, s.context.kind, s.context.version), [s.context.encoded()],
+                      after_commit=True)
 
     def on_exited(self, peer: bytes, rec: Exited) -> None:
         ex = self.peers.get(peer)

@@ -57,11 +57,6 @@ class Batch:
         else:
             self.answers.append((client, tag, tid, "succeeded", output, None))
 
-    def size(self) -> int:
-        """How many changes the batch holds (a handler that grew it changed durable state)."""
-        return (len(self.tasks) + len(self.finished) + len(self.patches) + len(self.snapshots) + len(self.objects)
-                + len(self.deleted_objects) + len(self.answers))
-
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
                     or self.deleted_objects or self.answers)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mesh.data.batch import OBJECT_PREFIX, Batch, SavedState
 from mesh.wire.protocol import pack, unpack
@@ -78,10 +79,38 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
-        self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        with self.tx():
+            self._migrate()
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[None]:
+        """One transaction: everything inside commits together or not at all.
+
+        The connection runs in autocommit mode (``isolation_level=None``), where ``with db:``
+        opens no transaction; this does (``BEGIN IMMEDIATE``).  Nested uses join the outer one."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Bring an older database to SCHEMA_VERSION (the tables themselves are created by SCHEMA)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and row[0] == "1":
+            # v1 kept the answers a resending client may ask for in its task rows
+            self.db.execute("INSERT OR IGNORE INTO answers SELECT client, tag, id, state, output, error FROM tasks "
+                            "WHERE state NOT IN ('pending', 'running', 'lost') "
+                            "AND (output IS NOT NULL OR error IS NOT NULL)")
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
     # -- registry -------------------------------------------------------------
     def put_app(self, name: str, spec: Dict[str, Any], created_at: float) -> None:
@@ -117,13 +146,13 @@ class Store:
     def create_session(self, sid: str, app: str, created_at: float, resreq: Dict[str, Any], owner: str,
                        kind: str, context: bytes) -> None:
         """A new session and its first context snapshot, in one transaction."""
-        with self.db:
+        with self.tx():
             self.put_session(sid, app, "open", created_at, None, resreq, owner)
             self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, 0, kind, context))
 
     def close_session(self, sid: str, closed_at: float) -> None:
         """Closed: no longer restored after a restart, and its context is dropped (task records stay)."""
-        with self.db:
+        with self.tx():
             self.db.execute("UPDATE sessions SET state='closed', closed_at=? WHERE id=?", (closed_at, sid))
             self.db.execute("DELETE FROM patches WHERE session=?", (sid,))
             self.db.execute("DELETE FROM snapshots WHERE session=?", (sid,))
@@ -151,7 +180,7 @@ class Store:
 
     def drop_context(self, sid: str) -> None:
         """A closed session's context is no longer needed; its task records stay."""
-        with self.db:
+        with self.tx():
             self.db.execute("DELETE FROM patches WHERE session=?", (sid,))
             self.db.execute("DELETE FROM snapshots WHERE session=?", (sid,))
 
@@ -219,7 +248,7 @@ class Store:
 
     def save_token(self, token_digest: str, principal: str, kind: str, role: str, expires_at: float) -> None:
         """One login token (as its digest), dropping expired ones on the way."""
-        with self.db:
+        with self.tx():
             self.db.execute("DELETE FROM tokens WHERE expires_at < ?", (time.time(),))
             self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)", (token_digest, principal, kind, role,
                                                                           expires_at))
@@ -229,7 +258,7 @@ class Store:
 
     # -- tasks ----------------------------------------------------------------
     def mark_lost(self, tids: List[int]) -> None:
-        with self.db:
+        with self.tx():
             self.db.executemany("UPDATE tasks SET state='lost' WHERE id=?", [(t,) for t in tids])
 
     def load_unfinished_tasks(self) -> List[Tuple[int, str, int, Optional[bytes], str, int]]:
@@ -286,7 +315,7 @@ class Store:
         """One group commit: every change the core collected since the last."""
         open_rows = [row for row in batch.tasks.values() if row[2] in OPEN_STATES]
         ended = [row for row in batch.tasks.values() if row[2] not in OPEN_STATES]
-        with self.db:
+        with self.tx():
             if open_rows:
                 self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", open_rows)
             if batch.finished:

@@ -100,7 +100,7 @@ def _role(role: str) -> str:
 def add_user(store: Store, name: str, role: str, password: str) -> Dict[str, Any]:
     if not name or not password:
         raise InvalidArgument("a user needs a name and a non-empty password")
-    with store.db:
+    with store.tx():
         if store.user(name) is not None:
             raise AlreadyExists(f"user {name!r} already exists", user=name)
         store.insert_user(name, _role(role), keys.hash_secret(password), time.time())
@@ -108,7 +108,7 @@ def add_user(store: Store, name: str, role: str, password: str) -> Dict[str, Any
 
 
 def remove_user(store: Store, name: str) -> None:
-    with store.db:
+    with store.tx():
         if not store.delete_user(name):
             raise NotFound(f"user {name!r} does not exist", user=name)
 
@@ -120,13 +120,13 @@ def list_users(store: Store) -> List[Dict[str, Any]]:
 def create_robot(store: Store, name: str, role: str) -> Dict[str, Any]:
     """A robot account: its secret is returned once and stored only as a hash."""
     rid, secret = f"robot-{secrets.token_hex(4)}", secrets.token_urlsafe(32)
-    with store.db:
+    with store.tx():
         store.insert_robot(rid, name, _role(role), keys.hash_secret(secret), time.time())
     return {"id": rid, "name": name, "role": role, "secret": secret}
 
 
 def revoke_robot(store: Store, rid: str) -> None:
-    with store.db:
+    with store.tx():
         if not store.revoke_robot(rid, time.time()):
             raise NotFound(f"robot {rid!r} does not exist or is already revoked", robot=rid)
 
@@ -140,7 +140,7 @@ def add_executor_key(store: Store, public: str, name: str) -> Dict[str, Any]:
     """Allow the executor with this CURVE public key (Z85) to join; re-adding a key renames it."""
     if not public or not name:
         raise InvalidArgument("an executor key needs a public key and a name")
-    with store.db:
+    with store.tx():
         store.add_executor_key(public, name, time.time())
     return {"public": public, "name": name}
 
@@ -148,7 +148,7 @@ def add_executor_key(store: Store, public: str, name: str) -> Dict[str, Any]:
 def revoke_executor_key(store: Store, key_or_name: str) -> Dict[str, Any]:
     """Remove a key, given as its public key or its name: ``NotFound`` if no key matches, the
     same error and message whether the manager does it or the offline CLI (``--db``)."""
-    with store.db:
+    with store.tx():
         if not store.remove_executor_key(key_or_name):
             raise NotFound(f"no executor key {key_or_name!r} on the allow-list", key=key_or_name)
     return {"key": key_or_name}
