@@ -6,7 +6,7 @@ store (``:memory:``); nothing here opens a socket, starts a process or sleeps.
 from __future__ import annotations
 
 import itertools
-from typing import Any, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import pytest
 
@@ -66,7 +66,7 @@ class Mesh:
                 sends.append(eff)
             else:
                 assert isinstance(eff, Call)
-                self.commit()
+                self.store.write(self.core.take_batch(self.now))   # as the loop does before a call
                 try:
                     result = eff.fn(self.store, *eff.args) if eff.where == "store" else eff.fn(*eff.args)
                 except Exception as exc:
@@ -78,6 +78,7 @@ class Mesh:
         return sends
 
     def commit(self) -> None:
+        """Write everything, young task records included (as a shutdown does)."""
         self.store.write(self.core.take_batch())
 
     def msg(self, peer: bytes, record: Any, payloads: Sequence[Any] = (), key: Optional[str] = None) -> List[Send]:
@@ -367,7 +368,7 @@ def test_a_task_that_lives_longer_is_written_with_its_request_then_finished(mesh
     mesh.store.write(mesh.core.take_batch(mesh.now))
     assert _rows(mesh) == {1: ("succeeded", None)}
     assert mesh.store.db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0, "the open row moved to the log"
-    assert mesh.store.get_task(1)["state"] == "succeeded" and mesh.store.max_task_id() == 1
+    assert mesh.store.get_task(1)["state"] == "succeeded"
 
 
 def test_finished_tasks_of_one_commit_are_one_log_row_per_session(mesh: Mesh) -> None:
@@ -383,3 +384,63 @@ def test_finished_tasks_of_one_commit_are_one_log_row_per_session(mesh: Mesh) ->
     assert mesh.store.db.execute("SELECT count(*) FROM task_log").fetchone()[0] == 1
     assert [r["id"] for r in mesh.store.task_rows("s1")] == list(range(1, 201))
     assert mesh.store.get_task(137)["state"] == "succeeded"
+
+
+def test_tasks_whose_dispatch_was_not_delivered_are_queued_again_without_spending_an_attempt(mesh: Mesh) -> None:
+    # Given a TASKS message to an instance that the loop could not send (its queue was full)
+    iid, inst = running(mesh, 1)
+    [sent] = [s for s in mesh.sent if s.peer == inst and isinstance(s.record, Tasks)]
+    # When the loop reports it lost
+    mesh.run(mesh.core.lost(sent, mesh.now))
+    # Then the task is pending again at the front, its attempt not counted, and runs on the next dispatch
+    t = mesh.core.tasks[1]
+    assert (t.state, t.attempt, t.instance) == ("pending", 0, None)
+    assert list(mesh.core.sessions["s1"].pending) == [1] and not mesh.core.instances[iid].inflight
+
+
+def test_a_running_task_of_a_closed_session_whose_instance_dies_is_cancelled_not_kept(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    assert mesh.ok("close_session", id="s1")["state"] == "closed"
+    mesh.msg(b"e1", Exited(iid, -9, "killed"))
+    [result] = mesh.to(b"client", Result)
+    assert result.outcomes[0][1]["code"] == "cancelled" and mesh.core.tasks == {}
+
+
+def test_task_ids_are_never_reused_after_a_restart(mesh: Mesh) -> None:
+    # Given a task id seen in a listing while the task is still young (not written)
+    iid, inst = running(mesh, 1)
+    assert [r["id"] for r in mesh.ok("find_tasks", session="s1")["items"]] == [1]
+    # When the manager restarts on the same store (the young task's record never written)
+    m2 = Mesh()
+    m2._started = set()
+    m2.store = mesh.store
+    m2.run(m2.core.restore(mesh.store.load_state()))
+    m2.submit(1, client=b"other", cid="c2")
+    # Then the next task gets another id
+    assert 1 not in m2.core.tasks, "the young task was not written: only a resend brings it back"
+    [new] = m2.core.tasks.values()
+    assert new.cid == "c2" and new.id > 1
+
+
+def test_a_version_1_database_keeps_answering_resent_tasks(tmp_path: Any) -> None:
+    # Given a database as version 1 left it: answers kept in the task rows
+    import sqlite3
+    path = str(tmp_path / "v1.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE tasks (id INTEGER PRIMARY KEY, session TEXT NOT NULL, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL, created_at REAL NOT NULL, finished_at REAL, input BLOB, output BLOB,
+            error TEXT, client TEXT NOT NULL DEFAULT '', tag INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO tasks VALUES (7, 's', 'succeeded', 1, 1.0, 2.0, NULL, X'4f5554', NULL, 'c', 7);
+        INSERT INTO tasks VALUES (8, 's', 'failed', 1, 1.0, 2.0, NULL, NULL, '{"code": "task_failed"}', 'c', 8);
+        INSERT INTO tasks VALUES (9, 's', 'succeeded', 1, 1.0, 2.0, NULL, NULL, NULL, 'c', 9);""")
+    db.close()
+    # When this version opens it
+    store = Store(path)
+    # Then a resending client is still answered from it, and the schema says so
+    assert store.find_by_tags("c", [7, 8, 9]) == {7: ("succeeded", b"OUT", None),
+                                                  8: ("failed", None, '{"code": "task_failed"}')}
+    assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
+    assert [r["id"] for r in store.task_rows("s")] == [7, 8, 9] and store.max_task_id() == 9

@@ -151,6 +151,7 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
             doc.replay(patches)
             self.objects.load(key, doc, sid, expires_at)
         self._next_tid = itertools.count(saved.max_task_id + 1)
+        self.tids_reserved = saved.max_task_id
         if self.secured:   # a restart logs nobody out
             self.tokens = auth.Tokens(auth.token_table(saved.tokens))
         lost = []

@@ -62,6 +62,7 @@ class Base:
         self.methods: Dict[str, Callable[..., Any]] = {}   # control methods by name
         self.store_backlog = 0                     # commits waiting for the writer thread, as last seen
         self._next_tid: Iterator[int] = itertools.count(1)
+        self.tids_reserved = 0                     # ids up to this one are reserved on disk
         self._iids = itertools.count(1)
 
     # -- effects ------------------------------------------------------------------

@@ -8,14 +8,17 @@ away from is dropped, so a client gets exactly one answer per task.
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from mesh.core.base import AUTH_ERRORS, Base
 from mesh.core.effects import Call
-from mesh.errors import FailedPrecondition, MeshError, NotFound, ResourceExhausted, TaskFailed
+from mesh.errors import Cancelled, FailedPrecondition, MeshError, NotFound, ResourceExhausted, TaskFailed
 from mesh.model.records import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNING, SUCCEEDED, Instance, Session, Task
 from mesh.wire.protocol import Done, Outcome, Result, Submit, Tasks
+
+TID_BLOCK = 100_000   # task ids reserved per write of the high-water mark
 
 
 def _json(err: Dict[str, Any]) -> str:
@@ -60,8 +63,11 @@ class TaskRules(Base):
         young, row = self.young, self.batch.task_row
         keep_max = self.settings.persist_input_max
         sid = s.id
+        last = self.tids_reserved
         for tag, payload in zip(tags, payloads):
             tid = next(self._next_tid)
+            if tid > last:   # reserve a block on disk before any id of it can be seen (ids never reused)
+                last = self.tids_reserved = self.batch.task_ids_reserved = tid + TID_BLOCK
             t = Task(tid, sid, peer, tag, payload, 0, cid)
             t.created_at = now
             self.tasks[tid] = t
@@ -147,7 +153,8 @@ class TaskRules(Base):
                     inst.busy_since = self.now
                 inst.inflight.update(i[0] for i in items)
                 s.running += len(items)
-                self.send(inst.identity, Tasks(s.id, s.context.version, items), frames)
+                self.send(inst.identity, Tasks(s.id, s.context.version, items), frames,
+                          if_lost=functools.partial(self.undelivered, inst, [tid for tid, _ in items]))
             if not pending:
                 break
         if pending:
@@ -156,6 +163,20 @@ class TaskRules(Base):
                 self.plan_soon()   # more work than credit: maybe more instances
         else:
             self.waiting.discard(s.id)
+
+    def undelivered(self, inst: Instance, tids: List[int]) -> None:
+        """Tasks whose TASKS message never left: back to the front of the queue, attempt not spent."""
+        s = inst.session
+        for tid in reversed(tids):
+            t = self.tasks.get(tid)
+            if t is None or t.instance != inst.id or t.state != RUNNING:
+                continue
+            inst.inflight.discard(tid)
+            t.state, t.instance, t.attempt = PENDING, None, t.attempt - 1
+            if s is not None:
+                s.running -= 1
+                s.pending.appendleft(tid)
+        self.plan_soon()
 
     def on_done(self, peer: bytes, rec: Done, payloads: Sequence[Any]) -> None:
         inst = self.peers.get(peer)
@@ -251,6 +272,9 @@ class TaskRules(Base):
                 t.instance = None
                 s.pending.appendleft(tid)
                 self.stats["tasks_retried"] += 1
+            else:   # its session closed while it ran: nothing will run it again
+                self.fail_tasks([t], Cancelled(f"task {tid} was cancelled: its session closed while it ran "
+                                               f"and its instance was lost ({reason})", task=tid), CANCELLED)
         inst.inflight.clear()
 
     def start_failed(self, app: str, reason: str) -> None:

@@ -27,6 +27,8 @@ class Batch:
     deleted_objects: List[str] = field(default_factory=list)
     # answers kept for a client's resend: (client id, tag, task id, state, output, error)
     answers: List[Tuple[str, int, int, str, Optional[bytes], Optional[str]]] = field(default_factory=list)
+    # task ids handed out up to here (and beyond) are reserved on disk: never handed out twice
+    task_ids_reserved: Optional[int] = None
 
     @staticmethod
     def task_row(tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> List[Any]:
@@ -59,7 +61,7 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects or self.answers)
+                    or self.deleted_objects or self.answers or self.task_ids_reserved is not None)
 
 
 Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches

@@ -279,8 +279,11 @@ class Store:
         return out
 
     def max_task_id(self) -> int:
-        return self.db.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM tasks), 0), "
-                               "COALESCE((SELECT MAX(last) FROM task_log), 0))").fetchone()[0]
+        """The highest task id ever handed out, or reserved to be (ids are never reused: one a
+        client saw in a listing must not name another task after a restart)."""
+        return self.db.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM tasks), 0), COALESCE((SELECT MAX(last) FROM task_log), 0), "
+            "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='task_ids_reserved'), 0))").fetchone()[0]
 
     _OPEN_COLUMNS = "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks "
 
@@ -324,6 +327,9 @@ class Store:
                 self._log(ended)
             if batch.answers:
                 self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)", batch.answers)
+            if batch.task_ids_reserved is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('task_ids_reserved', ?)",
+                                (str(batch.task_ids_reserved),))
             if batch.patches:
                 self.db.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?, ?)", batch.patches)
             for sid, version, kind, data in batch.snapshots:
