@@ -378,3 +378,29 @@ def test_client_package_has_no_import_cycle():
     assert {"cli", "cli_common", "cli_manage", "cli_security", "api", "connection"} <= set(graph)
     assert "cli_common" in graph["cli_manage"] and "cli" not in graph["cli_manage"], graph
     assert _cycle(graph) == [], f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_submit_waits_for_room_in_the_window(mesh: Any) -> None:
+    # Given a connection that may have one task awaiting its answer
+    import threading
+    import time as _time
+
+    from client.connection import Connection
+    from mesh.ops.config import Settings
+    with Connection(mesh.endpoint, settings=Settings.load(max_inflight=1)) as conn, \
+            Session("tools", connection=conn) as s:
+        answered: List[float] = []
+        first = s.submit(("sleep", 0.5))
+        first.add_done_callback(lambda _: answered.append(_time.monotonic()))
+        # When a second task is submitted from another thread
+        returned: List[float] = []
+        def second() -> None:
+            s.submit(("echo", 2))
+            returned.append(_time.monotonic())   # once submit has returned
+
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(30)
+        # Then its submit returned only once the first task's answer had freed the place
+        assert answered and returned and returned[0] >= answered[0]
+        assert first.result(30) > 0 and conn._window.used <= 1   # a pid: the sleep ran
