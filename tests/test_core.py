@@ -444,3 +444,19 @@ def test_a_version_1_database_keeps_answering_resent_tasks(tmp_path: Any) -> Non
                                                   8: ("failed", None, '{"code": "task_failed"}')}
     assert store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "2"
     assert [r["id"] for r in store.task_rows("s")] == [7, 8, 9] and store.max_task_id() == 9
+
+
+def test_a_session_exists_for_others_only_once_it_is_on_disk(mesh: Mesh) -> None:
+    mesh.ok("register_application", spec=ECHO)
+    # Given a create whose store write has not run yet
+    create = Request(1, "create_session", {"application": "echo", "id": "s9"})
+    effects = mesh.core.handle(b"a", Message(_cmd(create), create, []), mesh.now)
+    [call] = [e for e in effects if isinstance(e, Call)]
+    # Then another caller neither sees it nor can take its id
+    assert mesh.request("get_session", id="s9").error["code"] == "not_found"
+    assert mesh.request("create_session", application="echo", id="s9").error["code"] == "already_exists"
+    # When the write fails, the id is free again; when it succeeds, the session exists
+    mesh.run(mesh.core.complete(call, mesh.now, error=RuntimeError("disk full")))
+    assert "s9" not in mesh.core.creating and "s9" not in mesh.core.sessions
+    assert mesh.ok("create_session", application="echo", id="s9")["id"] == "s9"
+    assert mesh.ok("get_session", id="s9")["state"] == "open"

@@ -38,6 +38,7 @@ class Base:
         self.secured = secured                     # CURVE + tokens; otherwise every peer is admin
         self.apps: Dict[str, App] = {}
         self.sessions: Dict[str, Session] = {}
+        self.creating: Set[str] = set()            # session ids taken by a create not yet on disk
         self.executors: Dict[str, Executor] = {}
         self.instances: Dict[str, Instance] = {}
         self.peers: Dict[bytes, Any] = {}          # ROUTER identity -> Executor | Instance

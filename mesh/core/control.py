@@ -234,21 +234,24 @@ class ControlRules(Base):
         resreq = args.get("resreq")
         req = Resources.parse(resreq) if resreq else app.spec.resreq
         sid = _arg(args, "id", str, required=False)
+        taken = lambda name: name in self.sessions or name in self.creating  # noqa: E731
         if sid is None:
             sid = f"{app.spec.name}-{secrets.token_hex(3)}"
-            while sid in self.sessions:
+            while taken(sid):
                 sid = f"{app.spec.name}-{secrets.token_hex(3)}"
-        elif sid in self.sessions:
+        elif taken(sid):
             raise AlreadyExists(f"session {sid!r} already exists", session=sid)
         s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name)
-        self.sessions[sid] = s   # reserved now, so a second create with this id fails at once
+        self.creating.add(sid)   # the id is taken now; the session exists for others once it is on disk
 
         def created(_: Any) -> Dict[str, Any]:
+            self.creating.discard(sid)
+            self.sessions[sid] = s
             event(log, logging.INFO, "session opened", session=sid, application=app.spec.name)
             return s.view()
 
         def undo(exc: BaseException) -> Any:
-            self.sessions.pop(sid, None)
+            self.creating.discard(sid)
             raise exc
 
         return Later(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
@@ -425,9 +428,14 @@ class ControlRules(Base):
         def issue(claimed: Principal) -> Later:
             token, expires = self.tokens.issue(claimed, self.settings.token_ttl)
             event(log, logging.INFO, "login", principal=claimed.name, kind=claimed.kind, role=claimed.role)
+
+            def unsaved(exc: BaseException) -> Any:
+                self.tokens.drop(token)   # a token that would not survive a restart is not handed out
+                raise exc
+
             return Later(lambda store: auth.save_token(store, token, claimed, expires),
                          then=lambda _: {"token": token, "expires_at": expires, "name": claimed.name,
-                                         "role": claimed.role})
+                                         "role": claimed.role}, fail=unsaved)
 
         return Later(lambda store: auth.credentials(store, args), then=check)
 
