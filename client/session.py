@@ -84,7 +84,7 @@ class Session:
 
     def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
         """Run one task and return its answer; ``DeadlineExceeded`` after ``timeout`` seconds."""
-        return self.submit(req).result(timeout)
+        return self._conn.invoke(self._id, _pickle(req, "the request"), cloudpickle.loads, timeout)
 
     def map(self, reqs: Any, timeout: Optional[float] = None) -> List[Any]:
         """Run one task per request and return the answers in request order.

@@ -17,11 +17,13 @@ import time
 from typing import Any, Callable, Dict, List, Set, Tuple
 
 import pytest
+from conftest import tools_spec
 
 from client import Client, Connection, Session
 from client.api import Page, SessionInfo
 from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable
 from mesh.model import auth
+from mesh.testing import LocalMesh, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BOUND = 15.0        # seconds any single step below may take before the test fails
@@ -404,3 +406,55 @@ def test_submit_waits_for_room_in_the_window(mesh: Any) -> None:
         # Then its submit returned only once the first task's answer had freed the place
         assert answered and returned and returned[0] >= answered[0]
         assert first.result(30) > 0 and conn._window.used <= 1   # a pid: the sleep ran
+
+
+def test_invoke_answers_in_the_callers_thread_and_hands_long_tasks_over(mesh: Any) -> None:
+    import threading
+
+    from client.connection import SYNC_BUDGET
+    with Session("tools", manager=mesh.endpoint) as s:
+        conn = s._conn
+        # Given a quick task: answered on the direct socket, its place in the window given back
+        assert s.invoke(("echo", "quick"), timeout=30) == "quick"
+        assert conn._direct is not None and conn._window.used == 0 and not conn._tasks
+        # When a task outlives the direct budget, the I/O thread takes it over and answers it
+        pid = s.invoke(("sleep", SYNC_BUDGET + 0.3), timeout=30)
+        assert isinstance(pid, int) and conn._window.used == 0
+        # When the caller's timeout ends first: DeadlineExceeded, and the place comes back with the answer
+        with pytest.raises(DeadlineExceeded):
+            s.invoke(("sleep", 0.4), timeout=0.1)
+        wait_until(lambda: conn._window.used == 0, timeout=10, what="the late answer to free its place")
+        # And two threads invoking at once are both answered (one directly, one through the I/O thread)
+        out: List[Any] = []
+        threads = [threading.Thread(target=lambda i=i: out.append(s.invoke(("echo", i), timeout=30)))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(out) == [0, 1]
+
+
+def test_invoke_survives_a_manager_restart_in_the_middle(tmp_path: Any) -> None:
+    import os as _os
+    import signal as _signal
+    import threading
+
+    from mesh.testing import FAST as _FAST
+    with LocalMesh(executors=1, slots=1, env=dict(_FAST), log_dir=str(tmp_path)) as m:
+        with Client(m.endpoint) as c:
+            c.register_application(tools_spec())
+        with Session("tools", manager=m.endpoint) as s:
+            assert s.invoke(("echo", 1), timeout=30) == 1
+            # Given an invoke running on the direct socket
+            out: List[Any] = []
+            t = threading.Thread(target=lambda: out.append(s.invoke(("sleep", 0.5), timeout=60)))
+            t.start()
+            wait_until(lambda: s._conn._window.used == 1, timeout=10, what="the invoke to be in flight")
+            # When the manager is killed and restarted meanwhile
+            _os.kill(m.manager.pid, _signal.SIGKILL)
+            m.manager.wait(10)
+            m.start_manager()
+            # Then the invoke still returns its answer
+            t.join(60)
+            assert len(out) == 1 and isinstance(out[0], int)
