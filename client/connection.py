@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import zmq
 
@@ -141,6 +141,19 @@ def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[Ba
     if window is not None:
         fut.window = None   # type: ignore[attr-defined]
         window.give()
+
+
+def _messages(sock: zmq.Socket, limit: int) -> Iterator[Message]:
+    """The messages waiting on ``sock`` (at most ``limit``), decoded; a malformed one is logged
+    and skipped (the manager never sends one; a bug must not stop the reader)."""
+    for _ in range(limit):
+        frames = transport.recv(sock)
+        if frames is None:
+            return
+        try:
+            yield decode(frames)
+        except ProtocolError as exc:
+            log.warning("bad message from manager: %s", exc)
 
 
 def _encodable(method: str, args: Dict[str, Any]) -> Dict[str, Any]:
@@ -347,15 +360,7 @@ class Connection:
     def _direct_answer(self, sock: zmq.Socket, tag: int) -> Optional[Tuple[Optional[Dict[str, Any]], Any]]:
         """Read what the direct socket holds; (error, output) if the answer to ``tag`` is among it.
         Anything else there is stale (answers to tasks handed over to the I/O thread) and dropped."""
-        for _ in range(1000):
-            frames = transport.recv(sock)
-            if frames is None:
-                return None
-            try:
-                msg = decode(frames)
-            except ProtocolError as exc:
-                log.warning("bad message from manager: %s", exc)
-                continue
+        for msg in _messages(sock, 1000):
             if msg.cmd is Cmd.RESULT:
                 for (t, err), out in zip(msg.header.outcomes, msg.payloads):
                     if t == tag:
@@ -520,15 +525,7 @@ class Connection:
         transport.send(sock, encode(record, payloads), flags=0)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        for _ in range(10000):
-            frames = transport.recv(sock)
-            if frames is None:
-                return
-            try:
-                msg = decode(frames)
-            except ProtocolError as exc:
-                log.warning("bad message from manager: %s", exc)
-                continue
+        for msg in _messages(sock, 10000):
             if msg.cmd is Cmd.RESULT:
                 self._on_result(msg)
             elif msg.cmd is Cmd.REPLY:
