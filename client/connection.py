@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures._base as _futures
 import errno
 import itertools
 import logging
@@ -69,20 +70,76 @@ def check_endpoint(endpoint: Any) -> str:
     return endpoint
 
 
+_LAZY = threading.Lock()   # orders a task future's first waiter against its settling (see TaskFuture)
+_DONE = frozenset({_futures.CANCELLED, _futures.CANCELLED_AND_NOTIFIED, _futures.FINISHED})
+
+
 class TaskFuture(concurrent.futures.Future):
     """The future of one task.  ``result(timeout)`` and ``exception(timeout)`` raise
-    ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running."""
+    ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running.
+
+    A ``concurrent.futures.Future`` in every way, but for when its ``threading.Condition`` is
+    made: only once a thread must wait on it, watch it or be called back (a Condition per task
+    was a third of the submitting thread's time, and most answers arrive before anyone waits).
+    ``_LAZY`` makes "first observer creates the Condition" and "settled without one" exclusive,
+    so a waiter either finds the result or is woken by it."""
 
     session: str = ""
     window: Optional["Window"] = None   # the connection's window, until the answer arrives
 
+    def __init__(self) -> None:   # the base class's, without the Condition
+        self._cond: Optional[threading.Condition] = None
+        self._state = _futures.PENDING
+        self._result: Any = None
+        self._exception: Optional[BaseException] = None
+        self._waiters: List[Any] = []
+        self._done_callbacks: List[Any] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _LAZY:
+                if self._cond is None:
+                    self._cond = threading.Condition()
+                cond = self._cond
+        return cond
+
+    def done(self) -> bool:
+        return self._state in _DONE   # a settled future never becomes pending again
+
+    def _settle_quietly(self, result: Any, exc: Optional[BaseException]) -> bool:
+        """Settle without a Condition if nobody has observed this future yet; False otherwise."""
+        with _LAZY:
+            if self._cond is not None:
+                return False
+            if self._state in _DONE:   # (no repr here: it would take the Condition, under _LAZY)
+                raise concurrent.futures.InvalidStateError(f"this task's future is already {self._state.lower()}")
+            self._result, self._exception = result, exc
+            self._state = _futures.FINISHED
+            return True
+
+    def set_result(self, result: Any) -> None:
+        if not self._settle_quietly(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        if not self._settle_quietly(None, exception):
+            super().set_exception(exception)
+
     def result(self, timeout: Optional[float] = None) -> Any:
+        if self._state == _futures.FINISHED:   # answered already: no Condition needed to read it
+            if self._exception is not None:
+                raise self._exception
+            return self._result
         try:
             return super().result(timeout)
         except concurrent.futures.TimeoutError as exc:
             raise self._deadline(exc, timeout) from None
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if self._state == _futures.FINISHED:
+            return self._exception
         try:
             return super().exception(timeout)
         except concurrent.futures.TimeoutError as exc:
