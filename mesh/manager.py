@@ -111,7 +111,7 @@ class Manager:
             perform(core.handle(peer, msg, time.time(), key))
         else:
             self.loop.call_soon(self._on_readable)  # more queued: give timers a turn first
-        self._end_round()
+        self._end_round(sent=False)   # the last recv above already looked after every send
 
     # -- effects -------------------------------------------------------------
     def _perform(self, effects: Effects) -> None:
@@ -183,12 +183,17 @@ class Manager:
         self._perform(effects)
         self._end_round()
 
-    def _end_round(self) -> None:
-        """After handling something: placement if wanted, then commit at once if a send waits for it."""
-        self._perform(self.core.end_round(time.time()))
+    def _end_round(self, sent: bool = True) -> None:
+        """After handling something: placement if wanted, then commit at once if a send waits for it.
+
+        ``sent``: messages went out since the socket was last found empty, so look again (its FD
+        is edge-triggered: a send can make input readable without waking the loop)."""
+        effects = self.core.end_round(time.time())
+        self._perform(effects)
         if self._holds and self._holds[-1][0] is None:
             self._flush()
-        self._wake()
+        if sent or effects:
+            self._wake()
 
     def _wake(self) -> None:
         """Re-check the socket after sending outside the reader (its FD is edge-triggered)."""

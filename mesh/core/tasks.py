@@ -185,23 +185,30 @@ class TaskRules(Base):
             return
         now = self.now
         out: Dict[Tuple[bytes, str], Tuple[List[Outcome], List[Any], List[Task]]] = {}
-        finish = self.finish_record
+        finish, tasks, by_tag, observe, iid = self.finish_record, self.tasks, self.by_tag, self.latency.observe, inst.id
+        key: Any = None
+        s: Optional[Session] = None
+        items: List[Outcome] = []
+        frames: List[Any] = []
+        done: List[Task] = []
         for (tid, err), payload in zip(rec.outcomes, payloads):
-            t = self.tasks.get(tid)
-            if t is None or t.instance != inst.id or t.state != RUNNING:
+            t = tasks.get(tid)
+            if t is None or t.instance != iid or t.state != RUNNING:
                 continue  # a late answer for a task reassigned elsewhere: dropped
             inst.inflight.discard(tid)
-            del self.tasks[tid]
-            self.by_tag.pop((t.cid, t.tag), None)
-            s = self.sessions.get(t.sid)
+            del tasks[tid]
+            by_tag.pop((t.cid, t.tag), None)
+            if key != (t.client, t.sid):   # an instance's answers are nearly always one session's
+                key = (t.client, t.sid)
+                s = self.sessions.get(t.sid)
+                items, frames, done = out.setdefault(key, ([], [], []))
             state = SUCCEEDED if err is None else FAILED
             t.state = state
             if s is not None:
                 s.running -= 1
                 s.counts[state] += 1
             finish(tid, state, t.attempt, None if err is None else _json(err))
-            self.latency.observe(now - t.created_at)
-            items, frames, done = out.setdefault((t.client, t.sid), ([], [], []))
+            observe(now - t.created_at)
             items.append((t.tag, err))
             frames.append(payload if err is None else b"")
             done.append(t)

@@ -406,6 +406,7 @@ def _unbundle(cmd: Cmd, sizes: List[int], frames: List[Frame]) -> List[Frame]:
 
 
 _CMD_BYTES = {cmd: bytes((cmd,)) for cmd in Cmd}
+_CMD_OF_BYTE = {int(cmd): cmd for cmd in Cmd}   # a dict lookup, not an Enum call, per message
 
 
 def decode(frames: Sequence[Frame]) -> Message:
@@ -424,10 +425,9 @@ def decode(frames: Sequence[Frame]) -> Message:
     cmd_frame = bytes(frames[1])
     if len(cmd_frame) != 1:
         raise ProtocolError("command frame must be one byte")
-    try:
-        cmd = Cmd(cmd_frame[0])
-    except ValueError:
-        raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}") from None
+    cmd = _CMD_OF_BYTE.get(cmd_frame[0])
+    if cmd is None:
+        raise ProtocolError(f"unknown command 0x{cmd_frame[0]:02x}")
     try:
         header = unpack(frames[2])
     except Exception as exc:  # msgpack raises many types on garbage
