@@ -48,6 +48,7 @@ class Mesh:
         self.now = 1000.0
         self.sent: List[Send] = []
         self.rids = itertools.count(1)
+        self._started: set = set()   # instances that said hello
 
     # -- driving the core ---------------------------------------------------------------
     def run(self, effects: Effects) -> List[Send]:
@@ -123,8 +124,6 @@ class Mesh:
         self.msg(ipeer, InstHello(launch.iid, launch.iid.split(".")[0], 4242, launch.token))
         return launch.iid, ipeer
 
-    _started: set = set()
-
     def submit(self, n: int, sid: str = "s1", client: bytes = b"client", cid: str = "c1", first_tag: int = 1,
                resend: bool = False) -> List[Send]:
         tags = list(range(first_tag, first_tag + n))
@@ -141,9 +140,7 @@ def _cmd(record: Any) -> Any:
 
 @pytest.fixture
 def mesh() -> Mesh:
-    m = Mesh()
-    m._started = set()
-    return m
+    return Mesh()
 
 
 def running(m: Mesh, n_tasks: int = 1, slots: int = 1) -> Tuple[str, bytes]:
@@ -235,7 +232,6 @@ def test_a_late_answer_from_an_evicted_instance_is_dropped(mesh: Mesh) -> None:
 
 def test_max_pending_refuses_the_excess_with_resource_exhausted() -> None:
     m = Mesh(max_pending=3)
-    m._started = set()
     m.app_and_session()
     # When 5 tasks arrive and no instance can take them
     m.submit(5)
@@ -255,7 +251,6 @@ def test_resend_after_a_manager_restart_is_answered_once(mesh: Mesh) -> None:
     mesh.commit()
     # When a new core restores from the same store and the client resends both tasks
     m2 = Mesh()
-    m2._started = set()
     m2.store = mesh.store
     m2.run(m2.core.restore(mesh.store.load_state()))
     assert tids == [1] and list(m2.core.sessions["s1"].pending) == [2]   # the unfinished one is queued again
@@ -412,7 +407,6 @@ def test_task_ids_are_never_reused_after_a_restart(mesh: Mesh) -> None:
     assert [r["id"] for r in mesh.ok("find_tasks", session="s1")["items"]] == [1]
     # When the manager restarts on the same store (the young task's record never written)
     m2 = Mesh()
-    m2._started = set()
     m2.store = mesh.store
     m2.run(m2.core.restore(mesh.store.load_state()))
     m2.submit(1, client=b"other", cid="c2")

@@ -68,9 +68,7 @@ class TaskRules(Base):
             tid = next(self._next_tid)
             if tid > last:   # reserve a block on disk before any id of it can be seen (ids never reused)
                 last = self.tids_reserved = self.batch.task_ids_reserved = tid + TID_BLOCK
-            t = Task(tid, sid, peer, tag, payload, 0, cid)
-            t.created_at = now
-            self.tasks[tid] = t
+            self.tasks[tid] = Task(tid, sid, peer, tag, payload, 0, cid, now)
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
             s.bytes_in += len(payload)
@@ -154,7 +152,7 @@ class TaskRules(Base):
                 inst.inflight.update(i[0] for i in items)
                 s.running += len(items)
                 self.send(inst.identity, Tasks(s.id, s.context.version, items), frames,
-                          if_lost=functools.partial(self.undelivered, inst, [tid for tid, _ in items]))
+                          if_lost=functools.partial(self.undelivered, inst, items))
             if not pending:
                 break
         if pending:
@@ -164,10 +162,10 @@ class TaskRules(Base):
         else:
             self.waiting.discard(s.id)
 
-    def undelivered(self, inst: Instance, tids: List[int]) -> None:
+    def undelivered(self, inst: Instance, items: List[Tuple[int, int]]) -> None:
         """Tasks whose TASKS message never left: back to the front of the queue, attempt not spent."""
         s = inst.session
-        for tid in reversed(tids):
+        for tid, _ in reversed(items):
             t = self.tasks.get(tid)
             if t is None or t.instance != inst.id or t.state != RUNNING:
                 continue

@@ -17,10 +17,10 @@ OBJECT_PREFIX = "obj/"  # objects share the snapshot and patch tables with conte
 class Batch:
     """Changes collected by the core between two group commits."""
 
-    # rows not yet written, by task id: a task that ends within one commit window is written once,
-    # already finished and without its input (most tasks, at high throughput)
+    # task rows to write (the core keeps young tasks' rows until they end or pass record_after)
     tasks: Dict[int, List[Any]] = field(default_factory=dict)
-    finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]] = field(default_factory=list)
+    # tasks written open earlier that have ended since: (state, attempts, finished_at, error, id)
+    finished: List[Tuple[str, int, float, Optional[str], int]] = field(default_factory=list)
     patches: List[Tuple[str, int, Optional[bytes], Optional[bytes]]] = field(default_factory=list)
     snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
     objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
@@ -36,9 +36,6 @@ class Batch:
         kept (too large; the client resends it if need be)."""
         return [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
 
-    def add_task(self, tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> None:
-        self.tasks[tid] = self.task_row(tid, sid, created_at, payload, client, tag)
-
     @staticmethod
     def finish_row(row: List[Any], state: str, attempts: int, when: float, error: Optional[str]) -> List[Any]:
         row[2], row[3], row[5], row[6], row[8] = state, attempts, when, None, error
@@ -49,7 +46,7 @@ class Batch:
         if row is not None:
             self.finish_row(row, state, attempts, when, error)
         else:
-            self.finished.append((state, attempts, when, None, error, tid))
+            self.finished.append((state, attempts, when, error, tid))
 
     def keep_output(self, tid: int, output: Any, client: str, tag: int) -> None:
         """A result that could not be delivered is kept for the client to collect by resending."""

@@ -1,20 +1,19 @@
 """SQLite (WAL) persistence for what must survive a manager restart.
 
 The manager owns one :class:`Store` and calls it from a single writer thread
-(:class:`Writer`), so the event loop never blocks on disk.  Task and context
-changes reach the store in batches (group commit every ``flush_interval``);
-registry and session changes are written one by one and awaited before the
-manager replies, because a user acts on those replies.
+(:class:`Writer`), so the event loop never blocks on disk.  Task, context and
+object changes reach the store in batches (:class:`mesh.data.batch.Batch`, one
+transaction each: group commit); registry and session changes are written one
+by one and awaited before the manager replies.  Every multi-statement change
+runs in one transaction (:meth:`Store.tx`).
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import json
 import os
 import sqlite3
-import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -178,13 +177,6 @@ class Store:
         return self.db.execute("SELECT digest, principal, kind, role, expires_at FROM tokens WHERE expires_at > ?",
                                (time.time(),)).fetchall()
 
-    def drop_context(self, sid: str) -> None:
-        """A closed session's context is no longer needed; its task records stay."""
-        with self.tx():
-            self.db.execute("DELETE FROM patches WHERE session=?", (sid,))
-            self.db.execute("DELETE FROM snapshots WHERE session=?", (sid,))
-
-    # -- contexts -------------------------------------------------------------
     def load_context(self, sid: str) -> Optional[Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]]:
         """The newest snapshot and the patches logged after it, in version order."""
         snap = self.db.execute("SELECT version, kind, data FROM snapshots WHERE session=?", (sid,)).fetchone()
@@ -343,19 +335,19 @@ class Store:
                 self.db.execute("DELETE FROM patches WHERE session=?", (OBJECT_PREFIX + key,))
 
 
-    def _close_open(self, finished: List[Tuple[str, int, float, Optional[bytes], Optional[str], int]]) -> List[List[Any]]:
+    def _close_open(self, finished: List[Tuple[str, int, float, Optional[str], int]]) -> List[List[Any]]:
         """Tasks written open earlier that have ended: their rows leave ``tasks`` for the log."""
-        ids = [f[5] for f in finished]
+        ids = [f[4] for f in finished]
         rows: Dict[int, List[Any]] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
             marks = ",".join("?" * len(chunk))
             rows.update({r[0]: list(r) for r in self.db.execute(f"SELECT * FROM tasks WHERE id IN ({marks})", chunk)})
             self.db.execute(f"DELETE FROM tasks WHERE id IN ({marks})", chunk)
-        for state, attempts, when, output, error, tid in finished:
+        for state, attempts, when, error, tid in finished:
             row = rows.get(tid)
             if row is not None:
-                row[2], row[3], row[5], row[6], row[7], row[8] = state, max(row[3], attempts), when, None, output, error
+                row[2], row[3], row[5], row[6], row[8] = state, max(row[3], attempts), when, None, error
         return list(rows.values())
 
     def _log(self, rows: List[List[Any]]) -> None:
@@ -378,7 +370,6 @@ class Writer:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-store")
-        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
         return self._pool.submit(fn, *args)
@@ -386,9 +377,6 @@ class Writer:
     def backlog(self) -> int:
         """Calls waiting for the writer thread (a slow disk shows here first)."""
         return self._pool._work_queue.qsize()
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.wrap_future(self.submit(fn, *args))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

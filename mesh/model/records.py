@@ -50,7 +50,7 @@ class Task:
     __slots__ = ("id", "sid", "client", "cid", "tag", "payload", "attempt", "state", "instance", "created_at")
 
     def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0,
-                 cid: str = "") -> None:
+                 cid: str = "", created_at: Optional[float] = None) -> None:
         self.id = tid
         self.sid = sid
         self.client = client     # the submitter's current ROUTER identity (changes when it reconnects)
@@ -60,7 +60,7 @@ class Task:
         self.attempt = attempt
         self.state = PENDING
         self.instance: Optional[str] = None
-        self.created_at = time.time()
+        self.created_at = time.time() if created_at is None else created_at
 
 
 @dataclass
