@@ -160,7 +160,8 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
             if s is None or s.state != OPEN or payload is None:   # too large to keep: its client resends it
                 lost.append(tid)
                 continue
-            self.tasks[tid] = Task(tid, sid, b"", tag, payload, attempts, cid)  # the client re-attaches by resending
+            t = self.tasks[tid] = Task(tid, sid, b"", tag, payload, attempts, cid)  # the client re-attaches by resending
+            t.recorded = True
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
         if lost:

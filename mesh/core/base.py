@@ -10,7 +10,7 @@ import collections
 import itertools
 import logging
 import secrets
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from mesh.core.effects import Call, Effects, Send
 from mesh.data.batch import Batch
@@ -48,9 +48,9 @@ class Base:
         self.objects = Objects()
         self.latency = Histogram()                       # seconds from submit to answer
         self.batch = Batch()                             # changes for the next group commit
-        # rows of tasks not yet written, oldest first: a task is recorded once it finishes, or once
+        # ids of tasks not yet written, oldest first: a task is recorded once it finishes, or once
         # it has waited record_after seconds (a younger one is covered by its client's resend)
-        self.young: "collections.OrderedDict[int, List[Any]]" = collections.OrderedDict()
+        self.young: Deque[int] = collections.deque()
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
         self.tokens = auth.Tokens({})
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
@@ -79,26 +79,26 @@ class Base:
         return out
 
     def take_batch(self, now: Optional[float] = None) -> Batch:
-        """The changes since the last group commit, for the writer thread, with the records of
-        tasks that have waited ``record_after`` seconds by ``now`` (every task without ``now``)."""
-        young, tasks = self.young, self.batch.tasks
+        """The changes since the last group commit, for the writer thread, with the rows of open
+        tasks that have waited ``record_after`` seconds by ``now`` (every open task without ``now``)."""
+        young, tasks, rows = self.young, self.tasks, self.batch.tasks
         cutoff = None if now is None else now - self.settings.record_after
+        keep_max = self.settings.persist_input_max
         while young:
-            tid, row = next(iter(young.items()))
-            if cutoff is not None and row[4] > cutoff:
-                break
-            del young[tid]
-            tasks[tid] = row
+            t = tasks.get(young[0])
+            if t is not None and not t.recorded:
+                if cutoff is not None and t.created_at > cutoff:
+                    break
+                t.recorded = True
+                payload = t.payload if len(t.payload) <= keep_max else None
+                rows[t.id] = Batch.task_row(t.id, t.sid, t.created_at, payload, t.cid, t.tag)
+            young.popleft()
         batch, self.batch = self.batch, Batch()
         return batch
 
-    def finish_record(self, tid: int, state: str, attempts: int, error: Optional[str]) -> None:
-        """A task ended: its record, written once if it was still young."""
-        row = self.young.pop(tid, None)
-        if row is None:
-            self.batch.finish_task(tid, state, attempts, self.now, error)
-        else:
-            self.batch.tasks[tid] = Batch.finish_row(row, state, attempts, self.now, error)
+    def finish_record(self, t: Task, state: str, error: Optional[str]) -> None:
+        """Task ``t`` ended: its record, written once if it was still young."""
+        self.batch.finish_task(t, state, self.now, error)
 
     def plan_soon(self) -> None:
         self.plan_wanted = True

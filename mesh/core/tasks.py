@@ -60,8 +60,7 @@ class TaskRules(Base):
                 limit="max_pending", session=s.id))
             tags, payloads = tags[:room], payloads[:room]
         now = self.now
-        young, row = self.young, self.batch.task_row
-        keep_max = self.settings.persist_input_max
+        young = self.young
         sid = s.id
         last = self.tids_reserved
         for tag, payload in zip(tags, payloads):
@@ -72,7 +71,7 @@ class TaskRules(Base):
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
             s.bytes_in += len(payload)
-            young[tid] = row(tid, sid, now, payload if len(payload) <= keep_max else None, cid, tag)
+            young.append(tid)
         self.stats["tasks_submitted"] += len(tags)
         self.dispatch(s)
 
@@ -205,7 +204,7 @@ class TaskRules(Base):
             if s is not None:
                 s.running -= 1
                 s.counts[state] += 1
-            finish(tid, state, t.attempt, None if err is None else _json(err))
+            finish(t, state, None if err is None else _json(err))
             observe(now - t.created_at)
             items.append((t.tag, err))
             frames.append(payload if err is None else b"")
@@ -250,7 +249,7 @@ class TaskRules(Base):
             s = self.sessions.get(t.sid)
             if s is not None:
                 s.counts[state] += 1
-            self.finish_record(t.id, state, t.attempt, text)
+            self.finish_record(t, state, text)
             if t.client:
                 out.setdefault((t.client, t.sid), []).append((t.tag, err))
         for (client, sid), items in out.items():

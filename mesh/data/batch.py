@@ -17,10 +17,13 @@ OBJECT_PREFIX = "obj/"  # objects share the snapshot and patch tables with conte
 class Batch:
     """Changes collected by the core between two group commits."""
 
-    # task rows to write (the core keeps young tasks' rows until they end or pass record_after)
+    # open task rows to write: tasks that have waited record_after seconds (or every open task at shutdown)
     tasks: Dict[int, List[Any]] = field(default_factory=dict)
     # tasks written open earlier that have ended since: (state, attempts, finished_at, error, id)
     finished: List[Tuple[str, int, float, Optional[str], int]] = field(default_factory=list)
+    # tasks that ended young (never written open), by session: their task_log records
+    # [id, state, attempts, created_at, finished_at, error, client id, tag]
+    logged: Dict[str, List[List[Any]]] = field(default_factory=dict)
     patches: List[Tuple[str, int, Optional[bytes], Optional[bytes]]] = field(default_factory=list)
     snapshots: List[Tuple[str, int, str, bytes]] = field(default_factory=list)
     objects: List[Tuple[str, Optional[str], Optional[float]]] = field(default_factory=list)
@@ -36,28 +39,25 @@ class Batch:
         kept (too large; the client resends it if need be)."""
         return [tid, sid, "pending", 0, created_at, None, payload, None, None, client, tag]
 
-    @staticmethod
-    def finish_row(row: List[Any], state: str, attempts: int, when: float, error: Optional[str]) -> List[Any]:
-        row[2], row[3], row[5], row[6], row[8] = state, attempts, when, None, error
-        return row
-
-    def finish_task(self, tid: int, state: str, attempts: int, when: float, error: Optional[str]) -> None:
-        row = self.tasks.get(tid)
-        if row is not None:
-            self.finish_row(row, state, attempts, when, error)
-        else:
-            self.finished.append((state, attempts, when, error, tid))
+    def finish_task(self, t: Any, state: str, when: float, error: Optional[str]) -> None:
+        """Task ``t`` (a :class:`mesh.model.records.Task`) ended: close its open row, or log it
+        directly if it was never written; a failure's error is kept for the client's resend."""
+        if t.recorded:
+            self.finished.append((state, t.attempt, when, error, t.id))
+            return
+        log = self.logged.get(t.sid)
+        if log is None:
+            log = self.logged[t.sid] = []
+        log.append([t.id, state, t.attempt, t.created_at, when, error, t.cid, t.tag])
+        if error is not None:
+            self.answers.append((t.cid, t.tag, t.id, state, None, error))
 
     def keep_output(self, tid: int, output: Any, client: str, tag: int) -> None:
         """A result that could not be delivered is kept for the client to collect by resending."""
-        row = self.tasks.get(tid)
-        if row is not None:
-            row[7] = output
-        else:
-            self.answers.append((client, tag, tid, "succeeded", output, None))
+        self.answers.append((client, tag, tid, "succeeded", output, None))
 
     def __bool__(self) -> bool:
-        return bool(self.tasks or self.finished or self.patches or self.snapshots or self.objects
+        return bool(self.tasks or self.finished or self.logged or self.patches or self.snapshots or self.objects
                     or self.deleted_objects or self.answers or self.task_ids_reserved is not None)
 
 

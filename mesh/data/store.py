@@ -65,7 +65,6 @@ SCHEMA_VERSION = "2"
 # of thousands of finished tasks writes a handful of rows.  ``answers`` keeps what a resending
 # client may still need: undelivered outputs and errors, by (client id, tag).
 LOG_FIELDS = ("id", "state", "attempts", "created_at", "finished_at", "error", "client", "tag")
-OPEN_STATES = ("pending", "running")
 
 
 class Store:
@@ -308,15 +307,14 @@ class Store:
 
     def write(self, batch: Batch) -> None:
         """One group commit: every change the core collected since the last."""
-        open_rows = [row for row in batch.tasks.values() if row[2] in OPEN_STATES]
-        ended = [row for row in batch.tasks.values() if row[2] not in OPEN_STATES]
         with self.tx():
-            if open_rows:
-                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", open_rows)
+            if batch.tasks:
+                self.db.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                    batch.tasks.values())
             if batch.finished:
-                ended += self._close_open(batch.finished)
-            if ended:
-                self._log(ended)
+                self._log(self._close_open(batch.finished))
+            if batch.logged:
+                self._log_records(batch.logged)
             if batch.answers:
                 self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)", batch.answers)
             if batch.task_ids_reserved is not None:
@@ -335,6 +333,13 @@ class Store:
                 self.db.execute("DELETE FROM patches WHERE session=?", (OBJECT_PREFIX + key,))
 
 
+    def _log_records(self, by_session: Dict[str, List[List[Any]]]) -> None:
+        """One task_log row per session: its finished tasks' records
+        ``[id, state, attempts, created_at, finished_at, error, client id, tag]``, msgpack'd."""
+        self.db.executemany("INSERT INTO task_log VALUES (?, ?, ?, ?)",
+                            [(sid, min(r[0] for r in recs), max(r[0] for r in recs), pack(recs))
+                             for sid, recs in by_session.items()])
+
     def _close_open(self, finished: List[Tuple[str, int, float, Optional[str], int]]) -> List[List[Any]]:
         """Tasks written open earlier that have ended: their rows leave ``tasks`` for the log."""
         ids = [f[4] for f in finished]
@@ -351,13 +356,12 @@ class Store:
         return list(rows.values())
 
     def _log(self, rows: List[List[Any]]) -> None:
-        """Finished tasks: one task_log row per session, and their answers where one may be asked for."""
+        """Finished tasks that were written open: one task_log row per session, and their answers
+        where one may be asked for."""
         by_session: Dict[str, List[List[Any]]] = {}
         for row in rows:
             by_session.setdefault(row[1], []).append([row[0], row[2], row[3], row[4], row[5], row[8], row[9], row[10]])
-        self.db.executemany("INSERT INTO task_log VALUES (?, ?, ?, ?)",
-                            [(sid, min(r[0] for r in recs), max(r[0] for r in recs), pack(recs))
-                             for sid, recs in by_session.items()])
+        self._log_records(by_session)
         kept = [(row[9], row[10], row[0], row[2], row[7], row[8]) for row in rows
                 if row[7] is not None or row[8] is not None]
         if kept:
