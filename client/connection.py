@@ -176,17 +176,16 @@ class Window:
             if not self._room.wait(WINDOW_POLL):
                 alive()
 
-    def give(self) -> None:
+    def give(self, n: int = 1) -> None:
         with self._lock:
-            self.used -= 1
+            self.used -= n
             if not self._room.is_set():
                 self._room.set()
 
 
-def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
+def _resolve(fut: concurrent.futures.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
     """Resolve ``fut`` unless it is done already: a caller may have cancelled a task's future
-    (it stops waiting; the answer is dropped), and that must never kill the I/O thread.  A task's
-    place in the window is given back here, once, when its answer (or failure) arrives."""
+    (it stops waiting; the answer is dropped), and that must never kill the I/O thread."""
     try:
         if exc is not None:
             fut.set_exception(exc)
@@ -194,6 +193,12 @@ def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[Ba
             fut.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
+    """:func:`_resolve`, and a task's place in the window given back, once, when its answer
+    (or failure) arrives."""
+    _resolve(fut, result, exc)
     window = getattr(fut, "window", None)
     if window is not None:
         fut.window = None   # type: ignore[attr-defined]
@@ -591,20 +596,26 @@ class Connection:
     def _on_result(self, msg: Message) -> None:
         self._last_answer = time.monotonic()
         payload: Any
+        tasks, freed = self._tasks, 0
         for (tag, err), payload in zip(msg.header.outcomes, msg.payloads):
-            entry = self._tasks.pop(tag, None)
+            entry = tasks.pop(tag, None)
             if entry is None:
                 continue             # answered already: a duplicate after a resend
             fut, decode_result = entry[0], entry[1]
+            if fut.window is not None:   # its place in the window: given back below, all at once
+                fut.window = None
+                freed += 1
             if err is not None:
-                _settle(fut, exc=from_wire(err))
+                _resolve(fut, exc=from_wire(err))
                 continue
             try:
                 value = decode_result(payload)
             except Exception as exc:  # the result class may be unknown here
-                _settle(fut, exc=exc)
+                _resolve(fut, exc=exc)
             else:
-                _settle(fut, value)
+                _resolve(fut, value)
+        if freed:
+            self._window.give(freed)
 
     def _on_reply(self, sock: zmq.Socket, msg: Message) -> None:
         h: Reply = msg.header

@@ -363,7 +363,7 @@ class Instance:
                 f"{self._fn.__name__} takes {self._req_type.__name__}, got {type(req).__name__}").to_wire(), b""
         try:
             result = self._fn(req) if self._takes_arg else self._fn()
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 result = self._loop.run_until_complete(result)
