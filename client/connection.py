@@ -260,7 +260,7 @@ class Connection:
         self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
         # tag -> (future, decoder, session id, payload): the payload is kept until the answer
         # arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
-        self._tasks: Dict[int, Tuple[concurrent.futures.Future, Callable[[bytes], Any], str, Any]] = {}
+        self._tasks: Dict[int, Tuple[TaskFuture, Callable[[bytes], Any], str, Any]] = {}
         self.client_id = secrets.token_hex(8)
         self._window = Window(self.settings.max_inflight)
         self._boot: Optional[str] = None

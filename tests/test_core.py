@@ -22,6 +22,7 @@ from mesh.wire.protocol import (
     Done,
     ExecHello,
     Exited,
+    Heartbeat,
     InstHello,
     Launch,
     Message,
@@ -454,3 +455,55 @@ def test_a_session_exists_for_others_only_once_it_is_on_disk(mesh: Mesh) -> None
     assert "s9" not in mesh.core.creating and "s9" not in mesh.core.sessions
     assert mesh.ok("create_session", application="echo", id="s9")["id"] == "s9"
     assert mesh.ok("get_session", id="s9")["state"] == "open"
+
+
+# -- instances that never start ------------------------------------------------------------------
+
+def idle(m: Mesh, ex: bytes, seconds: float, step: float = 0.2) -> None:
+    """Let ``seconds`` pass in ticks, the executor's heartbeats arriving meanwhile."""
+    for _ in range(int(round(seconds / step))):
+        m.tick(step)
+        m.msg(ex, Heartbeat())
+
+
+@pytest.mark.parametrize("code,reason", [(0, "exited with code 0"), (-9, "killed by SIGKILL"), (1, "exit 1")])
+def test_any_end_before_hello_counts_as_a_start_failure_and_relaunches_back_off(code: int, reason: str) -> None:
+    # Given an app whose instances end before saying hello, whatever their exit status
+    m = Mesh(start_failures=3, start_backoff=1.0, start_backoff_max=3.0)
+    m.app_and_session()
+    ex = m.executor(slots=1)
+    m.submit(1)
+    launch_times = []
+    for _ in range(3):
+        [launch] = [s.record for s in m.sent if isinstance(s.record, Launch)][len(launch_times):]
+        launch_times.append(m.now)
+        # When the instance ends before hello
+        m.msg(ex, Exited(launch.iid, code, reason))
+        # Then no new launch happens before the backoff, however often the clock ticks
+        idle(m, ex, 0.8)
+        if len(launch_times) < 3:
+            assert len(m.to(ex, Launch)) == len(launch_times), "relaunched within the backoff"
+            idle(m, ex, 3.0)
+            assert len(m.to(ex, Launch)) == len(launch_times) + 1, "relaunched once the backoff passed"
+    gaps = [b - a for a, b in zip(launch_times, launch_times[1:])]
+    assert gaps[1] > gaps[0] - 1e-9, "the backoff does not shrink"
+    # And after start_failures in a row the queued task fails with the reason
+    [result] = m.to(b"client", Result)
+    [(_, err)] = result.outcomes
+    assert err["code"] == "task_failed" and err["details"]["type"] == "StartFailed" and reason in err["message"]
+
+
+def test_an_instance_that_says_hello_resets_the_start_backoff(mesh: Mesh) -> None:
+    # Given an app whose first instance ended before hello
+    mesh.app_and_session()
+    ex = mesh.executor(slots=1)
+    mesh.submit(1)
+    [launch] = mesh.to(ex, Launch)
+    mesh.msg(ex, Exited(launch.iid, 0, "exited"))
+    mesh._started.add(launch.iid)   # (it never will)
+    assert mesh.core.start_backoff.get("echo", 0) > mesh.now
+    # When the next one starts and says hello
+    idle(mesh, ex, mesh.settings.start_backoff + 0.2)
+    mesh.instance(ex)
+    # Then the app launches without delay again
+    assert "echo" not in mesh.core.start_backoff and "echo" not in mesh.core.start_streak

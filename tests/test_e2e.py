@@ -222,6 +222,22 @@ def test_zmesh_up_starts_and_stops_a_local_mesh(tmp_path):
             c.ping(timeout=1)
 
 
+@pytest.mark.parametrize("command,arguments", [
+    ("/bin/true", []),                                                       # exit 0 before hello
+    (sys.executable, ["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]),   # its own SIGKILL
+])
+def test_app_that_ends_before_hello_fails_its_tasks_instead_of_relaunching_forever(mesh, client, command, arguments):
+    client.register_application({"metadata": {"name": "quitter"}, "spec": {"command": command, "arguments": arguments}})
+    try:
+        with Session("quitter") as s:
+            with pytest.raises(errors.TaskFailed, match="failed to start 3 times"):
+                s.invoke(("echo", 1), timeout=60)
+        with Session("tools") as s:
+            assert s.invoke(("echo", "fine"), timeout=30) == "fine"
+    finally:
+        client.unregister_application("quitter")
+
+
 def test_app_that_cannot_start_fails_its_tasks_with_the_reason(mesh, client):
     client.register_application({"metadata": {"name": "broken"},
                                  "spec": {"command": "/nonexistent/python", "arguments": ["x.py"]}})

@@ -55,6 +55,8 @@ class Base:
         self.tokens = auth.Tokens({})
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
+        self.start_backoff: Dict[str, float] = {}  # app -> no launch before this time (it keeps failing)
+        self.start_streak: Dict[str, int] = {}     # app -> start failures in a row, for the backoff
         self.admitting: Set[bytes] = set()         # executors whose key is being checked
         self.plan_wanted = False                   # run the scheduler at the end of this round
         self.endpoint = ""                         # what ping reports; set by the loop

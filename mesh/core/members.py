@@ -126,6 +126,8 @@ class MemberRules(Base):
         inst.identity = peer
         inst.pid = rec.pid
         self.start_failures.pop(inst.app, None)
+        self.start_backoff.pop(inst.app, None)
+        self.start_streak.pop(inst.app, None)
         inst.idle_since = self.now
         self.peers[peer] = inst
         self.welcome(peer)
@@ -162,8 +164,8 @@ class MemberRules(Base):
         if not inst.stopping:
             event(log, logging.WARNING, "instance died", instance=inst.id, executor=ex.id, reason=reason)
         self.remove_instance(inst, reason)
-        if not inst.ready and not inst.stopping and (rec.code > 0 or rec.code == -1):
-            self.start_failed(inst.app, reason)  # it failed by itself (not killed by a signal) before hello
+        if not inst.ready and not inst.stopping:
+            self.start_failed(inst.app, reason)  # ended before hello: exit 0, an error or a signal alike
         self.plan_soon()
 
     def remove_instance(self, inst: Instance, reason: str) -> None:
@@ -199,8 +201,8 @@ class MemberRules(Base):
             if s.state != OPEN:
                 continue
             app = self.apps.get(s.app)
-            if app is None:
-                continue
+            if app is None or self.start_backoff.get(s.app, 0.0) > self.now:
+                continue   # not known, or it failed to start a moment ago: no launch before its backoff
             sessions.append(scheduler.SessionView(
                 s.id, s.app, len(s.pending) + s.running, s.resreq, dict(app.spec.labels),
                 app.spec.max_instances, s.created_at))

@@ -282,7 +282,11 @@ class TaskRules(Base):
         inst.inflight.clear()
 
     def start_failed(self, app: str, reason: str) -> None:
-        """An app whose instances keep dying before hello fails its queued tasks instead of looping."""
+        """An app whose instances keep dying before hello fails its queued tasks instead of looping,
+        and is launched again only after a backoff that doubles with each failure in a row."""
+        streak = self.start_streak[app] = self.start_streak.get(app, 0) + 1
+        self.start_backoff[app] = self.now + min(self.settings.start_backoff * 2 ** (streak - 1),
+                                                 self.settings.start_backoff_max)
         n = self.start_failures[app] = self.start_failures.get(app, 0) + 1
         if n < self.settings.start_failures:
             return

@@ -75,7 +75,13 @@ class Settings:
     drain_grace: float = 30.0
     """Seconds a draining executor (SIGTERM) gives running tasks before it stops their instances."""
     start_failures: int = 3
-    """Instances of one app that may die before saying hello, in a row, before its queued tasks fail."""
+    """Instances of one app that may end before saying hello (whatever their exit status), in a row,
+    before its queued tasks fail."""
+    start_backoff: float = 0.25
+    """Seconds before an app whose instance ended before hello is launched again; doubles with each
+    failure in a row, up to ``start_backoff_max``."""
+    start_backoff_max: float = 30.0
+    """Longest wait between launches of an app that keeps failing to start."""
     instance_write_timeout: float = 30.0
     """Seconds an instance waits for the manager to sequence one of its context writes (or resend
     a snapshot) before the write fails with Unavailable."""
