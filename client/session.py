@@ -142,6 +142,16 @@ class Session:
             if self._own:
                 self._conn.close()
 
+    def detach(self) -> None:
+        """Stop using this session here without closing it: it stays open on the manager (others,
+        or a later ``Session(session_id=...)``, carry on with it); closes the connection if this
+        Session made its own.  Unanswered tasks of this Session are not collected any more."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._own:
+            self._conn.close()
+
     def __enter__(self) -> "Session":
         return self
 

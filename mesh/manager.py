@@ -65,6 +65,9 @@ class Manager:
         self._last_commit: Optional["concurrent.futures.Future[Any]"] = None   # the newest group commit
         self._held_peers: Dict[bytes, int] = collections.Counter()
         self._paused = False          # not reading: the store is behind
+        self._hold_acks = not self.settings.unsafe_ack_before_commit   # the durability rule (see Settings)
+        if not self._hold_acks:
+            log.warning("unsafe_ack_before_commit is on: acknowledged writes are lost on a crash (tests only)")
         self._closing = False
         self._round_pending = False
         self.endpoint = ""
@@ -118,7 +121,7 @@ class Manager:
         for eff in effects:
             if eff.__class__ is Send:
                 send = cast(Send, eff)
-                if send.after_commit and (self.core.batch or not self._committed()) \
+                if send.after_commit and self._hold_acks and (self.core.batch or not self._committed()) \
                         or self._held_peers.get(send.peer):
                     self._hold(send)
                 else:

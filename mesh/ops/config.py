@@ -24,6 +24,15 @@ def default_db() -> str:
     return os.path.join(base, "zeromesh", "manager.db")
 
 
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"ZMESH_{name.upper()} must be true or false, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     heartbeat_interval: float = 1.0
@@ -89,6 +98,10 @@ class Settings:
     """Seconds an executor gives a stopped instance after SIGTERM before it sends SIGKILL."""
     cache_bytes: int = 1 << 30
     """Bytes of objects an executor's shared object cache holds before it evicts (LRU)."""
+    unsafe_ack_before_commit: bool = False
+    """UNSAFE, never in production: send acknowledgements (replies, context versions) before the
+    group commit that makes them true, so a kill -9 loses acknowledged writes.  It exists only as
+    the negative control of the durability tests (tests/test_durability.py)."""
 
     @classmethod
     def load(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
@@ -97,7 +110,8 @@ class Settings:
         for f in fields(cls):
             raw = env.get("ZMESH_" + f.name.upper())
             if raw is not None:
-                values[f.name] = cast(Any, type(f.default))(raw)
+                values[f.name] = _parse_bool(f.name, raw) if isinstance(f.default, bool) \
+                    else cast(Any, type(f.default))(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -24,6 +24,10 @@ def tools(req):
     if op == "incr":
         ins.patch_context([{"op": "incr", "path": "/n", "value": arg}])
         return None
+    if op == "mark":              # record that this task ran: /done/<arg> = 1, and count the runs in /marks
+        ins.patch_context([{"op": "add", "path": f"/done/{arg}", "value": 1},
+                           {"op": "incr", "path": "/marks", "value": 1}])
+        return arg
     if op == "cas":               # compare-and-set: replace /v with arg[1] only if it is arg[0]
         ins.patch_context([{"op": "test", "path": "/v", "value": arg[0]},
                            {"op": "replace", "path": "/v", "value": arg[1]}])
