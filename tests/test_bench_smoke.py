@@ -113,3 +113,41 @@ def test_bench_hotpath_quick_reports_ratios_against_the_limit(tmp_path):
         assert _positive(run[key]), (key, run)
     assert run["throughput_ratio"] == round(run["tasks_per_s"] / run["limit_tasks_per_s"], 3)
     assert "throughput_ratio" in text and "min / median / max" in text
+
+
+def test_bench_flood_small_reports_evictions_and_the_other_clients_latency(tmp_path):
+    out = tmp_path / "flood.json"
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_flood.py"), "--tasks", "2000", "--idle",
+                             "50", "--max-seconds", "20", "--silent", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        stdout, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)   # the script ends its mesh and its client processes on SIGTERM
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+        raise
+    text = stdout.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    res = json.loads(out.read_text())
+
+    f = res["flood"]
+    assert f["answered"] == f["sent"] == 2000 and f["errors"] == 0 and not f["timed_out"], f
+    assert _positive(f["tasks_per_s"]) and _positive(f["seconds"]), f
+    m = res["mesh"]
+    for key in ("evictions", "executor_reconnects", "executor_processes_exited", "instance_restarts",
+                "instance_deaths", "instance_pids_new", "store_pauses", "max_store_backlog", "poll_failures"):
+        assert isinstance(m[key], int) and m[key] >= 0, (key, m)
+    assert m["instance_pids_at_start"] == res["warmup"]["instances"] == 4, (m, res["warmup"])  # 2 x 2 slots
+    assert m["polls"] >= 1, m
+    for key in ("idle_p50_us", "idle_p99_us", "flood_p50_us", "flood_p99_us", "p99_ratio"):
+        assert _positive(res[key]), (key, res)
+    assert res["idle_p99_us"] >= res["idle_p50_us"] and res["flood_p99_us"] >= res["flood_p50_us"], res
+    assert res["probe"]["idle"]["count"] == 50 and res["probe"]["flood"]["count"] >= 1, res["probe"]
+    assert res["p99_ratio"] == round(res["flood_p99_us"] / res["idle_p99_us"], 2)
+    assert set(res["goals"]) == {"no_eviction", "p99_within_5x"}, res["goals"]
+    assert res["settings"]["heartbeat_interval"] == 1.0 and res["settings"]["liveness"] == 3  # default timers
+    assert "goal 1, no executor evicted" in text and "flood p99 / idle p99" in text
