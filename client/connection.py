@@ -322,6 +322,8 @@ class Connection:
         mesh; this connection then uses a fresh CURVE keypair of its own.  ``auth``: credentials
         (see client.auth), exchanged for a token that this connection renews by itself."""
         self.manager = check_endpoint(default_manager() if manager is None else manager)
+        if token is not None and not isinstance(token, str):   # it goes into every SUBMIT the I/O thread sends
+            raise InvalidArgument(f"a token is a str, not {type(token).__name__}", argument="token")
         self.auth = auth or client_auth.from_env()
         self._token = token or os.environ.get("ZMESH_TOKEN") or (
             None if self.auth else client_auth.stored_token(self.manager))
@@ -625,7 +627,7 @@ class Connection:
             else:                    # a control call, encoded and checked by its caller
                 _, fut, rid, method, frames, deadline = item
                 self._calls[rid] = (fut, deadline, method)
-                transport.send(sock, frames, flags=0)
+                self._send_frames(sock, frames)
         for sid, (tags, frames) in batches.items():
             self._send(sock, self._submit(sid, tags, False), frames)
 
@@ -660,7 +662,11 @@ class Connection:
                 self._send(sock, self._submit(sid, tags[i:i + MAX_BATCH], True), frames[i:i + MAX_BATCH])
 
     def _send(self, sock: zmq.Socket, record: Any, payloads: Sequence[Any] = ()) -> None:
-        transport.send(sock, encode(record, payloads), flags=0)
+        self._send_frames(sock, encode(record, payloads))
+
+    def _send_frames(self, sock: zmq.Socket, frames: Sequence[Any]) -> None:
+        """Every message the I/O thread sends goes out here (scripts/bench_context.py counts them)."""
+        transport.send(sock, frames, flags=0)
 
     def _receive(self, sock: zmq.Socket) -> None:
         for msg in _messages(sock, 10000):

@@ -136,6 +136,11 @@ def test_an_argument_that_cannot_be_sent_is_invalid_argument_and_the_connection_
         assert s.submit(("echo", "later")).result(BOUND) == "later"
 
 
+def test_a_token_that_is_not_a_str_fails_the_constructor():
+    exc = _raises(BOUND, lambda: Connection(NOBODY, token=object()), InvalidArgument)  # type: ignore[arg-type]
+    assert exc.details == {"argument": "token"}
+
+
 def test_an_unencodable_argument_is_named_with_its_method(client):
     exc = _raises(BOUND, lambda: client.get_task(2 ** 70), InvalidArgument)
     assert exc.details == {"method": "get_task", "argument": "id"}
