@@ -236,6 +236,11 @@ def _nbytes(frame: Any) -> int:
     return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
+def _sendable(frame: Any) -> bool:
+    """bytes, a bytearray or a contiguous memoryview: what a ZeroMQ frame is sent from."""
+    return isinstance(frame, _BYTES) and (not isinstance(frame, memoryview) or frame.contiguous)
+
+
 def _unpackable(value: Any, path: str, depth: int = 0) -> Optional[Tuple[str, str]]:
     """(path, why) of the first part of ``value`` msgpack cannot encode, or None: the error
     names the argument (``filter.created_at[1]``), not only msgpack's terse reason."""
@@ -272,7 +277,7 @@ def _request_frames(method: Any, rid: int, args: Any, token: Optional[str], blob
         raise InvalidArgument(f"a control call's method is a non-empty str, not {method!r}", method=str(method))
     if not isinstance(args, dict):
         raise InvalidArgument(f"the arguments of {method!r} are a dict, not {type(args).__name__}", method=method)
-    if blob is not None and not isinstance(blob, _BYTES):
+    if blob is not None and not _sendable(blob):
         raise InvalidArgument(f"the data frame of {method!r} is bytes, not {type(blob).__name__}",
                               method=method, argument="blob")
     try:
@@ -295,7 +300,7 @@ def _check_task(sid: Any, payload: Any, decode_result: Any, max_size: int) -> No
     callable decoder."""
     if not isinstance(sid, str) or not sid:
         raise InvalidArgument(f"a session id is a non-empty str, not {sid!r}", argument="session")
-    if not isinstance(payload, _BYTES):
+    if not _sendable(payload):
         raise InvalidArgument(f"a task's payload is bytes, not {type(payload).__name__}", argument="payload")
     if not callable(decode_result):
         raise InvalidArgument(f"decode_result is a callable, not {type(decode_result).__name__}",

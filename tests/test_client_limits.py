@@ -98,6 +98,8 @@ def _bad_calls(c: Client, s: Session) -> Dict[str, Callable[[], Any]]:
         "put_object(ttl=object)": lambda: client_objects.put_object("x", ttl=object()),  # type: ignore[arg-type]
         "put_object(session=42)": lambda: client_objects.put_object("x", session=42),
         "call_blob(blob=str)": lambda: conn.call_blob("put_object", {"kind": "blob"}, "not bytes"),
+        "call_blob(blob=strided view)": lambda: conn.call_blob("put_object", {"kind": "blob"},
+                                                               memoryview(b"abcd")[::2]),
         "call(args=list)": lambda: conn.call("ping", [1]),                               # type: ignore[arg-type]
         "call(method=int)": lambda: conn.call(7),                                        # type: ignore[arg-type]
         "submit(session=int)": lambda: conn.submit(123, b"x", bytes),                   # type: ignore[arg-type]
@@ -110,9 +112,9 @@ def _bad_calls(c: Client, s: Session) -> Dict[str, Callable[[], Any]]:
 
 BAD = ["get_task(2**70)", "get_task(-2**70)", "get_session(object())", "find_sessions(filter 2**70)",
        "cancel_task(a set)", "Session(session_id=2**70)", "Session(resreq=object)", "put_object(ttl=object)",
-       "put_object(session=42)", "call_blob(blob=str)", "call(args=list)", "call(method=int)",
-       "submit(session=int)", "submit(payload=str)", "submit(decode=None)", "invoke(payload=int)",
-       "invoke(session=None)"]
+       "put_object(session=42)", "call_blob(blob=str)", "call_blob(blob=strided view)", "call(args=list)",
+       "call(method=int)", "submit(session=int)", "submit(payload=str)", "submit(decode=None)",
+       "invoke(payload=int)", "invoke(session=None)"]
 
 
 @pytest.mark.parametrize("bad", BAD)
