@@ -194,7 +194,9 @@ class Client:
     (from the constructor) or bad input, ``NotFound`` for an unknown name or id (``get_*`` return
     ``None`` instead), ``Unavailable`` when the manager does not answer within ``request_timeout``
     or the connection's I/O thread died, ``PermissionDenied``/``Unauthenticated`` on a secured mesh.
-    No call waits without a deadline.
+    An argument that cannot be sent (msgpack cannot encode it) is ``InvalidArgument`` and a call over
+    ``max_message_size`` is ``ResourceExhausted``, both before anything is sent; neither costs the
+    connection.  No call waits without a deadline.
     """
 
     def __init__(self, manager: Optional[str] = None, connection: Optional[Connection] = None, auth: Any = None,

@@ -11,6 +11,13 @@ malformed endpoint fails the constructor at once (``InvalidArgument``); if the
 I/O thread dies, every pending call and task and every later one fails with
 ``Unavailable`` naming the cause; a control call never waits much past its
 ``timeout``; a task future's ``result(timeout)`` raises ``DeadlineExceeded``.
+
+A caller's mistake costs only that call: every request is checked and encoded in
+the caller's thread (a value msgpack cannot encode, a non-str session id or a
+non-bytes payload is ``InvalidArgument``; a request over ``max_message_size`` is
+``ResourceExhausted``), so the I/O thread only ever sends bytes and keeps serving
+the calls and tasks in flight (docs/reliability.md, "Caller errors never cost the
+connection").
 """
 from __future__ import annotations
 
@@ -185,7 +192,9 @@ class Window:
 
 def _resolve(fut: concurrent.futures.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
     """Resolve ``fut`` unless it is done already: a caller may have cancelled a task's future
-    (it stops waiting; the answer is dropped), and that must never kill the I/O thread."""
+    (it stops waiting; the answer is dropped), and that must never kill the I/O thread.
+    Nor may a caller's done-callback: the base class logs an ``Exception`` from one, and a
+    ``BaseException`` (``SystemExit``) is logged here instead of ending the thread."""
     try:
         if exc is not None:
             fut.set_exception(exc)
@@ -193,6 +202,8 @@ def _resolve(fut: concurrent.futures.Future, result: Any = None, exc: Optional[B
             fut.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+    except BaseException:   # noqa: B902 (from a caller's done-callback; the future is settled)
+        log.exception("a done-callback of a future raised; ignored")
 
 
 def _settle(fut: concurrent.futures.Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
@@ -218,14 +229,86 @@ def _messages(sock: zmq.Socket, limit: int) -> Iterator[Message]:
             log.warning("bad message from manager: %s", exc)
 
 
-def _encodable(method: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    """Check in the caller's thread that ``args`` pack as msgpack, so a bad argument raises
-    ``InvalidArgument`` at the call site instead of failing inside the I/O thread."""
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
+def _sendable(frame: Any) -> bool:
+    """bytes, a bytearray or a contiguous memoryview: what a ZeroMQ frame is sent from."""
+    return isinstance(frame, _BYTES) and (not isinstance(frame, memoryview) or frame.contiguous)
+
+
+def _unpackable(value: Any, path: str, depth: int = 0) -> Optional[Tuple[str, str]]:
+    """(path, why) of the first part of ``value`` msgpack cannot encode, or None: the error
+    names the argument (``filter.created_at[1]``), not only msgpack's terse reason."""
     try:
-        pack(args)
+        pack(value)
+        return None
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"the arguments of {method!r} cannot be sent: {exc}", method=method) from None
-    return args
+        why = f"{type(value).__name__}: {exc}"
+    if depth < 32:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    return f"{path}[{k!r}]", f"a map key must be a str, not {type(k).__name__}"
+                found = _unpackable(v, f"{path}.{k}" if path else k, depth + 1)
+                if found:
+                    return found
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                found = _unpackable(v, f"{path}[{i}]", depth + 1)
+                if found:
+                    return found
+    if isinstance(value, int) and not isinstance(value, bool):
+        why = f"int {value} is outside msgpack's range (-2**63 .. 2**64-1)"
+    return path or "(the arguments)", why
+
+
+def _request_frames(method: Any, rid: int, args: Any, token: Optional[str], blob: Any,
+                    max_size: int) -> List[Any]:
+    """The frames of one control call, encoded in the caller's thread (docs/reliability.md,
+    "Caller errors never cost the connection"): a value msgpack cannot encode is the caller's
+    ``InvalidArgument`` naming the method and the argument, a request over ``max_size`` bytes is
+    ``ResourceExhausted`` naming ``max_message_size``; the I/O thread only sends bytes."""
+    if not isinstance(method, str) or not method:
+        raise InvalidArgument(f"a control call's method is a non-empty str, not {method!r}", method=str(method))
+    if not isinstance(args, dict):
+        raise InvalidArgument(f"the arguments of {method!r} are a dict, not {type(args).__name__}", method=method)
+    if blob is not None and not _sendable(blob):
+        raise InvalidArgument(f"the data frame of {method!r} is bytes, not {type(blob).__name__}",
+                              method=method, argument="blob")
+    try:
+        frames = encode(Request(rid, method, args, token, blob is not None), [] if blob is None else [blob])
+    except (TypeError, ValueError, OverflowError) as exc:
+        path, why = _unpackable(args, "") or ("(the arguments)", f"{type(exc).__name__}: {exc}")
+        raise InvalidArgument(f"the arguments of {method!r} cannot be sent: argument {path!r} cannot be "
+                              f"encoded as msgpack: {why}", method=method, argument=path) from None
+    size = sum(_nbytes(f) for f in frames)
+    if size > max_size:
+        raise ResourceExhausted(f"the {method!r} request is {size} bytes, over max_message_size ({max_size}): "
+                                "the manager would drop it unanswered", limit="max_message_size",
+                                size=size, max=max_size, method=method)
+    return frames
+
+
+def _check_task(sid: Any, payload: Any, decode_result: Any, max_size: int) -> None:
+    """What submit and invoke accept, checked in the caller's thread (the I/O thread must never
+    meet a value it cannot send): a str session id, a bytes payload within ``max_size``, a
+    callable decoder."""
+    if not isinstance(sid, str) or not sid:
+        raise InvalidArgument(f"a session id is a non-empty str, not {sid!r}", argument="session")
+    if not _sendable(payload):
+        raise InvalidArgument(f"a task's payload is bytes, not {type(payload).__name__}", argument="payload")
+    if not callable(decode_result):
+        raise InvalidArgument(f"decode_result is a callable, not {type(decode_result).__name__}",
+                              argument="decode_result")
+    size = _nbytes(payload)
+    if size > max_size:
+        raise ResourceExhausted(f"request of {size} bytes exceeds max_message_size ({max_size})",
+                                limit="max_message_size", size=size, max=max_size)
 
 
 def _fresh(exc: MeshError) -> MeshError:
@@ -244,6 +327,8 @@ class Connection:
         mesh; this connection then uses a fresh CURVE keypair of its own.  ``auth``: credentials
         (see client.auth), exchanged for a token that this connection renews by itself."""
         self.manager = check_endpoint(default_manager() if manager is None else manager)
+        if token is not None and not isinstance(token, str):   # it goes into every SUBMIT the I/O thread sends
+            raise InvalidArgument(f"a token is a str, not {type(token).__name__}", argument="token")
         self.auth = auth or client_auth.from_env()
         self._token = token or os.environ.get("ZMESH_TOKEN") or (
             None if self.auth else client_auth.stored_token(self.manager))
@@ -310,8 +395,11 @@ class Connection:
               timeout: Optional[float]) -> Tuple[Any, Optional[bytes]]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         limit = self.settings.request_timeout if timeout is None else timeout
-        args = _encodable(method, args or {})
-        self._push(("call", method, args, fut, time.monotonic() + limit, blob))
+        rid = next(self._rids)
+        token = self._token if self._token and method != "login" else None
+        frames = _request_frames(method, rid, {} if args is None else args, token, blob,
+                                 self.settings.max_message_size)
+        self._push(("call", fut, rid, method, frames, time.monotonic() + limit))
         try:
             return fut.result(max(limit, 0.0) + CALL_GRACE)
         except concurrent.futures.TimeoutError as exc:
@@ -343,18 +431,16 @@ class Connection:
 
     def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any]) -> concurrent.futures.Future:
         """Queue one task.  Blocks while ``max_inflight`` tasks of this connection await answers:
-        a client that submits faster than the mesh drains is slowed, not dropped."""
-        if len(payload) > self.settings.max_message_size:
-            raise ResourceExhausted(
-                f"request of {len(payload)} bytes exceeds max_message_size ({self.settings.max_message_size})",
-                limit="max_message_size", size=len(payload))
+        a client that submits faster than the mesh drains is slowed, not dropped.
+        A bad argument is ``InvalidArgument`` here, an oversized payload ``ResourceExhausted``."""
+        _check_task(sid, payload, decode_result, self.settings.max_message_size)
         self._ensure_token()
         fut = TaskFuture()
         fut.session = sid
         self._window.take(self._check_alive)   # a dead I/O thread resolves nothing: no waiting forever
         fut.window = self._window
         try:
-            self._push(("task", sid, payload, fut, decode_result))
+            self._push(("task", fut, sid, payload, decode_result))
         except BaseException:
             _settle(fut, exc=Unavailable("the task was not queued"))   # gives its place back
             raise
@@ -370,6 +456,7 @@ class Connection:
         a time goes this way (others use :meth:`submit`), and only for ``SYNC_BUDGET`` seconds:
         a task not answered by then is handed to the I/O thread (a resend, which re-attaches it),
         whose resends and restart detection then cover it like any other."""
+        _check_task(sid, payload, decode_result, self.settings.max_message_size)
         if not self._direct_lock.acquire(blocking=False):
             return self.submit(sid, payload, decode_result).result(timeout)
         try:
@@ -379,8 +466,6 @@ class Connection:
 
     def _invoke_direct(self, sid: str, payload: bytes, decode_result: Callable[[Any], Any],
                        timeout: Optional[float]) -> Any:
-        if len(payload) > self.settings.max_message_size:
-            return self.submit(sid, payload, decode_result).result(timeout)   # raises ResourceExhausted
         self._check_alive()
         self._ensure_token()
         sock = self._direct_socket()
@@ -411,7 +496,7 @@ class Connection:
             if not answered:   # still in flight: the I/O thread takes it over (and its place in the window)
                 fut = TaskFuture()
                 fut.session, fut.window = sid, self._window
-                self._push(("adopt", sid, tag, payload, fut, decode_result))
+                self._push(("adopt", fut, sid, tag, payload, decode_result))
         return fut.result(None if deadline is None else max(deadline - time.monotonic(), 0.0))
 
     def _direct_socket(self) -> zmq.Socket:
@@ -531,11 +616,11 @@ class Connection:
         while out:
             item = out.popleft()
             if item[0] == "adopt":   # a direct invoke's task that outlived its budget
-                _, sid, tag, payload, fut, decode_result = item
+                _, fut, sid, tag, payload, decode_result = item
                 self._tasks[tag] = (fut, decode_result, sid, payload)
                 self._send(sock, self._submit(sid, [tag], True), [payload])
             elif item[0] == "task":
-                _, sid, payload, fut, decode_result = item
+                _, fut, sid, payload, decode_result = item
                 tag = next(self._tags)
                 self._tasks[tag] = (fut, decode_result, sid, payload)
                 tags, frames = batches.setdefault(sid, ([], []))
@@ -544,12 +629,10 @@ class Connection:
                 if len(tags) >= MAX_BATCH:
                     self._send(sock, self._submit(sid, tags, False), frames)
                     del batches[sid]
-            else:
-                _, method, args, fut, deadline, blob = item
-                rid = next(self._rids)
+            else:                    # a control call, encoded and checked by its caller
+                _, fut, rid, method, frames, deadline = item
                 self._calls[rid] = (fut, deadline, method)
-                token = self._token if self._token and method != "login" else None
-                self._send(sock, Request(rid, method, args, token, blob is not None), [] if blob is None else [blob])
+                self._send_frames(sock, frames)
         for sid, (tags, frames) in batches.items():
             self._send(sock, self._submit(sid, tags, False), frames)
 
@@ -584,7 +667,11 @@ class Connection:
                 self._send(sock, self._submit(sid, tags[i:i + MAX_BATCH], True), frames[i:i + MAX_BATCH])
 
     def _send(self, sock: zmq.Socket, record: Any, payloads: Sequence[Any] = ()) -> None:
-        transport.send(sock, encode(record, payloads), flags=0)
+        self._send_frames(sock, encode(record, payloads))
+
+    def _send_frames(self, sock: zmq.Socket, frames: Sequence[Any]) -> None:
+        """Every message the I/O thread sends goes out here (scripts/bench_context.py counts them)."""
+        transport.send(sock, frames, flags=0)
 
     def _receive(self, sock: zmq.Socket) -> None:
         for msg in _messages(sock, 10000):
@@ -610,8 +697,8 @@ class Connection:
                 continue
             try:
                 value = decode_result(payload)
-            except Exception as exc:  # the result class may be unknown here
-                _resolve(fut, exc=exc)
+            except BaseException as exc:  # noqa: B902 (the result class may be unknown here, or
+                _resolve(fut, exc=exc)    # the caller's decoder may raise anything: it is theirs)
             else:
                 _resolve(fut, value)
         if freed:
@@ -661,7 +748,7 @@ class Connection:
                 item = self._out.popleft()
             except IndexError:
                 return
-            _settle(item[3], exc=_fresh(exc))
+            _settle(item[1], exc=_fresh(exc))   # every item's future is its second field
 
 
 __all__ = ["Connection", "DeadlineExceeded", "TaskFuture", "check_endpoint"]

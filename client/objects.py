@@ -20,7 +20,7 @@ import cloudpickle
 from mesh.data import patch
 from mesh.data.cache import ObjectCache
 from mesh.data.replica import DOC
-from mesh.errors import Internal
+from mesh.errors import Internal, InvalidArgument
 from mesh.ops.config import Settings
 from mesh.wire.protocol import pack
 
@@ -67,7 +67,11 @@ def _encode(obj: Any) -> Dict[str, Any]:
 def _sid(session: Any) -> Optional[str]:
     if session is None or isinstance(session, str):
         return session
-    return session.id()
+    sid = getattr(session, "id", None)
+    if not callable(sid):
+        raise InvalidArgument(f"session is a Session, a session id or None, not {type(session).__name__}",
+                              argument="session")
+    return sid()
 
 
 def put_object(obj: Any, *, session: Any = None, ttl: Optional[float] = None) -> ObjectRef:

@@ -52,7 +52,7 @@ import cloudpickle  # noqa: E402
 
 from client import Client, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
-from mesh.wire.protocol import encode, pack  # noqa: E402
+from mesh.wire.protocol import pack  # noqa: E402
 
 APPS = os.path.join(HERE, "bench_apps")
 APP = "ctxbench"
@@ -84,19 +84,19 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 class WireCounter:
     """Counts every byte the session's connection sends.
 
-    Replaces ``_send`` on this one Connection object with the same two steps
-    (encode, send_multipart) plus a byte count, so nothing is encoded twice.
+    Replaces ``_send_frames`` (every message the I/O thread sends, encoded already:
+    control calls are encoded in the caller's thread) on this one Connection object
+    with the same send plus a byte count.
     """
 
     def __init__(self, session: Session) -> None:
         self.bytes = 0
 
-        def counting(sock: Any, record: Any, payloads: Any = ()) -> None:
-            frames = encode(record, payloads)
+        def counting(sock: Any, frames: Any) -> None:
             self.bytes += sum(memoryview(f).nbytes for f in frames)
             sock.send_multipart(frames, copy=False)
 
-        session._conn._send = counting  # type: ignore[method-assign]
+        session._conn._send_frames = counting  # type: ignore[method-assign]
 
 
 # -- 1. client writes -------------------------------------------------------------

@@ -27,6 +27,10 @@ _META_KEYS = ("name", "description")
 _SPEC_KEYS = ("working_directory", "command", "arguments", "environments", "labels",
               "resreq", "max_instances", "max_retries", "prefetch")
 DEFAULT_MAX_RETRIES = 3
+MAX_SPEC_BYTES = 1 << 20
+"""Largest spec file :func:`load_spec` reads (1 MiB; a real spec is a few hundred bytes).  At most
+this many bytes plus one are read, so ``/dev/zero`` or a log file given by mistake fails at once
+with ``InvalidArgument`` instead of filling memory."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +87,22 @@ def parse_spec(text: str, base_dir: Optional[str] = None) -> AppSpec:
     return _build(data, base_dir)
 
 
-def load_spec(path: str) -> AppSpec:
-    """Read a spec file; its directory is the base for relative paths."""
+def load_spec(path: str, max_bytes: int = MAX_SPEC_BYTES) -> AppSpec:
+    """Read a spec file (at most ``max_bytes``, see :data:`MAX_SPEC_BYTES`); its directory is the
+    base for relative paths.  Every failure is ``InvalidArgument`` naming the file."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
     except FileNotFoundError:
         raise InvalidArgument(f"spec file not found: {path}", path=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read spec file {path}: {exc}", path=str(path)) from None
+    if len(data) > max_bytes:
+        raise InvalidArgument(f"spec file {path} is larger than the spec size limit ({max_bytes} bytes, "
+                              "MAX_SPEC_BYTES)", path=str(path), limit="MAX_SPEC_BYTES", max=max_bytes)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise InvalidArgument(f"cannot read spec file {path}: {exc}", path=str(path)) from None
     try:
         return parse_spec(text, base_dir=os.path.dirname(os.path.abspath(path)))
