@@ -12,8 +12,10 @@ performs the effects it returns, in order (:mod:`mesh.core.effects`):
   back to the core on the loop.
 
 Each wake-up drains every message already queued (up to ``DRAIN_BATCH``).
-When the disk falls ``max_store_backlog`` commits behind, the loop stops
-reading until it catches up, so memory stays bounded.  systemd notification,
+When the disk falls ``max_store_backlog`` commits behind, the core holds back
+new tasks of busy sessions until it catches up (everything else is still read
+and answered, heartbeats first among them), so memory stays bounded and one
+flooding client slows only itself.  systemd notification,
 SIGHUP reload and the optional HTTP ``/metrics`` endpoint live here too.
 """
 from __future__ import annotations
@@ -64,7 +66,6 @@ class Manager:
         self._holds: Deque[Tuple[Optional["concurrent.futures.Future[Any]"], List[Send]]] = collections.deque()
         self._last_commit: Optional["concurrent.futures.Future[Any]"] = None   # the newest group commit
         self._held_peers: Dict[bytes, int] = collections.Counter()
-        self._paused = False          # not reading: the store is behind
         self._hold_acks = not self.settings.unsafe_ack_before_commit   # the durability rule (see Settings)
         if not self._hold_acks:
             log.warning("unsafe_ack_before_commit is on: acknowledged writes are lost on a crash (tests only)")
@@ -89,7 +90,7 @@ class Manager:
         self.endpoint = self.core.endpoint = cast(bytes, self.sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
 
     def _on_readable(self) -> None:
-        if self._paused or self._closing:
+        if self._closing:
             return
         sock, recv, core, perform = self.sock, transport.recv, self.core, self._perform
         copied = 1 if self.curve is not None else 4
@@ -206,8 +207,7 @@ class Manager:
 
     def _woken(self) -> None:
         self._round_pending = False
-        if not self._paused:
-            self._on_readable_quiet()
+        self._on_readable_quiet()
 
     def _on_readable_quiet(self) -> None:
         if cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
@@ -217,12 +217,17 @@ class Manager:
     def _flush(self) -> None:
         """Hand the core's batch to the writer thread (one group commit).
 
-        Sends held for this batch are released when it has committed.  When the disk
-        falls ``max_store_backlog`` commits behind, the loop stops reading its socket until
-        it catches up: it takes work no faster than it can record it (peers' messages wait
-        in their own queues meanwhile).
+        Sends held for this batch are released when it has committed.  The core learns
+        whether the disk is ``max_store_backlog`` commits behind (it then holds back busy
+        sessions' new tasks) or has caught up to half that (it takes them again).
         """
-        self.core.store_backlog = self.writer.backlog()   # what stats report
+        backlog = self.core.store_backlog = self.writer.backlog()   # what stats report
+        limit = self.settings.max_store_backlog
+        behind = backlog >= limit or (self.core.backlogged and backlog > limit // 2)
+        if behind != self.core.backlogged or self.core.deferred and not behind:
+            if behind:
+                self.core.stats["store_pauses"] += 1
+            self._perform(self.core.store_behind(behind, time.time()))
         open_hold = bool(self._holds) and self._holds[-1][0] is None
         batch = self.core.take_batch(time.time())
         if not batch and not open_hold:
@@ -231,22 +236,6 @@ class Manager:
         if open_hold:
             self._holds[-1] = (fut, self._holds[-1][1])
         fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._committed_one, fut))
-        if self.writer.backlog() >= self.settings.max_store_backlog and not self._paused:
-            self._paused = True
-            self.core.stats["store_pauses"] += 1
-            self.loop.remove_reader(self._fd)   # or the loop would spin on a readable socket
-            fut.add_done_callback(lambda _: self.loop.call_soon_threadsafe(self._resume))
-
-    def _resume(self) -> None:
-        if self._closing:
-            return
-        if self.writer.backlog() >= self.settings.max_store_backlog // 2:
-            self.writer.submit(lambda: None).add_done_callback(
-                lambda _: self.loop.call_soon_threadsafe(self._resume))
-            return
-        self._paused = False
-        self.loop.add_reader(self._fd, self._on_readable)
-        self._on_readable()
 
     def _flush_timer(self) -> None:
         self._flush()

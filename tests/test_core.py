@@ -507,3 +507,51 @@ def test_an_instance_that_says_hello_resets_the_start_backoff(mesh: Mesh) -> Non
     mesh.instance(ex)
     # Then the app launches without delay again
     assert "echo" not in mesh.core.start_backoff and "echo" not in mesh.core.start_streak
+
+
+# -- the store falls behind ----------------------------------------------------------------------
+
+def test_while_the_store_is_behind_only_busy_sessions_wait_and_everything_else_is_answered() -> None:
+    # Given two sessions, one busy (backlog_admit tasks queued) and one idle, and a ready executor
+    m = Mesh(backlog_admit=5)
+    m.app_and_session("busy")
+    m.ok("create_session", application="echo", id="idle")
+    ex = m.executor(slots=2)
+    m.submit(5, sid="busy", client=b"flood", cid="f")
+    # When the store falls behind
+    m.run(m.core.store_behind(True, m.now))
+    # Then the busy session's new tasks are held back, in order, not refused
+    sends = m.submit(3, sid="busy", client=b"flood", cid="f", first_tag=100)
+    assert sends == [] and m.core.stats["submits_deferred"] == 1
+    assert not [t for t in m.core.tasks.values() if t.tag >= 100]
+    # And the idle session's task is taken at once
+    m.submit(1, sid="idle", client=b"other", cid="o")
+    assert [t for t in m.core.tasks.values() if t.sid == "idle"]
+    # And heartbeats, hellos and control calls are still answered
+    m.msg(ex, Heartbeat())
+    assert m.ok("ping")
+    # And a later submission of the busy session queues behind the held one
+    m.submit(2, sid="busy", client=b"flood", cid="f", first_tag=200)
+    assert m.core.stats["submits_deferred"] == 2
+    # When the store catches up
+    m.run(m.core.store_behind(False, m.now))
+    # Then the held tasks are taken, in the order they came
+    busy = sorted((t.id, t.tag) for t in m.core.tasks.values() if t.sid == "busy" and t.tag >= 100)
+    assert [tag for _, tag in busy] == [100, 101, 102, 200, 201]
+    assert m.core.sessions["busy"].deferred == 0 and not m.core.deferred
+
+
+def test_held_tasks_of_a_session_closed_meanwhile_are_refused_when_taken(mesh: Mesh) -> None:
+    # Given a busy session whose new tasks are held while the store is behind
+    m = Mesh(backlog_admit=1)
+    m.app_and_session()
+    m.submit(1)
+    m.run(m.core.store_behind(True, m.now))
+    m.submit(2, first_tag=10)
+    # When the session is closed, then the store catches up
+    m.ok("close_session", id="s1")
+    m.run(m.core.store_behind(False, m.now))
+    # Then the held tasks are answered with the session's state, not lost
+    outcomes = [o for r in m.to(b"client", Result) for o in r.outcomes if o[0] >= 10]
+    assert sorted(tag for tag, _ in outcomes) == [10, 11]
+    assert all(err["code"] == "failed_precondition" for _, err in outcomes)

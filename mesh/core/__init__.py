@@ -99,6 +99,12 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
         self.plan()
         return self.take()
 
+    def store_behind(self, behind: bool, now: float) -> Effects:
+        """The writer thread is (still) behind, or has caught up: see ``TaskRules.set_backlogged``."""
+        self.now = now
+        self.set_backlogged(behind)
+        return self.take()
+
     def end_round(self, now: float) -> Effects:
         """After a batch of messages: run placement if a rule asked for it."""
         if self.plan_wanted:

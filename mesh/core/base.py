@@ -27,7 +27,7 @@ log = logging.getLogger("zeromesh.manager")
 
 STATS = ("messages_in", "bytes_in", "protocol_errors", "tasks_submitted", "tasks_finished", "tasks_retried",
          "tasks_resent", "late_answers_dropped", "send_failures", "auth_denied", "requests", "store_pauses",
-         "bytes_out", "resyncs")
+         "bytes_out", "resyncs", "submits_deferred")
 
 
 class Base:
@@ -64,6 +64,9 @@ class Base:
         self.out: Effects = []
         self.methods: Dict[str, Callable[..., Any]] = {}   # control methods by name
         self.store_backlog = 0                     # commits waiting for the writer thread, as last seen
+        self.backlogged = False                    # the store is behind: busy sessions' tasks wait
+        # SUBMITs held back while backlogged, in arrival order: (peer, record, payloads)
+        self.deferred: Deque[Tuple[bytes, Any, Sequence[Any]]] = collections.deque()
         self._next_tid: Iterator[int] = itertools.count(1)
         self.tids_reserved = 0                     # ids up to this one are reserved on disk
         self._iids = itertools.count(1)

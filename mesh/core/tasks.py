@@ -19,6 +19,7 @@ from mesh.model.records import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNI
 from mesh.wire.protocol import Done, Outcome, Result, Submit, Tasks
 
 TID_BLOCK = 100_000   # task ids reserved per write of the high-water mark
+REPLAY_MAX = 32       # held-back SUBMITs taken per group commit once the store has caught up
 
 
 def _json(err: Dict[str, Any]) -> str:
@@ -26,7 +27,9 @@ def _json(err: Dict[str, Any]) -> str:
 
 
 class TaskRules(Base):
-    def on_submit(self, peer: bytes, rec: Submit, payloads: Sequence[Any]) -> None:
+    def on_submit(self, peer: bytes, rec: Submit, payloads: Sequence[Any], held: bool = False) -> None:
+        """New tasks (or a client's resend).  ``held``: taken now after being held back while the
+        store was behind (see :meth:`set_backlogged`)."""
         s = self.sessions.get(rec.session)
         error: Optional[MeshError] = None
         if s is None:
@@ -42,10 +45,28 @@ class TaskRules(Base):
         if error is not None or s is None:
             self.refuse(peer, rec.session, rec.tags, error or NotFound(rec.session))
             return
+        if not held and (s.deferred or self.backlogged
+                         and len(s.pending) + s.running >= self.settings.backlog_admit):
+            s.deferred += 1      # the store is behind and this session is busy: later, in order
+            self.stats["submits_deferred"] += 1
+            self.deferred.append((peer, rec, payloads))
+            return
         if rec.resend:
             self.resend(peer, s, rec.tags, rec.cid, payloads)
         else:
             self.enqueue(peer, s, rec.tags, rec.cid, payloads)
+
+    def set_backlogged(self, backlogged: bool) -> None:
+        """The loop's view of the store: behind (hold busy sessions' new tasks) or caught up
+        (take what was held, in arrival order, until it falls behind again)."""
+        self.backlogged = backlogged
+        deferred = self.deferred
+        for _ in range(min(len(deferred), 0 if backlogged else REPLAY_MAX)):
+            peer, rec, payloads = deferred.popleft()
+            s = self.sessions.get(rec.session)
+            if s is not None:
+                s.deferred -= 1
+            self.on_submit(peer, rec, payloads, held=True)
 
     def refuse(self, peer: bytes, sid: str, tags: Sequence[int], error: MeshError) -> None:
         err = error.to_wire()

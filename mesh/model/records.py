@@ -83,6 +83,7 @@ class Session:
     bytes_in: int = 0
     conflicts: int = 0
     patches_since_snapshot: int = 0
+    deferred: int = 0                  # SUBMIT messages held back while the store is behind
 
     def view(self) -> Dict[str, Any]:
         return {"id": self.id, "application": self.app, "state": self.state, "created_at": self.created_at,

@@ -57,7 +57,12 @@ class Settings:
     written once, finished and without its request; one that lives longer is written with its
     request and again when it ends.  A manager crash forgets younger tasks; their clients resend them."""
     max_store_backlog: int = 64
-    """Group commits the writer thread may fall behind before the manager stops taking input."""
+    """Group commits the writer thread may fall behind before the manager holds back new tasks of
+    busy sessions (everything else is still read and answered: heartbeats, answers, calls)."""
+    backlog_admit: int = 64
+    """While the store is behind, a session with fewer tasks than this queued or running still has
+    its submissions taken at once; a busier one's wait in memory (bounded by its client's
+    ``max_inflight``) until the store catches up, so one flooding client slows only itself."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
     token_ttl: float = 3600.0
