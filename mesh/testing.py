@@ -63,6 +63,9 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_MAX_MESSAGE_SIZE": str(128 * 1024 * 1024),   # room for a 50 MiB object in one message
     "ZMESH_TOKEN_TTL": "60",                 # tokens renew within a long test
     "ZMESH_MAX_CONTEXT_SIZE": str(16 * 1024 * 1024),
+    "ZMESH_MAX_PATCH_OPS": "5000",
+    "ZMESH_MAX_OBJECT_SIZE": str(64 * 1024 * 1024),   # a 50 MiB object fits
+    "ZMESH_BACKLOG_ADMIT": "64",
     "ZMESH_SEND_HWM": "10000",
     "ZMESH_RESEND_AFTER": "30",              # a client asks again after 30 s without answers
     "ZMESH_MAX_INFLIGHT": "100000",

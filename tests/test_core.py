@@ -34,6 +34,7 @@ from mesh.wire.protocol import (
     Tasks,
     decode,
     encode,
+    pack,
 )
 
 ECHO = {"metadata": {"name": "echo"}, "spec": {"command": "python3", "arguments": ["echo.py"], "max_retries": 2}}
@@ -555,3 +556,30 @@ def test_held_tasks_of_a_session_closed_meanwhile_are_refused_when_taken(mesh: M
     outcomes = [o for r in m.to(b"client", Result) for o in r.outcomes if o[0] >= 10]
     assert sorted(tag for tag, _ in outcomes) == [10, 11]
     assert all(err["code"] == "failed_precondition" for _, err in outcomes)
+
+
+# -- one message must not hold the loop ------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["write_context", "patch_object"])
+def test_a_patch_over_max_patch_ops_is_refused_naming_the_limit_and_changes_nothing(method: str) -> None:
+    # Given a session context and an object, and a limit of 100 ops per patch
+    m = Mesh(max_patch_ops=100)
+    m.app_and_session()
+    key = m.ok("put_object", blob=pack({"n": 0}), kind="doc")["key"]
+    m.ok("write_context", id="s1", ops=[{"op": "replace", "path": "", "value": {"n": 0}}])
+    target = {"id": "s1"} if method == "write_context" else {"key": key}
+    ops = [{"op": "incr", "path": "/n", "value": 1}]
+    # When a patch of 101 ops arrives
+    reply = m.request(method, ops=ops * 101, **target)
+    # Then it is refused with the limit named, and nothing was applied
+    assert not reply.ok and reply.error["code"] == "resource_exhausted"
+    assert reply.error["details"]["limit"] == "max_patch_ops" and reply.error["details"]["size"] == 101
+    # And a patch at the limit is applied, as the next version after the last good one
+    assert m.ok(method, ops=ops * 100, **target)["version"] == 2
+
+
+def test_an_object_over_max_object_size_is_refused(mesh: Mesh) -> None:
+    m = Mesh(max_object_size=1000)
+    reply = m.request("put_object", blob=b"x" * 1001, kind="blob")
+    assert not reply.ok and reply.error["details"]["limit"] == "max_object_size"
+    assert m.ok("put_object", blob=b"x" * 1000, kind="blob")["version"] == 1

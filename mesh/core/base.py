@@ -15,7 +15,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 from mesh.core.effects import Call, Effects, Send
 from mesh.data.batch import Batch
 from mesh.data.objects import Objects
-from mesh.errors import MeshError, PermissionDenied, Unauthenticated
+from mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from mesh.model import auth
 from mesh.model.records import App, Executor, Instance, Session, Task
 from mesh.ops.config import Settings
@@ -110,6 +110,18 @@ class Base:
 
     def gone(self, peer: bytes, reason: str, fatal: bool = False) -> None:
         self.send(peer, Gone(reason, fatal))
+
+    # -- limits on what one message may make the loop do --------------------------------
+    def check_patch_size(self, ops: Optional[List[Any]]) -> None:
+        """One patch is applied on the event loop in one go: bounded by ``max_patch_ops``."""
+        if ops is not None and len(ops) > self.settings.max_patch_ops:
+            raise ResourceExhausted(f"a patch of {len(ops)} ops; max_patch_ops is {self.settings.max_patch_ops} "
+                                    "(split it, or write the whole value)", limit="max_patch_ops", size=len(ops))
+
+    def check_object_size(self, blob: bytes) -> None:
+        if len(blob) > self.settings.max_object_size:
+            raise ResourceExhausted(f"an object of {len(blob)} bytes; max_object_size is "
+                                    f"{self.settings.max_object_size}", limit="max_object_size", size=len(blob))
 
     # -- who is asking ---------------------------------------------------------------
     def principal(self, token: Optional[str], method: str) -> auth.Principal:

@@ -29,6 +29,7 @@ class ContextRules(Base):
 
         Counts the write's bytes in ``s.bytes_in`` and failed ``test`` ops in ``s.conflicts``.
         """
+        self.check_patch_size(ops)
         packed = pack(ops) if ops is not None else None
         s.bytes_in += len(packed) if packed is not None else len(blob or b"")
         try:

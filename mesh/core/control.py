@@ -297,6 +297,10 @@ class ControlRules(Base):
         if ops is None:
             if blob is None:
                 raise InvalidArgument("write_context needs 'ops' or a blob frame with the new value")
+            if len(blob) > self.settings.max_context_size:   # refused before it is decoded on the loop
+                raise ResourceExhausted(f"the context is {len(blob)} bytes; max_context_size is "
+                                        f"{self.settings.max_context_size}", limit="max_context_size",
+                                        size=len(blob))
             if (_arg(args, "kind", str, required=False) or DOC) == DOC:
                 ops = [{"op": "replace", "path": "", "value": Document.from_wire(DOC, blob).value}]
                 blob = None
@@ -376,6 +380,7 @@ class ControlRules(Base):
     def do_put_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         if blob is None:
             raise InvalidArgument("put_object carries the object as a blob frame")
+        self.check_object_size(blob)
         sid = _arg(args, "session", str, required=False)
         if sid is not None:
             self._session(sid, who, open_only=True, change=who.role != "instance")
@@ -394,12 +399,14 @@ class ControlRules(Base):
     def do_update_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         if blob is None:
             raise InvalidArgument("update_object carries the object as a blob frame")
+        self.check_object_size(blob)
         obj = self.objects.update(_arg(args, "key", str), _arg(args, "kind", str), blob)
         self.persist_object(obj)
         return {"key": obj.key, "version": obj.doc.version}
 
     def do_patch_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         ops = _arg(args, "ops", list)
+        self.check_patch_size(ops)
         obj = self.objects.patch(_arg(args, "key", str), ops)
         self.persist_object(obj, ops)
         return {"key": obj.key, "version": obj.doc.version}

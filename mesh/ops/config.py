@@ -71,6 +71,11 @@ class Settings:
     """Address the --metrics-port HTTP endpoint listens on (loopback unless you expose it)."""
     max_context_size: int = 64 * 1024 * 1024
     """Largest encoded session context; a write that would pass it is refused (ResourceExhausted)."""
+    max_patch_ops: int = 10_000
+    """Most ops one context or object patch may carry: the manager applies a patch on its event
+    loop, so one patch must not hold it (400,000 ops took 9 s); more are refused (ResourceExhausted)."""
+    max_object_size: int = 64 * 1024 * 1024
+    """Largest object put_object / update_object accept (ResourceExhausted beyond)."""
     send_hwm: int = 10_000
     """Messages queued towards one peer before sends to it fail (a peer that stopped reading);
     undelivered answers are kept in the database and collected by the client's resend."""
