@@ -311,6 +311,15 @@ def _check_task(sid: Any, payload: Any, decode_result: Any, max_size: int) -> No
                                 limit="max_message_size", size=size, max=max_size)
 
 
+def _check_timeout(timeout: Any) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise InvalidArgument(f"a task's timeout is a positive number of seconds, not {timeout!r}",
+                              argument="timeout")
+    return float(timeout)
+
+
 def _fresh(exc: MeshError) -> MeshError:
     """A new instance of ``exc`` for one more raiser (one instance raised by many threads
     would pile their tracebacks onto each other)."""
@@ -345,7 +354,8 @@ class Connection:
         self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
         # tag -> (future, decoder, session id, payload): the payload is kept until the answer
         # arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
-        self._tasks: Dict[int, Tuple[TaskFuture, Callable[[bytes], Any], str, Any]] = {}
+        # tag -> (future, result decoder, session, payload, timeout): what a resend needs
+        self._tasks: Dict[int, Tuple[TaskFuture, Callable[[bytes], Any], str, Any, Optional[float]]] = {}
         self.client_id = secrets.token_hex(8)
         self._window = Window(self.settings.max_inflight)
         self._boot: Optional[str] = None
@@ -429,18 +439,22 @@ class Connection:
     def whoami(self) -> Dict[str, Any]:
         return self.call("whoami")
 
-    def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any]) -> concurrent.futures.Future:
+    def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any],
+               timeout: Optional[float] = None) -> concurrent.futures.Future:
         """Queue one task.  Blocks while ``max_inflight`` tasks of this connection await answers:
         a client that submits faster than the mesh drains is slowed, not dropped.
+        ``timeout``: seconds each attempt may run on an instance before the manager stops it
+        (``DeadlineExceeded`` once out of retries); None: the application's ``task_timeout``.
         A bad argument is ``InvalidArgument`` here, an oversized payload ``ResourceExhausted``."""
         _check_task(sid, payload, decode_result, self.settings.max_message_size)
+        timeout = _check_timeout(timeout)
         self._ensure_token()
         fut = TaskFuture()
         fut.session = sid
         self._window.take(self._check_alive)   # a dead I/O thread resolves nothing: no waiting forever
         fut.window = self._window
         try:
-            self._push(("task", fut, sid, payload, decode_result))
+            self._push(("task", fut, sid, payload, decode_result, timeout))
         except BaseException:
             _settle(fut, exc=Unavailable("the task was not queued"))   # gives its place back
             raise
@@ -612,32 +626,33 @@ class Connection:
 
     def _send_queued(self, sock: zmq.Socket) -> None:
         out = self._out
-        batches: Dict[str, Tuple[List[int], List[Any]]] = {}
+        batches: Dict[Tuple[str, Optional[float]], Tuple[List[int], List[Any]]] = {}
         while out:
             item = out.popleft()
             if item[0] == "adopt":   # a direct invoke's task that outlived its budget
                 _, fut, sid, tag, payload, decode_result = item
-                self._tasks[tag] = (fut, decode_result, sid, payload)
+                self._tasks[tag] = (fut, decode_result, sid, payload, None)
                 self._send(sock, self._submit(sid, [tag], True), [payload])
             elif item[0] == "task":
-                _, fut, sid, payload, decode_result = item
+                _, fut, sid, payload, decode_result, timeout = item
                 tag = next(self._tags)
-                self._tasks[tag] = (fut, decode_result, sid, payload)
-                tags, frames = batches.setdefault(sid, ([], []))
+                self._tasks[tag] = (fut, decode_result, sid, payload, timeout)
+                key = (sid, timeout)
+                tags, frames = batches.setdefault(key, ([], []))
                 tags.append(tag)
                 frames.append(payload)
                 if len(tags) >= MAX_BATCH:
-                    self._send(sock, self._submit(sid, tags, False), frames)
-                    del batches[sid]
+                    self._send(sock, self._submit(sid, tags, False, timeout), frames)
+                    del batches[key]
             else:                    # a control call, encoded and checked by its caller
                 _, fut, rid, method, frames, deadline = item
                 self._calls[rid] = (fut, deadline, method)
                 self._send_frames(sock, frames)
-        for sid, (tags, frames) in batches.items():
-            self._send(sock, self._submit(sid, tags, False), frames)
+        for (sid, timeout), (tags, frames) in batches.items():
+            self._send(sock, self._submit(sid, tags, False, timeout), frames)
 
-    def _submit(self, sid: str, tags: List[int], resend: bool) -> Submit:
-        return Submit(sid, tags, self.client_id, resend, self._token or None)
+    def _submit(self, sid: str, tags: List[int], resend: bool, timeout: Optional[float] = None) -> Submit:
+        return Submit(sid, tags, self.client_id, resend, self._token or None, None, timeout)
 
     def _ping(self, sock: zmq.Socket) -> None:
         """While answers are owed, ask the manager who it is: a new boot id means it restarted."""
@@ -657,14 +672,14 @@ class Connection:
         answers it from its database, or (if it never got it) runs it.  Idempotent."""
         log.warning("%s; resending %d unanswered tasks", why, len(self._tasks))
         self._last_answer = time.monotonic()
-        batches: Dict[str, Tuple[List[int], List[Any]]] = {}
-        for tag, (_, _, sid, payload) in self._tasks.items():
-            tags, frames = batches.setdefault(sid, ([], []))
+        batches: Dict[Tuple[str, Optional[float]], Tuple[List[int], List[Any]]] = {}
+        for tag, (_, _, sid, payload, timeout) in self._tasks.items():
+            tags, frames = batches.setdefault((sid, timeout), ([], []))
             tags.append(tag)
             frames.append(payload)
-        for sid, (tags, frames) in batches.items():
+        for (sid, timeout), (tags, frames) in batches.items():
             for i in range(0, len(tags), MAX_BATCH):
-                self._send(sock, self._submit(sid, tags[i:i + MAX_BATCH], True), frames[i:i + MAX_BATCH])
+                self._send(sock, self._submit(sid, tags[i:i + MAX_BATCH], True, timeout), frames[i:i + MAX_BATCH])
 
     def _send(self, sock: zmq.Socket, record: Any, payloads: Sequence[Any] = ()) -> None:
         self._send_frames(sock, encode(record, payloads))

@@ -83,13 +83,19 @@ class Session:
     def id(self) -> str:
         return self._id
 
-    def submit(self, req: Any = None) -> "concurrent.futures.Future[Any]":
+    def submit(self, req: Any = None, timeout: Optional[float] = None) -> "concurrent.futures.Future[Any]":
         """Queue one task; the future resolves to the entrypoint's return value or raises its error.
+
+        ``timeout``: seconds each attempt of the task may run on an instance (default: the
+        application's ``task_timeout``, else no limit).  Past it the manager stops the instance
+        (and its process tree) and retries the task within ``max_retries``; the last attempt's
+        timeout fails it with ``DeadlineExceeded``.
 
         The future is a :class:`client.connection.TaskFuture`: ``result(timeout)`` raises
         ``DeadlineExceeded`` (also a ``TimeoutError``) when the wait runs out; the task keeps running.
-        ``cancel()`` only stops this caller waiting (``Client.cancel_task`` cancels a queued task)."""
-        return self._conn.submit(self._id, _pickle(req, "the request"), cloudpickle.loads)
+        ``cancel()`` only stops this caller waiting (``Client.cancel_task`` cancels a task, queued
+        or running)."""
+        return self._conn.submit(self._id, _pickle(req, "the request"), cloudpickle.loads, timeout)
 
     def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
         """Run one task and return its answer; ``DeadlineExceeded`` after ``timeout`` seconds."""

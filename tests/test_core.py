@@ -30,6 +30,7 @@ from mesh.wire.protocol import (
     Request,
     Result,
     Resync,
+    Stop,
     Submit,
     Tasks,
     decode,
@@ -127,9 +128,9 @@ class Mesh:
         return launch.iid, ipeer
 
     def submit(self, n: int, sid: str = "s1", client: bytes = b"client", cid: str = "c1", first_tag: int = 1,
-               resend: bool = False) -> List[Send]:
+               resend: bool = False, timeout: Optional[float] = None) -> List[Send]:
         tags = list(range(first_tag, first_tag + n))
-        return self.msg(client, Submit(sid, tags, cid, resend), [b"req-%d" % t for t in tags])
+        return self.msg(client, Submit(sid, tags, cid, resend, None, None, timeout), [b"req-%d" % t for t in tags])
 
     def to(self, peer: bytes, kind: Type[Any]) -> List[Any]:
         return [s.record for s in self.sent if s.peer == peer and isinstance(s.record, kind)]
@@ -583,3 +584,105 @@ def test_an_object_over_max_object_size_is_refused(mesh: Mesh) -> None:
     reply = m.request("put_object", blob=b"x" * 1001, kind="blob")
     assert not reply.ok and reply.error["details"]["limit"] == "max_object_size"
     assert m.ok("put_object", blob=b"x" * 1000, kind="blob")["version"] == 1
+
+
+# -- task timeouts, cancelling running tasks, closing sessions with running tasks ---------------
+
+def _errors_for(m: Mesh, client: bytes = b"client") -> Dict[int, Any]:
+    return {tag: err for r in m.to(client, Result) for tag, err in r.outcomes}
+
+
+def _stopped(m: Mesh, ex: bytes) -> List[str]:
+    return [r.iid for r in m.to(ex, Stop)]
+
+
+def test_a_task_past_its_timeout_stops_its_instance_and_other_queued_tasks_keep_their_attempt() -> None:
+    # Given an instance whose credit has grown (one fast answer), then three tasks with a 1 s timeout
+    m = Mesh(prefetch=4)
+    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": 0}})
+    m.ok("create_session", application="echo", id="s1")
+    ex = m.executor(slots=1)
+    m.submit(1)
+    iid, inst = m.instance(ex)
+    m.now += 0.001
+    m.msg(inst, Done([(1, None)]), [b"ok"])
+    m.submit(3, first_tag=10, timeout=1.0)
+    assert sorted(t.id for t in m.core.tasks.values() if t.state == "running") == [2, 3, 4]
+    # When the first runs past its timeout (the clock ticks, the executor's heartbeats arrive)
+    idle(m, ex, 1.2)
+    # Then its instance is stopped and the task fails with deadline_exceeded (max_retries 0)
+    assert _stopped(m, ex) == [iid]
+    err = _errors_for(m)[10]
+    assert err["code"] == "deadline_exceeded" and err["details"]["timeout"] == 1.0
+    # And the two tasks queued behind it are queued again, their attempt not spent
+    assert [(t.id, t.state, t.attempt) for t in sorted(m.core.tasks.values(), key=lambda t: t.id)] == \
+        [(3, "pending", 0), (4, "pending", 0)]
+    assert list(m.core.sessions["s1"].pending) == [3, 4] and m.core.sessions["s1"].running == 0
+    # And a late answer from the stopped instance is dropped
+    m.msg(inst, Done([(2, None)]), [b"late"])
+    assert 10 not in {tag for r in m.to(b"client", Result) for tag, err in r.outcomes if err is None}
+
+
+def test_a_timed_out_task_is_retried_within_max_retries_then_fails() -> None:
+    # Given an app with max_retries 1 and a task with a 1 s timeout
+    m = Mesh()
+    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": 1}})
+    m.ok("create_session", application="echo", id="s1")
+    ex = m.executor(slots=1)
+    m.submit(1, timeout=1.0)
+    for attempt in (1, 2):
+        iid, _ = m.instance(ex)
+        assert m.core.tasks[1].attempt == attempt
+        # When the attempt runs past the timeout, and its instance exits
+        idle(m, ex, 1.2)
+        m.msg(ex, Exited(iid, -15, "stopped"))
+        idle(m, ex, 0.2)
+    # Then the first timeout was retried and the second failed the task
+    assert m.core.stats["tasks_retried"] == 1
+    assert _errors_for(m)[1]["code"] == "deadline_exceeded"
+
+
+def test_the_spec_task_timeout_applies_when_submit_gives_none() -> None:
+    m = Mesh()
+    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "task_timeout": 0.5, "max_retries": 0}})
+    m.ok("create_session", application="echo", id="s1")
+    ex = m.executor(slots=1)
+    m.submit(1)
+    iid, _ = m.instance(ex)
+    idle(m, ex, 0.6)
+    assert _stopped(m, ex) == [iid] and _errors_for(m)[1]["code"] == "deadline_exceeded"
+
+
+def test_cancelling_a_running_task_stops_its_instance_and_answers_cancelled(mesh: Mesh) -> None:
+    # Given a running task
+    iid, _ = running(mesh, 1)
+    [(tid, _)] = mesh.to(b"inst-" + iid.encode(), Tasks)[0].items
+    # When it is cancelled
+    assert mesh.ok("cancel_task", id=tid)["state"] == "cancelled"
+    # Then its instance is stopped and its client hears cancelled, once
+    assert _stopped(mesh, b"e1") == [iid]
+    assert _errors_for(mesh)[1]["code"] == "cancelled"
+    assert mesh.core.sessions["s1"].running == 0 and tid not in mesh.core.tasks
+
+
+def test_a_closed_sessions_running_tasks_get_close_grace_then_their_instance_is_stopped() -> None:
+    # Given a running task, and its session closed
+    m = Mesh(close_grace=2.0)
+    iid, _ = running(m, 1)
+    m.ok("close_session", id="s1")
+    # When less than close_grace passes, nothing is stopped
+    idle(m, b"e1", 1.0)
+    assert _stopped(m, b"e1") == [] and 1 not in _errors_for(m)
+    # When close_grace has passed, the instance is stopped and the task cancelled
+    idle(m, b"e1", 1.2)
+    assert _stopped(m, b"e1") == [iid]
+    assert _errors_for(m)[1]["code"] == "cancelled"
+
+
+def test_a_task_answered_within_close_grace_is_delivered_and_nothing_is_stopped() -> None:
+    m = Mesh(close_grace=2.0)
+    iid, inst = running(m, 1)
+    m.ok("close_session", id="s1")
+    m.msg(inst, Done([(1, None)]), [b"fine"])
+    idle(m, b"e1", 2.4)
+    assert _errors_for(m)[1] is None and _stopped(m, b"e1") == []

@@ -95,6 +95,7 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
         self.check_liveness()
+        self.check_deadlines()
         self.expire_objects()
         self.plan()
         return self.take()

@@ -57,6 +57,8 @@ class Base:
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
         self.start_backoff: Dict[str, float] = {}  # app -> no launch before this time (it keeps failing)
         self.start_streak: Dict[str, int] = {}     # app -> start failures in a row, for the backoff
+        self.deadlines: List[Tuple[float, int, int]] = []   # heap of (due, task id, attempt): task timeouts
+        self.closing: Dict[str, float] = {}        # closed session -> when its still running tasks are stopped
         self.admitting: Set[bytes] = set()         # executors whose key is being checked
         self.plan_wanted = False                   # run the scheduler at the end of this round
         self.endpoint = ""                         # what ping reports; set by the loop
@@ -157,6 +159,9 @@ class Base:
         raise NotImplementedError
 
     def start_failed(self, app: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def interrupt(self, t: Task, error: MeshError, state: str, retry: bool) -> None:
         raise NotImplementedError
 
     def stop_instance(self, inst: Instance) -> None:

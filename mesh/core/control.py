@@ -34,7 +34,7 @@ from mesh.errors import (
 )
 from mesh.model import auth
 from mesh.model.auth import INSECURE, Principal
-from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, App, Session, Task
+from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, RUNNING, App, Session, Task
 from mesh.model.resources import Resources
 from mesh.model.spec import AppSpec
 from mesh.ops import keys
@@ -277,6 +277,8 @@ class ControlRules(Base):
         s.pending.clear()
         self.waiting.discard(s.id)
         self.fail_tasks(cancelled, Cancelled(f"session {s.id!r} was closed", session=s.id), CANCELLED)
+        if s.running:   # running tasks may finish within close_grace; then their instances are stopped
+            self.closing[s.id] = self.now + self.settings.close_grace
         self.delete_objects(self.objects.of_session(s.id))
         self.plan_soon()
 
@@ -369,11 +371,12 @@ class ControlRules(Base):
         if t is None:
             raise FailedPrecondition(f"task {tid} is not queued (finished, or unknown)", task=tid)
         self._session(t.sid, who, change=True)
-        if t.state != PENDING:
-            raise FailedPrecondition(f"task {tid} is already running on {t.instance}; a running task "
-                                     "cannot be interrupted", task=tid)
-        self.sessions[t.sid].pending.remove(tid)
-        self.fail_tasks([t], Cancelled(f"task {tid} was cancelled", task=tid), CANCELLED)
+        if t.state == RUNNING:   # its instance is stopped; the instance's other tasks run elsewhere
+            self.interrupt(t, Cancelled(f"task {tid} was cancelled while running on {t.instance}", task=tid),
+                           CANCELLED, retry=False)
+        else:
+            self.sessions[t.sid].pending.remove(tid)
+            self.fail_tasks([t], Cancelled(f"task {tid} was cancelled", task=tid), CANCELLED)
         return {"id": tid, "state": CANCELLED}
 
     # -- object cache -------------------------------------------------------------------

@@ -9,13 +9,17 @@ away from is dropped, so a client gets exactly one answer per task.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mesh.core.base import AUTH_ERRORS, Base
+from mesh.core.base import AUTH_ERRORS, Base, log
 from mesh.core.effects import Call
-from mesh.errors import Cancelled, FailedPrecondition, MeshError, NotFound, ResourceExhausted, TaskFailed
+from mesh.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError, NotFound,
+                         ResourceExhausted, TaskFailed)
 from mesh.model.records import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNING, SUCCEEDED, Instance, Session, Task
+from mesh.ops.log import event
 from mesh.wire.protocol import Done, Outcome, Result, Submit, Tasks
 
 TID_BLOCK = 100_000   # task ids reserved per write of the high-water mark
@@ -42,6 +46,9 @@ class TaskRules(Base):
                 error = exc
         if error is None and s is not None and s.state != OPEN:
             error = FailedPrecondition(f"session {rec.session!r} is closed", session=rec.session)
+        if error is None and rec.timeout is not None and not 0 < rec.timeout < float("inf"):
+            error = InvalidArgument(f"a task's timeout is a positive number of seconds, not {rec.timeout!r}",
+                                    argument="timeout")
         if error is not None or s is None:
             self.refuse(peer, rec.session, rec.tags, error or NotFound(rec.session))
             return
@@ -51,10 +58,14 @@ class TaskRules(Base):
             self.stats["submits_deferred"] += 1
             self.deferred.append((peer, rec, payloads))
             return
+        timeout = rec.timeout
+        if timeout is None:
+            app = self.apps.get(s.app)
+            timeout = app.spec.task_timeout if app is not None else None
         if rec.resend:
-            self.resend(peer, s, rec.tags, rec.cid, payloads)
+            self.resend(peer, s, rec.tags, rec.cid, payloads, timeout)
         else:
-            self.enqueue(peer, s, rec.tags, rec.cid, payloads)
+            self.enqueue(peer, s, rec.tags, rec.cid, payloads, timeout)
 
     def set_backlogged(self, backlogged: bool) -> None:
         """The loop's view of the store: behind (hold busy sessions' new tasks) or caught up
@@ -72,7 +83,8 @@ class TaskRules(Base):
         err = error.to_wire()
         self.send(peer, Result(sid, [(tag, err) for tag in tags]), [b""] * len(tags))
 
-    def enqueue(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any]) -> None:
+    def enqueue(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any],
+                timeout: Optional[float] = None) -> None:
         """Queue new tasks (refusing what passes ``max_pending``) and dispatch what credit allows."""
         room = max(self.settings.max_pending - len(s.pending), 0)
         if room < len(tags):
@@ -88,7 +100,9 @@ class TaskRules(Base):
             tid = next(self._next_tid)
             if tid > last:   # reserve a block on disk before any id of it can be seen (ids never reused)
                 last = self.tids_reserved = self.batch.task_ids_reserved = tid + TID_BLOCK
-            self.tasks[tid] = Task(tid, sid, peer, tag, payload, 0, cid, now)
+            t = self.tasks[tid] = Task(tid, sid, peer, tag, payload, 0, cid, now)
+            if timeout is not None:
+                t.timeout = timeout
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
             s.bytes_in += len(payload)
@@ -96,7 +110,8 @@ class TaskRules(Base):
         self.stats["tasks_submitted"] += len(tags)
         self.dispatch(s)
 
-    def resend(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any]) -> None:
+    def resend(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any],
+               timeout: Optional[float] = None) -> None:
         """A client that lost its connection (or saw the manager restart) resends what it has no
         answer for: a task still here answers the new connection; a finished one is answered from
         the database; an unknown one runs.  Each task answers once from the client's view."""
@@ -111,10 +126,11 @@ class TaskRules(Base):
                 lookup.append((tag, payload))
         if lookup:
             self.call(Call(lambda store, c, ts: store.find_by_tags(c, ts), (cid, [tag for tag, _ in lookup]),
-                           then=lambda known: self.resent(peer, s, cid, lookup, known), label="find_by_tags"))
+                           then=lambda known: self.resent(peer, s, cid, lookup, known, timeout),
+                           label="find_by_tags"))
 
     def resent(self, peer: bytes, s: Session, cid: str, lookup: List[Tuple[int, Any]],
-               known: Dict[int, Tuple[str, Optional[bytes], Optional[str]]]) -> None:
+               known: Dict[int, Tuple[str, Optional[bytes], Optional[str]]], timeout: Optional[float] = None) -> None:
         """The database's answer for resent tasks the manager no longer held."""
         items: List[Outcome] = []
         frames: List[Any] = []
@@ -135,7 +151,7 @@ class TaskRules(Base):
         if items:
             self.send(peer, Result(s.id, items), frames)
         if fresh_tags and s.state == OPEN:
-            self.enqueue(peer, s, fresh_tags, cid, fresh_payloads)
+            self.enqueue(peer, s, fresh_tags, cid, fresh_payloads, timeout)
 
     def dispatch(self, s: Session) -> None:
         """Give each ready instance of ``s`` as many pending tasks as it has credit for."""
@@ -163,6 +179,8 @@ class TaskRules(Base):
                 t.state = RUNNING
                 t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
                 t.instance = inst.id
+                if t.timeout is not None:
+                    heapq.heappush(self.deadlines, (self.now + t.timeout, t.id, t.attempt))
                 items.append((t.id, t.attempt))
                 frames.append(t.payload)
                 credit -= 1
@@ -301,6 +319,73 @@ class TaskRules(Base):
                 self.fail_tasks([t], Cancelled(f"task {tid} was cancelled: its session closed while it ran "
                                                f"and its instance was lost ({reason})", task=tid), CANCELLED)
         inst.inflight.clear()
+
+    # -- stopping a running task -----------------------------------------------------------
+    def interrupt(self, t: Task, error: MeshError, state: str, retry: bool) -> None:
+        """Stop the running task ``t`` by stopping its instance (and the instance's process tree).
+
+        The instance's other tasks had not started (an instance runs its tasks one at a time, in
+        order): they go back to the front of their queue with their attempt not spent.  ``t``
+        itself is retried within its app's ``max_retries`` if ``retry``, else finished with
+        ``error`` in ``state``."""
+        s = self.sessions.get(t.sid)
+        inst = self.instances.get(t.instance) if t.instance else None
+        if inst is not None:
+            others = sorted((tid for tid in inst.inflight if tid != t.id), reverse=True)
+            inst.inflight.clear()
+            self.stop_instance(inst)
+            for tid in others:   # appendleft, newest first: the oldest ends up first
+                o = self.tasks.get(tid)
+                if o is None or o.state != RUNNING:
+                    continue
+                os_ = self.sessions.get(o.sid)
+                o.state, o.instance, o.attempt = PENDING, None, o.attempt - 1
+                if os_ is not None:
+                    os_.running -= 1
+                if os_ is not None and os_.state == OPEN:
+                    os_.pending.appendleft(tid)
+                else:
+                    self.fail_tasks([o], Cancelled(f"task {tid} was cancelled: its session closed",
+                                                   task=tid), CANCELLED)
+        if s is not None:
+            s.running -= 1
+        app = self.apps.get(s.app) if s is not None else None
+        if retry and s is not None and s.state == OPEN and t.attempt <= (app.spec.max_retries if app else 0):
+            t.state, t.instance = PENDING, None
+            s.pending.appendleft(t.id)
+            self.stats["tasks_retried"] += 1
+        else:
+            self.fail_tasks([t], error, state)
+        if s is not None:
+            self.dispatch(s)
+        self.plan_soon()
+
+    def check_deadlines(self) -> None:
+        """Tasks that ran past their timeout are interrupted (see :meth:`interrupt`); sessions
+        closed ``close_grace`` ago have their still running tasks cancelled."""
+        now, heap = self.now, self.deadlines
+        while heap and heap[0][0] <= now:
+            _, tid, attempt = heapq.heappop(heap)
+            t = self.tasks.get(tid)
+            if t is None or t.state != RUNNING or t.attempt != attempt:
+                continue   # answered, requeued or cancelled since
+            event(log, logging.WARNING, "task timed out", task=tid, attempt=attempt, instance=t.instance,
+                  timeout=t.timeout)
+            self.interrupt(t, DeadlineExceeded(
+                f"task {tid} ran longer than its timeout of {t.timeout:g}s (attempt {attempt}); its instance "
+                "was stopped", task=tid, timeout=t.timeout, attempts=attempt), FAILED, retry=True)
+        for sid, due in list(self.closing.items()):
+            s = self.sessions.get(sid)
+            if s is None or s.running <= 0:
+                del self.closing[sid]
+            elif now >= due:
+                del self.closing[sid]
+                running = [t for t in self.tasks.values() if t.sid == sid and t.state == RUNNING]
+                for t in running:
+                    if t.state == RUNNING:   # an earlier interrupt may have settled it
+                        self.interrupt(t, Cancelled(f"task {t.id} was cancelled: its session {sid!r} closed "
+                                                    f"{self.settings.close_grace:g}s ago", task=t.id,
+                                                    session=sid), CANCELLED, retry=False)
 
     def start_failed(self, app: str, reason: str) -> None:
         """An app whose instances keep dying before hello fails its queued tasks instead of looping,

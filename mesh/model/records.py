@@ -48,7 +48,7 @@ class Task:
     """One unit of work.  ``__slots__``: the manager may hold 100,000s of these."""
 
     __slots__ = ("id", "sid", "client", "cid", "tag", "payload", "attempt", "state", "instance", "created_at",
-                 "recorded")
+                 "recorded", "timeout")
 
     def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0,
                  cid: str = "", created_at: Optional[float] = None) -> None:
@@ -63,6 +63,7 @@ class Task:
         self.instance: Optional[str] = None
         self.created_at = time.time() if created_at is None else created_at
         self.recorded = False    # its row is in the store's ``tasks`` table (it outlived record_after)
+        self.timeout: Optional[float] = None   # seconds one attempt may run on an instance
 
 
 @dataclass

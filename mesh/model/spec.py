@@ -25,7 +25,7 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _TOP_KEYS = ("metadata", "spec")
 _META_KEYS = ("name", "description")
 _SPEC_KEYS = ("working_directory", "command", "arguments", "environments", "labels",
-              "resreq", "max_instances", "max_retries", "prefetch")
+              "resreq", "max_instances", "max_retries", "prefetch", "task_timeout")
 DEFAULT_MAX_RETRIES = 3
 MAX_SPEC_BYTES = 1 << 20
 """Largest spec file :func:`load_spec` reads (1 MiB; a real spec is a few hundred bytes).  At most
@@ -50,6 +50,7 @@ class AppSpec:
     max_retries: int = DEFAULT_MAX_RETRIES
     prefetch: Optional[int] = None
     description: str = ""
+    task_timeout: Optional[float] = None   # seconds one attempt of a task may run (None: no limit)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain msgpack/JSON-able dict in the YAML layout (fresh copies)."""
@@ -65,6 +66,7 @@ class AppSpec:
                 "max_instances": self.max_instances,
                 "max_retries": self.max_retries,
                 "prefetch": self.prefetch,
+                "task_timeout": self.task_timeout,
             },
         }
 
@@ -160,6 +162,14 @@ def _opt_int(value: Any, path: str, minimum: int) -> Optional[int]:
     return value
 
 
+def _opt_seconds(value: Any, path: str) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise _fail(path, f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def _opt_str(value: Any, path: str) -> Optional[str]:
     if value is None:
         return None
@@ -207,5 +217,6 @@ def _build(data: Any, base_dir: Optional[str]) -> AppSpec:
         max_instances=_opt_int(spec.get("max_instances"), "spec.max_instances", 1),
         max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
         prefetch=_opt_int(spec.get("prefetch"), "spec.prefetch", 1),
+        task_timeout=_opt_seconds(spec.get("task_timeout"), "spec.task_timeout"),
         description=_opt_str(meta.get("description"), "metadata.description") or "",
     )

@@ -91,6 +91,9 @@ class Settings:
     """Context patches between two snapshots written to the patch log."""
     instance_start_timeout: float = 30.0
     """Seconds a launched instance has to say hello before it counts as crashed."""
+    close_grace: float = 30.0
+    """Seconds the tasks still running when their session closes may finish; then their instances
+    are stopped and the tasks cancelled (an idle instance is free at once)."""
     drain_grace: float = 30.0
     """Seconds a draining executor (SIGTERM) gives running tasks before it stops their instances."""
     start_failures: int = 3

@@ -95,13 +95,16 @@ class Gone(NamedTuple):
 
 
 class Submit(NamedTuple):
-    """Tasks of one session, one payload per tag.  ``(cid, tag)`` names a task across resends."""
+    """Tasks of one session, one payload per tag.  ``(cid, tag)`` names a task across resends.
+    ``timeout``: seconds each attempt of these tasks may run before it is stopped (else the
+    application's ``task_timeout``)."""
     session: str
     tags: List[int]
     cid: str
     resend: bool
     token: Optional[str] = None
     sizes: Optional[List[int]] = None
+    timeout: Optional[float] = None
 
 
 class Result(NamedTuple):
