@@ -169,6 +169,8 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
                 continue
             t = self.tasks[tid] = Task(tid, sid, b"", tag, payload, attempts, cid)  # the client re-attaches by resending
             t.recorded = True
+            app = self.apps.get(s.app)
+            t.timeout = app.spec.task_timeout if app is not None else None   # a submit's own timeout is not stored
             self.by_tag[(cid, tag)] = tid
             s.pending.append(tid)
         if lost:
