@@ -27,15 +27,16 @@ def executor(id: str, slots: int = 4, used: int = 0, cpu: float = 64, memory: in
 
 def session(id: str, app: str = "app", demand: int = 1, resreq: Optional[Resources] = None,
             labels: Optional[Dict[str, str]] = None, max_instances: Optional[int] = None,
-            created_at: float = 0.0) -> SessionView:
-    return SessionView(id, app, demand, resreq or Resources(), dict(labels or {}), max_instances, created_at)
+            created_at: float = 0.0, owner: str = "") -> SessionView:
+    return SessionView(id, app, demand, resreq or Resources(), dict(labels or {}), max_instances, created_at, owner)
 
 
 def instance(id: str, executor: str = "e1", app: str = "app", session: Optional[str] = None,
              resreq: Optional[Resources] = None, ready: bool = True, busy: bool = False,
-             draining: bool = False, stopping: bool = False, idle_since: float = 100.0) -> InstanceView:
+             draining: bool = False, stopping: bool = False, idle_since: float = 100.0,
+             owner: str = "") -> InstanceView:
     return InstanceView(id, executor, app, session, resreq or Resources(), ready, busy, draining, stopping,
-                        idle_since)
+                        idle_since, owner)
 
 
 def launches(actions: List[object]) -> List[Launch]:
@@ -431,3 +432,29 @@ def test_plan_respects_free_slots_and_acts_once_per_instance(seed: int) -> None:
         wanted = {s.id: s for s in sessions}
         for a in launches(actions) + [a for a in actions if isinstance(a, Rebind)]:
             assert a.session in wanted and wanted[a.session].demand > 0
+
+
+# -- an instance serves one owner for life ------------------------------------------------------
+
+def test_an_idle_instance_of_another_owner_is_never_rebound_and_is_stopped_for_its_slot() -> None:
+    # Given alice's idle instance holding the only slot, and a session of bob's with work
+    execs = [executor("e1", slots=1, used=1)]
+    idle = instance("i1", owner="alice", idle_since=0.0)
+    # When planning
+    actions = plan([session("bob-s", owner="bob")], execs, [idle], now=NOW, bind_grace=1.0)
+    # Then alice's process is not handed to bob: it is stopped, freeing the slot for a new one
+    assert of(Rebind, actions) == [] and of(Stop, actions) == [Stop("i1")]
+
+
+def test_an_idle_instance_of_the_same_owner_is_reused() -> None:
+    execs = [executor("e1", slots=1, used=1)]
+    idle = instance("i1", owner="alice", idle_since=0.0)
+    actions = plan([session("alice-s2", owner="alice")], execs, [idle], now=NOW, bind_grace=1.0)
+    assert actions == [Rebind("i1", "alice-s2")]
+
+
+def test_with_free_slots_another_owner_gets_a_new_instance_and_the_idle_one_is_left_alone() -> None:
+    execs = [executor("e1", slots=2, used=1)]
+    idle = instance("i1", owner="alice", idle_since=NOW - 2)
+    actions = plan([session("bob-s", owner="bob")], execs, [idle], now=NOW, bind_grace=1.0)
+    assert actions == [Launch("bob-s", "e1")]

@@ -157,6 +157,23 @@ class ControlRules(Base):
             raise FailedPrecondition(f"session {sid!r} is closed", session=sid)
         return s
 
+    def _object(self, key: str, who: Principal, change: bool = False) -> str:
+        """``key``, if ``who`` may read (or, with ``change``, write) its object.  An object bound to a
+        session follows the session's ownership; one that is not is a capability: whoever holds
+        its key (128 random bits) may use it.  An object the caller may not read is NotFound, as a
+        missing one is (no oracle for other users' keys)."""
+        obj = self.objects.items.get(key)
+        if obj is not None and obj.session is not None:
+            s = self.sessions.get(obj.session)
+            owner = s.owner if s is not None else ""
+            if not who.may_read(owner):
+                obj = None
+            elif change and not who.may_touch(owner):
+                raise PermissionDenied(f"object {key!r} belongs to a session of {owner!r}", key=key)
+        if obj is None:
+            raise NotFound(f"object {key!r} does not exist (deleted, expired, or its session closed)", key=key)
+        return key
+
     def _find(self, rows: List[Dict[str, Any]], fields: List[str], args: Args) -> Dict[str, Any]:
         return query.find(rows, fields, args.get("filter"), args.get("page"), args.get("sort"))
 
@@ -385,8 +402,8 @@ class ControlRules(Base):
             raise InvalidArgument("put_object carries the object as a blob frame")
         self.check_object_size(blob)
         sid = _arg(args, "session", str, required=False)
-        if sid is not None:
-            self._session(sid, who, open_only=True, change=who.role != "instance")
+        if sid is not None:   # bound to a session: its owner's (an instance acts for the owner it serves)
+            self._session(sid, who, open_only=True, change=True)
         ttl = args.get("ttl")
         if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
             raise InvalidArgument("ttl must be a positive number of seconds", argument="ttl")
@@ -396,26 +413,27 @@ class ControlRules(Base):
 
     def do_get_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
         have = _arg(args, "have", int, required=False) or 0
-        header, data = self.objects.get(_arg(args, "key", str), have)
+        key = self._object(_arg(args, "key", str), who)
+        header, data = self.objects.get(key, have)
         return header if data is None else WithBlob(header, data)
 
     def do_update_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         if blob is None:
             raise InvalidArgument("update_object carries the object as a blob frame")
         self.check_object_size(blob)
-        obj = self.objects.update(_arg(args, "key", str), _arg(args, "kind", str), blob)
+        obj = self.objects.update(self._object(_arg(args, "key", str), who, change=True), _arg(args, "kind", str), blob)
         self.persist_object(obj)
         return {"key": obj.key, "version": obj.doc.version}
 
     def do_patch_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         ops = _arg(args, "ops", list)
         self.check_patch_size(ops)
-        obj = self.objects.patch(_arg(args, "key", str), ops)
+        obj = self.objects.patch(self._object(_arg(args, "key", str), who, change=True), ops)
         self.persist_object(obj, ops)
         return {"key": obj.key, "version": obj.doc.version}
 
     def do_delete_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        key = _arg(args, "key", str)
+        key = self._object(_arg(args, "key", str), who, change=True)
         self.objects.delete(key)
         self.delete_objects([key])
         return {"key": key}

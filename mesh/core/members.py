@@ -205,13 +205,13 @@ class MemberRules(Base):
                 continue   # not known, or it failed to start a moment ago: no launch before its backoff
             sessions.append(scheduler.SessionView(
                 s.id, s.app, len(s.pending) + s.running, s.resreq, dict(app.spec.labels),
-                app.spec.max_instances, s.created_at))
+                app.spec.max_instances, s.created_at, s.owner))
         executors = [scheduler.ExecutorView(e.id, e.slots, e.used_slots, e.capacity, e.allocated, e.labels,
                                             e.state != ALIVE) for e in self.executors.values()]
         instances = [scheduler.InstanceView(
             i.id, i.executor, i.app,
             i.session.id if i.session is not None and i.session.state == OPEN else None,
-            i.resreq, i.ready, bool(i.inflight), i.draining, i.stopping, i.idle_since)
+            i.resreq, i.ready, bool(i.inflight), i.draining, i.stopping, i.idle_since, i.owner)
             for i in self.instances.values()]
         for action in scheduler.plan(sessions, executors, instances, self.now, self.settings.idle_timeout,
                                      self.settings.bind_grace):
@@ -223,18 +223,21 @@ class MemberRules(Base):
             app = self.apps[s.app]
             iid = f"{ex.id}.{next(self._iids)}"
             inst = Instance(iid, ex.id, s.app, s.resreq, app.spec.prefetch or self.settings.prefetch,
-                            launched_at=self.now, idle_since=self.now)
+                            launched_at=self.now, idle_since=self.now, owner=s.owner)
             self.instances[iid] = inst
             ex.instances.add(iid)
             ex.used_slots += 1
             ex.allocated = ex.allocated + s.resreq
             self.bind(inst, s)
-            self.tokens.add(inst.token, auth.Principal(iid, "instance", "instance"), float("inf"))
+            # the instance acts for its owner, within the instance role (mesh.model.auth.INSTANCE)
+            self.tokens.add(inst.token, auth.Principal(s.owner, "instance", "instance"), float("inf"))
             event(log, logging.INFO, "launch instance", instance=iid, session=s.id, executor=ex.id)
             self.send(ex.identity, Launch(iid, app.spec.to_dict(), inst.token))
         elif isinstance(action, scheduler.Rebind):
             inst = self.instances[action.instance]
             target = self.sessions.get(action.session) if action.session else None
+            if target is not None and target.owner != inst.owner:   # the scheduler never asks this
+                raise AssertionError(f"instance {inst.id} of {inst.owner!r} rebound to {target.owner!r}'s session")
             self.bind(inst, target)
             if target is not None:
                 self.dispatch(target)

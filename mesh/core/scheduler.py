@@ -12,10 +12,12 @@ Rules, in order of priority:
    tasks), its app's ``max_instances`` and, when slots are contended, its fair
    share of the slots.
 2. An instance is reused before a new one is launched: an idle instance of the
-   same application is rebound to the session (no process start).
+   same application *and the same owner* is rebound to the session (no process
+   start).  An instance serves one owner for its whole life, so a process one
+   user's task may have changed never sees another user's requests or context.
 3. A free slot on an executor that fits (labels, resources) gets a new instance.
-4. With no free slot, an idle instance of another application is stopped so
-   that its slot can be reused.
+4. With no free slot, an idle instance of another application (or owner) is
+   stopped so that its slot can be reused.
 5. A session below its fair share while another holds more than its share gets
    one of the other's instances drained (no new credit; rebound once idle), so
    no session waits forever behind a busy one.
@@ -58,6 +60,7 @@ class InstanceView:
     draining: bool = False   # gets no new tasks; will be rebound once idle
     stopping: bool = False   # told to stop; its slot is freed when it exits
     idle_since: float = 0.0
+    owner: str = ""          # the user or robot it serves for life
 
 
 @dataclass
@@ -69,6 +72,7 @@ class SessionView:
     labels: Dict[str, str] = field(default_factory=dict)
     max_instances: Optional[int] = None
     created_at: float = 0.0
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ def plan(sessions: List[SessionView], executors: List[ExecutorView], instances: 
         want = target - have
         while want > 0:
             reuse = next((i for i in spare if i.id not in taken and i.app == s.app and i.resreq == s.resreq
-                          and i.executor in execs and not execs[i.executor].draining
+                          and i.owner == s.owner and i.executor in execs and not execs[i.executor].draining
                           and _labels_match(s, execs[i.executor])), None)
             if reuse is not None:
                 taken.add(reuse.id)

@@ -66,7 +66,7 @@ class Objects:
     def put(self, kind: str, data: bytes, session: Optional[str], expires_at: Optional[float]) -> StoredObject:
         if kind not in KINDS:
             raise InvalidArgument(f"object kind must be one of {KINDS}", argument="kind")
-        key = secrets.token_hex(8)
+        key = secrets.token_hex(16)   # 128 bits: an unbound object's key is its capability
         obj = StoredObject(key, Document.from_wire(kind, data, 1, keep_encoded=True), session, expires_at)
         self.items[key] = obj
         return obj

@@ -33,17 +33,23 @@ ROLES = ("viewer", "user", "admin")
 RANK = {"instance": 0, "viewer": 1, "user": 2, "admin": 3}
 
 PUBLIC = frozenset({"ping", "login"})
-INSTANCE = frozenset({"ping", "get_object", "put_object", "update_object", "patch_object", "delete_object"})
+OBJECT_WRITES = frozenset({"put_object", "update_object", "patch_object", "delete_object"})
+# what a service instance may call (for its owner: see Principal); nothing else
+INSTANCE = frozenset({"ping", "get_object"}) | OBJECT_WRITES
 VIEWER = frozenset({"stats", "metrics", "get_application", "find_applications", "find_executors", "get_executor",
-                    "get_session", "find_sessions", "find_tasks", "get_task", "get_context", "whoami"})
+                    "get_session", "find_sessions", "find_tasks", "get_task", "get_context", "whoami",
+                    "get_object"})
 USER = frozenset({"create_session", "open_session", "close_session", "write_context", "cancel_task",
-                  "submit"}) | INSTANCE
+                  "submit"}) | OBJECT_WRITES   # a viewer writes nothing
 # everything else (register_application, unregister_application, drain_executor, users, robots, executor
 # keys) is admin
 
 
 @dataclass(frozen=True)
 class Principal:
+    """Who is calling.  A service instance's principal carries the name of the user or robot it
+    was started for (``kind`` instance, ``role`` instance): it touches what its owner may, within
+    the few methods in :data:`INSTANCE`."""
     name: str
     role: str
     kind: str            # user | robot | instance | insecure
@@ -69,7 +75,7 @@ def required_role(method: str) -> str:
     if method in VIEWER:
         return "viewer"
     if method in USER:
-        return "instance" if method in INSTANCE else "user"
+        return "user"
     return "admin"
 
 

@@ -138,6 +138,7 @@ class Instance:
     busy_since: float = 0.0
     last_done: float = 0.0
     task_time: float = -1.0            # EWMA of seconds per task; < 0 until the first answer
+    owner: str = ""                    # whose session it was started for: it serves only them, for life
 
     def credit_limit(self, queue_target: float) -> int:
         """Tasks to keep queued here: ``queue_target`` seconds of work, 1..prefetch.
