@@ -331,10 +331,12 @@ def _fresh(exc: MeshError) -> MeshError:
 class Connection:
     def __init__(self, manager: Optional[str] = None, settings: Optional[Settings] = None,
                  manager_key: Optional[str] = None, auth: Optional[client_auth.Auth] = None,
-                 token: Optional[str] = None) -> None:
+                 token: Optional[str] = None, plain: bool = False) -> None:
         """``manager_key``: the manager's public key file (default ``$ZMESH_MANAGER_KEY``) for a secured
         mesh; this connection then uses a fresh CURVE keypair of its own.  ``auth``: credentials
-        (see client.auth), exchanged for a token that this connection renews by itself."""
+        (see client.auth), exchanged for a token that this connection renews by itself.
+        ``plain``: no CURVE whatever the environment says (the executor's local ipc object cache,
+        which passes the token on to the manager)."""
         self.manager = check_endpoint(default_manager() if manager is None else manager)
         if token is not None and not isinstance(token, str):   # it goes into every SUBMIT the I/O thread sends
             raise InvalidArgument(f"a token is a str, not {type(token).__name__}", argument="token")
@@ -347,14 +349,13 @@ class Connection:
             self.settings = settings or Settings.load()
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"a ZMESH_* setting in the environment is malformed: {exc}") from None
-        key_file = manager_key or os.environ.get("ZMESH_MANAGER_KEY")
+        key_file = None if plain else manager_key or os.environ.get("ZMESH_MANAGER_KEY")
         self._curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
         # rid -> (future, deadline, method); no future for our own liveness pings
         self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
-        # tag -> (future, decoder, session id, payload): the payload is kept until the answer
-        # arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
-        # tag -> (future, result decoder, session, payload, timeout): what a resend needs
+        # tag -> (future, result decoder, session, payload, timeout): the payload is kept until the
+        # answer arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
         self._tasks: Dict[int, Tuple[TaskFuture, Callable[[bytes], Any], str, Any, Optional[float]]] = {}
         self.client_id = secrets.token_hex(8)
         self._window = Window(self.settings.max_inflight)

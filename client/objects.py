@@ -48,13 +48,15 @@ _conns: Dict[str, Connection] = {}
 cache = ObjectCache(CACHE_BYTES)
 
 
-def _conn(endpoint: Optional[str] = None) -> Connection:
+def _conn(endpoint: Optional[str] = None, plain: bool = False) -> Connection:
+    """One shared connection per endpoint.  ``plain``: the executor's local object cache (ipc, no
+    CURVE; it passes this connection's token on to the manager, which authorizes every read)."""
     from mesh.ops.config import default_manager
     endpoint = endpoint or default_manager()
     with _lock:
         c = _conns.get(endpoint)
         if c is None:
-            c = _conns[endpoint] = Connection(endpoint)
+            c = _conns[endpoint] = Connection(endpoint, plain=plain)
         return c
 
 
@@ -85,7 +87,8 @@ def get_object(ref: Union[ObjectRef, str]) -> Any:
     """The newest version of the object, read through the local cache (and, inside a
     service instance, the executor's): only what the cache lacks crosses the network."""
     key = ref if isinstance(ref, str) else ref.key
-    reader = _conn(os.environ.get("ZMESH_OBJECT_CACHE"))
+    cache_endpoint = os.environ.get("ZMESH_OBJECT_CACHE")
+    reader = _conn(cache_endpoint, plain=True) if cache_endpoint else _conn()
     with _lock:
         have = cache.version(key)
     for _ in range(2):

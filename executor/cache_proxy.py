@@ -6,6 +6,13 @@ the proxy asks the manager only for what its own cache lacks (its version in
 object crosses the network once per executor, and a patch arrives as a patch.
 The cache's entries are replicas (:mod:`mesh.data.replica`): an answer that does
 not follow on from what the proxy holds is refetched whole, never guessed at.
+
+Every read is authorized by the manager: instances of different owners share
+this cache, so the proxy asks with the asking instance's own token and answers
+from a fetch only the readers that hold that token.  Readers with another token
+wait for the fetch in flight to fill the cache, then ask again with theirs
+(the answer is then a small "same").  A cached object still costs a round trip
+to the manager; what the cache saves is the bytes.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from mesh.wire.protocol import Cmd, Message, Reply, Request, decode, encode
 
 log = logging.getLogger("zeromesh.executor")
 
-Waiter = Tuple[bytes, int, int]  # instance identity, its rid, the version it holds
+Waiter = Tuple[bytes, int, int, Optional[str]]  # instance identity, its rid, the version it holds, its token
 
 
 class CacheProxy:
@@ -39,8 +46,8 @@ class CacheProxy:
         self.sock: zmq.Socket = sock
         self._ask = ask_manager
         self._rids = itertools.count(1)
-        self._fetching: Dict[int, str] = {}          # our rid at the manager -> key
-        self._waiters: Dict[str, List[Waiter]] = {}
+        self._fetching: Dict[int, Tuple[str, Optional[str]]] = {}   # our rid at the manager -> (key, token)
+        self._waiters: Dict[str, List[Waiter]] = {}  # key -> readers waiting, in arrival order
         self.fetches = 0
 
     def stats(self) -> Dict[str, int]:
@@ -66,44 +73,58 @@ class CacheProxy:
                 err = InvalidArgument("the executor's object cache answers get_object {key: str, have: int} only")
                 self._reply(identity, rid, error=err.to_wire())
                 continue
-            self._get(identity, rid, key, have)
+            self._get(identity, rid, key, have, msg.header.token)
 
-    def _get(self, identity: bytes, rid: int, key: str, have: int) -> None:
+    def _get(self, identity: bytes, rid: int, key: str, have: int, token: Optional[str] = None) -> None:
         waiting = self._waiters.setdefault(key, [])
-        waiting.append((identity, rid, have))
-        if len(waiting) > 1:
-            return  # one fetch per key at a time; this reader rides along
+        waiting.append((identity, rid, have, token))
+        if len(waiting) == 1:
+            self._fetch(key, token)   # else one is in flight; this reader waits for it
+
+    def _fetch(self, key: str, token: Optional[str]) -> None:
         mrid = next(self._rids)
-        self._fetching[mrid] = key
+        self._fetching[mrid] = (key, token)
         self.fetches += 1
-        self._ask(Request(mrid, "get_object", {"key": key, "have": self.cache.version(key)}), [])
+        self._ask(Request(mrid, "get_object", {"key": key, "have": self.cache.version(key)}, token), [])
 
     def on_reply(self, msg: Message) -> bool:
         """Handle the manager's answer to one of our fetches; False if it was not ours."""
         reply: Reply = msg.header
-        key = self._fetching.pop(reply.rid, None)
-        if key is None:
+        fetch = self._fetching.pop(reply.rid, None)
+        if fetch is None:
             return False
-        waiters = self._waiters.pop(key, [])
+        key, token = fetch
+        everyone = self._waiters.pop(key, [])
+        waiters = [w for w in everyone if w[3] == token]    # what this answer was authorized for
+        others = [w for w in everyone if w[3] != token]
+        try:
+            self._answer(key, reply, msg, waiters)
+        finally:
+            if others:   # readers with other tokens ask again with theirs (the cache now holds it)
+                self._waiters[key] = others
+                self._fetch(key, others[0][3])
+        return True
+
+    def _answer(self, key: str, reply: Reply, msg: Message, waiters: List[Waiter]) -> None:
         if not reply.ok:
-            for identity, rid, _ in waiters:
+            for identity, rid, _, _ in waiters:
                 self._reply(identity, rid, error=reply.error)
-            return True
+            return
         header = reply.result
         try:
             entry = self.cache.apply(key, header, msg.payloads[0] if msg.payloads else None)
         except MeshError as exc:   # a malformed answer: the cache is unchanged, the readers are told
             event(log, logging.WARNING, "object answer refused", key=key, error=str(exc))
-            for identity, rid, _ in waiters:
+            for identity, rid, _, _ in waiters:
                 self._reply(identity, rid, error=exc.to_wire())
-            return True
+            return
         if entry is None:   # a gap between our copy and the answer: fetch the whole object once
             self.cache.forget(key)
-            for identity, rid, have in waiters:
-                self._get(identity, rid, key, have)
-            return True
+            for identity, rid, have, token in waiters:
+                self._get(identity, rid, key, have, token)
+            return
         patches = header.get("patches") if header["mode"] == "patches" else None
-        for identity, rid, have in waiters:
+        for identity, rid, have, _ in waiters:
             base = {"key": key, "version": entry.version, "kind": entry.kind}
             if have == entry.version:
                 self._reply(identity, rid, result={**base, "mode": "same"})
@@ -111,7 +132,6 @@ class CacheProxy:
                 self._reply(identity, rid, result={**base, "mode": "patches", "patches": patches})
             else:
                 self._reply(identity, rid, result={**base, "mode": "full"}, blob=entry.encoded())
-        return True
 
     def _reply(self, identity: bytes, rid: int, result: Any = None, error: Any = None, blob: Optional[bytes] = None) -> None:
         if error is not None:
