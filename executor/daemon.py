@@ -33,6 +33,7 @@ from mesh.wire.protocol import Cmd, Drain, ExecHello, Exited, Heartbeat, decode,
 
 from . import guard
 from .cache_proxy import CacheProxy
+from .cgroups import InstanceCgroups
 from .capabilities import detect
 
 log = logging.getLogger("zeromesh.executor")
@@ -57,16 +58,6 @@ class Child:
     stopping: bool = False
     kill_at: float = 0.0
     reason: str = ""
-
-    def kill(self) -> None:
-        """SIGKILL the instance's whole tree (one pass; the reap loop repeats it until it exits)."""
-        if self.guarded:
-            guard.kill_tree(self.proc.pid)
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def start_error(self) -> str:
         """What the guard said when the service could not be executed ("" if it could)."""
@@ -100,6 +91,7 @@ class ExecutorDaemon:
         self.children: Dict[str, Child] = {}
         # every instance runs under a guard (executor/guard.py), unless a test turns it off
         self.guarded = guard.available() and os.environ.get(UNGUARDED_ENV) != "1"
+        self.cgroups: Optional[InstanceCgroups] = None    # one cgroup per instance, where allowed (run())
         self._running = True
         self.refused: Optional[str] = None   # why the manager refused us, if it did
         self.grace = self.settings.drain_grace
@@ -145,17 +137,21 @@ class ExecutorDaemon:
         read_fd, write_fd = os.pipe() if guarded else (-1, -1)
         if guarded:   # the guard (executor/guard.py) ends the service's whole tree with it
             command = [sys.executable, "-I", "-S", GUARD_SCRIPT, str(os.getpid()), str(write_fd), "--", *command]
+        # PDEATHSIG: SIGTERM lets a guard sweep its tree; an unguarded service just dies
+        preexec = die_with_parent(signal.SIGTERM if guarded else signal.SIGKILL, own_group=True)
+        procs = self.cgroups.path(iid) if self.cgroups is not None else None
+        if procs is not None:
+            preexec = _joining(procs, preexec)
         try:
             with open(log_path, "wb") as out:
-                # PDEATHSIG: SIGTERM lets a guard sweep its tree; an unguarded service just dies
                 proc = subprocess.Popen(command, cwd=app.working_directory or None, env=env,
                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        pass_fds=(write_fd,) if guarded else (),
-                                        preexec_fn=die_with_parent(signal.SIGTERM if guarded else signal.SIGKILL,
-                                                                   own_group=True))
+                                        pass_fds=(write_fd,) if guarded else (), preexec_fn=preexec)
         except OSError as exc:
             if guarded:
                 os.close(read_fd)
+            if self.cgroups is not None:
+                self.cgroups.release(iid)
             where = f" in {app.working_directory}" if app.working_directory else ""
             self._send(Exited(iid, -1, f"cannot start {app.command!r}{where}: {exc.strerror or exc}"))
             return
@@ -175,19 +171,36 @@ class ExecutorDaemon:
         child.reason = reason
         child.kill_at = time.monotonic() + (self.settings.stop_grace if grace is None else grace)
         try:
-            os.killpg(child.proc.pid, signal.SIGTERM)
+            os.killpg(child.proc.pid, signal.SIGTERM)   # a guard passes it on to its service's group
         except ProcessLookupError:
             pass
 
+    def _kill(self, child: Child) -> None:
+        """SIGKILL the instance's whole tree: its cgroup if it has one, and through its guard (one
+        pass of guard.kill_tree; the reap loop repeats it until the guard exits), else its group."""
+        if self.cgroups is not None:
+            self.cgroups.kill(child.iid)
+        if child.guarded:
+            guard.kill_tree(child.proc.pid)
+        else:
+            try:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def _reap(self) -> None:
         now = time.monotonic()
+        if self.cgroups is not None and self.cgroups.dying:
+            self.cgroups.collect()
         for iid, child in list(self.children.items()):
             code = child.proc.poll()
             if code is None:
                 if child.stopping and now >= child.kill_at:
-                    child.kill()
+                    self._kill(child)
                 continue
             del self.children[iid]
+            if self.cgroups is not None:    # whatever the instance left behind (its guard SIGKILLed, say)
+                self.cgroups.release(iid)
             error = child.start_error()
             if error and code == guard.CANNOT_EXECUTE:   # what Popen would have raised without a guard
                 where = f" in {child.cwd}" if child.cwd else ""
@@ -207,7 +220,7 @@ class ExecutorDaemon:
             self._reap()
             time.sleep(0.02)
         for child in self.children.values():
-            child.kill()    # a guard left alive sweeps its tree when this executor exits (PDEATHSIG)
+            self._kill(child)    # a guard left alive sweeps its tree when this executor exits (PDEATHSIG)
 
     # -- main loop -----------------------------------------------------------
     def _on_message(self, frames: List[bytes]) -> None:
@@ -253,6 +266,7 @@ class ExecutorDaemon:
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         sdnotify.status(f"waiting for the manager at {self.manager}")
+        self.cgroups = InstanceCgroups.detect(self.id)
         ping_every = sdnotify.watchdog_interval()
         next_ping = 0.0
         self._connect()
@@ -303,6 +317,8 @@ class ExecutorDaemon:
         if not self._drain_sent:        # SIGINT: no drain
             sdnotify.stopping()
         self._stop_all(grace=self.settings.stop_grace, reason="the executor is shutting down")
+        if self.cgroups is not None:
+            self.cgroups.close()
         if self.sock is not None:
             self.sock.close(linger=0)
         self.cache.close()
@@ -321,6 +337,25 @@ class ExecutorDaemon:
         """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""
         if self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + self.grace
+
+
+def _joining(procs: str, preexec: Callable[[], None]) -> Callable[[], None]:
+    """``preexec`` and, first, move the child into the cgroup whose cgroup.procs is ``procs`` (it
+    runs in the child before exec, so everything the instance ever starts is in that cgroup).
+    A failure leaves the child where it is: the guard still covers it."""
+
+    def run() -> None:
+        try:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        preexec()
+
+    return run
 
 
 def _tail(path: str) -> str:

@@ -56,8 +56,9 @@ def _end(pids) -> None:
 @pytest.fixture
 def tree_mesh(tmp_path, request):
     """One executor with one slot (so the instance is on it) and the tree app registered;
-    ``request.param`` False turns the guard off (the negative control)."""
-    env = {} if getattr(request, "param", True) else {"ZMESH_TEST_UNGUARDED": "1"}
+    ``request.param`` False turns the guard off (the negative control), a dict is extra environment."""
+    param = getattr(request, "param", True)
+    env = param if isinstance(param, dict) else {} if param else {"ZMESH_TEST_UNGUARDED": "1"}
     from mesh.testing import FAST
     with LocalMesh(executors=1, slots=1, env={**FAST, **env}, log_dir=str(tmp_path)) as m:
         with Client(m.endpoint) as c:
@@ -92,6 +93,8 @@ def test_executor_sigkill_ends_the_instance_tree(tree_mesh):
         _end(pids.get(k, 0) for k in ("service", *KINDS) if pids.get(k))
 
 
+@pytest.mark.parametrize("tree_mesh", [{}, {"ZMESH_TEST_NO_CGROUPS": "1"}], ids=["cgroups-if-any", "guard-alone"],
+                         indirect=True)
 @pytest.mark.parametrize("ignores_sigterm", [False, True], ids=["exits-on-sigterm", "ignores-sigterm"])
 def test_stopped_instance_takes_its_tree_with_it(tree_mesh, ignores_sigterm):
     m = tree_mesh
@@ -110,6 +113,70 @@ def test_stopped_instance_takes_its_tree_with_it(tree_mesh, ignores_sigterm):
         wait_until(lambda: not [k for k in ("service", *KINDS) if _alive(pids[k])], timeout=15,
                    what="the stopped instance and its descendants to be gone")
         assert m.executors[0].poll() is None
+    finally:
+        _end(pids.get(k, 0) for k in ("service", *KINDS) if pids.get(k))
+
+
+def _instance_cgroups(executor_pid: int) -> str:
+    """The executor's directory of instance cgroups (executor/cgroups.py), or skip the test."""
+    from executor import cgroups
+    root = cgroups._cgroup2_root()
+    with open(f"/proc/{executor_pid}/cgroup") as f:
+        own = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    parent = os.path.join(root or "/nonexistent", (own or "").lstrip("/"))
+    found = [n for n in (os.listdir(parent) if os.path.isdir(parent) else ()) if n.endswith(f".{executor_pid}")]
+    if not found:
+        pytest.skip("this executor has no instance cgroups here (no writable cgroup2, or Linux < 5.14)")
+    return os.path.join(parent, found[0])
+
+
+@pytest.mark.parametrize("tree_mesh", [{}, {"ZMESH_TEST_NO_CGROUPS": "1"}], ids=["cgroups", "no-cgroups-negative-control"],
+                         indirect=True)
+def test_sigkilled_guard_leaves_nothing_in_its_cgroup(tree_mesh):
+    m = tree_mesh
+    with_cgroups = m.env.get("ZMESH_TEST_NO_CGROUPS") != "1"
+    if with_cgroups:
+        _instance_cgroups(m.executors[0].pid)
+    pids: dict = {}
+    try:
+        # Given an instance that has started processes of every kind
+        with Session("tree", manager=m.endpoint) as s:
+            pids = s.invoke(("spawn", None), timeout=60)
+            with open(f"/proc/{pids['service']}/stat") as f:
+                guard_pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            assert guard_pid != m.executors[0].pid, "the service runs under a guard"
+            # When its guard alone is SIGKILLed (the one process of the tree that cannot clean up)
+            os.kill(guard_pid, signal.SIGKILL)
+            wait_until(lambda: not _alive(pids["service"]), timeout=10, what="the service to die with its guard")
+        if with_cgroups:
+            # Then the executor kills what is left in the instance's cgroup
+            wait_until(lambda: not [k for k in KINDS if _alive(pids[k])], timeout=10,
+                       what="every descendant of the instance to be gone")
+        else:
+            # (without a cgroup, nothing is left to reach the setsid() processes)
+            assert [k for k in SESSION_KINDS if _alive(pids[k])] == list(SESSION_KINDS), pids
+    finally:
+        _end(pids.get(k, 0) for k in ("service", *KINDS) if pids.get(k))
+
+
+@pytest.mark.parametrize("tree_mesh", [{"ZMESH_TEST_UNGUARDED": "1"}], ids=["unguarded"], indirect=True)
+def test_next_executor_sweeps_the_cgroups_of_a_killed_one(tree_mesh):
+    m = tree_mesh
+    old = _instance_cgroups(m.executors[0].pid)
+    pids: dict = {}
+    try:
+        # Given an unguarded instance's tree left running by an executor killed with SIGKILL
+        with Session("tree", manager=m.endpoint) as s:
+            pids = s.invoke(("spawn", None), timeout=60)
+            LocalMesh.end(m.executors[0], signal.SIGKILL)
+        wait_until(lambda: not _alive(pids["service"]), timeout=10, what="the service to die with its executor")
+        assert all(_alive(pids[k]) for k in SESSION_KINDS), pids
+        # When the next executor starts on this machine (as systemd's Restart= would)
+        m.add_executor(name="exec-1")
+        m.wait_executors(1)
+        # Then it kills what the dead one left in its cgroups, and removes them
+        wait_until(lambda: not [k for k in KINDS if _alive(pids[k])] and not os.path.exists(old), timeout=10,
+                   what="the dead executor's instance cgroups to be swept")
     finally:
         _end(pids.get(k, 0) for k in ("service", *KINDS) if pids.get(k))
 
