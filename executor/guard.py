@@ -155,6 +155,7 @@ class _Guard:
         self.service: Optional[int] = None
         self.popen: Optional[subprocess.Popen] = None   # kept: a collected Popen would reap the service
         self.status: Optional[int] = None      # the service's wait status once it has exited
+        self.pending: Optional[int] = None     # a signal that came before the service was started
 
     def _reap(self) -> bool:
         """Reap every child that has ended (the service, or an orphan re-parented to us);
@@ -189,11 +190,13 @@ class _Guard:
             # PDEATHSIG: the executor is gone; end the tree and go (nobody waits for our status)
             self.sweep()
             os._exit(128 + sig)
-        if self.service is not None:
-            try:
-                os.killpg(self.service, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if self.service is None:
+            self.pending = sig        # delivered as soon as the service exists
+            return
+        try:
+            os.killpg(self.service, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def run(self, command: List[str], status_fd: int) -> int:
         for sig in FORWARDED:
@@ -217,6 +220,8 @@ class _Guard:
             os.close(status_fd)
             return CANNOT_EXECUTE
         os.close(status_fd)
+        if self.pending is not None:
+            self.on_signal(self.pending, None)
         while self.status is None:
             try:
                 pid, status = os.waitpid(-1, 0)   # the service, or an orphan re-parented to us
