@@ -23,7 +23,7 @@ instance's output.  Signals the guard is sent while its executor lives (SIGTERM 
 SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) go on to the service's process group.
 
 Run as a script by path with ``python -I -S`` (standard library only, so that an application's
-PYTHONPATH or site-packages cannot break it, and it starts in a few milliseconds)::
+PYTHONPATH or site-packages cannot break it, and it starts in about 20 ms)::
 
     python -I -S guard.py PARENT_PID STATUS_FD -- COMMAND [ARG...]
 
