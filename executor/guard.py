@@ -196,7 +196,12 @@ class _Guard:
             return
         try:
             os.killpg(self.service, sig)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:    # forked, not yet in its own group: the service alone
+            try:
+                os.kill(self.service, sig)
+            except ProcessLookupError:
+                pass
+        except PermissionError:
             pass
 
     def run(self, command: List[str], status_fd: int) -> int:
