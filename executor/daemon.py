@@ -31,12 +31,18 @@ from mesh.ops.process import die_with_parent
 from mesh.wire import transport
 from mesh.wire.protocol import Cmd, Drain, ExecHello, Exited, Heartbeat, decode, encode
 
+from . import guard
 from .cache_proxy import CacheProxy
+from .cgroups import InstanceCgroups
 from .capabilities import detect
 
 log = logging.getLogger("zeromesh.executor")
 
 STDERR_TAIL = 2000  # bytes of a crashed instance's stderr reported to the manager
+GUARD_SCRIPT = os.path.abspath(guard.__file__)
+UNGUARDED_ENV = "ZMESH_TEST_UNGUARDED"
+"""Tests only (the negative control of tests/test_process_tree.py): set to 1, the executor starts
+services directly, as before the guard, and a killed executor leaves their descendants running."""
 
 
 @dataclass
@@ -45,9 +51,25 @@ class Child:
     app: str
     proc: subprocess.Popen
     log_path: str
+    guarded: bool = True     # proc is a guard (executor/guard.py) whose child is the service
+    status_fd: int = -1      # read end of the guard's pipe: why the service could not start
+    command: str = ""        # app.command and app.working_directory, for "cannot start ..."
+    cwd: str = ""
     stopping: bool = False
     kill_at: float = 0.0
     reason: str = ""
+
+    def start_error(self) -> str:
+        """What the guard said when the service could not be executed ("" if it could)."""
+        if self.status_fd < 0:
+            return ""
+        try:
+            return os.read(self.status_fd, 4096).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        finally:
+            os.close(self.status_fd)
+            self.status_fd = -1
 
 
 class ExecutorDaemon:
@@ -67,6 +89,9 @@ class ExecutorDaemon:
         self.settings = settings or Settings.load()
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
         self.children: Dict[str, Child] = {}
+        # every instance runs under a guard (executor/guard.py), unless a test turns it off
+        self.guarded = guard.available() and os.environ.get(UNGUARDED_ENV) != "1"
+        self.cgroups: Optional[InstanceCgroups] = None    # one cgroup per instance, where allowed (run())
         self._running = True
         self.refused: Optional[str] = None   # why the manager refused us, if it did
         self.grace = self.settings.drain_grace
@@ -107,17 +132,35 @@ class ExecutorDaemon:
         # The executor's own Python environment comes first on PATH, so `command: python3` finds zeromesh.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         log_path = os.path.join(self.run_dir, f"{iid}.log")
+        command = [app.command, *app.arguments]
+        guarded = self.guarded
+        read_fd, write_fd = os.pipe() if guarded else (-1, -1)
+        if guarded:   # the guard (executor/guard.py) ends the service's whole tree with it
+            command = [sys.executable, "-I", "-S", GUARD_SCRIPT, str(os.getpid()), str(write_fd), "--", *command]
+        # PDEATHSIG: SIGTERM lets a guard sweep its tree; an unguarded service just dies
+        preexec = die_with_parent(signal.SIGTERM if guarded else signal.SIGKILL, own_group=True)
+        procs = self.cgroups.path(iid) if self.cgroups is not None else None
+        if procs is not None:
+            preexec = _joining(procs, preexec)
         try:
             with open(log_path, "wb") as out:
-                proc = subprocess.Popen([app.command, *app.arguments], cwd=app.working_directory or None,
-                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        preexec_fn=die_with_parent(signal.SIGKILL, own_group=True))
+                proc = subprocess.Popen(command, cwd=app.working_directory or None, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        pass_fds=(write_fd,) if guarded else (), preexec_fn=preexec)
         except OSError as exc:
+            if guarded:
+                os.close(read_fd)
+            if self.cgroups is not None:
+                self.cgroups.release(iid)
             where = f" in {app.working_directory}" if app.working_directory else ""
             self._send(Exited(iid, -1, f"cannot start {app.command!r}{where}: {exc.strerror or exc}"))
             return
-        self.children[iid] = Child(iid, app.name, proc, log_path)
-        event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid)
+        finally:
+            if guarded:
+                os.close(write_fd)
+        self.children[iid] = Child(iid, app.name, proc, log_path, guarded, read_fd, app.command,
+                                   app.working_directory or "")
+        event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid, guarded=guarded)
 
     def _stop(self, iid: str, grace: Optional[float] = None, reason: str = "stopped") -> None:
         child = self.children.get(iid)
@@ -128,23 +171,41 @@ class ExecutorDaemon:
         child.reason = reason
         child.kill_at = time.monotonic() + (self.settings.stop_grace if grace is None else grace)
         try:
-            os.killpg(child.proc.pid, signal.SIGTERM)
+            os.killpg(child.proc.pid, signal.SIGTERM)   # a guard passes it on to its service's group
         except ProcessLookupError:
             pass
 
+    def _kill(self, child: Child) -> None:
+        """SIGKILL the instance's whole tree: its cgroup if it has one, and through its guard (one
+        pass of guard.kill_tree; the reap loop repeats it until the guard exits), else its group."""
+        if self.cgroups is not None:
+            self.cgroups.kill(child.iid)
+        if child.guarded:
+            guard.kill_tree(child.proc.pid)
+        else:
+            try:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def _reap(self) -> None:
         now = time.monotonic()
+        if self.cgroups is not None and self.cgroups.dying:
+            self.cgroups.collect()
         for iid, child in list(self.children.items()):
             code = child.proc.poll()
             if code is None:
                 if child.stopping and now >= child.kill_at:
-                    try:
-                        os.killpg(child.proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    self._kill(child)
                 continue
             del self.children[iid]
-            if child.stopping:
+            if self.cgroups is not None:    # whatever the instance left behind (its guard SIGKILLed, say)
+                self.cgroups.release(iid)
+            error = child.start_error()
+            if error and code == guard.CANNOT_EXECUTE:   # what Popen would have raised without a guard
+                where = f" in {child.cwd}" if child.cwd else ""
+                code, reason = -1, f"cannot start {child.command!r}{where}: {error}"
+            elif child.stopping:
                 reason = child.reason
             else:
                 reason = f"instance exited with code {code}" + _tail(child.log_path)
@@ -159,10 +220,7 @@ class ExecutorDaemon:
             self._reap()
             time.sleep(0.02)
         for child in self.children.values():
-            try:
-                os.killpg(child.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._kill(child)    # a guard left alive sweeps its tree when this executor exits (PDEATHSIG)
 
     # -- main loop -----------------------------------------------------------
     def _on_message(self, frames: List[bytes]) -> None:
@@ -208,6 +266,7 @@ class ExecutorDaemon:
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload_requested", True))
         sdnotify.status(f"waiting for the manager at {self.manager}")
+        self.cgroups = InstanceCgroups.detect(self.id)
         ping_every = sdnotify.watchdog_interval()
         next_ping = 0.0
         self._connect()
@@ -258,6 +317,8 @@ class ExecutorDaemon:
         if not self._drain_sent:        # SIGINT: no drain
             sdnotify.stopping()
         self._stop_all(grace=self.settings.stop_grace, reason="the executor is shutting down")
+        if self.cgroups is not None:
+            self.cgroups.close()
         if self.sock is not None:
             self.sock.close(linger=0)
         self.cache.close()
@@ -276,6 +337,25 @@ class ExecutorDaemon:
         """SIGTERM: take no new work, let running tasks finish for ``grace`` seconds, then exit 0."""
         if self._drain_deadline is None:
             self._drain_deadline = time.monotonic() + self.grace
+
+
+def _joining(procs: str, preexec: Callable[[], None]) -> Callable[[], None]:
+    """``preexec`` and, first, move the child into the cgroup whose cgroup.procs is ``procs`` (it
+    runs in the child before exec, so everything the instance ever starts is in that cgroup).
+    A failure leaves the child where it is: the guard still covers it."""
+
+    def run() -> None:
+        try:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        preexec()
+
+    return run
 
 
 def _tail(path: str) -> str:

@@ -115,16 +115,9 @@ def _gone(pid):
 
 
 def _children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    """Every process below ``pid``: an executor's instance guards and their services (executor/guard.py)."""
+    from executor.guard import descendants
+    return list(descendants(pid))
 
 
 def test_frozen_executor_is_evicted_its_tasks_reassigned_and_it_rejoins(private_mesh):

@@ -3,6 +3,11 @@
 An executor's instances, and the daemons a local mesh or a benchmark starts,
 must not keep serving after whoever started them died (kill -9 included):
 Linux's PR_SET_PDEATHSIG sends them a signal when the parent thread exits.
+
+It reaches that one process only, not what it starts (a child in its process
+group, a setsid()'d one): an executor's instances get their whole tree ended by
+a guard process in between, executor/guard.py (docs/reliability.md, "What
+survives what: process trees").
 """
 from __future__ import annotations
 
