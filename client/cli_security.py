@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from mesh.errors import InvalidArgument, Unavailable
+from mesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 from mesh.model import auth
 from mesh.ops import keys
 
@@ -23,12 +23,21 @@ db_option = click.option("--db", "db", default=None, metavar="PATH",
                          help="Work offline on the manager's database instead of asking the manager.")
 
 
-def _offline(db: str, fn: Callable[..., Any], *args: Any) -> Any:
+def _offline(db: str, fn: Callable[..., Any], *args: Any, revokes: bool = False) -> Any:
     """``fn(store, *args)`` on the manager's database: the same mesh.model.auth function the manager
-    calls online, so the same mistake raises the same typed error."""
+    calls online, so the same mistake raises the same typed error.  A removal or revocation
+    (``revokes``) is refused while a manager runs on the database: it would not see it (a removed
+    user's tokens would stay valid).  Additions are fine: the manager reads them at each login."""
     import sqlite3
 
-    from mesh.data.store import Store
+    from mesh.data.store import ManagerLock, Store
+    if revokes:
+        pid = ManagerLock(db).holder()
+        if pid is not None:
+            raise FailedPrecondition(
+                f"a manager (pid {pid}) is running on {db}; it would not see an offline change. Make it "
+                "through the manager instead (the same command without --db, logged in as an admin)",
+                path=db, pid=pid)
     try:
         store = Store(db)
     except sqlite3.Error as exc:
@@ -110,7 +119,7 @@ def executor_keys_list(manager: Optional[str], db: Optional[str], as_json: bool)
 def executor_keys_revoke(manager: Optional[str], db: Optional[str], key_or_name: str) -> None:
     """Remove a key (by its public key or name): the executor cannot join again."""
     if db:
-        _offline(db, auth.revoke_executor_key, key_or_name)
+        _offline(db, auth.revoke_executor_key, key_or_name, revokes=True)
     else:
         with _client(manager) as c:
             c.revoke_executor_key(key_or_name)
@@ -173,7 +182,7 @@ def users_list(manager: Optional[str], db: Optional[str], as_json: bool) -> None
 def users_remove(manager: Optional[str], db: Optional[str], name: str) -> None:
     """Remove a user; their tokens stop working at once."""
     if db:
-        _offline(db, auth.remove_user, name)
+        _offline(db, auth.remove_user, name, revokes=True)
     else:
         with _client(manager) as c:
             c.remove_user(name)
@@ -229,7 +238,7 @@ def robots_list(manager: Optional[str], db: Optional[str], as_json: bool) -> Non
 def robots_revoke(manager: Optional[str], db: Optional[str], robot_id: str) -> None:
     """Revoke a robot; its tokens stop working at once."""
     if db:
-        _offline(db, auth.revoke_robot, robot_id)
+        _offline(db, auth.revoke_robot, robot_id, revokes=True)
     else:
         with _client(manager) as c:
             c.revoke_robot(robot_id)

@@ -34,8 +34,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from mesh.core import CPU, Call, Core, Effects, Send
-from mesh.data.store import Store, Writer
-from mesh.errors import InvalidArgument, ProtocolError
+from mesh.data.store import ManagerLock, Store, Writer
+from mesh.errors import FailedPrecondition, InvalidArgument, ProtocolError
 from mesh.model.records import ALIVE, OPEN
 from mesh.ops import keys, sdnotify
 from mesh.ops.config import Settings
@@ -57,6 +57,10 @@ class Manager:
         self.curve = keys.load_secret(curve_secret) if curve_secret else None
         self.settings = settings or Settings.load()
         self.bind_addr = bind
+        self.lock = ManagerLock(db)
+        if db != ":memory:" and not self.lock.acquire():
+            raise FailedPrecondition(f"another manager (pid {self.lock.holder()}) is running on {db}; "
+                                     "one database serves one manager", path=db)
         self.store = Store(db)
         self.writer = Writer(self.store)
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-cpu")
@@ -343,6 +347,7 @@ class Manager:
         await asyncio.wrap_future(final)   # the writer is FIFO: every earlier commit has ended too
         self._release()   # acknowledgements of what is now on disk still go out
         self.writer.close()
+        self.lock.release()
         self.cpu.shutdown(wait=False)
         self.sock.close(linger=500)   # half a second to deliver them
         event(log, logging.INFO, "manager stopped")

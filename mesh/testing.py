@@ -61,6 +61,8 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_PERSIST_INPUT_MAX": str(64 * 1024),
     "ZMESH_MAX_STORE_BACKLOG": "64",
     "ZMESH_MAX_MESSAGE_SIZE": str(128 * 1024 * 1024),   # room for a 50 MiB object in one message
+    "ZMESH_LOGIN_FAILURES": "5",
+    "ZMESH_LOGIN_WINDOW": "10",
     "ZMESH_TOKEN_TTL": "60",                 # tokens renew within a long test
     "ZMESH_MAX_CONTEXT_SIZE": str(16 * 1024 * 1024),
     "ZMESH_MAX_PATCH_OPS": "5000",

@@ -52,7 +52,7 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
         self._table: Dict[Cmd, Callable[[bytes, Any, Sequence[Any], Optional[str]], None]] = {
             Cmd.SUBMIT: lambda p, r, f, k: self.on_submit(p, r, f),
             Cmd.DONE: lambda p, r, f, k: self.on_done(p, r, f),
-            Cmd.REQUEST: lambda p, r, f, k: self.on_request(p, r, list(f)),
+            Cmd.REQUEST: lambda p, r, f, k: self.on_request(p, r, list(f), k),
             Cmd.CTX_WRITE: lambda p, r, f, k: self.on_ctx_write(p, r, f),
             Cmd.HEARTBEAT: lambda p, r, f, k: self.on_heartbeat(p, r),
             Cmd.EXEC_HELLO: lambda p, r, f, k: self.on_exec_hello(p, r, k),
@@ -94,10 +94,11 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
     def tick(self, now: float) -> Effects:
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
-        self.check_liveness()
-        self.check_deadlines()
-        self.expire_objects()
-        self.plan()
+        for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.plan):
+            try:
+                step()
+            except Exception:  # a bug in one step must not stop the clock (heartbeats) for everyone
+                log.exception("tick step %s failed", step.__name__)
         return self.take()
 
     def store_behind(self, behind: bool, now: float) -> Effects:
@@ -135,9 +136,11 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
             send.if_lost()
         return self.take()
 
-    def metrics_text(self) -> str:
-        """Prometheus text of the counters and gauges as of the last event."""
-        return report.metrics_text(self)
+    def metrics_text(self, who: Optional[auth.Principal] = None) -> str:
+        """Prometheus text of the counters and gauges as of the last event.  Per-session series only
+        for the sessions ``who`` may change (its own; every one for an admin or without ``who``:
+        the loop's loopback HTTP endpoint); others see totals."""
+        return report.metrics_text(self, who)
 
     # -- restart -----------------------------------------------------------------------
     def restore(self, saved: SavedState) -> Effects:

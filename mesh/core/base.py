@@ -53,6 +53,8 @@ class Base:
         self.young: Deque[int] = collections.deque()
         self.stats: Dict[str, int] = dict.fromkeys(STATS, 0)
         self.tokens = auth.Tokens({})
+        self.logins = auth.LoginLimits(settings.login_failures, settings.login_window)
+        self.caller = ""                           # the CURVE key (or identity) of the request being handled
         self.waiting: Set[str] = set()             # sessions with tasks no instance has credit for
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
         self.start_backoff: Dict[str, float] = {}  # app -> no launch before this time (it keeps failing)
@@ -141,10 +143,11 @@ class Base:
         event(log, logging.WARNING, "denied", method=method, code=exc.code, reason=str(exc),
               peer=peer.hex()[:16], key=key)
 
-    def may_submit(self, token: Optional[str], owner: str) -> None:
-        """Raises Unauthenticated / PermissionDenied unless the token's holder may submit to ``owner``'s session."""
+    def may_submit(self, token: Optional[str], owner: Optional[str]) -> None:
+        """Raises Unauthenticated / PermissionDenied unless the token's holder may submit to ``owner``'s
+        session (``owner`` None: a session that does not exist, checked for the token only)."""
         who = self.principal(token, "submit")
-        if not who.may_touch(owner):
+        if owner is not None and not who.may_touch(owner):
             raise PermissionDenied(f"this session belongs to {owner!r}")
 
 
@@ -171,6 +174,9 @@ class Base:
         raise NotImplementedError
 
     def drain_executor(self, ex: Executor) -> None:
+        raise NotImplementedError
+
+    def revoked_executor_keys(self, public: List[str]) -> None:
         raise NotImplementedError
 
     def apply_context_write(self, s: Session, ops: Optional[List[Any]], blob: Optional[bytes],

@@ -92,8 +92,9 @@ class ControlRules(Base):
     def control_methods(self) -> Dict[str, Callable[[Args, Optional[bytes], Principal], Any]]:
         return {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("do_")}
 
-    def on_request(self, peer: bytes, rec: Request, payloads: List[Any]) -> None:
+    def on_request(self, peer: bytes, rec: Request, payloads: List[Any], key: Optional[str] = None) -> None:
         self.stats["requests"] += 1
+        self.caller = key or peer.hex()   # who is calling, for per-peer limits (its CURVE key when secured)
         fn = self.methods.get(rec.method)
         if fn is None:
             self.reply(peer, rec.rid, error=InvalidArgument(f"unknown method {rec.method!r}", method=rec.method))
@@ -177,7 +178,7 @@ class ControlRules(Base):
     def _find(self, rows: List[Dict[str, Any]], fields: List[str], args: Args) -> Dict[str, Any]:
         return query.find(rows, fields, args.get("filter"), args.get("page"), args.get("sort"))
 
-    def metrics_text(self) -> str:   # mesh.core.Core
+    def metrics_text(self, who: Optional[Principal] = None) -> str:   # mesh.core.Core
         raise NotImplementedError
 
     # -- mesh ---------------------------------------------------------------------
@@ -191,7 +192,7 @@ class ControlRules(Base):
                 "instances": len(self.instances)}
 
     def do_metrics(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        return {"text": self.metrics_text()}   # self.now is this request's time
+        return {"text": self.metrics_text(who)}   # self.now is this request's time
 
     # -- applications -------------------------------------------------------------------
     def do_register_application(self, args: Args, blob: Optional[bytes] = None,
@@ -444,14 +445,24 @@ class ControlRules(Base):
         if not self.secured:
             return {"token": "", "expires_at": None, "name": "insecure", "role": "admin", "insecure": True}
 
+        caller = self.caller
+        name = args.get("user") if isinstance(args.get("user"), str) else args.get("robot")
+        self.logins.check(str(name), caller, self.now)   # ResourceExhausted after too many failures
+
+        def failed(wrong: str) -> Any:
+            n = self.logins.failed(str(name), caller, self.now)
+            event(log, logging.WARNING, "login failed", principal=name, peer=caller[:16], failures=n)
+            raise auth.Unauthenticated(wrong)
+
         def check(found: Any) -> Later:
-            claimed, stored = found
+            # an unknown name is checked against a dummy hash: the answer takes as long and says the same
+            claimed, stored, known = found
             secret = args.get("password") if claimed.kind == "user" else args.get("secret")
-            wrong = "wrong user name or password" if claimed.kind == "user" else "wrong robot secret"
+            wrong = "wrong user name or password" if claimed.kind == "user" else "wrong robot id or secret"
             if not isinstance(secret, str):
-                raise auth.Unauthenticated(wrong)
+                secret = ""
             return Later(keys.verify_secret, secret, stored, where=CPU,
-                         then=lambda ok: issue(claimed) if ok else _raise(auth.Unauthenticated(wrong)))
+                         then=lambda ok: issue(claimed) if ok and known else failed(wrong))
 
         def issue(claimed: Principal) -> Later:
             token, expires = self.tokens.issue(claimed, self.settings.token_ttl)
@@ -511,4 +522,9 @@ class ControlRules(Base):
 
     def do_revoke_executor_key(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
         key = _arg(args, "key", str)
-        return Later(lambda store: auth.revoke_executor_key(store, key))
+
+        def revoked(result: Dict[str, Any]) -> Dict[str, Any]:
+            self.revoked_executor_keys(result["public"])
+            return result
+
+        return Later(lambda store: auth.revoke_executor_key(store, key), then=revoked)

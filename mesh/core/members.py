@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Optional
+from typing import List, Optional
 
 from mesh.core import scheduler
 from mesh.core.base import Base, log
@@ -31,7 +31,7 @@ class MemberRules(Base):
     # -- executors ---------------------------------------------------------------------
     def on_exec_hello(self, peer: bytes, rec: ExecHello, key: Optional[str]) -> None:
         if not self.secured:
-            self.join_executor(peer, rec)
+            self.join_executor(peer, rec, "")
             return
         self.admitting.add(peer)   # a secured mesh admits only keys on the allow-list
         self.call(Call(lambda store, k: store.executor_key_allowed(k), (key or "",), label="executor_key_allowed",
@@ -41,14 +41,14 @@ class MemberRules(Base):
     def admitted(self, peer: bytes, rec: ExecHello, key: str, allowed: bool) -> None:
         self.admitting.discard(peer)
         if allowed:
-            self.join_executor(peer, rec)
+            self.join_executor(peer, rec, key)
             return
         self.stats["auth_denied"] += 1
         event(log, logging.WARNING, "executor refused: key not on the allow-list", executor=rec.id, key=key)
         self.gone(peer, f"executor key {key} is not allowed; on the manager run: "
                         "zmesh executor-keys add PUBLIC_KEY_FILE", fatal=True)
 
-    def join_executor(self, peer: bytes, rec: ExecHello) -> None:
+    def join_executor(self, peer: bytes, rec: ExecHello, key: str) -> None:
         caps = rec.caps
         try:
             slots = int(caps.get("slots", 1))
@@ -59,7 +59,7 @@ class MemberRules(Base):
         old = self.executors.get(rec.id)
         if old is not None:
             self.lose_executor(old, "executor reconnected")
-        ex = Executor(rec.id, peer, caps, slots, capacity, labels, self.now, self.now)
+        ex = Executor(rec.id, peer, caps, slots, capacity, labels, self.now, self.now, key=key)
         self.executors[rec.id] = ex
         self.peers[peer] = ex
         event(log, logging.INFO, "executor joined", executor=rec.id, slots=slots, host=caps.get("hostname"))
@@ -101,6 +101,14 @@ class MemberRules(Base):
         ex = self.peers.get(peer)
         if isinstance(ex, Executor):
             self.drain_executor(ex)
+
+    def revoked_executor_keys(self, public: List[str]) -> None:
+        """Executors connected with a key just taken off the allow-list are told to go (fatal: they
+        exit instead of reconnecting) and lost at once: their tasks run elsewhere."""
+        for ex in [e for e in self.executors.values() if e.key and e.key in public]:
+            event(log, logging.WARNING, "executor key revoked: disconnecting", executor=ex.id, key=ex.key)
+            self.gone(ex.identity, f"executor key {ex.key} was revoked", fatal=True)
+            self.lose_executor(ex, "its key was revoked")
 
     def lose_executor(self, ex: Executor, reason: str) -> None:
         event(log, logging.WARNING, "executor lost", executor=ex.id, reason=reason)
@@ -237,7 +245,8 @@ class MemberRules(Base):
             inst = self.instances[action.instance]
             target = self.sessions.get(action.session) if action.session else None
             if target is not None and target.owner != inst.owner:   # the scheduler never asks this
-                raise AssertionError(f"instance {inst.id} of {inst.owner!r} rebound to {target.owner!r}'s session")
+                log.error("refused to rebind instance %s of %r to a session of %r", inst.id, inst.owner, target.owner)
+                return
             self.bind(inst, target)
             if target is not None:
                 self.dispatch(target)

@@ -8,8 +8,9 @@ from mesh.model.records import ALIVE, OPEN, PENDING, RUNNING
 from mesh.ops.metrics import render
 
 
-def metrics_text(core: Any) -> str:
-    """Every counter, gauge and histogram of a manager core, in the Prometheus text format."""
+def metrics_text(core: Any, who: Any = None) -> str:
+    """Every counter, gauge and histogram of a manager core, in the Prometheus text format.
+    Series per session only for the sessions ``who`` (a Principal) may change; all without ``who``."""
     now, store_backlog = core.now, core.store_backlog
     Series = List[Tuple[str, str, Dict[str, str], float]]
     counters: Series = [(f"zeromesh_{k}_total", f"manager counter {k}", {}, v) for k, v in sorted(core.stats.items())]
@@ -27,7 +28,7 @@ def metrics_text(core: Any) -> str:
         ("zeromesh_instances", "service instances", {}, len(core.instances)),
         ("zeromesh_store_backlog", "group commits waiting for the writer thread", {}, store_backlog)]
     gauges += [("zeromesh_session_queue_depth", "tasks queued per open session", {"session": s.id},
-                len(s.pending)) for s in sessions if s.state == OPEN]
+                len(s.pending)) for s in sessions if s.state == OPEN and (who is None or who.may_touch(s.owner))]
     gauges += [("zeromesh_executor_up", "1 if the executor is alive", {"executor": e.id},
                 1 if e.state == ALIVE else 0) for e in core.executors.values()]
     gauges += [("zeromesh_executor_silence_seconds", "seconds since the executor was last heard",

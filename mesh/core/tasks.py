@@ -36,14 +36,14 @@ class TaskRules(Base):
         store was behind (see :meth:`set_backlogged`)."""
         s = self.sessions.get(rec.session)
         error: Optional[MeshError] = None
-        if s is None:
-            error = NotFound(f"session {rec.session!r} does not exist", session=rec.session)
-        elif self.secured:
+        if self.secured:   # who is asking comes first: a stranger learns nothing about what exists
             try:
-                self.may_submit(rec.token, s.owner)
+                self.may_submit(rec.token, s.owner if s is not None else None)
             except AUTH_ERRORS as exc:
                 self.denied(peer, "submit", exc)
                 error = exc
+        if error is None and s is None:
+            error = NotFound(f"session {rec.session!r} does not exist", session=rec.session)
         if error is None and s is not None and s.state != OPEN:
             error = FailedPrecondition(f"session {rec.session!r} is closed", session=rec.session)
         if error is None and rec.timeout is not None and not 0 < rec.timeout < float("inf"):

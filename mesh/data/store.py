@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -65,6 +66,48 @@ SCHEMA_VERSION = "2"
 # of thousands of finished tasks writes a handful of rows.  ``answers`` keeps what a resending
 # client may still need: undelivered outputs and errors, by (client id, tag).
 LOG_FIELDS = ("id", "state", "attempts", "created_at", "finished_at", "error", "client", "tag")
+
+
+class ManagerLock:
+    """An exclusive lock a running manager holds on its database for its whole life (``flock`` on
+    ``<db>.lock``, which holds the manager's PID).  The kernel releases it when the process ends,
+    however it ends.  A second manager on the same database refuses to start, and the offline tools
+    (``zmesh users ... --db``) refuse to change identities under a running manager, which would not
+    see the change (a removed user's tokens would stay valid)."""
+
+    def __init__(self, db: str) -> None:
+        self.path = db + ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> Optional[int]:
+        """The PID of the manager holding the lock, or None if none does (tries and releases it)."""
+        if not os.path.exists(self.path):
+            return None
+        if self.acquire():
+            self.release()
+            return None
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0) or -1
+        except (OSError, ValueError):
+            return -1
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Store:
@@ -194,9 +237,12 @@ class Store:
     def add_executor_key(self, public: str, name: str, now: float) -> None:
         self.db.execute("INSERT OR REPLACE INTO executor_keys VALUES (?, ?, ?)", (public, name, now))
 
-    def remove_executor_key(self, public_or_name: str) -> int:
-        return self.db.execute("DELETE FROM executor_keys WHERE public=? OR name=?",
-                               (public_or_name, public_or_name)).rowcount
+    def remove_executor_key(self, public_or_name: str) -> List[str]:
+        """Remove the keys with this public key or name; the public keys removed."""
+        removed = [r[0] for r in self.db.execute("SELECT public FROM executor_keys WHERE public=? OR name=?",
+                                                 (public_or_name, public_or_name))]
+        self.db.execute("DELETE FROM executor_keys WHERE public=? OR name=?", (public_or_name, public_or_name))
+        return removed
 
     def executor_keys(self) -> List[Dict[str, Any]]:
         rows = self.db.execute("SELECT public, name, added_at FROM executor_keys ORDER BY name").fetchall()

@@ -17,13 +17,15 @@ the same message either way: ``NotFound`` for a name that matches nothing,
 """
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
-from mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from mesh.ops import keys
 
 if TYPE_CHECKING:   # the functions below run against a Store (on the manager's writer thread, or offline)
@@ -155,28 +157,73 @@ def revoke_executor_key(store: Store, key_or_name: str) -> Dict[str, Any]:
     """Remove a key, given as its public key or its name: ``NotFound`` if no key matches, the
     same error and message whether the manager does it or the offline CLI (``--db``)."""
     with store.tx():
-        if not store.remove_executor_key(key_or_name):
+        removed = store.remove_executor_key(key_or_name)
+        if not removed:
             raise NotFound(f"no executor key {key_or_name!r} on the allow-list", key=key_or_name)
-    return {"key": key_or_name}
+    return {"key": key_or_name, "public": removed}
 
 
 def list_executor_keys(store: Store) -> List[Dict[str, Any]]:
     return store.executor_keys()
 
 
-def credentials(store: Store, args: Dict[str, Any]) -> Tuple[Principal, str]:
-    """The principal that ``args`` (user+password or robot+secret) claim, and the stored hash to check."""
+@functools.lru_cache(maxsize=1)
+def dummy_hash() -> str:
+    """What an unknown name's secret is checked against, so that a login costs the same whether
+    the name exists or not (no timing oracle for user names)."""
+    return keys.hash_secret(secrets.token_urlsafe(16))
+
+
+def credentials(store: Store, args: Dict[str, Any]) -> Tuple[Principal, str, bool]:
+    """The principal that ``args`` (user+password or robot+secret) claim, the stored hash to check,
+    and whether the name exists (if not, the hash is :func:`dummy_hash`: check it all the same)."""
     if isinstance(args.get("user"), str):
         user = store.user(args["user"])
         if user is None:
-            raise Unauthenticated("wrong user name or password")
-        return Principal(args["user"], user[0], "user"), user[1]
+            return Principal(args["user"], "viewer", "user"), dummy_hash(), False
+        return Principal(args["user"], user[0], "user"), user[1], True
     if isinstance(args.get("robot"), str):
         robot = store.robot(args["robot"])
         if robot is None or robot[2] is not None:
-            raise Unauthenticated("unknown or revoked robot")
-        return Principal(args["robot"], robot[0], "robot"), robot[1]
+            return Principal(args["robot"], "viewer", "robot"), dummy_hash(), False
+        return Principal(args["robot"], robot[0], "robot"), robot[1], True
     raise Unauthenticated("login needs user and password, or robot and secret")
+
+
+class LoginLimits:
+    """Failed logins per name and per peer within a sliding window: past ``limit`` of either, logins
+    are refused at once (``ResourceExhausted``) until the oldest failure leaves the window.  (A
+    consequence to know: someone failing on purpose can lock a name out for ``window`` seconds.)"""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._failures: Dict[str, Deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> Deque[float]:
+        q = self._failures.get(key)
+        if q is None:
+            return collections.deque()
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._failures[key]
+        return q
+
+    def check(self, name: str, peer: str, now: float) -> None:
+        for key, what in ((f"name:{name}", f"for {name!r}"), (f"peer:{peer}", "from this peer")):
+            q = self._recent(key, now)
+            if len(q) >= self.limit:
+                wait = q[0] + self.window - now
+                raise ResourceExhausted(f"too many failed logins {what}; try again in {wait:.0f}s",
+                                        limit="login_failures", retry_after=round(wait, 1))
+
+    def failed(self, name: str, peer: str, now: float) -> int:
+        """Count one failure; the failures of ``name`` in the window."""
+        for key in (f"name:{name}", f"peer:{peer}"):
+            self._failures.setdefault(key, collections.deque()).append(now)
+            if len(self._failures) > 100_000:   # a spray of names: forget the oldest keys
+                self._failures.pop(next(iter(self._failures)))
+        return len(self._failures.get(f"name:{name}", ()))
 
 
 def save_token(store: Store, token: str, p: Principal, expires_at: float) -> None:

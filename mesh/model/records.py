@@ -110,6 +110,7 @@ class Executor:
     allocated: Resources = field(default_factory=Resources)
     instances: Set[str] = field(default_factory=set)
     cache: Dict[str, Any] = field(default_factory=dict)   # the executor's object-cache counters
+    key: str = ""                      # its CURVE public key (secured mesh): revoking it disconnects it
 
     def view(self) -> Dict[str, Any]:
         return {"id": self.id, "state": self.state, "cache": dict(self.cache), "slots": self.slots, "used_slots": self.used_slots,

@@ -65,6 +65,11 @@ class Settings:
     ``max_inflight``) until the store catches up, so one flooding client slows only itself."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
+    login_failures: int = 5
+    """Failed logins one user (or robot) name, or one peer, may have within ``login_window``;
+    more logins are refused at once with ResourceExhausted until the window moves on."""
+    login_window: float = 60.0
+    """Seconds over which failed logins are counted (see ``login_failures``)."""
     token_ttl: float = 3600.0
     """Seconds a login token lives; clients renew theirs before it ends."""
     metrics_host: str = "127.0.0.1"
