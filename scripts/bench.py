@@ -133,20 +133,32 @@ def rss_bytes(pid: int) -> int:
 
 
 def children(ppid: int, marker: str) -> List[int]:
-    """PIDs of ``ppid``'s children whose command line contains ``marker``."""
-    out = []
+    """PIDs of ``ppid``'s descendants whose command line contains ``marker``, without the
+    executor's guards (executor/guard.py: an instance's service runs under one)."""
+    parents: Dict[int, int] = {}
+    cmdlines: Dict[int, bytes] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != ppid:
-                    continue
+                parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    out.append(int(name))
+                cmdlines[int(name)] = f.read()
         except (OSError, ValueError, IndexError):
             continue
+    out = []
+    for pid, cmd in cmdlines.items():
+        if marker.encode() not in cmd or b"guard.py" in cmd:
+            continue
+        up = parents.get(pid)
+        for _ in range(16):   # bounded walk up the tree
+            if up == ppid:
+                out.append(pid)
+                break
+            if up is None or up <= 1:
+                break
+            up = parents.get(up)
     return sorted(out)
 
 
