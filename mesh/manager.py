@@ -58,7 +58,7 @@ class Manager:
         self.settings = settings or Settings.load()
         self.bind_addr = bind
         self.store = Store(db)
-        self.writer = Writer(self.store)
+        self.writer = Writer(self.store, nice=self.settings.writer_nice)
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-cpu")
         self.core = Core(self.settings, secured=self.curve is not None)
         self._restored = self.core.restore(self.store.load_state())
