@@ -62,7 +62,7 @@ class Manager:
             raise FailedPrecondition(f"another manager (pid {self.lock.holder()}) is running on {db}; "
                                      "one database serves one manager", path=db)
         self.store = Store(db)
-        self.writer = Writer(self.store)
+        self.writer = Writer(self.store, nice=self.settings.writer_nice)
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-cpu")
         self.core = Core(self.settings, secured=self.curve is not None)
         self._restored = self.core.restore(self.store.load_state())

@@ -2,6 +2,9 @@
 its answers wait in the database until it asks again."""
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 
 import cloudpickle
@@ -11,6 +14,7 @@ from conftest import FAST, tools_spec, wait_until
 
 from client import Client, Session
 from client.local import LocalMesh
+from mesh.data.store import Store, Writer
 from mesh.wire.protocol import Cmd, Submit, decode, encode
 
 PAYLOAD = 256 * 1024       # above malloc's mmap threshold, so freed memory leaves the RSS
@@ -79,3 +83,19 @@ def test_stuck_reader_keeps_manager_memory_bounded(tmp_path, send_hwm, bounded):
                     wait_until(answered, timeout=30, interval=0.01, what=f"answers to the resent tasks {resent}")
             finally:
                 stuck.close(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux only")
+@pytest.mark.parametrize("nice", [10, 0], ids=["writer-nice-10", "equal-control"])
+def test_writer_thread_runs_at_lower_priority_than_the_loop(nice):
+    # Given a store writer made with Settings.writer_nice's value
+    writer = Writer(Store(":memory:"), nice=nice)
+    try:
+        # When its thread reports its own nice value
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = writer.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(10)
+    finally:
+        writer.close()
+    # Then it is that much lower in priority than the calling (loop) thread, and only that thread is
+    assert theirs == min(mine + nice, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

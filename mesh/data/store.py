@@ -15,6 +15,8 @@ import fcntl
 import json
 import os
 import sqlite3
+import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -414,12 +416,37 @@ class Store:
             self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)", kept)
 
 
-class Writer:
-    """Runs every store call on one thread, so SQLite never blocks the event loop."""
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by ``increment`` (Linux, where nice is per thread);
+    False where that is not possible (another OS, or a refusal), which changes nothing else.
 
-    def __init__(self, store: Store) -> None:
+    Used for the writer thread (``Settings.writer_nice``): SQLite releases the GIL around every
+    statement step, and a writer that is scheduled as soon as it is runnable takes the GIL each
+    time the event loop releases it (every socket send), so the loop waits for the GIL and for
+    a CPU again; on two cores that wait was most of another client's latency under a flood.  At
+    a lower priority the writer mostly runs when the loop is idle or the interpreter forces a
+    switch (``sys.getswitchinterval``); when it falls behind, store backpressure (``backlog_admit``)
+    holds back the busy sessions' new tasks, so the client that floods pays for it."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class Writer:
+    """Runs every store call on one thread, so SQLite never blocks the event loop.
+
+    ``nice``: how much lower than the loop's the writer thread's CPU priority is (see
+    :func:`lower_thread_priority`); 0 leaves it equal."""
+
+    def __init__(self, store: Store, nice: int = 0) -> None:
         self.store = store
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-store")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-store",
+                                                           initializer=lower_thread_priority, initargs=(nice,))
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> "concurrent.futures.Future[Any]":
         return self._pool.submit(fn, *args)

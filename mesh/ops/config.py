@@ -63,6 +63,11 @@ class Settings:
     """While the store is behind, a session with fewer tasks than this queued or running still has
     its submissions taken at once; a busier one's wait in memory (bounded by its client's
     ``max_inflight``) until the store catches up, so one flooding client slows only itself."""
+    writer_nice: int = 10
+    """How much lower the CPU priority (nice value, Linux) of the manager's SQLite writer thread is
+    than its event loop's, so that the loop, which every peer waits on, wins the CPU and the GIL
+    while the writer catches up in its gaps (docs/performance.md, "A flood and another client");
+    0 keeps them equal.  A writer that falls behind holds back busy sessions (``backlog_admit``)."""
     max_message_size: int = 256 * 1024 * 1024
     """Largest multipart message accepted from a peer (ZMQ_MAXMSGSIZE)."""
     login_failures: int = 5
