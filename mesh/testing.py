@@ -88,9 +88,9 @@ FAST: Mapping[str, str] = types.MappingProxyType({
 """ZMESH_* values for tests: every timer of :class:`mesh.ops.config.Settings` shrunk so that a test
 waiting on an event waits seconds, not minutes; every limit set to a value a laptop-sized test
 passes under.  Not set: ``prefetch`` and ``queue_target`` (scheduling policy, not a wait or a
-bound), ``metrics_host`` and ``unsafe_ack_before_commit`` (a negative control's switch).  Merge it: ``LocalMesh(env={**FAST, "ZMESH_SEND_HWM": "20"})``."""
+bound), ``metrics_host``, ``writer_nice`` (a priority) and ``unsafe_ack_before_commit`` (a negative control's switch).  Merge it: ``LocalMesh(env={**FAST, "ZMESH_SEND_HWM": "20"})``."""
 
-NOT_SHRUNK = frozenset({"prefetch", "queue_target", "metrics_host", "unsafe_ack_before_commit"})
+NOT_SHRUNK = frozenset({"prefetch", "queue_target", "metrics_host", "unsafe_ack_before_commit", "writer_nice"})
 
 
 def fast_settings(**overrides: Any) -> Settings:

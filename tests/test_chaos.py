@@ -54,7 +54,9 @@ def test_chaos_no_task_lost_no_answer_duplicated(tmp_path):
                     assert f.result(120) == n, "an answer went to the wrong task"
                     outcomes["ok"] += 1
                 except errors.TaskFailed as exc:       # ran out of retries: said, not lost
-                    assert "attempts died" in str(exc)
+                    # (or its instances were killed before they said hello, three in a row: an end
+                    # before hello counts as a start failure whatever the signal, docs/reliability.md)
+                    assert "attempts died" in str(exc) or "failed to start" in str(exc)
                     outcomes["failed"] += 1
             assert kills["instance"] > 0 and kills["executor"] > 0, kills
             info = c.get_session(s.id())
