@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import typing
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import cloudpickle
 import zmq
@@ -50,6 +50,7 @@ class Instance:
         self._fn: Optional[Callable[..., Any]] = None
         self._takes_arg = True
         self._req_type: Optional[type] = None
+        self._req_types: Tuple[type, ...] = ()   # what isinstance accepts for it
         self._sid: Optional[str] = None
         self._replica = Replica()        # this session's context (mesh.data.replica: in order, gap -> snapshot)
         self._resyncing = False          # a RESYNC is out; the BIND that answers it has not arrived
@@ -95,6 +96,9 @@ class Instance:
                 hint = None
             # (typing.Any is a class since Python 3.11, and isinstance() refuses it)
             self._req_type = hint if isinstance(hint, type) and hint not in (object, typing.Any) else None
+            # the numeric tower (PEP 484): an int is fine where a float (or complex) is declared
+            self._req_types = (
+                () if self._req_type is None else _NUMERIC.get(self._req_type, (self._req_type,)))
         return fn
 
     # -- context -----------------------------------------------------------------
@@ -358,7 +362,7 @@ class Instance:
             req = cloudpickle.loads(payload)
         except Exception as exc:
             return _failure(exc, f"could not unpickle the request: {type(exc).__name__}: {exc}"), b""
-        if self._req_type is not None and not isinstance(req, self._req_type):
+        if self._req_type is not None and not isinstance(req, self._req_types):
             return InvalidArgument(
                 f"{self._fn.__name__} takes {self._req_type.__name__}, got {type(req).__name__}").to_wire(), b""
         try:
@@ -374,6 +378,9 @@ class Instance:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return _failure(exc), b""
+
+
+_NUMERIC = {float: (float, int), complex: (complex, float, int)}
 
 
 def _dumps(result: Any) -> bytes:
