@@ -31,23 +31,30 @@ def _offline(db: str, fn: Callable[..., Any], *args: Any, revokes: bool = False)
     import sqlite3
 
     from mesh.data.store import ManagerLock, Store
-    if revokes:
-        pid = ManagerLock(db).holder()
-        if pid is not None:
+    lock = ManagerLock(db) if revokes else None   # held for the whole change: no manager starts meanwhile
+    try:
+        if lock is not None and not lock.acquire():
+            pid = lock.holder()
             raise FailedPrecondition(
                 f"a manager (pid {pid}) is running on {db}; it would not see an offline change. Make it "
                 "through the manager instead (the same command without --db, logged in as an admin)",
                 path=db, pid=pid)
+    except OSError as exc:
+        raise Unavailable(f"cannot lock the database {db}: {exc}", path=db) from None
     try:
-        store = Store(db)
-    except sqlite3.Error as exc:
-        raise Unavailable(f"cannot open the database {db}: {exc}", path=db) from None
-    try:
-        return fn(store, *args)
-    except sqlite3.Error as exc:
-        raise Unavailable(f"the database {db} failed: {exc}", path=db) from None
+        try:
+            store = Store(db)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open the database {db}: {exc}", path=db) from None
+        try:
+            return fn(store, *args)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the database {db} failed: {exc}", path=db) from None
+        finally:
+            store.close()
     finally:
-        store.close()
+        if lock is not None:
+            lock.release()
 
 
 def _out(rows: Any, as_json: bool, columns: list, title: str) -> None:

@@ -86,7 +86,7 @@ class Session:
     def submit(self, req: Any = None, timeout: Optional[float] = None) -> "concurrent.futures.Future[Any]":
         """Queue one task; the future resolves to the entrypoint's return value or raises its error.
 
-        ``timeout``: seconds each attempt of the task may run on an instance (default: the
+        ``timeout``: seconds each attempt of the task may run once it starts (default: the
         application's ``task_timeout``, else no limit).  Past it the manager stops the instance
         (and its process tree) and retries the task within ``max_retries``; the last attempt's
         timeout fails it with ``DeadlineExceeded``.

@@ -98,11 +98,14 @@ class CacheProxy:
         waiters = [w for w in everyone if w[3] == token]    # what this answer was authorized for
         others = [w for w in everyone if w[3] != token]
         try:
-            self._answer(key, reply, msg, waiters)
+            self._answer(key, reply, msg, waiters)   # (on a gap, it puts these readers back and refetches)
         finally:
             if others:   # readers with other tokens ask again with theirs (the cache now holds it)
-                self._waiters[key] = others
-                self._fetch(key, others[0][3])
+                pending = self._waiters.setdefault(key, [])
+                start = not pending   # else a fetch is in flight already and they wait for it
+                pending.extend(others)
+                if start:
+                    self._fetch(key, others[0][3])
         return True
 
     def _answer(self, key: str, reply: Reply, msg: Message, waiters: List[Waiter]) -> None:

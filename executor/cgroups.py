@@ -124,7 +124,11 @@ class InstanceCgroups:
             if m is None or path == self.base or _running(int(m.group(1))) or not os.path.isdir(path):
                 continue
             killed = 0
-            for child in os.listdir(path):
+            try:
+                children = os.listdir(path)
+            except OSError:   # another executor swept it at the same moment
+                continue
+            for child in children:
                 if os.path.isdir(os.path.join(path, child)):
                     killed += self.kill_path(os.path.join(path, child))
                     self.dying.append(os.path.join(path, child))

@@ -197,6 +197,7 @@ class ExecutorDaemon:
             if code is None:
                 if child.stopping and now >= child.kill_at:
                     self._kill(child)
+                    child.kill_at = now + 0.5   # again in half a second if it is still there (D state)
                 continue
             del self.children[iid]
             if self.cgroups is not None:    # whatever the instance left behind (its guard SIGKILLed, say)

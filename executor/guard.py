@@ -194,6 +194,8 @@ class _Guard:
         if self.service is None:
             self.pending = sig        # delivered as soon as the service exists
             return
+        if self.status is not None:
+            return                    # the service was reaped: its PID may be someone else's now
         try:
             os.killpg(self.service, sig)
         except ProcessLookupError:    # forked, not yet in its own group: the service alone

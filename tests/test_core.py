@@ -12,7 +12,7 @@ import pytest
 
 from mesh.core import Call, Core, Effects, Send
 from mesh.data.store import Store
-from mesh.errors import ERRORS
+from mesh.errors import ERRORS, InvalidArgument, ResourceExhausted
 from mesh.ops.config import Settings
 from mesh.wire.protocol import (
     Bind,
@@ -686,3 +686,97 @@ def test_a_task_answered_within_close_grace_is_delivered_and_nothing_is_stopped(
     m.msg(inst, Done([(1, None)]), [b"fine"])
     idle(m, b"e1", 2.4)
     assert _errors_for(m)[1] is None and _stopped(m, b"e1") == []
+
+
+def test_a_timeout_counts_from_when_the_task_starts_not_while_it_waits_behind_another() -> None:
+    # Given an instance with credit for several tasks, running a slow task with no timeout,
+    # and a task with a 1 s timeout queued behind it at the instance
+    m = Mesh(prefetch=4)
+    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": 0}})
+    m.ok("create_session", application="echo", id="s1")
+    ex = m.executor(slots=1)
+    m.submit(1)
+    iid, inst = m.instance(ex)
+    m.now += 0.001
+    m.msg(inst, Done([(1, None)]), [b"ok"])     # credit grows to prefetch
+    m.submit(1, first_tag=10)                   # task 2: slow, no timeout
+    m.submit(1, first_tag=20, timeout=1.0)      # task 3: queued behind it at the instance
+    assert list(m.core.instances[iid].inflight) == [2, 3]
+    # When 3 s pass while task 2 still runs
+    idle(m, ex, 3.0)
+    # Then nothing timed out: task 3 has not started
+    assert _stopped(m, ex) == [] and 20 not in _errors_for(m)
+    # When task 2 answers, task 3 starts; 1.2 s later it has timed out
+    m.msg(inst, Done([(2, None)]), [b"ok"])
+    idle(m, ex, 1.2)
+    assert _stopped(m, ex) == [iid] and _errors_for(m)[20]["code"] == "deadline_exceeded"
+
+
+def test_a_timed_out_task_sent_again_is_not_stopped_by_its_old_deadline() -> None:
+    # Given two ready instances and a task with a 1 s timeout behind another timed task on one of them
+    m = Mesh(prefetch=4)
+    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": 3}})
+    m.ok("create_session", application="echo", id="s1")
+    ex = m.executor(slots=2)
+    m.submit(2)
+    (i1, p1), (i2, p2) = m.instance(ex), m.instance(ex)
+    for peer in (p1, p2):   # both answer once: credit grows
+        sent = [t for r in m.to(peer, Tasks) for t, _ in r.items]
+        m.now += 0.001
+        m.msg(peer, Done([(sent[0], None)]), [b"ok"])
+    m.submit(4, first_tag=10, timeout=1.0)
+    # When the first timed task on each instance runs past its timeout
+    idle(m, ex, 1.2)
+    # Then only tasks that were running are retried; a task re-sent elsewhere keeps running
+    stopped = _stopped(m, ex)
+    assert stopped and len(stopped) == len(set(stopped))
+    running = [t for t in m.core.tasks.values() if t.state == "running"]
+    assert all(m.core.instances[t.instance].id not in stopped for t in running)
+    assert not [e for e in _errors_for(m).values() if e is not None], "nothing ran out of its retries"
+
+
+def test_the_deadline_heap_does_not_grow_with_finished_tasks() -> None:
+    m = Mesh(prefetch=4)
+    m.app_and_session()
+    ex = m.executor(slots=1)
+    m.submit(1)
+    iid, inst = m.instance(ex)
+    for i in range(300):   # 300 timed tasks answered at once, one by one
+        m.submit(1, first_tag=100 + i, timeout=3600.0)
+        [tid] = [t.id for t in m.core.tasks.values() if t.tag == 100 + i] or [None]
+        if i == 0:
+            m.msg(inst, Done([(1, None)]), [b"ok"])
+        m.msg(inst, Done([(tid, None)]), [b"ok"])
+        m.tick(0.01)
+    assert len(m.core.deadlines) <= 64 + 2 * len(m.core.instances)
+
+
+def test_held_tasks_count_against_max_pending() -> None:
+    m = Mesh(backlog_admit=1, max_pending=10)
+    m.app_and_session()
+    m.submit(1)
+    m.run(m.core.store_behind(True, m.now))
+    m.submit(5, first_tag=10)                    # held: 1 + 5 <= 10
+    sends = m.submit(5, first_tag=20)            # 1 + 5 + 5 > 10: refused, not held
+    [(tag, err)] = sorted({tag: err for r in m.to(b"client", Result) for tag, err in r.outcomes}.items())[:1]
+    assert tag == 20 and err["details"]["limit"] == "max_pending"
+    assert m.core.deferred_tasks == 5 and m.core.sessions["s1"].deferred == 5
+
+
+def test_logins_in_flight_count_against_the_limit_and_a_success_is_forgiven() -> None:
+    from mesh.model.auth import LoginLimits
+    limits = LoginLimits(limit=2, window=60.0)
+    # Given two logins for a name checked at once, their hash checks not done yet
+    limits.check("eve", "peer-1", 100.0)
+    limits.check("eve", "peer-2", 100.0)
+    # Then a third, sent before they finish, is refused already
+    with pytest.raises(ResourceExhausted, match="for 'eve'"):
+        limits.check("eve", "peer-3", 100.0)
+    # When one of them succeeds it no longer counts, and the window moves on for the rest
+    limits.succeeded("eve", "peer-1", 100.0)
+    limits.check("eve", "peer-4", 101.0)
+    with pytest.raises(ResourceExhausted):
+        limits.check("eve", "peer-5", 101.0)
+    limits.check("eve", "peer-6", 161.0)
+    with pytest.raises(InvalidArgument):
+        limits.check("x" * 300, "peer-7", 200.0)

@@ -762,3 +762,28 @@ def test_the_cache_proxy_reports_a_malformed_answer_without_refetching():
     (_, answer, _), = replies.sent
     assert answer["ok"] is False and answer["error"]["code"] == ProtocolError.code
     assert len(asked) == 1 and "k" not in proxy.cache.entries
+
+
+def test_the_cache_proxy_asks_with_each_readers_token_and_loses_none_across_a_gap():
+    # Given a proxy holding version 1, a reader with token A asking, then one with token B
+    objects = Objects()
+    key = objects.put(DOC, pack({"n": 0}), None, None).key
+    proxy, asked, replies = _proxy()
+    proxy.cache.apply(key, *objects.get(key, 0))
+    proxy._get(b"a", 1, key, 1, "token-a")
+    proxy._get(b"b", 2, key, 1, "token-b")
+    assert [r["token"] for r in asked] == ["token-a"], "one fetch in flight, made with A's token"
+    # When A's answer does not follow on (a gap), A's reader is put back and refetched whole ...
+    for _ in range(3):
+        objects.patch(key, INCR)
+    proxy.on_reply(_reply(asked[-1]["rid"], objects.get(key, 2)[0]))
+    assert [r["token"] for r in asked] == ["token-a", "token-a"] and not replies.sent
+    header, data = objects.get(key, 0)
+    proxy.on_reply(_reply(asked[-1]["rid"], header, data))
+    # ... then B's reader asks with B's own token (the manager authorizes every reader)
+    assert [r["token"] for r in asked] == ["token-a", "token-a", "token-b"]
+    proxy.on_reply(_reply(asked[-1]["rid"], {"key": key, "version": 4, "kind": DOC, "mode": "same"}))
+    # Then each reader got exactly one answer, version 4, and nothing is left waiting
+    answers = {ident: ans["result"]["version"] for ident, ans, _ in replies.sent}
+    assert answers == {b"a": 4, b"b": 4} and len(replies.sent) == 2
+    assert not proxy._waiters and not proxy._fetching

@@ -59,7 +59,8 @@ class Base:
         self.start_failures: Dict[str, int] = {}   # app -> instances that died before hello, in a row
         self.start_backoff: Dict[str, float] = {}  # app -> no launch before this time (it keeps failing)
         self.start_streak: Dict[str, int] = {}     # app -> start failures in a row, for the backoff
-        self.deadlines: List[Tuple[float, int, int]] = []   # heap of (due, task id, attempt): task timeouts
+        self.deadlines: List[Tuple[float, int, int]] = []   # heap of (due, task id, run): task timeouts
+        self._runs = itertools.count(1)            # numbers each start of a task's timeout clock
         self.closing: Dict[str, float] = {}        # closed session -> when its still running tasks are stopped
         self.admitting: Set[bytes] = set()         # executors whose key is being checked
         self.plan_wanted = False                   # run the scheduler at the end of this round
@@ -71,6 +72,7 @@ class Base:
         self.backlogged = False                    # the store is behind: busy sessions' tasks wait
         # SUBMITs held back while backlogged, in arrival order: (peer, record, payloads)
         self.deferred: Deque[Tuple[bytes, Any, Sequence[Any]]] = collections.deque()
+        self.deferred_tasks = 0                    # tasks in those SUBMITs (bounded by max_pending)
         self._next_tid: Iterator[int] = itertools.count(1)
         self.tids_reserved = 0                     # ids up to this one are reserved on disk
         self._iids = itertools.count(1)

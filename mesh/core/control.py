@@ -167,10 +167,8 @@ class ControlRules(Base):
         if obj is not None and obj.session is not None:
             s = self.sessions.get(obj.session)
             owner = s.owner if s is not None else ""
-            if not who.may_read(owner):
+            if not (who.may_touch(owner) if change else who.may_read(owner)):
                 obj = None
-            elif change and not who.may_touch(owner):
-                raise PermissionDenied(f"object {key!r} belongs to a session of {owner!r}", key=key)
         if obj is None:
             raise NotFound(f"object {key!r} does not exist (deleted, expired, or its session closed)", key=key)
         return key
@@ -445,13 +443,13 @@ class ControlRules(Base):
         if not self.secured:
             return {"token": "", "expires_at": None, "name": "insecure", "role": "admin", "insecure": True}
 
-        caller = self.caller
+        caller, started = self.caller, self.now
         name = args.get("user") if isinstance(args.get("user"), str) else args.get("robot")
-        self.logins.check(str(name), caller, self.now)   # ResourceExhausted after too many failures
+        self.logins.check(str(name), caller, started)   # ResourceExhausted after too many failures
 
         def failed(wrong: str) -> Any:
-            n = self.logins.failed(str(name), caller, self.now)
-            event(log, logging.WARNING, "login failed", principal=name, peer=caller[:16], failures=n)
+            event(log, logging.WARNING, "login failed", principal=name, peer=caller[:16],
+                  failures=self.logins.failures(str(name)))
             raise auth.Unauthenticated(wrong)
 
         def check(found: Any) -> Later:
@@ -465,6 +463,7 @@ class ControlRules(Base):
                          then=lambda ok: issue(claimed) if ok and known else failed(wrong))
 
         def issue(claimed: Principal) -> Later:
+            self.logins.succeeded(str(name), caller, started)
             token, expires = self.tokens.issue(claimed, self.settings.token_ttl)
             event(log, logging.INFO, "login", principal=claimed.name, kind=claimed.kind, role=claimed.role)
 

@@ -54,7 +54,14 @@ class TaskRules(Base):
             return
         if not held and (s.deferred or self.backlogged
                          and len(s.pending) + s.running >= self.settings.backlog_admit):
-            s.deferred += 1      # the store is behind and this session is busy: later, in order
+            n, limit = len(rec.tags), self.settings.max_pending
+            if len(s.pending) + s.running + s.deferred + n > limit or self.deferred_tasks + n > limit:
+                self.refuse(peer, s.id, rec.tags, ResourceExhausted(
+                    f"session {s.id!r} has {len(s.pending) + s.running + s.deferred} tasks queued, running or "
+                    f"held while the store catches up; max_pending is {limit}", limit="max_pending", session=s.id))
+                return
+            s.deferred += n      # the store is behind and this session is busy: later, in order
+            self.deferred_tasks += n
             self.stats["submits_deferred"] += 1
             self.deferred.append((peer, rec, payloads))
             return
@@ -75,8 +82,9 @@ class TaskRules(Base):
         for _ in range(min(len(deferred), 0 if backlogged else REPLAY_MAX)):
             peer, rec, payloads = deferred.popleft()
             s = self.sessions.get(rec.session)
+            self.deferred_tasks -= len(rec.tags)
             if s is not None:
-                s.deferred -= 1
+                s.deferred -= len(rec.tags)
             self.on_submit(peer, rec, payloads, held=True)
 
     def refuse(self, peer: bytes, sid: str, tags: Sequence[int], error: MeshError) -> None:
@@ -179,15 +187,15 @@ class TaskRules(Base):
                 t.state = RUNNING
                 t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
                 t.instance = inst.id
-                if t.timeout is not None:
-                    heapq.heappush(self.deadlines, (self.now + t.timeout, t.id, t.attempt))
                 items.append((t.id, t.attempt))
                 frames.append(t.payload)
                 credit -= 1
             if items:
-                if not inst.inflight:
+                idle = not inst.inflight
+                inst.inflight.update(dict.fromkeys(i[0] for i in items))
+                if idle:
                     inst.busy_since = self.now
-                inst.inflight.update(i[0] for i in items)
+                    self.start_clock(inst)
                 s.running += len(items)
                 self.send(inst.identity, Tasks(s.id, s.context.version, items), frames,
                           if_lost=functools.partial(self.undelivered, inst, items))
@@ -207,7 +215,7 @@ class TaskRules(Base):
             t = self.tasks.get(tid)
             if t is None or t.instance != inst.id or t.state != RUNNING:
                 continue
-            inst.inflight.discard(tid)
+            inst.inflight.pop(tid, None)
             t.state, t.instance, t.attempt = PENDING, None, t.attempt - 1
             if s is not None:
                 s.running -= 1
@@ -227,11 +235,13 @@ class TaskRules(Base):
         items: List[Outcome] = []
         frames: List[Any] = []
         done: List[Task] = []
+        inflight = inst.inflight
+        head = next(iter(inflight), None)
         for (tid, err), payload in zip(rec.outcomes, payloads):
             t = tasks.get(tid)
             if t is None or t.instance != iid or t.state != RUNNING:
                 continue  # a late answer for a task reassigned elsewhere: dropped
-            inst.inflight.discard(tid)
+            inflight.pop(tid, None)
             del tasks[tid]
             by_tag.pop((t.cid, t.tag), None)
             if key != (t.client, t.sid):   # an instance's answers are nearly always one session's
@@ -248,6 +258,8 @@ class TaskRules(Base):
             items.append((t.tag, err))
             frames.append(payload if err is None else b"")
             done.append(t)
+        if inflight and next(iter(inflight)) != head:
+            self.start_clock(inst)   # the next task in its queue starts now
         accepted = sum(len(items) for items, _, _ in out.values())
         self.stats["tasks_finished"] += accepted
         self.stats["late_answers_dropped"] += len(rec.outcomes) - accepted
@@ -331,10 +343,10 @@ class TaskRules(Base):
         s = self.sessions.get(t.sid)
         inst = self.instances.get(t.instance) if t.instance else None
         if inst is not None:
-            others = sorted((tid for tid in inst.inflight if tid != t.id), reverse=True)
+            others = [tid for tid in inst.inflight if tid != t.id]   # in the order they were sent
             inst.inflight.clear()
             self.stop_instance(inst)
-            for tid in others:   # appendleft, newest first: the oldest ends up first
+            for tid in reversed(others):   # appendleft, newest first: the oldest ends up first
                 o = self.tasks.get(tid)
                 if o is None or o.state != RUNNING:
                     continue
@@ -360,27 +372,42 @@ class TaskRules(Base):
             self.dispatch(s)
         self.plan_soon()
 
+    def start_clock(self, inst: Instance) -> None:
+        """The first task in ``inst``'s queue starts running now: if it has a timeout, its clock
+        starts (a task waiting behind another at the instance is not running yet)."""
+        tid = next(iter(inst.inflight), None)
+        t = self.tasks.get(tid) if tid is not None else None
+        if t is not None and t.timeout is not None:
+            t.run = next(self._runs)
+            heapq.heappush(self.deadlines, (self.now + t.timeout, t.id, t.run))
+
     def check_deadlines(self) -> None:
         """Tasks that ran past their timeout are interrupted (see :meth:`interrupt`); sessions
         closed ``close_grace`` ago have their still running tasks cancelled."""
         now, heap = self.now, self.deadlines
         while heap and heap[0][0] <= now:
-            _, tid, attempt = heapq.heappop(heap)
+            _, tid, run = heapq.heappop(heap)
             t = self.tasks.get(tid)
-            if t is None or t.state != RUNNING or t.attempt != attempt:
-                continue   # answered, requeued or cancelled since
-            event(log, logging.WARNING, "task timed out", task=tid, attempt=attempt, instance=t.instance,
+            if t is None or t.state != RUNNING or t.run != run:
+                continue   # answered, requeued or cancelled since (a later run has its own entry)
+            event(log, logging.WARNING, "task timed out", task=tid, attempt=t.attempt, instance=t.instance,
                   timeout=t.timeout)
             self.interrupt(t, DeadlineExceeded(
-                f"task {tid} ran longer than its timeout of {t.timeout:g}s (attempt {attempt}); its instance "
-                "was stopped", task=tid, timeout=t.timeout, attempts=attempt), FAILED, retry=True)
+                f"task {tid} ran longer than its timeout of {t.timeout:g}s (attempt {t.attempt}); its instance "
+                "was stopped", task=tid, timeout=t.timeout, attempts=t.attempt), FAILED, retry=True)
+        if len(heap) > 64 + 2 * len(self.instances):   # at most one live entry per instance: drop the stale
+            live = [e for e in heap if (t := self.tasks.get(e[1])) is not None and t.state == RUNNING
+                    and t.run == e[2]]
+            heapq.heapify(live)
+            self.deadlines = live
         for sid, due in list(self.closing.items()):
             s = self.sessions.get(sid)
             if s is None or s.running <= 0:
                 del self.closing[sid]
             elif now >= due:
                 del self.closing[sid]
-                running = [t for t in self.tasks.values() if t.sid == sid and t.state == RUNNING]
+                running = [self.tasks[tid] for inst in self.instances.values() if inst.session is s
+                           for tid in inst.inflight if tid in self.tasks]
                 for t in running:
                     if t.state == RUNNING:   # an earlier interrupt may have settled it
                         self.interrupt(t, Cancelled(f"task {t.id} was cancelled: its session {sid!r} closed "

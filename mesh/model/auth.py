@@ -190,10 +190,15 @@ def credentials(store: Store, args: Dict[str, Any]) -> Tuple[Principal, str, boo
     raise Unauthenticated("login needs user and password, or robot and secret")
 
 
+MAX_NAME = 256   # characters in a user or robot name a login may claim
+
+
 class LoginLimits:
-    """Failed logins per name and per peer within a sliding window: past ``limit`` of either, logins
-    are refused at once (``ResourceExhausted``) until the oldest failure leaves the window.  (A
-    consequence to know: someone failing on purpose can lock a name out for ``window`` seconds.)"""
+    """Failed logins per name and per peer (its CURVE key: one per client connection) within a
+    sliding window: past ``limit`` of either, logins are refused at once (``ResourceExhausted``)
+    until the oldest failure leaves the window.  An attempt counts as a failure from the moment it
+    is checked (so logins sent all at once cannot outrun the limit) and is forgiven if it succeeds.
+    (A consequence to know: someone failing on purpose can lock a name out for ``window`` seconds.)"""
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit, self.window = limit, window
@@ -210,19 +215,32 @@ class LoginLimits:
         return q
 
     def check(self, name: str, peer: str, now: float) -> None:
+        """Refuse if ``name`` or ``peer`` is over the limit; else count this attempt (see
+        :meth:`succeeded`)."""
+        if len(name) > MAX_NAME:
+            raise InvalidArgument(f"a user or robot name is at most {MAX_NAME} characters", argument="user")
         for key, what in ((f"name:{name}", f"for {name!r}"), (f"peer:{peer}", "from this peer")):
             q = self._recent(key, now)
             if len(q) >= self.limit:
                 wait = q[0] + self.window - now
                 raise ResourceExhausted(f"too many failed logins {what}; try again in {wait:.0f}s",
                                         limit="login_failures", retry_after=round(wait, 1))
-
-    def failed(self, name: str, peer: str, now: float) -> int:
-        """Count one failure; the failures of ``name`` in the window."""
         for key in (f"name:{name}", f"peer:{peer}"):
             self._failures.setdefault(key, collections.deque()).append(now)
             if len(self._failures) > 100_000:   # a spray of names: forget the oldest keys
                 self._failures.pop(next(iter(self._failures)))
+
+    def succeeded(self, name: str, peer: str, now: float) -> None:
+        """The attempt counted at ``now`` succeeded: it is not a failure."""
+        for key in (f"name:{name}", f"peer:{peer}"):
+            q = self._failures.get(key)
+            if q is not None:
+                try:
+                    q.remove(now)
+                except ValueError:
+                    pass
+
+    def failures(self, name: str) -> int:
         return len(self._failures.get(f"name:{name}", ()))
 
 

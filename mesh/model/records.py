@@ -48,7 +48,7 @@ class Task:
     """One unit of work.  ``__slots__``: the manager may hold 100,000s of these."""
 
     __slots__ = ("id", "sid", "client", "cid", "tag", "payload", "attempt", "state", "instance", "created_at",
-                 "recorded", "timeout")
+                 "recorded", "timeout", "run")
 
     def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0,
                  cid: str = "", created_at: Optional[float] = None) -> None:
@@ -64,6 +64,7 @@ class Task:
         self.created_at = time.time() if created_at is None else created_at
         self.recorded = False    # its row is in the store's ``tasks`` table (it outlived record_after)
         self.timeout: Optional[float] = None   # seconds one attempt may run on an instance
+        self.run = 0             # which start of its timeout clock is current (stale heap entries differ)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Session:
     bytes_in: int = 0
     conflicts: int = 0
     patches_since_snapshot: int = 0
-    deferred: int = 0                  # SUBMIT messages held back while the store is behind
+    deferred: int = 0                  # tasks held back (in SUBMITs) while the store is behind
 
     def view(self) -> Dict[str, Any]:
         return {"id": self.id, "application": self.app, "state": self.state, "created_at": self.created_at,
@@ -129,7 +130,9 @@ class Instance:
     prefetch: int
     session: Optional[Session] = None
     identity: Optional[bytes] = None   # set by INST_HELLO; None while starting
-    inflight: Set[int] = field(default_factory=set)
+    # tasks sent and not answered, in the order sent: the instance runs them in that order, one at a
+    # time, so the first is the one running (a dict: ordered, with set-like membership and removal)
+    inflight: Dict[int, None] = field(default_factory=dict)
     draining: bool = False
     stopping: bool = False
     launched_at: float = 0.0

@@ -61,8 +61,9 @@ class Settings:
     busy sessions (everything else is still read and answered: heartbeats, answers, calls)."""
     backlog_admit: int = 64
     """While the store is behind, a session with fewer tasks than this queued or running still has
-    its submissions taken at once; a busier one's wait in memory (bounded by its client's
-    ``max_inflight``) until the store catches up, so one flooding client slows only itself."""
+    its submissions taken at once; a busier one's wait in memory until the store catches up, so one
+    flooding client slows only itself.  Held tasks count against ``max_pending`` (per session, and
+    in all), so what is held stays bounded."""
     writer_nice: int = 10
     """How much lower the CPU priority (nice value, Linux) of the manager's SQLite writer thread is
     than its event loop's, so that the loop, which every peer waits on, wins the CPU and the GIL
