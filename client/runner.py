@@ -228,8 +228,7 @@ def app_spec(name: str, package: ObjectRef, digest: str, max_instances: Optional
 
 
 def _is_runner_app(app: Any) -> bool:
-    spec = (app.get("spec") or {}) if isinstance(app, dict) else (getattr(app, "spec", None) or {})
-    return SERVICE_MODULE in list(spec.get("arguments") or [])
+    return SERVICE_MODULE in list(getattr(app, "arguments", None) or [])
 
 
 class Runner:
