@@ -165,15 +165,23 @@ class RunnerService:
         self._descriptor = descriptor
         self._own_app = app           # the one-instance application registered for this service, if any
         self._closed = False
+        self._order = threading.Lock()
+        self._seq = 0                 # calls of an object service numbered 1, 2, ... (its checkpoint's order)
         self.name = getattr(target if kind != "object" else type(target), "__name__", kind)
         self._cls = None if kind == "function" else (target if kind == "class" else type(target))
 
     def _call(self, method: Optional[str], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> ObjectFuture:
         if self._closed:
             raise FailedPrecondition(f"service {self.name} is closed")
-        call = (self._descriptor.key, method, [_argument(a) for a in args],
-                {k: _argument(v) for k, v in kwargs.items()})
-        return ObjectFuture(self._session.session.submit(call), self)
+        call_args = [_argument(a) for a in args]
+        call_kwargs = {k: _argument(v) for k, v in kwargs.items()}
+        if self._kind != "object" or method == WARMUP:
+            return ObjectFuture(self._session.session.submit((self._descriptor.key, method, call_args,
+                                                              call_kwargs, 0)), self)
+        with self._order:   # numbered and queued together: the numbers are the submission order
+            self._seq += 1
+            fut = self._session.session.submit((self._descriptor.key, method, call_args, call_kwargs, self._seq))
+        return ObjectFuture(fut, self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> ObjectFuture:
         if self._kind != "function":
@@ -308,9 +316,13 @@ class Runner:
                 self._unregister(own_app)
             raise
         try:
-            descriptor = self._put(pickle.dumps({"package": self.package.key if self.package else "",
-                                                 "hash": self.digest, "kind": kind,
-                                                 "target": self._dumps(obj)}), session=session.id(), blob=True)
+            desc = {"package": self.package.key if self.package else "", "hash": self.digest, "kind": kind,
+                    "target": b"", "state": None}
+            if kind == "object":   # the object's checkpoint: (calls applied, the object, the last result)
+                desc["state"] = self._put(pickle.dumps((0, self._dumps(obj), None)), session=session.id()).key
+            else:
+                desc["target"] = self._dumps(obj)
+            descriptor = self._put(pickle.dumps(desc), session=session.id(), blob=True)
         except BaseException:
             session.close()
             if own_app is not None:

@@ -7,8 +7,9 @@ writes).  One entrypoint takes ``(descriptor key, method, args, kwargs)``:
   of service and the cloudpickled function, class or object) is fetched once per process and session;
 * the package is unpacked once per machine and hash (:func:`client.runner_package.unpack`) and
   put first on ``sys.path``; the call runs with it as the working directory;
-* a class is constructed once per process and session; an object service's object is unpickled
-  once per process and session and then changed by the calls (its session has one instance);
+* a class is constructed once per process and session; an object service's object lives in its
+  one instance and is checkpointed after every call (:func:`_stateful`), so it survives the
+  instance being stopped or replaced;
 * :class:`client.objects.ObjectRef` arguments are read here with ``get_object``, through the
   executor's object cache.
 
@@ -21,20 +22,21 @@ import collections
 import os
 import pickle
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import cloudpickle
 
 from executor import Instance
 
 from . import runner_package
-from .objects import ObjectRef, get_object
+from .objects import ObjectRef, get_object, update_object
 from .runner import WARMUP
 
 ins = Instance()
 MAX_SERVICES = 64                  # descriptors (and their objects) kept per process, least recently used out
-_services: "collections.OrderedDict[str, Tuple[str, Any]]" = collections.OrderedDict()   # key -> (kind, target)
+_services: "collections.OrderedDict[str, Tuple[str, Any, Dict[str, Any]]]" = collections.OrderedDict()
 _packages: Dict[str, str] = {}     # hash -> unpacked directory
+_states: Dict[str, List[Any]] = {}   # descriptor key of an object service -> [last seq applied, the object]
 
 
 def package_root() -> str:
@@ -61,17 +63,20 @@ def _package(key: str, digest: str) -> str:
     return path
 
 
-def _service(key: str) -> Tuple[str, Any]:
+def _service(key: str) -> Tuple[str, Any, Dict[str, Any]]:
+    """(kind, function or constructed instance or None, descriptor) of one service, cached per process."""
     found = _services.get(key)
     if found is not None:
         _services.move_to_end(key)
         return found
     desc: Dict[str, Any] = pickle.loads(get_object(key))
     _package(desc["package"], desc["hash"])
-    target = cloudpickle.loads(desc["target"])
-    if desc["kind"] == "class":
-        target = target()
-    _services[key] = found = (desc["kind"], target)
+    target = None
+    if desc["kind"] != "object":          # an object comes from its checkpoint (_stateful)
+        target = cloudpickle.loads(desc["target"])
+        if desc["kind"] == "class":
+            target = target()
+    _services[key] = found = (desc["kind"], target, desc)
     if len(_services) > MAX_SERVICES:
         _services.popitem(last=False)
     return found
@@ -81,22 +86,56 @@ def _resolve(value: Any) -> Any:
     return get_object(value) if isinstance(value, ObjectRef) else value
 
 
+def _pickled(result: Any, what: str) -> bytes:
+    try:
+        return cloudpickle.dumps(result)
+    except Exception as exc:
+        raise TypeError(f"{what} cannot be pickled ({type(result).__name__}): {type(exc).__name__}: {exc}") from None
+
+
+def _stateful(key: str, desc: Dict[str, Any], seq: int, method: str, args: Any, kwargs: Any) -> Optional[bytes]:
+    """Apply call ``seq`` of an object service to its object, and checkpoint it.
+
+    The object lives in this process between calls; after each call ``(seq, object, result)`` is
+    written to the service's state object (bound to its session).  A process that has not applied
+    ``seq - 1`` (a new instance after the last one was stopped, or one rebound to the session
+    after another served it) loads the checkpoint first; a call the checkpoint already holds (a
+    retry after an instance died between checkpoint and answer) returns the recorded result."""
+    state = _states.get(key)
+    if state is None or state[0] != seq - 1:
+        done, blob, last = pickle.loads(get_object(desc["state"]))
+        if done == seq:
+            return last
+        state = [done, cloudpickle.loads(blob)]
+        _states[key] = state
+    obj = state[1]
+    fn = getattr(obj, method)
+    error: Optional[BaseException] = None
+    out = b""
+    try:
+        out = _pickled(fn(*args, **kwargs), f"the result of {type(obj).__name__}.{method}")
+    except Exception as exc:   # the call failed: its effect on the object (if any) stays, as in-process
+        error = exc
+    state[0] = seq
+    update_object(desc["state"], pickle.dumps((seq, _pickled(obj, f"the state of {type(obj).__name__}"),
+                                               None if error is not None else out)))
+    if error is not None:
+        raise error
+    return out
+
+
 @ins.entrypoint
 def run(call: Any) -> Optional[bytes]:
-    key, method, args, kwargs = call
-    kind, target = _service(key)
+    key, method, args, kwargs, seq = call
+    kind, target, desc = _service(key)
     if method == WARMUP:
         return None
     args = [_resolve(a) for a in args]
     kwargs = {k: _resolve(v) for k, v in kwargs.items()}
+    if kind == "object":
+        return _stateful(key, desc, seq, method, args, kwargs)
     fn = target if method is None else getattr(target, method)
-    result = fn(*args, **kwargs)
-    try:
-        return cloudpickle.dumps(result)
-    except Exception as exc:
-        name = getattr(fn, "__qualname__", method or "the function")
-        raise TypeError(f"the result of {name} cannot be pickled ({type(result).__name__}): "
-                        f"{type(exc).__name__}: {exc}") from None
+    return _pickled(fn(*args, **kwargs), f"the result of {getattr(fn, '__qualname__', method or 'the function')}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import signal
 import threading
 import time
 from typing import Iterator
 
 import pytest
+from conftest import wait_until
 
 from client import Client, Runner, SessionContext, get_object
 from client import objects as client_objects
@@ -56,6 +58,11 @@ class Log:
 
     def all(self):
         return list(self.items)
+
+
+class Tally(Counter):
+    def pid(self):
+        return os.getpid()
 
 
 def greet(name, greeting="hello", *, punct="!"):
@@ -161,6 +168,20 @@ def test_a_stateful_object_applies_its_calls_in_order(mesh):
         futs = [log.append(i) for i in range(200)]
         assert rr.get(futs, timeout=60) == list(range(1, 201))
         assert log.all().get(60) == list(range(200))
+
+
+def test_an_object_keeps_its_state_when_its_instance_is_lost(mesh):
+    # Given an object service with some state, and the pid of its one instance
+    with Runner("rr-survive") as rr:
+        t = rr.service(Tally())
+        assert [f.get(60) for f in [t.add(5), t.add(2)]] == [5, 7]
+        pid = t.pid().get(60)
+        # When that instance dies (the scheduler may also stop an idle one to free its slot)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10, what="the instance to exit")
+        # Then the next call runs on a new instance that starts from the last checkpoint
+        assert t.add(1).get(60) == 8
+        assert t.pid().get(60) != pid
 
 
 def test_a_fixed_function_service_runs_on_one_instance(mesh):
