@@ -306,7 +306,7 @@ class Runner:
         sid = ctx.session_id if ctx is not None else None
         app = ctx.application_name if ctx is not None and ctx.application_name else self.name
         own_app: Optional[str] = None
-        if fixed and not (ctx is not None and ctx.application_name):
+        if fixed:   # (application_name does not apply: the one-instance bound is its own application's)
             own_app = self._fixed_app(obj, kind)
             app = own_app
         try:
