@@ -105,6 +105,8 @@ def _stateful(key: str, desc: Dict[str, Any], seq: int, method: str, args: Any, 
     if state is None or state[0] != seq - 1:
         done, blob, last = pickle.loads(get_object(desc["state"]))
         if done == seq:
+            if isinstance(last, tuple):   # ("raised", the pickled exception) the call ended with
+                raise cloudpickle.loads(last[1])
             return last
         state = [done, cloudpickle.loads(blob)]
         _states[key] = state
@@ -117,8 +119,13 @@ def _stateful(key: str, desc: Dict[str, Any], seq: int, method: str, args: Any, 
     except Exception as exc:   # the call failed: its effect on the object (if any) stays, as in-process
         error = exc
     state[0] = seq
-    update_object(desc["state"], pickle.dumps((seq, _pickled(obj, f"the state of {type(obj).__name__}"),
-                                               None if error is not None else out)))
+    record: Any = out
+    if error is not None:
+        try:
+            record = ("raised", cloudpickle.dumps(error))
+        except Exception:
+            record = ("raised", cloudpickle.dumps(RuntimeError(f"{type(error).__name__}: {error}")))
+    update_object(desc["state"], pickle.dumps((seq, _pickled(obj, f"the state of {type(obj).__name__}"), record)))
     if error is not None:
         raise error
     return out

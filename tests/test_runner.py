@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 from conftest import wait_until
 
-from client import Client, Runner, SessionContext, get_object
+from client import Runner, SessionContext, get_object
 from client import objects as client_objects
 from client import runner_package
 from client.objects import ObjectRef
@@ -63,6 +63,9 @@ class Log:
 class Tally(Counter):
     def pid(self):
         return os.getpid()
+
+    def boom(self):
+        raise ValueError(f"boom at {self.count}")
 
 
 def greet(name, greeting="hello", *, punct="!"):
@@ -141,6 +144,13 @@ def test_a_remote_exception_comes_back_as_task_failed_with_its_type(mesh):
             rr.service(fail)("k1").get(60)
     assert exc.value.remote_type == "KeyError"
     assert "no such key k1" in str(exc.value) and "fail" in exc.value.remote_traceback
+    with Runner("rr-fail-object") as rr:           # an object's method raising: the object carries on
+        t = rr.service(Tally())
+        assert t.add(3).get(60) == 3
+        with pytest.raises(TaskFailed) as exc:
+            t.boom().get(60)
+        assert exc.value.remote_type == "ValueError" and "boom at 3" in str(exc.value)
+        assert t.add(1).get(60) == 4
 
 
 def test_an_unpicklable_result_is_a_clear_error_promptly(mesh):
