@@ -126,7 +126,8 @@ class ExecutorDaemon:
         env.update(app.environments)
         env.update({"ZMESH_MANAGER": self.manager, "ZMESH_INSTANCE_ID": iid, "ZMESH_EXECUTOR_ID": self.id,
                     "ZMESH_APP": app.name, "ZMESH_OBJECT_CACHE": self.cache.endpoint,
-                    "ZMESH_INSTANCE_TOKEN": token, "ZMESH_TOKEN": token})
+                    "ZMESH_INSTANCE_TOKEN": token, "ZMESH_TOKEN": token,
+                    "ZMESH_RUN_DIR": self.run_dir})   # e.g. where runner packages are unpacked, once per machine
         if self.manager_key:   # instances connect with fresh keys of their own; the token proves who they are
             env["ZMESH_MANAGER_KEY"] = os.path.abspath(self.manager_key)
         # The executor's own Python environment comes first on PATH, so `command: python3` finds zeromesh.

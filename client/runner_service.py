@@ -1,0 +1,151 @@
+"""The built-in service of runner applications: runs the code a :class:`client.runner.Runner` shipped.
+
+Started by executors as ``python3 -m client.runner_service`` (the spec :func:`client.runner.app_spec`
+writes).  One entrypoint takes ``(descriptor key, method, args, kwargs)``:
+
+* the descriptor (an object bound to the service's session: the package's key and hash, the kind
+  of service and the cloudpickled function, class or object) is fetched once per process and session;
+* the package is unpacked once per machine and hash (:func:`client.runner_package.unpack`) and
+  put first on ``sys.path``; the call runs with it as the working directory;
+* a class is constructed once per process and session; an object service's object lives in its
+  one instance and is checkpointed after every call (:func:`_stateful`), so it survives the
+  instance being stopped or replaced;
+* :class:`client.objects.ObjectRef` arguments are read here with ``get_object``, through the
+  executor's object cache.
+
+The result goes back cloudpickled by this module, so a result that cannot be pickled fails the
+call with a ``TypeError`` naming it (``TaskFailed`` on the client) instead of anything worse.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import cloudpickle
+
+from executor import Instance
+
+from . import runner_package
+from .objects import ObjectRef, get_object, update_object
+from .runner import WARMUP
+
+ins = Instance()
+MAX_SERVICES = 64                  # descriptors (and their objects) kept per process, least recently used out
+_services: "collections.OrderedDict[str, Tuple[str, Any, Dict[str, Any]]]" = collections.OrderedDict()
+_packages: Dict[str, str] = {}     # hash -> unpacked directory
+_states: Dict[str, List[Any]] = {}   # descriptor key of an object service -> [last seq applied, the object]
+
+
+def package_root() -> str:
+    """Where packages are unpacked on this machine: the executor's run directory, else the user's cache."""
+    run_dir = os.environ.get("ZMESH_RUN_DIR")
+    if run_dir:
+        return os.path.join(run_dir, "runner")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "zeromesh", "runner")
+
+
+def _package(key: str, digest: str) -> str:
+    path = _packages.get(digest)
+    if path is None:
+        path = os.path.join(package_root(), digest)
+        if not os.path.isdir(path):
+            path = runner_package.unpack(get_object(key), digest, package_root())
+        _packages[digest] = path
+    if path in sys.path:
+        sys.path.remove(path)
+    sys.path.insert(0, path)
+    if os.getcwd() != path:
+        os.chdir(path)
+    return path
+
+
+def _service(key: str) -> Tuple[str, Any, Dict[str, Any]]:
+    """(kind, function or constructed instance or None, descriptor) of one service, cached per process."""
+    found = _services.get(key)
+    if found is not None:
+        _services.move_to_end(key)
+        return found
+    desc: Dict[str, Any] = pickle.loads(get_object(key))
+    _package(desc["package"], desc["hash"])
+    target = None
+    if desc["kind"] != "object":          # an object comes from its checkpoint (_stateful)
+        target = cloudpickle.loads(desc["target"])
+        if desc["kind"] == "class":
+            target = target()
+    _services[key] = found = (desc["kind"], target, desc)
+    if len(_services) > MAX_SERVICES:
+        _services.popitem(last=False)
+    return found
+
+
+def _resolve(value: Any) -> Any:
+    return get_object(value) if isinstance(value, ObjectRef) else value
+
+
+def _pickled(result: Any, what: str) -> bytes:
+    try:
+        return cloudpickle.dumps(result)
+    except Exception as exc:
+        raise TypeError(f"{what} cannot be pickled ({type(result).__name__}): {type(exc).__name__}: {exc}") from None
+
+
+def _stateful(key: str, desc: Dict[str, Any], seq: int, method: str, args: Any, kwargs: Any) -> Optional[bytes]:
+    """Apply call ``seq`` of an object service to its object, and checkpoint it.
+
+    The object lives in this process between calls; after each call ``(seq, object, result)`` is
+    written to the service's state object (bound to its session).  A process that has not applied
+    ``seq - 1`` (a new instance after the last one was stopped, or one rebound to the session
+    after another served it) loads the checkpoint first; a call the checkpoint already holds (a
+    retry after an instance died between checkpoint and answer) returns the recorded result."""
+    state = _states.get(key)
+    if state is None or state[0] != seq - 1:
+        done, blob, last = pickle.loads(get_object(desc["state"]))
+        if done == seq:
+            if isinstance(last, tuple):   # ("raised", the pickled exception) the call ended with
+                raise cloudpickle.loads(last[1])
+            return last
+        state = [done, cloudpickle.loads(blob)]
+        _states[key] = state
+    obj = state[1]
+    fn = getattr(obj, method)
+    error: Optional[BaseException] = None
+    out = b""
+    try:
+        out = _pickled(fn(*args, **kwargs), f"the result of {type(obj).__name__}.{method}")
+    except Exception as exc:   # the call failed: its effect on the object (if any) stays, as in-process
+        error = exc
+    state[0] = seq
+    record: Any = out
+    if error is not None:
+        try:
+            record = ("raised", cloudpickle.dumps(error))
+        except Exception:
+            record = ("raised", cloudpickle.dumps(RuntimeError(f"{type(error).__name__}: {error}")))
+    update_object(desc["state"], pickle.dumps((seq, _pickled(obj, f"the state of {type(obj).__name__}"), record)))
+    if error is not None:
+        raise error
+    return out
+
+
+@ins.entrypoint
+def run(call: Any) -> Optional[bytes]:
+    key, method, args, kwargs, seq = call
+    kind, target, desc = _service(key)
+    if method == WARMUP:
+        return None
+    args = [_resolve(a) for a in args]
+    kwargs = {k: _resolve(v) for k, v in kwargs.items()}
+    if kind == "object":
+        return _stateful(key, desc, seq, method, args, kwargs)
+    fn = target if method is None else getattr(target, method)
+    return _pickled(fn(*args, **kwargs), f"the result of {getattr(fn, '__qualname__', method or 'the function')}")
+
+
+if __name__ == "__main__":
+    # Serve from the module under its real name (client.runner_service), not this __main__ copy.
+    import importlib
+    importlib.import_module("client.runner_service").ins.run()
