@@ -4,8 +4,8 @@ from __future__ import annotations
 from .api import Client
 from .connection import Connection
 from .objects import ObjectRef, delete_object, get_object, patch_object, put_object, update_object
-from .runner import ObjectFuture, Runner, SessionContext  # noqa: F401  (the runner: docs/runner.md)
+from .runner import ObjectFuture, Runner, SessionContext   # the runner: docs/runner.md
 from .session import Session
 
-__all__ = ["Client", "Connection", "ObjectRef", "Session", "delete_object", "get_object", "patch_object",
-           "put_object", "update_object"]
+__all__ = ["Client", "Connection", "ObjectFuture", "ObjectRef", "Runner", "Session", "SessionContext",
+           "delete_object", "get_object", "patch_object", "put_object", "update_object"]

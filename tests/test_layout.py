@@ -155,7 +155,8 @@ def test_public_api_exports():
     import client
     import executor
     assert set(client.__all__) == {"Client", "Connection", "Session", "ObjectRef", "put_object", "get_object",
-                                   "update_object", "patch_object", "delete_object"}
+                                   "update_object", "patch_object", "delete_object", "Runner", "ObjectFuture",
+                                   "SessionContext"}
     assert set(executor.__all__) == {"Instance"}
     for mod in (client, executor):
         for name in mod.__all__:
