@@ -77,6 +77,7 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_INSTANCE_START_TIMEOUT": "15",    # python start-up on a loaded 2-core machine fits
     "ZMESH_DRAIN_GRACE": "10",
     "ZMESH_CLOSE_GRACE": "2",
+    "ZMESH_MAX_LEASE_TTL": "600",
     "ZMESH_START_FAILURES": "3",
     "ZMESH_START_BACKOFF": "0.05",            # relaunch after 50 ms, doubling (production: 250 ms)
     "ZMESH_START_BACKOFF_MAX": "2",

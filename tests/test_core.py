@@ -780,3 +780,73 @@ def test_logins_in_flight_count_against_the_limit_and_a_success_is_forgiven() ->
     limits.check("eve", "peer-6", 161.0)
     with pytest.raises(InvalidArgument):
         limits.check("x" * 300, "peer-7", 200.0)
+
+
+# -- leases: what a client holds only while it renews --------------------------------------------
+
+def _leased(m: Mesh, ttl: float = 10.0) -> Tuple[str, str, str]:
+    """Given a lease holding a temporary application, a session on it and an object."""
+    lid = m.ok("create_lease", ttl=ttl)["id"]
+    m.ok("register_temporary_application", spec={**ECHO, "metadata": {"name": "tmp-app"}}, lease=lid)
+    sid = m.ok("create_session", application="tmp-app", id="tmp-s", lease=lid)["id"]
+    key = m.ok("put_object", blob=pack({"n": 1}), kind="doc", lease=lid)["key"]
+    return lid, sid, key
+
+
+def test_a_lease_not_renewed_takes_its_application_sessions_and_objects_with_it(mesh: Mesh) -> None:
+    lid, sid, key = _leased(mesh, ttl=10.0)
+    # When its holder renews it, it lives on past its first ttl
+    mesh.tick(6.0)
+    mesh.ok("renew_lease", id=lid)
+    mesh.tick(6.0)
+    assert "tmp-app" in mesh.core.apps and mesh.core.sessions[sid].state == "open"
+    # When the holder stops renewing (it was killed), the ttl runs out
+    mesh.tick(10.5)
+    # Then its session is closed, its object deleted and its application unregistered, on disk too
+    assert mesh.core.sessions[sid].state == "closed" and key not in mesh.core.objects.items
+    assert "tmp-app" not in mesh.core.apps and lid not in mesh.core.leases
+    mesh.commit()
+    assert "tmp-app" not in [name for name, _, _ in mesh.store.load_state().apps]
+    assert mesh.store.load_state().leases == []
+    reply = mesh.request("renew_lease", id=lid)
+    assert not reply.ok and reply.error["code"] == "not_found"
+
+
+def test_releasing_a_lease_cleans_up_at_once(mesh: Mesh) -> None:
+    lid, sid, key = _leased(mesh)
+    released = mesh.ok("release_lease", id=lid)
+    assert released["applications"] == ["tmp-app"] and released["sessions"] == [sid]
+    assert mesh.core.sessions[sid].state == "closed" and "tmp-app" not in mesh.core.apps
+
+
+def test_a_lease_survives_a_manager_restart_and_still_expires(mesh: Mesh) -> None:
+    lid, sid, key = _leased(mesh, ttl=10.0)
+    mesh.commit()
+    # When the manager restarts on the same store
+    m2 = Mesh()
+    m2.store = mesh.store
+    m2.now = mesh.now + 2.0
+    m2.run(m2.core.restore(mesh.store.load_state()))
+    # Then the lease and what it holds are back, and the application knows its lease
+    assert m2.core.leases[lid].sessions == {sid} and m2.core.apps["tmp-app"].lease == lid
+    m2.ok("renew_lease", id=lid)
+    # And when it is not renewed any more, it ends there too
+    m2.tick(10.5)
+    assert "tmp-app" not in m2.core.apps and m2.core.sessions[sid].state == "closed"
+
+
+def test_a_user_registers_only_temporary_applications_and_touches_only_their_leases() -> None:
+    m = Mesh(secured=True)
+    from mesh.model.auth import Principal
+    ana, bo = "tok-ana", "tok-bo"
+    m.core.tokens.add(ana, Principal("ana", "user", "user"), float("inf"))
+    m.core.tokens.add(bo, Principal("bo", "user", "user"), float("inf"))
+    lid = m.request("create_lease", token=ana, ttl=30).result["id"]
+    spec = {**ECHO, "metadata": {"name": "ana-job"}}
+    assert m.request("register_application", token=ana, spec=spec).error["code"] == "permission_denied"
+    app = m.request("register_temporary_application", token=ana, spec=spec, lease=lid).result
+    assert app["owner"] == "ana" and app["lease"] == lid
+    assert m.request("renew_lease", token=bo, id=lid).error["code"] == "permission_denied"
+    assert m.request("release_lease", token=bo, id=lid).error["code"] == "permission_denied"
+    assert m.request("create_session", token=bo, application="ana-job", lease=lid).error["code"] == \
+        "permission_denied"

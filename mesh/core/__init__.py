@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from mesh.core import report
 from mesh.core.base import log
 from mesh.core.contexts import ContextRules
+from mesh.core.leases import LeaseRules
 from mesh.core.control import ControlRules, Later, WithBlob
 from mesh.core.effects import CPU, STORE, Call, Effect, Effects, Send
 from mesh.core.members import MemberRules
@@ -33,7 +34,7 @@ from mesh.data.batch import SavedState
 from mesh.data.context import Document
 from mesh.errors import ProtocolError
 from mesh.model import auth
-from mesh.model.records import OPEN, App, Session, Task
+from mesh.model.records import OPEN, App, Lease, Session, Task
 from mesh.model.resources import Resources
 from mesh.model.spec import AppSpec
 from mesh.ops.config import Settings
@@ -45,7 +46,7 @@ __all__ = ["Core", "Send", "Call", "Effect", "Effects", "STORE", "CPU", "Later",
 EXECUTOR_TRAFFIC = frozenset({Cmd.HEARTBEAT, Cmd.EXITED, Cmd.DRAIN, Cmd.REQUEST})  # what executors send
 
 
-class Core(TaskRules, MemberRules, ContextRules, ControlRules):
+class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ControlRules):
     def __init__(self, settings: Optional[Settings] = None, secured: bool = False) -> None:
         super().__init__(settings or Settings(), secured)
         self.methods = self.control_methods()
@@ -94,7 +95,7 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
     def tick(self, now: float) -> Effects:
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
-        for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.plan):
+        for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases, self.plan):
             try:
                 step()
             except Exception:  # a bug in one step must not stop the clock (heartbeats) for everyone
@@ -145,8 +146,14 @@ class Core(TaskRules, MemberRules, ContextRules, ControlRules):
     # -- restart -----------------------------------------------------------------------
     def restore(self, saved: SavedState) -> Effects:
         """Rebuild registry, open sessions, contexts, objects and unfinished tasks from the store."""
+        for lid, owner, ttl, until, members in saved.leases:
+            self.leases[lid] = Lease(lid, owner, ttl, until, set(members.get("apps", ())),
+                                     set(members.get("sessions", ())), set(members.get("objects", ())))
+        temporary = {name: lease for lease in self.leases.values() for name in lease.apps}
         for name, spec, created in saved.apps:
-            self.apps[name] = App(AppSpec.from_dict(spec), created)
+            lease = temporary.get(name)
+            self.apps[name] = App(AppSpec.from_dict(spec), created, lease.owner if lease else "",
+                                  lease.id if lease else None)
         for rec in saved.sessions:
             doc = Document()
             ctx = saved.contexts.get(rec["id"])

@@ -17,7 +17,7 @@ from mesh.data.batch import Batch
 from mesh.data.objects import Objects
 from mesh.errors import MeshError, PermissionDenied, ResourceExhausted, Unauthenticated
 from mesh.model import auth
-from mesh.model.records import App, Executor, Instance, Session, Task
+from mesh.model.records import App, Executor, Instance, Lease, Session, Task
 from mesh.ops.config import Settings
 from mesh.ops.log import event
 from mesh.ops.metrics import Histogram
@@ -62,6 +62,7 @@ class Base:
         self.deadlines: List[Tuple[float, int, int]] = []   # heap of (due, task id, run): task timeouts
         self._runs = itertools.count(1)            # numbers each start of a task's timeout clock
         self.closing: Dict[str, float] = {}        # closed session -> when its still running tasks are stopped
+        self.leases: Dict[str, Lease] = {}         # what clients hold while they renew (mesh/core/leases.py)
         self.admitting: Set[bytes] = set()         # executors whose key is being checked
         self.plan_wanted = False                   # run the scheduler at the end of this round
         self.endpoint = ""                         # what ping reports; set by the loop
@@ -167,6 +168,15 @@ class Base:
         raise NotImplementedError
 
     def interrupt(self, t: Task, error: MeshError, state: str, retry: bool) -> None:
+        raise NotImplementedError
+
+    def close_session(self, s: Session, why: str) -> None:
+        raise NotImplementedError
+
+    def attach(self, lid: Optional[str], who: auth.Principal) -> Optional[Lease]:
+        raise NotImplementedError
+
+    def save_lease(self, lease: Lease) -> None:
         raise NotImplementedError
 
     def stop_instance(self, inst: Instance) -> None:

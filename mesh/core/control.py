@@ -258,11 +258,19 @@ class ControlRules(Base):
         elif taken(sid):
             raise AlreadyExists(f"session {sid!r} already exists", session=sid)
         s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name)
+        lease = self.attach(_arg(args, "lease", str, required=False), who)
         self.creating.add(sid)   # the id is taken now; the session exists for others once it is on disk
 
         def created(_: Any) -> Dict[str, Any]:
             self.creating.discard(sid)
             self.sessions[sid] = s
+            if lease is not None and lease.id in self.leases:
+                lease.sessions.add(sid)
+                self.save_lease(lease)
+            elif lease is not None:   # the lease ended while the session was written: it ends too
+                self.close_session(s, f"ended with its lease {lease.id}")
+                self.call(Call(lambda store, i, at: store.close_session(i, at), (sid, s.closed_at),
+                               label="close_session"))
             event(log, logging.INFO, "session opened", session=sid, application=app.spec.name)
             return s.view()
 
@@ -287,22 +295,27 @@ class ControlRules(Base):
         s = self._session(_arg(args, "id", str), who, change=True)
         if s.state != OPEN:
             return s.view()
-        s.state = CLOSED
-        s.closed_at = self.now
-        cancelled = [t for t in (self.tasks.get(tid) for tid in s.pending) if t is not None]
-        s.pending.clear()
-        self.waiting.discard(s.id)
-        self.fail_tasks(cancelled, Cancelled(f"session {s.id!r} was closed", session=s.id), CANCELLED)
-        if s.running:   # running tasks may finish within close_grace; then their instances are stopped
-            self.closing[s.id] = self.now + self.settings.close_grace
-        self.delete_objects(self.objects.of_session(s.id))
-        self.plan_soon()
+        self.close_session(s, "was closed")
 
         def closed(_: Any) -> Dict[str, Any]:
             event(log, logging.INFO, "session closed", session=s.id)
             return s.view()
 
         return Later(lambda store: store.close_session(s.id, s.closed_at), then=closed)
+
+    def close_session(self, s: Session, why: str) -> None:
+        """Close ``s`` in memory (the caller writes it down): its queued tasks are cancelled, its running
+        ones get ``close_grace`` to finish, its objects go."""
+        s.state = CLOSED
+        s.closed_at = self.now
+        cancelled = [t for t in (self.tasks.get(tid) for tid in s.pending) if t is not None]
+        s.pending.clear()
+        self.waiting.discard(s.id)
+        self.fail_tasks(cancelled, Cancelled(f"session {s.id!r} {why}", session=s.id), CANCELLED)
+        if s.running:   # running tasks may finish within close_grace; then their instances are stopped
+            self.closing[s.id] = self.now + self.settings.close_grace
+        self.delete_objects(self.objects.of_session(s.id))
+        self.plan_soon()
 
     def do_get_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         s = self._session(_arg(args, "id", str), who)
@@ -406,8 +419,12 @@ class ControlRules(Base):
         ttl = args.get("ttl")
         if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
             raise InvalidArgument("ttl must be a positive number of seconds", argument="ttl")
+        lease = self.attach(_arg(args, "lease", str, required=False), who)
         obj = self.objects.put(_arg(args, "kind", str), blob, sid, self.now + ttl if ttl else None)
         self.persist_object(obj)
+        if lease is not None:
+            lease.objects.add(obj.key)
+            self.save_lease(lease)
         return {"key": obj.key, "version": obj.doc.version}
 
     def do_get_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:

@@ -32,6 +32,8 @@ class Batch:
     answers: List[Tuple[str, int, int, str, Optional[bytes], Optional[str]]] = field(default_factory=list)
     # task ids handed out up to here (and beyond) are reserved on disk: never handed out twice
     task_ids_reserved: Optional[int] = None
+    # leases to write (id -> (id, owner, ttl, expires_at, members)) or delete (None)
+    leases: Dict[str, Optional[Tuple[str, str, float, float, Dict[str, List[str]]]]] = field(default_factory=dict)
 
     @staticmethod
     def task_row(tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> List[Any]:
@@ -58,7 +60,7 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.logged or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects or self.answers or self.task_ids_reserved is not None)
+                    or self.deleted_objects or self.answers or self.leases or self.task_ids_reserved is not None)
 
 
 Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches
@@ -75,3 +77,4 @@ class SavedState:
     unfinished: List[Tuple[int, str, int, Optional[bytes], str, int]]
     max_task_id: int
     tokens: List[Tuple[str, str, str, str, float]]  # live login tokens: digest, principal, kind, role, expires
+    leases: List[Tuple[str, str, float, float, Dict[str, List[str]]]] = field(default_factory=list)

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, ttl REAL NOT NULL, expires_at REAL NOT NULL, members BLOB NOT NULL);
 """
 SCHEMA_VERSION = "2"
 # Tasks: ``tasks`` holds the records of open tasks (queued or running for longer than record_after,
@@ -213,8 +215,10 @@ class Store:
             ctx = self.load_context(OBJECT_PREFIX + key)
             if ctx is not None:
                 objects.append((key, sid, expires_at, ctx))
+        leases = [(r[0], r[1], r[2], r[3], unpack(r[4]))
+                  for r in self.db.execute("SELECT id, owner, ttl, expires_at, members FROM leases")]
         return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
-                          self.max_task_id(), self.live_tokens())
+                          self.max_task_id(), self.live_tokens(), leases)
 
     def live_tokens(self) -> List[Tuple[str, str, str, str, float]]:
         """Unexpired login tokens: (digest, principal, kind, role, expires_at)."""
@@ -375,6 +379,11 @@ class Store:
                 self.db.execute("DELETE FROM patches WHERE session=? AND version<=?", (sid, version))
             if batch.objects:
                 self.db.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)", batch.objects)
+            for lid, lease in batch.leases.items():
+                if lease is None:
+                    self.db.execute("DELETE FROM leases WHERE id=?", (lid,))
+                else:
+                    self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)", (*lease[:4], pack(lease[4])))
             for key in batch.deleted_objects:
                 self.db.execute("DELETE FROM objects WHERE key=?", (key,))
                 self.db.execute("DELETE FROM snapshots WHERE session=?", (OBJECT_PREFIX + key,))

@@ -42,7 +42,8 @@ VIEWER = frozenset({"stats", "metrics", "get_application", "find_applications", 
                     "get_session", "find_sessions", "find_tasks", "get_task", "get_context", "whoami",
                     "get_object"})
 USER = frozenset({"create_session", "open_session", "close_session", "write_context", "cancel_task",
-                  "submit"}) | OBJECT_WRITES   # a viewer writes nothing
+                  "submit", "create_lease", "renew_lease", "release_lease",
+                  "register_temporary_application"}) | OBJECT_WRITES   # a viewer writes nothing
 # everything else (register_application, unregister_application, drain_executor, users, robots, executor
 # keys) is admin
 

@@ -9,7 +9,7 @@ import collections
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Set
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from mesh.data.context import Document
 from mesh.model.resources import Resources
@@ -36,12 +36,36 @@ LOST = "lost"            # missed its heartbeats; evicted
 class App:
     spec: AppSpec
     created_at: float
+    owner: str = ""                    # a temporary application's user ("" for the admin's registry)
+    lease: Optional[str] = None        # a temporary application lives as long as this lease
 
     def view(self) -> Dict[str, Any]:
         d = self.spec.to_dict()
         return {"name": self.spec.name, "command": self.spec.command, "arguments": list(self.spec.arguments),
                 "working_directory": self.spec.working_directory, "labels": dict(self.spec.labels),
-                "description": self.spec.description, "created_at": self.created_at, "spec": d}
+                "description": self.spec.description, "created_at": self.created_at, "spec": d,
+                "owner": self.owner, "lease": self.lease}
+
+
+@dataclass
+class Lease:
+    """Resources a client holds only while it renews (mesh/core/leases.py)."""
+    id: str
+    owner: str
+    ttl: float
+    expires_at: float
+    apps: Set[str] = field(default_factory=set)
+    sessions: Set[str] = field(default_factory=set)
+    objects: Set[str] = field(default_factory=set)
+
+    def view(self) -> Dict[str, Any]:
+        return {"id": self.id, "ttl": self.ttl, "expires_at": self.expires_at, "owner": self.owner,
+                "applications": sorted(self.apps), "sessions": sorted(self.sessions), "objects": len(self.objects)}
+
+    def row(self) -> Tuple[str, str, float, float, Dict[str, List[str]]]:
+        """What the store keeps: (id, owner, ttl, expires_at, members)."""
+        return (self.id, self.owner, self.ttl, self.expires_at,
+                {"apps": sorted(self.apps), "sessions": sorted(self.sessions), "objects": sorted(self.objects)})
 
 
 class Task:

@@ -102,6 +102,8 @@ class Settings:
     """Context patches between two snapshots written to the patch log."""
     instance_start_timeout: float = 30.0
     """Seconds a launched instance has to say hello before it counts as crashed."""
+    max_lease_ttl: float = 3600.0
+    """Longest time to live a lease may ask for (its holder renews it well within that)."""
     close_grace: float = 30.0
     """Seconds the tasks still running when their session closes may finish; then their instances
     are stopped and the tasks cancelled (an idle instance is free at once)."""
