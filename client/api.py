@@ -241,6 +241,25 @@ class Client:
     def unregister_application(self, name: str) -> None:
         self.conn.call("unregister_application", {"name": name})
 
+    # -- leases: what lives only while this client renews it (docs/runner.md) ---------------
+    def create_lease(self, ttl: float) -> Dict[str, Any]:
+        """A lease of ``ttl`` seconds: ``{id, ttl, expires_at}``; renew it well within ``ttl``."""
+        return self.conn.call("create_lease", {"ttl": ttl})
+
+    def renew_lease(self, lease_id: str) -> Dict[str, Any]:
+        return self.conn.call("renew_lease", {"id": lease_id})
+
+    def release_lease(self, lease_id: str) -> Dict[str, Any]:
+        """End the lease now: its sessions close, its objects and temporary applications go."""
+        return self.conn.call("release_lease", {"id": lease_id})
+
+    def register_temporary_application(self, spec: Any, lease_id: str) -> Dict[str, Any]:
+        """An application of the caller's (a ``user`` may register one) that ends with the lease."""
+        return self.conn.call("register_temporary_application", {"spec": _spec(spec).to_dict(), "lease": lease_id})
+
+    def unregister_temporary_application(self, name: str) -> None:
+        self.conn.call("unregister_temporary_application", {"name": name})
+
     def get_application(self, name: str) -> Optional[Application]:
         d = self._get("get_application", {"name": name})
         return None if d is None else _build(Application, d)

@@ -41,6 +41,8 @@ from .session import Session
 __all__ = ["ObjectFuture", "Runner", "RunnerService", "SessionContext"]
 
 log = logging.getLogger("zeromesh.runner")
+
+LEASE_TTL = 30.0   # seconds the mesh keeps a runner's things after its client stops renewing them
 SERVICE_MODULE = "client.runner_service"
 MAX_SESSION_ID = 128
 WARMUP = "__warmup__"   # the method name the runner service loads for and answers without running anything
@@ -250,7 +252,7 @@ class Runner:
 
     def __init__(self, name: str, fail_if_exists: bool = False, *, excludes: Sequence[str] = (),
                  manager: Optional[str] = None, connection: Optional[Connection] = None,
-                 root: Optional[str] = None) -> None:
+                 root: Optional[str] = None, lease_ttl: float = LEASE_TTL) -> None:
         self.name = name
         self.root = os.path.abspath(root or os.getcwd())
         self._own_conn = connection is None
@@ -264,7 +266,12 @@ class Runner:
         self._by_value: Set[str] = set()         # modules this runner registered for pickling by value
         self.registered = False                  # this runner registered application ``name``
         self.package: Optional[ObjectRef] = None
+        self.lease: Optional[str] = None          # everything this runner creates ends with it
+        self._renewing = threading.Event()
         try:
+            self.lease = self._client.create_lease(lease_ttl)["id"]
+            threading.Thread(target=self._renew, args=(lease_ttl,), daemon=True,
+                             name=f"zmesh-lease-{name}").start()
             data, self.digest = runner_package.build(self.root, excludes)
             self.package = self._put(data, blob=True)
             existing = self._client.get_application(name)
@@ -276,8 +283,8 @@ class Runner:
                                              application=name)
             else:
                 try:
-                    self._client.register_application(app_spec(name, self.package, self.digest,
-                                                               description=f"runner of {self.root}"))
+                    self._client.register_temporary_application(
+                        app_spec(name, self.package, self.digest, description=f"runner of {self.root}"), self.lease)
                     self._apps.append(name)
                     self.registered = True
                 except AlreadyExists:   # registered by another runner meanwhile: reuse it
@@ -343,8 +350,10 @@ class Runner:
         suffix = secrets.token_hex(3)
         name = f"{self.name}.{slug}"[:63 - len(suffix) - 1] + f"-{suffix}"
         assert self.package is not None
-        self._client.register_application(app_spec(name, self.package, self.digest, max_instances=1,
-                                                   description=f"one instance of {base} for runner {self.name}"))
+        assert self.lease is not None
+        self._client.register_temporary_application(
+            app_spec(name, self.package, self.digest, max_instances=1,
+                     description=f"one instance of {base} for runner {self.name}"), self.lease)
         with self._lock:
             self._apps.append(name)
         return name
@@ -354,7 +363,7 @@ class Runner:
         for _ in range(8):   # a generated id taken by someone else: draw another (bounded)
             want = sid if explicit else f"{self.name}-{secrets.token_hex(4)}"
             try:
-                info = self._conn.call("create_session", {"application": app, "id": want})
+                info = self._conn.call("create_session", {"application": app, "id": want, "lease": self.lease})
             except AlreadyExists:
                 if explicit:
                     raise
@@ -426,7 +435,8 @@ class Runner:
 
     def _put(self, obj: Any, session: Optional[str] = None, blob: bool = False) -> ObjectRef:
         enc = {"kind": "blob", "data": cloudpickle.dumps(obj)} if blob else _encode(obj)
-        r, _ = self._conn.call_blob("put_object", {"kind": enc["kind"], "session": session, "ttl": None}, enc["data"])
+        r, _ = self._conn.call_blob("put_object", {"kind": enc["kind"], "session": session, "ttl": None,
+                                                   "lease": self.lease if session is None else None}, enc["data"])
         ref = ObjectRef(r["key"], r["version"])
         if session is None:
             with self._lock:
@@ -434,6 +444,19 @@ class Runner:
         return ref
 
     # -- closing --------------------------------------------------------------------
+    def _renew(self, ttl: float) -> None:
+        """Renew the lease every third of its life until the runner closes.  A client killed stops
+        renewing: the manager then cleans up everything the runner made (docs/runner.md)."""
+        while not self._renewing.wait(ttl / 3):
+            try:
+                self._client.renew_lease(self.lease or "")
+            except NotFound:
+                log.error("runner %s lost its lease %s (not renewed in time): its application, sessions and "
+                          "objects are gone", self.name, self.lease)
+                return
+            except MeshError as exc:   # the manager is away for a moment: try again at the next turn
+                log.warning("runner %s could not renew its lease: %s", self.name, exc)
+
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition(f"runner {self.name!r} is closed")
@@ -447,7 +470,7 @@ class Runner:
 
     def _unregister(self, app: str) -> None:
         try:
-            self._client.unregister_application(app)
+            self._client.unregister_temporary_application(app)
         except NotFound:
             pass
         except FailedPrecondition as exc:   # someone else's sessions still use it: leave it to them
@@ -478,6 +501,14 @@ class Runner:
         for ref in objects:
             try:
                 self._conn.call("delete_object", {"key": ref.key})
+            except NotFound:
+                pass
+            except MeshError as exc:
+                errors.append(exc)
+        self._renewing.set()
+        if self.lease is not None:   # whatever is left (it would go when the lease ran out anyway)
+            try:
+                self._client.release_lease(self.lease)
             except NotFound:
                 pass
             except MeshError as exc:

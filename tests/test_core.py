@@ -850,3 +850,16 @@ def test_a_user_registers_only_temporary_applications_and_touches_only_their_lea
     assert m.request("release_lease", token=bo, id=lid).error["code"] == "permission_denied"
     assert m.request("create_session", token=bo, application="ana-job", lease=lid).error["code"] == \
         "permission_denied"
+
+
+def test_a_temporary_application_reused_by_another_lease_passes_to_it(mesh: Mesh) -> None:
+    # Given a temporary application of lease A, and a session on it held by lease B
+    a, _, _ = _leased(mesh)
+    b = mesh.ok("create_lease", ttl=10.0)["id"]
+    sid = mesh.ok("create_session", application="tmp-app", id="b-s", lease=b)["id"]
+    # When A ends, the application stays (B's session uses it) and passes to B
+    mesh.ok("release_lease", id=a)
+    assert mesh.core.apps["tmp-app"].lease == b and mesh.core.sessions[sid].state == "open"
+    # When B ends too, nothing is left
+    mesh.ok("release_lease", id=b)
+    assert "tmp-app" not in mesh.core.apps

@@ -219,3 +219,31 @@ def test_revoking_an_executor_key_disconnects_it_and_its_tasks_run_elsewhere(tmp
                 wait_until(lambda: victim.poll() is not None, 10, what="exec-0 to exit")
                 assert [e.id for e in admin.find_executors()] == ["exec-1"]
                 assert sorted(f.result(60) for f in futures) == ["exec-1", "exec-1"]
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_user_runs_a_runner_on_a_secured_mesh_and_a_viewer_cannot(secure: LocalMesh, tmp_path: Any,
+                                                                     monkeypatch: Any) -> None:
+    from client import Runner
+    from client.connection import Connection
+    monkeypatch.chdir(tmp_path)
+    conn = Connection(secure.endpoint, manager_key=secure.manager_key, auth=PasswordAuth("ana", USERS["ana"]))
+    try:
+        with Runner("ana-job", connection=conn) as rr:
+            assert rr.service(double)(21).get(60) == 42
+            with secure.client() as admin:   # ana's temporary application, visible to admins
+                app = admin.get_application("ana-job")
+                assert app is not None
+        with secure.client() as admin:
+            assert admin.get_application("ana-job") is None
+    finally:
+        conn.close()
+    viewer = Connection(secure.endpoint, manager_key=secure.manager_key, auth=PasswordAuth("vic", USERS["vic"]))
+    try:
+        with pytest.raises(errors.PermissionDenied):
+            Runner("vic-job", connection=viewer)
+    finally:
+        viewer.close()

@@ -299,3 +299,49 @@ def test_the_package_leaves_out_vcs_venvs_caches_and_ignored_files(tmp_path):
     assert path == str(base / digest) and (base / digest / "pkg" / "b.py").read_text() == "pkg/b.py"
     assert runner_package.unpack(b"", digest, str(base)) == path, "a second unpack reuses the directory"
     assert sorted(os.listdir(base)) == [digest], "no temporary directory left behind"
+
+
+CRASHING_CLIENT = """
+import os, sys, time
+from client import Runner
+
+def double(x):
+    return 2 * x
+
+rr = Runner("crashed-job", lease_ttl=2.0)
+s = rr.service(double)
+k = rr.service(dict())   # a fixed service: its own temporary application
+assert s(21).get(60) == 42
+print(rr.lease, rr.package.key, s._session.id, flush=True)
+time.sleep(3600)         # killed here, before it can close anything
+"""
+
+
+def test_a_killed_client_leaves_nothing_registered_once_its_lease_runs_out(mesh, client, workdir):
+    import subprocess
+    import sys
+    # Given a client process with a runner: an application, sessions and a package in the mesh
+    (workdir / "crash.py").write_text(CRASHING_CLIENT)
+    proc = subprocess.Popen([sys.executable, "crash.py"], cwd=str(workdir), stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "ZMESH_MANAGER": mesh.endpoint})
+    try:
+        line = proc.stdout.readline()   # bounded: the process prints or dies
+        assert line, "the client did not start its runner"
+        lease, package, sid = line.split()
+        names = [a.name for a in client.find_applications()]
+        assert "crashed-job" in names and any(n.startswith("crashed-job.") for n in names)
+        # When the client is killed (it cannot close anything)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stdout.close()
+    # Then, once its lease runs out, nothing of it is left
+    def cleaned() -> bool:
+        return not [a.name for a in client.find_applications() if a.name.startswith("crashed-job")]
+    wait_until(cleaned, 30, interval=0.2, what="the killed runner's applications to be unregistered")
+    assert client.get_session(sid).state == "closed"
+    with pytest.raises(NotFound):
+        client.conn.call_blob("get_object", {"key": package, "have": 0})

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 from mesh.core.base import Base, log
 from mesh.core.control import Args, Later, _arg
 from mesh.core.effects import Call
-from mesh.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
+from mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from mesh.model.auth import INSECURE, Principal
 from mesh.model.records import OPEN, App, Lease
 from mesh.model.spec import AppSpec
@@ -115,9 +115,15 @@ class LeaseRules(Base):
             app = self.apps.get(name)
             if app is None or app.lease != lease.id:
                 continue
-            if any(s.app == name and s.state == OPEN for s in self.sessions.values()):
+            users = [s.id for s in self.sessions.values() if s.app == name and s.state == OPEN]
+            if users:   # another runner reused it: the lease of one of its sessions takes it over
+                heir = next((x for x in self.leases.values() if x.sessions & set(users)), None)
+                app.lease = heir.id if heir is not None else None
+                if heir is not None:
+                    heir.apps.add(name)
+                    self.save_lease(heir)
                 event(log, logging.WARNING, "temporary application kept: others have sessions on it",
-                      application=name, lease=lease.id)
+                      application=name, lease=lease.id, now_with=app.lease)
                 continue
             self.apps.pop(name)
             for inst in list(self.instances.values()):
@@ -127,3 +133,28 @@ class LeaseRules(Base):
             removed.append(name)
         self.plan_soon()
         return {"id": lease.id, "applications": removed, "sessions": closed, "objects": len(lease.objects)}
+
+    def do_unregister_temporary_application(self, args: Args, blob: Optional[bytes] = None,
+                                            who: Principal = INSECURE) -> Later:
+        """Its owner (or an admin) ends a temporary application before its lease does."""
+        name = _arg(args, "name", str)
+        app = self.apps.get(name)
+        if app is None or app.lease is None:
+            raise NotFound(f"no temporary application {name!r}", application=name)
+        if not who.may_touch(app.owner):
+            raise PermissionDenied(f"application {name!r} belongs to {app.owner!r}", application=name)
+        if any(s.app == name and s.state == OPEN for s in self.sessions.values()):
+            raise FailedPrecondition(f"application {name!r} has open sessions; close them first", application=name)
+
+        def unregistered(_: Any) -> Dict[str, Any]:
+            self.apps.pop(name, None)
+            lease = self.leases.get(app.lease or "")
+            if lease is not None:
+                lease.apps.discard(name)
+                self.save_lease(lease)
+            for inst in list(self.instances.values()):
+                if inst.app == name and not inst.stopping:
+                    self.stop_instance(inst)
+            return {"name": name}
+
+        return Later(lambda store: store.delete_app(name), then=unregistered)
