@@ -93,6 +93,7 @@ class TaskFuture(concurrent.futures.Future):
 
     session: str = ""
     window: Optional["Window"] = None   # the connection's window, until the answer arrives
+    tag: int = 0                        # its name on this connection: (client id, tag)
 
     def __init__(self) -> None:   # the base class's, without the Condition
         self._cond: Optional[threading.Condition] = None
@@ -455,6 +456,7 @@ class Connection:
         self._window.take(self._check_alive)   # a dead I/O thread resolves nothing: no waiting forever
         fut.window = self._window
         try:
+            fut.tag = next(self._tags)   # (cid, tag) names the task on the manager (keep_result, resends)
             self._push(("task", fut, sid, payload, decode_result, timeout))
         except BaseException:
             _settle(fut, exc=Unavailable("the task was not queued"))   # gives its place back
@@ -636,7 +638,7 @@ class Connection:
                 self._send(sock, self._submit(sid, [tag], True), [payload])
             elif item[0] == "task":
                 _, fut, sid, payload, decode_result, timeout = item
-                tag = next(self._tags)
+                tag = fut.tag
                 self._tasks[tag] = (fut, decode_result, sid, payload, timeout)
                 key = (sid, timeout)
                 tags, frames = batches.setdefault(key, ([], []))
@@ -646,6 +648,9 @@ class Connection:
                     self._send(sock, self._submit(sid, tags, False, timeout), frames)
                     del batches[key]
             else:                    # a control call, encoded and checked by its caller
+                for (sid, timeout), (tags, frames) in batches.items():   # tasks queued before it go first
+                    self._send(sock, self._submit(sid, tags, False, timeout), frames)
+                batches.clear()
                 _, fut, rid, method, frames, deadline = item
                 self._calls[rid] = (fut, deadline, method)
                 self._send_frames(sock, frames)

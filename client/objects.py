@@ -83,16 +83,22 @@ def put_object(obj: Any, *, session: Any = None, ttl: Optional[float] = None) ->
     return ObjectRef(r["key"], r["version"])
 
 
-def get_object(ref: Union[ObjectRef, str]) -> Any:
+def get_object(ref: Union[ObjectRef, str], wait: Optional[float] = None) -> Any:
     """The newest version of the object, read through the local cache (and, inside a
-    service instance, the executor's): only what the cache lacks crosses the network."""
+    service instance, the executor's): only what the cache lacks crosses the network.
+    ``wait``: seconds (at most 60) to wait for an object not put yet, such as a task's result
+    kept for another task (mesh/core/results.py); ``NotFound`` if it is not put by then."""
     key = ref if isinstance(ref, str) else ref.key
+    args: Dict[str, Any] = {"key": key}
+    if wait is not None:
+        args["wait"] = float(wait)
     cache_endpoint = os.environ.get("ZMESH_OBJECT_CACHE")
     reader = _conn(cache_endpoint, plain=True) if cache_endpoint else _conn()
     with _lock:
         have = cache.version(key)
     for _ in range(2):
-        header, data = reader.call_blob("get_object", {"key": key, "have": have})
+        header, data = reader.call_blob("get_object", {**args, "have": have},
+                                        timeout=None if wait is None else wait + reader.settings.request_timeout)
         with _lock:
             entry = cache.apply(key, header, data)
             if entry is None:   # the answer does not fit what the cache holds now: ask for all of it

@@ -175,8 +175,9 @@ class RunnerService:
     def _call(self, method: Optional[str], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> ObjectFuture:
         if self._closed:
             raise FailedPrecondition(f"service {self.name} is closed")
-        call_args = [_argument(a) for a in args]
-        call_kwargs = {k: _argument(v) for k, v in kwargs.items()}
+        argument = self._runner._argument
+        call_args = [argument(a) for a in args]
+        call_kwargs = {k: argument(v) for k, v in kwargs.items()}
         if self._kind != "object" or method == WARMUP:
             return ObjectFuture(self._session.session.submit((self._descriptor.key, method, call_args,
                                                               call_kwargs, 0)), self)
@@ -221,10 +222,12 @@ def _public_methods(cls: Any) -> List[str]:
     return [n for n, _ in inspect.getmembers(cls, callable) if not n.startswith("_")]
 
 
-def _argument(value: Any) -> Any:
-    """An ObjectFuture becomes its value here (waiting for it: the known gap in docs/runner.md);
-    an ObjectRef travels as it is and is read on the executor."""
-    return value.get() if isinstance(value, ObjectFuture) else value
+@dataclass(frozen=True)
+class PendingResult:
+    """An ObjectFuture passed as an argument before its call answered: the manager keeps that
+    call's answer as object ``key`` (mesh/core/results.py) and the executor running this call
+    reads it from there (client/runner_service.py), never through the client."""
+    key: str
 
 
 def app_spec(name: str, package: ObjectRef, digest: str, max_instances: Optional[int] = None,
@@ -426,6 +429,20 @@ class Runner:
                 yield by_future[done]
         except concurrent.futures.TimeoutError:
             raise DeadlineExceeded(f"not every call finished within {timeout}s", timeout=timeout) from None
+
+    def _argument(self, value: Any) -> Any:
+        """An argument as it travels: an ObjectRef as it is (read on the executor); an ObjectFuture
+        that has answered, as its value (the client has it already); one still running, as a
+        :class:`PendingResult` the executor reads, or (if it answered meanwhile) as its value."""
+        if not isinstance(value, ObjectFuture):
+            return value
+        fut = value._future
+        tag: int = getattr(fut, "tag", 0)
+        if tag and not fut.done():
+            key = secrets.token_hex(16)
+            if self._conn.call("keep_result", {"cid": self._conn.client_id, "tag": tag, "key": key})["kept"]:
+                return PendingResult(key)
+        return value.get()
 
     # -- objects --------------------------------------------------------------------
     def put_object(self, obj: Any) -> ObjectRef:

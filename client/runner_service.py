@@ -27,10 +27,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import cloudpickle
 
 from executor import Instance
+from mesh.errors import DeadlineExceeded, NotFound, from_wire
 
 from . import runner_package
 from .objects import ObjectRef, get_object, update_object
-from .runner import WARMUP
+from .runner import WARMUP, PendingResult
+
+PENDING_STEP = 30.0    # seconds one wait for another call's answer lasts (the manager allows up to 60)
+PENDING_WAIT = 3600.0  # seconds a call waits for an argument that is another call's answer
 
 ins = Instance()
 MAX_SERVICES = 64                  # descriptors (and their objects) kept per process, least recently used out
@@ -83,7 +87,26 @@ def _service(key: str) -> Tuple[str, Any, Dict[str, Any]]:
 
 
 def _resolve(value: Any) -> Any:
-    return get_object(value) if isinstance(value, ObjectRef) else value
+    if isinstance(value, ObjectRef):
+        return get_object(value)
+    if isinstance(value, PendingResult):
+        return _pending(value.key)
+    return value
+
+
+def _pending(key: str) -> Any:
+    """Another call's answer, kept by the manager as object ``key`` once that call answers
+    (mesh/core/results.py): wait for it here, in bounded steps (up to PENDING_WAIT in all)."""
+    for _ in range(int(PENDING_WAIT / PENDING_STEP)):
+        try:
+            kept = get_object(key, wait=PENDING_STEP)
+        except NotFound:
+            continue   # not answered yet
+        if isinstance(kept, dict) and "error" in kept:   # that call failed: so does this one
+            raise from_wire(kept["error"])
+        return cloudpickle.loads(kept)
+    raise DeadlineExceeded(f"an argument (the answer of another call) was not there within {PENDING_WAIT:g}s",
+                           timeout=PENDING_WAIT)
 
 
 def _pickled(result: Any, what: str) -> bytes:

@@ -68,24 +68,31 @@ class CacheProxy:
             if msg.cmd is not Cmd.REQUEST:
                 continue
             args, rid = msg.header.args, msg.header.rid
-            key, have = args.get("key"), args.get("have", 0)
-            if msg.header.method != "get_object" or not isinstance(key, str) or not isinstance(have, int):
-                err = InvalidArgument("the executor's object cache answers get_object {key: str, have: int} only")
+            key, have, wait = args.get("key"), args.get("have", 0), args.get("wait")
+            if msg.header.method != "get_object" or not isinstance(key, str) or not isinstance(have, int) \
+                    or wait is not None and not isinstance(wait, (int, float)):
+                err = InvalidArgument("the executor's object cache answers get_object {key: str, have: int, "
+                                      "wait?: number} only")
                 self._reply(identity, rid, error=err.to_wire())
                 continue
-            self._get(identity, rid, key, have, msg.header.token)
+            self._get(identity, rid, key, have, msg.header.token, wait)
 
-    def _get(self, identity: bytes, rid: int, key: str, have: int, token: Optional[str] = None) -> None:
+    def _get(self, identity: bytes, rid: int, key: str, have: int, token: Optional[str] = None,
+             wait: Any = None) -> None:
         waiting = self._waiters.setdefault(key, [])
         waiting.append((identity, rid, have, token))
         if len(waiting) == 1:
-            self._fetch(key, token)   # else one is in flight; this reader waits for it
+            self._fetch(key, token, wait)   # else one is in flight; this reader waits for it
 
-    def _fetch(self, key: str, token: Optional[str]) -> None:
+    def _fetch(self, key: str, token: Optional[str], wait: Any = None) -> None:
+        """Ask the manager; ``wait``: the reader's, for an object not put yet (a kept result)."""
         mrid = next(self._rids)
         self._fetching[mrid] = (key, token)
         self.fetches += 1
-        self._ask(Request(mrid, "get_object", {"key": key, "have": self.cache.version(key)}, token), [])
+        args = {"key": key, "have": self.cache.version(key)}
+        if wait is not None:
+            args["wait"] = wait
+        self._ask(Request(mrid, "get_object", args, token), [])
 
     def on_reply(self, msg: Message) -> bool:
         """Handle the manager's answer to one of our fetches; False if it was not ours."""

@@ -863,3 +863,44 @@ def test_a_temporary_application_reused_by_another_lease_passes_to_it(mesh: Mesh
     # When B ends too, nothing is left
     mesh.ok("release_lease", id=b)
     assert "tmp-app" not in mesh.core.apps
+
+
+# -- a result kept for another task (mesh/core/results.py) ---------------------------------------
+
+def test_a_kept_result_reaches_a_reader_waiting_for_it_without_its_client() -> None:
+    m = Mesh()
+    iid, inst = running(m, 1)
+    key = "ab" * 16
+    # Given a running task whose answer another call will read, and that reader already waiting
+    assert m.ok("keep_result", cid="c1", tag=1, key=key)["kept"] is True
+    sends = m.msg(b"reader", Request(77, "get_object", {"key": key, "have": 0, "wait": 5.0}))
+    assert not [s for s in sends if isinstance(s.record, Reply)], "it waits for the object"
+    # When the task answers
+    sends = m.msg(inst, Done([(1, None)]), [b"the-answer"])
+    # Then its client gets its answer, and the waiting reader gets the same bytes as an object
+    [reply] = [s for s in sends if isinstance(s.record, Reply) and s.peer == b"reader"]
+    assert reply.record.ok and reply.record.result["key"] == key and bytes(reply.payloads[0]) == b"the-answer"
+    assert [o for r in m.to(b"client", Result) for o in r.outcomes] == [(1, None)]
+    # And the object is bound to the task's session: it goes when the session closes
+    assert m.core.objects.items[key].session == "s1"
+    # A result already answered cannot be kept: its client has it
+    assert m.ok("keep_result", cid="c1", tag=1, key="cd" * 16)["kept"] is False
+
+
+def test_a_reader_waiting_for_a_result_never_put_gets_not_found_at_its_deadline(mesh: Mesh) -> None:
+    mesh.msg(b"reader", Request(5, "get_object", {"key": "ef" * 16, "have": 0, "wait": 1.0}))
+    sends = mesh.tick(1.5)
+    [reply] = [s.record for s in sends if isinstance(s.record, Reply) and s.record.rid == 5]
+    assert not reply.ok and reply.error["code"] == "not_found"
+    assert mesh.core.object_waiters == {}
+
+
+def test_a_failed_kept_result_is_stored_as_its_error() -> None:
+    m = Mesh()
+    iid, inst = running(m, 1)
+    key = "12" * 16
+    m.ok("keep_result", cid="c1", tag=1, key=key)
+    m.msg(inst, Done([(1, {"code": "task_failed", "message": "boom", "details": {}})]), [b""])
+    obj = m.core.objects.items[key]
+    assert obj.doc.kind == "doc" and obj.doc.value == {"error": {"code": "task_failed", "message": "boom",
+                                                                  "details": {}}}

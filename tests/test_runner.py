@@ -345,3 +345,29 @@ def test_a_killed_client_leaves_nothing_registered_once_its_lease_runs_out(mesh,
     assert client.get_session(sid).state == "closed"
     with pytest.raises(NotFound):
         client.conn.call_blob("get_object", {"key": package, "have": 0})
+
+
+def slow_value(x, delay):
+    time.sleep(delay)
+    return {"x": x, "pid": os.getpid(), "executor": os.environ["ZMESH_EXECUTOR_ID"]}
+
+
+def consume(v):
+    return v["x"] * 10, os.getpid()
+
+
+def test_an_object_future_argument_is_resolved_on_the_executor_not_through_the_client(mesh, client):
+    with Runner("chain-job") as rr:
+        produce = rr.service(slow_value)
+        use = rr.service(consume)
+        # Given a call still running, passed as the argument of another call
+        first = produce(7, 1.0)
+        second = use(first)
+        # Then the second call gets its value on its executor, and the client never waited for it:
+        # the first call's answer was kept by the manager for the second
+        assert not first.done(), "the dependent call was sent while the first still ran"
+        assert second.get(60)[0] == 70 and first.get(60)["x"] == 7
+        # And a failed argument fails the call that needed it
+        bad = rr.service(fail)("k")
+        with pytest.raises(TaskFailed):
+            use(bad).get(60)

@@ -26,6 +26,7 @@ from mesh.core import report
 from mesh.core.base import log
 from mesh.core.contexts import ContextRules
 from mesh.core.leases import LeaseRules
+from mesh.core.results import ResultRules
 from mesh.core.control import ControlRules, Later, WithBlob
 from mesh.core.effects import CPU, STORE, Call, Effect, Effects, Send
 from mesh.core.members import MemberRules
@@ -46,7 +47,7 @@ __all__ = ["Core", "Send", "Call", "Effect", "Effects", "STORE", "CPU", "Later",
 EXECUTOR_TRAFFIC = frozenset({Cmd.HEARTBEAT, Cmd.EXITED, Cmd.DRAIN, Cmd.REQUEST})  # what executors send
 
 
-class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ControlRules):
+class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, ControlRules):
     def __init__(self, settings: Optional[Settings] = None, secured: bool = False) -> None:
         super().__init__(settings or Settings(), secured)
         self.methods = self.control_methods()
@@ -95,7 +96,8 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ControlRules):
     def tick(self, now: float) -> Effects:
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
-        for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases, self.plan):
+        for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases,
+                     self.expire_object_waits, self.plan):
             try:
                 step()
             except Exception:  # a bug in one step must not stop the clock (heartbeats) for everyone

@@ -63,6 +63,8 @@ class Base:
         self._runs = itertools.count(1)            # numbers each start of a task's timeout clock
         self.closing: Dict[str, float] = {}        # closed session -> when its still running tasks are stopped
         self.leases: Dict[str, Lease] = {}         # what clients hold while they renew (mesh/core/leases.py)
+        # get_object calls waiting for a kept result to be put: key -> [(peer, rid, Waiting)]
+        self.object_waiters: Dict[str, List[Tuple[bytes, int, Any]]] = {}
         self.admitting: Set[bytes] = set()         # executors whose key is being checked
         self.plan_wanted = False                   # run the scheduler at the end of this round
         self.endpoint = ""                         # what ping reports; set by the loop
@@ -173,6 +175,25 @@ class Base:
     def close_session(self, s: Session, why: str) -> None:
         raise NotImplementedError
 
+    def wait_for_object(self, peer: bytes, rid: int, waiting: Any) -> None:
+        raise NotImplementedError
+
+    def object_reply(self, key: str, have: int, who: auth.Principal) -> Any:
+        raise NotImplementedError
+
+    def answer(self, peer: bytes, rid: int, method: str, step: Callable[[], Any]) -> None:
+        raise NotImplementedError
+
+    def reply(self, peer: bytes, rid: int, result: Any = None, error: Optional[MeshError] = None,
+              after_commit: bool = False) -> None:
+        raise NotImplementedError
+
+    def keep_answer(self, t: Task, err: Optional[Dict[str, Any]], payload: Any) -> None:
+        raise NotImplementedError
+
+    def persist_object(self, obj: Any, ops: Optional[List[Any]] = None) -> None:
+        raise NotImplementedError
+
     def attach(self, lid: Optional[str], who: auth.Principal) -> Optional[Lease]:
         raise NotImplementedError
 
@@ -196,9 +217,6 @@ class Base:
         raise NotImplementedError
 
     def delete_objects(self, keys: List[str]) -> None:
-        raise NotImplementedError
-
-    def persist_object(self, obj: Any, ops: Optional[List[Any]] = None) -> None:
         raise NotImplementedError
 
 

@@ -49,6 +49,7 @@ EXECUTOR_FIELDS = ["id", "state", "hostname", "slots", "used_slots", "instances"
 TASK_FIELDS = ["id", "session", "state", "attempts", "created_at", "finished_at", "error"]
 
 Args = Dict[str, Any]
+MAX_OBJECT_WAIT = 60.0   # seconds a get_object may wait for an object to be put (its ``wait``)
 
 
 def _arg(args: Args, name: str, typ: type, required: bool = True) -> Any:
@@ -70,6 +71,16 @@ class WithBlob:
     def __init__(self, result: Any, blob: Any) -> None:
         self.result = result
         self.blob = blob
+
+
+class Waiting:
+    """An answer that waits for an object to be put (``get_object {key, have, wait}``): the reply
+    goes out when it is, or ``NotFound`` at ``deadline`` (mesh/core/results.py)."""
+
+    __slots__ = ("key", "have", "deadline", "who")
+
+    def __init__(self, key: str, have: int, deadline: float, who: Principal) -> None:
+        self.key, self.have, self.deadline, self.who = key, have, deadline, who
 
 
 class Later:
@@ -128,6 +139,8 @@ class ControlRules(Base):
                                                           lambda: later.then(value) if later.then else value),
                            fail=lambda exc: self.answer(peer, rid, method,
                                                         lambda: later.fail(exc) if later.fail else _raise(exc))))
+        elif isinstance(result, Waiting):
+            self.wait_for_object(peer, rid, result)
         else:
             self.reply(peer, rid, result=result, after_commit=True)
 
@@ -429,7 +442,15 @@ class ControlRules(Base):
 
     def do_get_object(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
         have = _arg(args, "have", int, required=False) or 0
-        key = self._object(_arg(args, "key", str), who)
+        key = _arg(args, "key", str)
+        wait = args.get("wait")
+        if key not in self.objects.items and isinstance(wait, (int, float)) and not isinstance(wait, bool) \
+                and 0 < wait <= MAX_OBJECT_WAIT:   # a result still being computed (mesh/core/results.py)
+            return Waiting(key, have, self.now + wait, who)
+        return self.object_reply(key, have, who)
+
+    def object_reply(self, key: str, have: int, who: Principal) -> Any:
+        key = self._object(key, who)
         header, data = self.objects.get(key, have)
         return header if data is None else WithBlob(header, data)
 

@@ -254,6 +254,8 @@ class TaskRules(Base):
                 s.running -= 1
                 s.counts[state] += 1
             finish(t, state, None if err is None else _json(err))
+            if t.keep is not None:   # another task will read this answer on its executor
+                self.keep_answer(t, err, payload)
             observe(now - t.created_at)
             items.append((t.tag, err))
             frames.append(payload if err is None else b"")

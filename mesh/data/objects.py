@@ -63,10 +63,12 @@ class Objects:
             raise NotFound(f"object {key!r} does not exist (deleted, expired, or its session closed)", key=key)
         return obj
 
-    def put(self, kind: str, data: bytes, session: Optional[str], expires_at: Optional[float]) -> StoredObject:
+    def put(self, kind: str, data: bytes, session: Optional[str], expires_at: Optional[float],
+            key: Optional[str] = None) -> StoredObject:
+        """A new object; ``key``: one drawn by a client (128 random bits or more), else drawn here."""
         if kind not in KINDS:
             raise InvalidArgument(f"object kind must be one of {KINDS}", argument="kind")
-        key = secrets.token_hex(16)   # 128 bits: an unbound object's key is its capability
+        key = key or secrets.token_hex(16)   # 128 bits: an unbound object's key is its capability
         obj = StoredObject(key, Document.from_wire(kind, data, 1, keep_encoded=True), session, expires_at)
         self.items[key] = obj
         return obj

@@ -43,7 +43,8 @@ VIEWER = frozenset({"stats", "metrics", "get_application", "find_applications", 
                     "get_object"})
 USER = frozenset({"create_session", "open_session", "close_session", "write_context", "cancel_task",
                   "submit", "create_lease", "renew_lease", "release_lease",
-                  "register_temporary_application", "unregister_temporary_application"}) | OBJECT_WRITES   # a viewer writes nothing
+                  "register_temporary_application", "unregister_temporary_application",
+                  "keep_result"}) | OBJECT_WRITES   # a viewer writes nothing
 # everything else (register_application, unregister_application, drain_executor, users, robots, executor
 # keys) is admin
 

@@ -72,7 +72,7 @@ class Task:
     """One unit of work.  ``__slots__``: the manager may hold 100,000s of these."""
 
     __slots__ = ("id", "sid", "client", "cid", "tag", "payload", "attempt", "state", "instance", "created_at",
-                 "recorded", "timeout", "run")
+                 "recorded", "timeout", "run", "keep")
 
     def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0,
                  cid: str = "", created_at: Optional[float] = None) -> None:
@@ -89,6 +89,7 @@ class Task:
         self.recorded = False    # its row is in the store's ``tasks`` table (it outlived record_after)
         self.timeout: Optional[float] = None   # seconds one attempt may run on an instance
         self.run = 0             # which start of its timeout clock is current (stale heap entries differ)
+        self.keep: Optional[str] = None   # also store its answer as this object (mesh/core/results.py)
 
 
 @dataclass
