@@ -1,7 +1,7 @@
-"""The benchmarks run end to end (scripts/bench.py and bench_context.py, --quick) and report
-every figure.  They assert that the benchmarks work, not how fast zeromesh is; the one
-behaviour checked is that a one-op patch to a 10 MiB context ships a patch (>= 100x fewer
-bytes than replacing it)."""
+"""The benchmarks run end to end (scripts/bench.py, bench_context.py, bench_hotpath.py, bench_flood.py and
+bench_runner.py, small or --quick) and report every figure.  They assert that the benchmarks work, not how
+fast zeromesh is; the one behaviour checked is that a one-op patch to a 10 MiB context ships a patch
+(>= 100x fewer bytes than replacing it)."""
 from __future__ import annotations
 
 import json
@@ -151,3 +151,43 @@ def test_bench_flood_small_reports_evictions_and_the_other_clients_latency(tmp_p
     assert set(res["goals"]) == {"no_eviction", "p99_within_5x"}, res["goals"]
     assert res["settings"]["heartbeat_interval"] == 1.0 and res["settings"]["liveness"] == 3  # default timers
     assert "goal 1, no executor evicted" in text and "flood p99 / idle p99" in text
+
+
+def test_bench_runner_quick_reports_runner_registered_ratios_and_ray_missing(tmp_path):
+    """Ray is not needed: the Ray child is pointed at a module that does not exist, which must
+    come back as "not installed" with no figures (the path a machine without Ray takes)."""
+    out = tmp_path / "runner.json"
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_runner.py"), "--quick", "--calls", "200",
+                             "--latency", "20", "--silent", "--json", str(out), "--ray-module", "zeromesh_no_such_ray"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        stdout, _ = proc.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)   # the script ends its mesh (by PID) on SIGTERM
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+        raise
+    text = stdout.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    res = json.loads(out.read_text())
+
+    [run] = res["runs"]
+    for key in ("runner_cold_s", "registered_cold_s", "cold_ratio", "counter_cold_s",
+                "runner_p50_us", "runner_p99_us", "registered_p50_us", "registered_p99_us", "p50_ratio",
+                "runner_tasks_per_s", "registered_tasks_per_s", "throughput_ratio",
+                "counter_p50_us", "counter_p99_us", "counter_p50_ratio", "counter_tasks_per_s",
+                "counter_throughput_ratio"):
+        assert _positive(run[key]), (key, run)
+    assert run["cold_ratio"] == round(run["runner_cold_s"] / run["registered_cold_s"], 3)
+    assert run["throughput_ratio"] == round(run["runner_tasks_per_s"] / run["registered_tasks_per_s"], 3)
+    assert run["runner_p99_us"] >= run["runner_p50_us"] and run["counter_p99_us"] >= run["counter_p50_us"]
+    assert run["runner_cold_s"] >= run["runner_first_call_s"] > 0, run   # the parts fit in the whole
+    assert run["counter_in_order"] is True   # the object service applied its calls in order
+    assert run["latency_samples"] == {"runner": 20, "registered": 20, "counter": 20}, run["latency_samples"]
+    assert res["summary"]["throughput_ratio"]["median"] == run["throughput_ratio"]
+    assert res["ray"]["available"] is False and res["ray"]["reason"].startswith("not installed"), res["ray"]
+    assert "runs" not in res["ray"] and res["vs_ray"] == {}   # no figure made up for a missing peer
+    assert "ray: not installed" in text and "min" in text and "median" in text
