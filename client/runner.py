@@ -240,6 +240,15 @@ def app_spec(name: str, package: ObjectRef, digest: str, max_instances: Optional
     return {"metadata": {"name": name, "description": description}, "spec": spec}
 
 
+def _calling_session() -> Optional[str]:
+    """The session of the runner-service call this code runs in (a nested Runner), else None."""
+    service = sys.modules.get("client.runner_service")
+    if service is None or not os.environ.get("ZMESH_RUNNER_PACKAGE"):
+        return None
+    sid: Optional[str] = service.ins.session_id()
+    return sid
+
+
 def _is_runner_app(app: Any) -> bool:
     return SERVICE_MODULE in list(getattr(app, "arguments", None) or [])
 
@@ -271,6 +280,13 @@ class Runner:
         self.package: Optional[ObjectRef] = None
         self.lease: Optional[str] = None          # everything this runner creates ends with it
         self._renewing = threading.Event()
+        # inside a runner service's call: a nested runner on that call's application and session,
+        # whose lifecycle (package, application, lease) belongs to the outer runner
+        self.nested_session = _calling_session()
+        if self.nested_session is not None:
+            self.package = ObjectRef(os.environ["ZMESH_RUNNER_PACKAGE"], 1)
+            self.digest = os.environ.get("ZMESH_RUNNER_HASH", "")
+            return
         try:
             self.lease = self._client.create_lease(lease_ttl)["id"]
             threading.Thread(target=self._renew, args=(lease_ttl,), daemon=True,
@@ -312,6 +328,12 @@ class Runner:
         if not isinstance(warmup, int) or warmup < 0:
             raise ValueError("warmup must be a non-negative number of calls")
         fixed = kind == "object" or autoscale is False
+        if self.nested_session is not None:
+            if fixed:
+                raise ValueError("inside a runner service only function and class services are possible: they "
+                                 "share the calling service's session (an object or a fixed service needs its own)")
+            return self._service(obj, kind, Session(session_id=self.nested_session, connection=self._conn), None,
+                                 warmup)
         ctx = _session_context(obj)
         sid = ctx.session_id if ctx is not None else None
         app = ctx.application_name if ctx is not None and ctx.application_name else self.name
@@ -325,6 +347,10 @@ class Runner:
             if own_app is not None:
                 self._unregister(own_app)
             raise
+        return self._service(obj, kind, session, own_app, warmup)
+
+    def _service(self, obj: Any, kind: str, session: Session, own_app: Optional[str], warmup: int) -> RunnerService:
+        nested = self.nested_session is not None
         try:
             desc = {"package": self.package.key if self.package else "", "hash": self.digest, "kind": kind,
                     "target": b"", "state": None}
@@ -334,7 +360,8 @@ class Runner:
                 desc["target"] = self._dumps(obj)
             descriptor = self._put(pickle.dumps(desc), session=session.id(), blob=True)
         except BaseException:
-            session.close()
+            if not nested:
+                session.close()
             if own_app is not None:
                 self._unregister(own_app)
             raise
@@ -479,6 +506,8 @@ class Runner:
             raise FailedPrecondition(f"runner {self.name!r} is closed")
 
     def _close_service(self, svc: RunnerService) -> None:
+        if self.nested_session is not None:
+            return   # the calling service's session: the outer runner's to close
         try:
             svc._session.close()
         finally:

@@ -371,3 +371,28 @@ def test_an_object_future_argument_is_resolved_on_the_executor_not_through_the_c
         bad = rr.service(fail)("k")
         with pytest.raises(TaskFailed):
             use(bad).get(60)
+
+
+def inner(x):
+    return x * 10, os.getpid()
+
+
+def outer(x):
+    from client import Runner as NestedRunner
+    with NestedRunner("rec-job") as nested:   # inside a runner service: the same application and session
+        value, pid = nested.service(inner)(x).get(60)
+        assert nested.nested_session is not None
+        return value + 1, pid, os.getpid()
+
+
+def test_code_in_a_runner_service_opens_a_runner_and_calls_services_from_there(mesh, client):
+    with Runner("rec-job") as rr:
+        svc = rr.service(outer)
+        # Given a service whose code opens a Runner itself (Flame's RecursiveService)
+        value, inner_pid, outer_pid = svc(4).get(120)
+        # Then the nested call ran on another instance of the same session, and came back through it
+        assert value == 41 and inner_pid != outer_pid
+        # And the nested runner left the session to the outer one: it still serves
+        assert svc(1).get(120)[0] == 11
+        assert client.get_session(str(svc._session.id)).state == "open"
+    assert client.get_application("rec-job") is None, "the outer runner owns the lifecycle"

@@ -37,7 +37,7 @@ RANK = {"instance": 0, "viewer": 1, "user": 2, "admin": 3}
 PUBLIC = frozenset({"ping", "login"})
 OBJECT_WRITES = frozenset({"put_object", "update_object", "patch_object", "delete_object"})
 # what a service instance may call (for its owner: see Principal); nothing else
-INSTANCE = frozenset({"ping", "get_object"}) | OBJECT_WRITES
+INSTANCE = frozenset({"ping", "get_object", "open_session", "submit", "keep_result"}) | OBJECT_WRITES
 VIEWER = frozenset({"stats", "metrics", "get_application", "find_applications", "find_executors", "get_executor",
                     "get_session", "find_sessions", "find_tasks", "get_task", "get_context", "whoami",
                     "get_object"})
