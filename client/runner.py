@@ -264,8 +264,13 @@ class Runner:
 
     def __init__(self, name: str, fail_if_exists: bool = False, *, excludes: Sequence[str] = (),
                  manager: Optional[str] = None, connection: Optional[Connection] = None,
-                 root: Optional[str] = None, lease_ttl: float = LEASE_TTL) -> None:
+                 root: Optional[str] = None, lease_ttl: float = LEASE_TTL,
+                 dependencies: Sequence[str] = ()) -> None:
         self.name = name
+        if isinstance(dependencies, str) or not all(isinstance(d, str) and d for d in dependencies):
+            raise InvalidArgument("dependencies is a list of pip requirements, e.g. ['numpy==2.*']",
+                                  argument="dependencies")
+        self.dependencies = list(dependencies)   # installed on each executor, once per set (docs/runner.md)
         self.root = os.path.abspath(root or os.getcwd())
         self._own_conn = connection is None
         self._conn = connection or Connection(manager)
@@ -353,7 +358,7 @@ class Runner:
         nested = self.nested_session is not None
         try:
             desc = {"package": self.package.key if self.package else "", "hash": self.digest, "kind": kind,
-                    "target": b"", "state": None}
+                    "target": b"", "state": None, "dependencies": self.dependencies}
             if kind == "object":   # the object's checkpoint: (calls applied, the object, the last result)
                 desc["state"] = self._put(pickle.dumps((0, self._dumps(obj), None)), session=session.id()).key
             else:

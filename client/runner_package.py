@@ -116,3 +116,51 @@ def unpack(data: bytes, digest: str, base: str) -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+# -- dependencies ----------------------------------------------------------------------------------
+
+DEPS_TIMEOUT = 1800.0   # seconds one pip install of a runner's dependencies may take
+
+
+def dependencies_key(deps: Sequence[str]) -> str:
+    """The name of a dependency set's directory: its requirements (sorted) and this Python's version."""
+    import sys
+    text = "\n".join(sorted(deps)) + f"\npython {sys.version_info[0]}.{sys.version_info[1]}"
+    return "deps-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def install(deps: Sequence[str], root: str) -> str:
+    """Install ``deps`` (pip requirement strings, paths or wheel files) once per machine and set into
+    ``root/deps-<hash>`` and return that directory, to go first on ``sys.path``.
+
+    pip installs into a temporary directory beside it (``--target``: a site directory of its own, no
+    interpreter copy, so a service starts in milliseconds), which is then renamed into place: a
+    half-installed set is never used, and instances racing on the same set share one.  pip reads its
+    usual configuration from the environment, so an offline machine points it at a wheel directory
+    or a local index (``PIP_NO_INDEX=1 PIP_FIND_LINKS=/opt/wheels``, or ``PIP_INDEX_URL``) in the
+    executor's environment.  A failed install raises RuntimeError with pip's last lines."""
+    import subprocess
+    import sys
+    path = os.path.join(root, dependencies_key(deps))
+    if os.path.isdir(path):
+        return path
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".deps-", dir=root)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                               "--no-input", "--target", tmp, *deps], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=DEPS_TIMEOUT)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            raise RuntimeError(f"installing the runner's dependencies {list(deps)} failed (pip exit "
+                               f"{proc.returncode}):\n{tail}")
+        try:
+            os.rename(tmp, path)
+        except OSError:   # another instance installed the same set first: use theirs
+            if not os.path.isdir(path):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -67,6 +67,13 @@ def _package(key: str, digest: str) -> str:
     return path
 
 
+def _dependencies(deps: List[str]) -> None:
+    """The runner's ``dependencies``, installed once per machine and set, first on sys.path."""
+    path = runner_package.install(deps, package_root())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def _service(key: str) -> Tuple[str, Any, Dict[str, Any]]:
     """(kind, function or constructed instance or None, descriptor) of one service, cached per process."""
     found = _services.get(key)
@@ -75,6 +82,8 @@ def _service(key: str) -> Tuple[str, Any, Dict[str, Any]]:
         return found
     desc: Dict[str, Any] = pickle.loads(get_object(key))
     _package(desc["package"], desc["hash"])
+    if desc.get("dependencies"):
+        _dependencies(desc["dependencies"])
     target = None
     if desc["kind"] != "object":          # an object comes from its checkpoint (_stateful)
         target = cloudpickle.loads(desc["target"])

@@ -396,3 +396,46 @@ def test_code_in_a_runner_service_opens_a_runner_and_calls_services_from_there(m
         assert svc(1).get(120)[0] == 11
         assert client.get_session(str(svc._session.id)).state == "open"
     assert client.get_application("rec-job") is None, "the outer runner owns the lifecycle"
+
+
+def _wheel(directory: pathlib.Path, name: str, version: str, source: str) -> pathlib.Path:
+    """A minimal pure-Python wheel, built by hand (no build tools, no network)."""
+    import base64
+    import hashlib
+    import zipfile
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": source,
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: zeromesh-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for fname, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{fname},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    with zipfile.ZipFile(path, "w") as zf:
+        for fname, text in files.items():
+            zf.writestr(fname, text)
+        zf.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def uses_dependency(x):
+    import zmesh_dep_probe
+    return zmesh_dep_probe.triple(x), zmesh_dep_probe.__file__
+
+
+def test_dependencies_are_installed_once_per_set_on_the_executors(mesh, tmp_path_factory, monkeypatch):
+    # Given a wheel the executors can install offline (pip finds it in a local directory)
+    wheels = tmp_path_factory.mktemp("wheels")
+    _wheel(wheels, "zmesh_dep_probe", "1.0", "def triple(x):\n    return 3 * x\n")
+    with Runner("deps-job", dependencies=[str(next(wheels.iterdir()))]) as rr:
+        # When a service imports it
+        value, where = rr.service(uses_dependency)(14).get(180)
+        # Then it was installed into the executor's runner directory, keyed by the dependency set
+        assert value == 42 and "/runner/deps-" in where
+        again = rr.service(uses_dependency)(1).get(60)[1]   # (on either executor: each installs the set once)
+        assert again.split("/runner/")[1] == where.split("/runner/")[1], "the same set, the same directory name"
+    with pytest.raises(TaskFailed, match="installing the runner's dependencies"):   # a clear error, not a hang
+        with Runner("deps-bad", dependencies=[str(wheels / "nope-0.1-py3-none-any.whl")]) as rr:
+            rr.service(uses_dependency)(1).get(180)
