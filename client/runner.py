@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
 import cloudpickle
 
 from mesh.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError, NotFound
+from mesh.model.spec import RUNNER_HASH_ENV
 
 from . import runner_package
 from .api import Client
@@ -46,7 +47,7 @@ LEASE_TTL = 30.0   # seconds the mesh keeps a runner's things after its client s
 SERVICE_MODULE = "client.runner_service"
 MAX_SESSION_ID = 128
 WARMUP = "__warmup__"   # the method name the runner service loads for and answers without running anything
-PACKAGE_ENV, HASH_ENV = "ZMESH_RUNNER_PACKAGE", "ZMESH_RUNNER_HASH"
+PACKAGE_ENV, HASH_ENV = "ZMESH_RUNNER_PACKAGE", RUNNER_HASH_ENV
 # zeromesh's own packages travel by reference (executors have them)
 _OWN_ROOTS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p)
                    for p in ("mesh", "executor", "client"))

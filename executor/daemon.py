@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import zmq
 
 from mesh.errors import InvalidArgument, ProtocolError
-from mesh.model.spec import AppSpec
+from mesh.model.spec import RUNNER_HASH_ENV, AppSpec
 from mesh.ops import keys, sdnotify
 from mesh.ops.config import Settings
 from mesh.ops.log import event
@@ -58,6 +59,7 @@ class Child:
     stopping: bool = False
     kill_at: float = 0.0
     reason: str = ""
+    package: str = ""        # a runner instance's package hash (its unpacked directory in runner/)
 
     def start_error(self) -> str:
         """What the guard said when the service could not be executed ("" if it could)."""
@@ -160,8 +162,22 @@ class ExecutorDaemon:
             if guarded:
                 os.close(write_fd)
         self.children[iid] = Child(iid, app.name, proc, log_path, guarded, read_fd, app.command,
-                                   app.working_directory or "")
+                                   app.working_directory or "", package=app.environments.get(RUNNER_HASH_ENV, ""))
         event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid, guarded=guarded)
+
+    def _sweep_packages(self) -> None:
+        """Remove the runner packages unpacked here that no instance of this executor uses any more
+        (their runner closed or its lease ended: its instances were stopped).  Dependency sets
+        (``deps-*``) stay: they are a cache shared by runners."""
+        root = os.path.join(self.run_dir, "runner")
+        in_use = {c.package for c in self.children.values()}
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return
+        for name in names:
+            if name not in in_use and not name.startswith(("deps-", ".")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     def _stop(self, iid: str, grace: Optional[float] = None, reason: str = "stopped") -> None:
         child = self.children.get(iid)
@@ -203,6 +219,8 @@ class ExecutorDaemon:
             del self.children[iid]
             if self.cgroups is not None:    # whatever the instance left behind (its guard SIGKILLed, say)
                 self.cgroups.release(iid)
+            if child.package:
+                self._sweep_packages()
             error = child.start_error()
             if error and code == guard.CANNOT_EXECUTE:   # what Popen would have raised without a guard
                 where = f" in {child.cwd}" if child.cwd else ""

@@ -439,3 +439,16 @@ def test_dependencies_are_installed_once_per_set_on_the_executors(mesh, tmp_path
     with pytest.raises(TaskFailed, match="installing the runner's dependencies"):   # a clear error, not a hang
         with Runner("deps-bad", dependencies=[str(wheels / "nope-0.1-py3-none-any.whl")]) as rr:
             rr.service(uses_dependency)(1).get(180)
+
+
+def package_dir(x):
+    return os.getcwd()   # the runner service works in the unpacked package
+
+
+def test_the_unpacked_package_is_removed_from_the_executors_once_the_runner_closes(mesh, client):
+    with Runner("sweep-job") as rr:
+        svc = rr.service(package_dir)
+        where = {svc(i).get(60) for i in range(20)}
+        assert all(os.path.isdir(p) and "/runner/" in p for p in where)
+    wait_until(lambda: not any(os.path.exists(p) for p in where), 30, interval=0.1,
+               what="the executors to remove the closed runner's unpacked package")

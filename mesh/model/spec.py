@@ -27,6 +27,9 @@ _META_KEYS = ("name", "description")
 _SPEC_KEYS = ("working_directory", "command", "arguments", "environments", "labels",
               "resreq", "max_instances", "max_retries", "prefetch", "task_timeout")
 DEFAULT_MAX_RETRIES = 3
+RUNNER_HASH_ENV = "ZMESH_RUNNER_HASH"
+"""In a runner application's ``environments``: the hash of its package (client/runner.py), which
+executors unpack into ``<run dir>/runner/<hash>`` and remove once no instance uses it."""
 MAX_SPEC_BYTES = 1 << 20
 """Largest spec file :func:`load_spec` reads (1 MiB; a real spec is a few hundred bytes).  At most
 this many bytes plus one are read, so ``/dev/zero`` or a log file given by mistake fails at once
