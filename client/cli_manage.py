@@ -7,7 +7,9 @@ error's exit code (see docs/operations.md, "Exit codes").
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import pickle
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -285,15 +287,47 @@ def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], 
         request = json.loads(input_)
     except ValueError as exc:
         raise InvalidArgument(f"--input is not JSON: {exc}") from None
+    from .session import _pickle
+    payload = _pickle(request, "the request")
     with Session(app, manager=manager) as s:
-        if count == 1:
-            answers = [s.invoke(request, timeout=timeout)]
+        if count == 1:   # answers decoded leniently: the service's classes need not be importable here
+            answers = [s._conn.invoke(s.id(), payload, _lenient_loads, timeout)]
         else:
-            answers = _invoke_many(s, request, count, timeout)
+            answers = _invoke_many(s, payload, count, timeout)
     for a in answers if count <= 20 or as_json else answers[-1:]:
+        a = _plain(a)
         click.echo(json.dumps(a, default=repr) if as_json or _jsonable(a) else repr(a))
     if count > 20 and not as_json:
         click.echo(f"({count} answers; the last shown)", err=True)
+
+
+class _Unknown:
+    """Stands in for a class of the service that this machine cannot import (its fields kept)."""
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Unknown,), {"__module__": module})
+
+
+def _lenient_loads(data: Any) -> Any:
+    """An answer, unpickled even where the service's own classes are not importable (the CLI runs
+    anywhere): such an object comes back as its fields."""
+    return _LenientUnpickler(io.BytesIO(bytes(data))).load()
+
+
+def _plain(v: Any) -> Any:
+    """A dataclass or NamedTuple answer, or one of a class unknown here, as its fields (JSON)."""
+    if isinstance(v, _Unknown):
+        return dict(vars(v))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return dataclasses.asdict(v)
+    if isinstance(v, tuple) and hasattr(v, "_asdict"):
+        return v._asdict()
+    return v
 
 
 def _jsonable(v: Any) -> bool:
@@ -307,7 +341,7 @@ def _jsonable(v: Any) -> bool:
 def _invoke_many(s: Any, request: Any, count: int, timeout: Optional[float]) -> List[Any]:
     """Submit ``count`` tasks; on a terminal, a progress bar with rate and ETA (quiet when piped)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    futs = [s.submit(request) for _ in range(count)]
+    futs = [s._conn.submit(s.id(), request, _lenient_loads) for _ in range(count)]
     show = sys.stderr.isatty()
     with Progress(TextColumn("invoke"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),

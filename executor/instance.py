@@ -363,8 +363,13 @@ class Instance:
         except Exception as exc:
             return _failure(exc, f"could not unpickle the request: {type(exc).__name__}: {exc}"), b""
         if self._req_type is not None and not isinstance(req, self._req_types):
-            return InvalidArgument(
-                f"{self._fn.__name__} takes {self._req_type.__name__}, got {type(req).__name__}").to_wire(), b""
+            if not isinstance(req, dict):
+                return InvalidArgument(
+                    f"{self._fn.__name__} takes {self._req_type.__name__}, got {type(req).__name__}").to_wire(), b""
+            try:   # a JSON object (zmesh invoke --input, any client): built into the declared type
+                req = _build(self._req_type, req, self._fn.__name__)
+            except InvalidArgument as exc:
+                return exc.to_wire(), b""
         try:
             result = self._fn(req) if self._takes_arg else self._fn()
             if result is not None and inspect.isawaitable(result):
@@ -381,6 +386,28 @@ class Instance:
 
 
 _NUMERIC = {float: (float, int), complex: (complex, float, int)}
+
+
+def _build(typ: type, fields: Dict[str, Any], fn: str) -> Any:
+    """``typ(**fields)`` for a request sent as a JSON object, with an error naming the field that is
+    missing or unknown (a dataclass, a NamedTuple or any class whose constructor takes keywords)."""
+    try:
+        params = inspect.signature(typ).parameters
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{fn} takes {typ.__name__}, which cannot be built from a JSON object") from None
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = sorted(k for k in fields if k not in names) if not takes_any else []
+    missing = [n for n in names if params[n].default is params[n].empty and n not in fields]
+    if unknown or missing:
+        what = "; ".join(x for x in (f"unknown field(s) {', '.join(unknown)}" if unknown else "",
+                                     f"missing field(s) {', '.join(missing)}" if missing else "") if x)
+        raise InvalidArgument(f"{fn} takes {typ.__name__} ({', '.join(names)}): {what}", type=typ.__name__,
+                              unknown=unknown, missing=missing)
+    try:
+        return typ(**fields)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{fn} takes {typ.__name__}: {exc}", type=typ.__name__) from None
 
 
 def _dumps(result: Any) -> bytes:

@@ -249,3 +249,15 @@ def test_app_that_cannot_start_fails_its_tasks_with_the_reason(mesh, client):
             assert s.invoke(("echo", "fine"), timeout=30) == "fine"
     finally:
         client.unregister_application("broken")
+
+
+def test_cli_invoke_builds_a_dataclass_request_from_json_and_prints_the_answer_as_json(mesh):
+    import json
+    cli = [sys.executable, "-m", "client.cli", "invoke", "echo-app", "--manager", mesh.endpoint]
+    ok = subprocess.run(cli + ["--input", '{"text": "hi"}'], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    answer = json.loads(ok.stdout)
+    assert answer["text"] == "HI" and isinstance(answer["count"], int)
+    bad = subprocess.run(cli + ["--input", '{"txt": "hi"}'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == errors.InvalidArgument.exit_code
+    assert "unknown field(s) txt" in bad.stderr and "missing field(s) text" in bad.stderr, bad.stderr
