@@ -108,6 +108,8 @@ class Application(Record):
     description: str = ""
     created_at: float = 0.0
     spec: Dict[str, Any] = field(default_factory=dict)
+    owner: str = ""                 # a temporary application's user (docs/runner.md)
+    lease: Optional[str] = None     # a temporary application ends with this lease
 
 
 @dataclass

@@ -30,7 +30,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
 
 import cloudpickle
 
-from mesh.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError, NotFound
+from mesh.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError, NotFound,
+                         PermissionDenied)
 from mesh.model.spec import RUNNER_HASH_ENV
 
 from . import runner_package
@@ -105,7 +106,8 @@ class ServiceSession:
 
 class ObjectFuture:
     """The result of one call.  ``get()`` the value, ``wait()`` for it, ``ref()`` to keep it in the
-    object cache; pass it as an argument to another call (resolved on the client: docs/runner.md)."""
+    object cache; pass it as an argument to another call (resolved on the executor that runs that
+    call, never through the client: docs/runner.md)."""
 
     def __init__(self, future: "concurrent.futures.Future[Any]", service: "RunnerService") -> None:
         self._future = future
@@ -114,6 +116,7 @@ class ObjectFuture:
         self._value: Any = None
         self._decoded = False
         self._ref: Optional[ObjectRef] = None
+        self._kept: Optional[str] = None   # its answer's object key once kept for another call ("" if not)
 
     def done(self) -> bool:
         return self._future.done()
@@ -306,6 +309,9 @@ class Runner:
                 if not _is_runner_app(existing):
                     raise FailedPrecondition(f"application {name!r} exists and is not a runner application",
                                              application=name)
+                if existing.lease and existing.owner != self._client.whoami()["name"]:
+                    raise PermissionDenied(f"application {name!r} is a temporary application of {existing.owner!r}: "
+                                           "choose another name", application=name)
             else:
                 try:
                     self._client.register_temporary_application(
@@ -472,9 +478,13 @@ class Runner:
         fut = value._future
         tag: int = getattr(fut, "tag", 0)
         if tag and not fut.done():
-            key = secrets.token_hex(16)
-            if self._conn.call("keep_result", {"cid": self._conn.client_id, "tag": tag, "key": key})["kept"]:
-                return PendingResult(key)
+            conn = value._service._runner._conn   # the connection that submitted it names it (cid, tag)
+            with value._lock:                     # one key per future, however many calls take it
+                if value._kept is None:
+                    r = conn.call("keep_result", {"cid": conn.client_id, "tag": tag, "key": secrets.token_hex(16)})
+                    value._kept = r.get("key") if r["kept"] else ""
+            if value._kept:
+                return PendingResult(value._kept)
         return value.get()
 
     # -- objects --------------------------------------------------------------------
@@ -501,6 +511,8 @@ class Runner:
             try:
                 self._client.renew_lease(self.lease or "")
             except NotFound:
+                if self._renewing.is_set():
+                    return   # released by close() meanwhile
                 log.error("runner %s lost its lease %s (not renewed in time): its application, sessions and "
                           "objects are gone", self.name, self.lease)
                 return

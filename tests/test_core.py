@@ -904,3 +904,51 @@ def test_a_failed_kept_result_is_stored_as_its_error() -> None:
     obj = m.core.objects.items[key]
     assert obj.doc.kind == "doc" and obj.doc.value == {"error": {"code": "task_failed", "message": "boom",
                                                                   "details": {}}}
+
+
+def test_only_its_owner_opens_sessions_on_a_temporary_application() -> None:
+    m = Mesh(secured=True)
+    from mesh.model.auth import Principal
+    m.core.tokens.add("tok-bo", Principal("bo", "user", "user"), float("inf"))
+    m.core.tokens.add("tok-ana", Principal("ana", "user", "user"), float("inf"))
+    lid = m.request("create_lease", token="tok-bo", ttl=30).result["id"]
+    m.request("register_temporary_application", token="tok-bo", spec={**ECHO, "metadata": {"name": "my-job"}},
+              lease=lid)
+    # bo's temporary application runs bo's code: ana may not run her sessions (and her token) in it
+    assert m.request("create_session", token="tok-ana", application="my-job").error["code"] == "permission_denied"
+    assert m.request("create_session", token="tok-bo", application="my-job").ok
+
+
+def test_a_result_kept_twice_has_one_key_and_a_failure_without_answer_reaches_its_readers() -> None:
+    m = Mesh()
+    iid, inst = running(m, 1)
+    first = m.ok("keep_result", cid="c1", tag=1, key="aa" * 16)["key"]
+    assert m.ok("keep_result", cid="c1", tag=1, key="bb" * 16)["key"] == first, "one key per task"
+    sends = m.msg(b"reader", Request(9, "get_object", {"key": first, "have": 0, "wait": 30.0}))
+    assert not [s for s in sends if isinstance(s.record, Reply)]
+    # When the task is cancelled (no answer ever comes), the reader hears its error at once
+    m.ok("cancel_task", id=1)
+    [reply] = [s for s in m.sent if isinstance(s.record, Reply) and s.peer == b"reader"]
+    assert reply.record.ok   # the kept error document
+    assert m.core.objects.items[first].doc.value["error"]["code"] == "cancelled"
+
+
+def test_a_kept_answer_arriving_after_its_session_closed_is_not_stored(mesh: Mesh) -> None:
+    iid, inst = running(mesh, 1)
+    key = mesh.ok("keep_result", cid="c1", tag=1, key="cc" * 16)["key"]
+    mesh.msg(b"reader", Request(9, "get_object", {"key": key, "have": 0, "wait": 30.0}))
+    mesh.ok("close_session", id="s1")
+    mesh.msg(inst, Done([(1, None)]), [b"late"])   # answered within close_grace
+    assert key not in mesh.core.objects.items
+    [reply] = [s.record for s in mesh.sent if isinstance(s.record, Reply) and s.peer == b"reader"]
+    assert not reply.ok and reply.error["code"] == "not_found"
+
+
+def test_removing_a_user_ends_the_tokens_of_the_instances_acting_for_them() -> None:
+    from mesh.model.auth import Principal, Tokens
+    tokens = Tokens({})
+    tokens.add("user-tok", Principal("ana", "user", "user"), float("inf"))
+    tokens.add("inst-tok", Principal("ana", "instance", "instance"), float("inf"))
+    tokens.add("other", Principal("bo", "instance", "instance"), float("inf"))
+    tokens.drop_principal("ana", "user")
+    assert set(tokens.live) == {list(tokens.live)[0]} and tokens.principal("other").name == "bo"

@@ -365,8 +365,9 @@ def test_an_object_future_argument_is_resolved_on_the_executor_not_through_the_c
         second = use(first)
         # Then the second call gets its value on its executor, and the client never waited for it:
         # the first call's answer was kept by the manager for the second
-        assert not first.done(), "the dependent call was sent while the first still ran"
-        assert second.get(60)[0] == 70 and first.get(60)["x"] == 7
+        third = use(first)   # the same pending future to a second call: one kept answer serves both
+        assert not first.done(), "the dependent calls were sent while the first still ran"
+        assert second.get(60)[0] == 70 and third.get(60)[0] == 70 and first.get(60)["x"] == 7
         # And a failed argument fails the call that needed it
         bad = rr.service(fail)("k")
         with pytest.raises(TaskFailed):

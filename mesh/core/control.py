@@ -252,6 +252,9 @@ class ControlRules(Base):
     # -- sessions and contexts ------------------------------------------------------------
     def do_create_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
         app = self._app(_arg(args, "application", str))
+        if app.lease is not None and not who.may_touch(app.owner):   # a user's temporary application runs
+            raise PermissionDenied(f"application {app.spec.name!r} is a temporary application of "   # their code
+                                   f"{app.owner!r}", application=app.spec.name)
         kind = _arg(args, "kind", str, required=False) or DOC
         if kind not in KINDS:
             raise InvalidArgument(f"context kind must be one of {KINDS}", argument="kind")

@@ -117,7 +117,8 @@ class LeaseRules(Base):
                 continue
             users = [s.id for s in self.sessions.values() if s.app == name and s.state == OPEN]
             if users:   # another runner reused it: the lease of one of its sessions takes it over
-                heir = next((x for x in self.leases.values() if x.sessions & set(users)), None)
+                heir = next((x for x in self.leases.values() if x.sessions & set(users) and x.owner == lease.owner),
+                            None)
                 app.lease = heir.id if heir is not None else None
                 if heir is not None:
                     heir.apps.add(name)

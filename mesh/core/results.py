@@ -21,7 +21,7 @@ from mesh.core.base import Base
 from mesh.core.control import Args, Waiting, _arg
 from mesh.errors import InvalidArgument, NotFound
 from mesh.model.auth import INSECURE, Principal
-from mesh.model.records import Task
+from mesh.model.records import OPEN, Task
 from mesh.wire.protocol import pack
 
 KEY = re.compile(r"[0-9a-f]{32,64}")
@@ -39,13 +39,18 @@ class ResultRules(Base):
         s = self.sessions.get(t.sid)
         if s is None or not who.may_touch(s.owner):
             raise NotFound(f"no task {tag} of client {cid}", tag=tag)
-        t.keep = key
-        return {"kept": True, "key": key}
+        if t.keep is None:
+            t.keep = key
+        return {"kept": True, "key": t.keep}   # one key per task, whoever asks again
 
     def keep_answer(self, t: Task, err: Optional[Dict[str, Any]], payload: Any) -> None:
         """Task ``t`` answered and a result was asked to be kept: store it, wake who waits."""
         key = t.keep
         assert key is not None
+        s = self.sessions.get(t.sid)
+        if s is None or s.state != OPEN:   # its session closed: its objects are gone, and so is this
+            self.object_put_failed(key)
+            return
         kind, data = ("blob", bytes(payload)) if err is None else ("doc", pack({"error": err}))
         obj = self.objects.put(kind, data, t.sid, None, key=key)
         self.persist_object(obj)
@@ -60,6 +65,11 @@ class ResultRules(Base):
         for peer, rid, waiting in self.object_waiters.pop(key, []):
             self.answer(peer, rid, "get_object", functools.partial(self.object_reply, waiting.key, waiting.have,
                                                                    waiting.who))
+
+    def object_put_failed(self, key: str) -> None:
+        """``key`` will never be put: those waiting for it hear NotFound now."""
+        for peer, rid, _ in self.object_waiters.pop(key, []):
+            self.reply(peer, rid, error=NotFound(f"object {key!r} will not be put: its session closed", key=key))
 
     def expire_object_waits(self) -> None:
         for key, waiters in list(self.object_waiters.items()):

@@ -303,6 +303,8 @@ class TaskRules(Base):
             if s is not None:
                 s.counts[state] += 1
             self.finish_record(t, state, text)
+            if t.keep is not None:   # a call waits for this answer on its executor: it fails too
+                self.keep_answer(t, err, b"")
             if t.client:
                 out.setdefault((t.client, t.sid), []).append((t.tag, err))
         for (client, sid), items in out.items():

@@ -286,6 +286,7 @@ class Tokens:
         self.live.pop(digest(token), None)
 
     def drop_principal(self, name: str, kind: str) -> None:
+        """End the tokens of a user or robot, and those of the instances that act for them."""
         for d, (p, _) in list(self.live.items()):
-            if p.name == name and p.kind == kind:
+            if p.name == name and p.kind in (kind, "instance"):
                 del self.live[d]
