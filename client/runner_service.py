@@ -19,6 +19,7 @@ call with a ``TypeError`` naming it (``TaskFailed`` on the client) instead of an
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
 import pickle
 import sys
@@ -40,6 +41,7 @@ ins = Instance()
 MAX_SERVICES = 64                  # descriptors (and their objects) kept per process, least recently used out
 _services: "collections.OrderedDict[str, Tuple[str, Any, Dict[str, Any]]]" = collections.OrderedDict()
 _packages: Dict[str, str] = {}     # hash -> unpacked directory
+_locks: List[int] = []             # shared locks on the packages this process uses (see _package)
 _states: Dict[str, List[Any]] = {}   # descriptor key of an object service -> [last seq applied, the object]
 
 
@@ -54,8 +56,13 @@ def package_root() -> str:
 
 def _package(key: str, digest: str) -> str:
     path = _packages.get(digest)
-    if path is None:
+    if path is None or not os.path.isdir(path):
         path = os.path.join(package_root(), digest)
+        os.makedirs(package_root(), exist_ok=True)
+        # a shared lock for this process's life: the executor removes only packages nobody holds
+        fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _locks.append(fd)
         if not os.path.isdir(path):
             path = runner_package.unpack(get_object(key), digest, package_root())
         _packages[digest] = path

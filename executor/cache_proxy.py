@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import zmq
 
 from mesh.data.cache import ObjectCache
-from mesh.errors import InvalidArgument, MeshError, ProtocolError
+from mesh.errors import InvalidArgument, MeshError, ProtocolError, Unavailable
 from mesh.ops.log import event
 from mesh.wire.protocol import Cmd, Message, Reply, Request, decode, encode
 
@@ -47,6 +48,8 @@ class CacheProxy:
         self._ask = ask_manager
         self._rids = itertools.count(1)
         self._fetching: Dict[int, Tuple[str, Optional[str]]] = {}   # our rid at the manager -> (key, token)
+        self._due: Dict[int, float] = {}              # our rid -> when to give up on its answer
+        self.fetch_timeout = 30.0                     # seconds a fetch may go unanswered (plus its wait)
         self._waiters: Dict[str, List[Waiter]] = {}  # key -> readers waiting, in arrival order
         self.fetches = 0
 
@@ -88,6 +91,7 @@ class CacheProxy:
         """Ask the manager; ``wait``: the reader's, for an object not put yet (a kept result)."""
         mrid = next(self._rids)
         self._fetching[mrid] = (key, token)
+        self._due[mrid] = time.monotonic() + self.fetch_timeout + (wait if isinstance(wait, (int, float)) else 0)
         self.fetches += 1
         args = {"key": key, "have": self.cache.version(key)}
         if wait is not None:
@@ -98,6 +102,7 @@ class CacheProxy:
         """Handle the manager's answer to one of our fetches; False if it was not ours."""
         reply: Reply = msg.header
         fetch = self._fetching.pop(reply.rid, None)
+        self._due.pop(reply.rid, None)
         if fetch is None:
             return False
         key, token = fetch
@@ -142,6 +147,19 @@ class CacheProxy:
                 self._reply(identity, rid, result={**base, "mode": "patches", "patches": patches})
             else:
                 self._reply(identity, rid, result={**base, "mode": "full"}, blob=entry.encoded())
+
+    def expire(self, everything: bool = False) -> None:
+        """Fetches the manager will not answer (a request lost with a manager restart or a reconnect):
+        their readers hear Unavailable and may ask again; with ``everything``, all of them (on reconnect)."""
+        now = time.monotonic()
+        for mrid in [r for r, due in self._due.items() if everything or due <= now]:
+            self._due.pop(mrid, None)
+            fetch = self._fetching.pop(mrid, None)
+            if fetch is None:
+                continue
+            err = Unavailable(f"no answer from the manager for object {fetch[0]!r}", key=fetch[0]).to_wire()
+            for identity, rid, _, _ in self._waiters.pop(fetch[0], []):
+                self._reply(identity, rid, error=err)
 
     def _reply(self, identity: bytes, rid: int, result: Any = None, error: Any = None, blob: Optional[bytes] = None) -> None:
         if error is not None:

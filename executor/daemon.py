@@ -8,6 +8,7 @@ which it also reaps child processes.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -111,6 +112,7 @@ class ExecutorDaemon:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = transport.dealer(self.manager, curve=self.curve)
+        self.cache.expire(everything=True)   # what was asked on the old connection is not answered
         self.live = transport.Liveness(self.live.interval, self.live.liveness)
         self._send(ExecHello(self.id, detect(self.slots, self.labels)))
 
@@ -166,18 +168,31 @@ class ExecutorDaemon:
         event(log, logging.INFO, "instance started", instance=iid, app=app.name, pid=proc.pid, guarded=guarded)
 
     def _sweep_packages(self) -> None:
-        """Remove the runner packages unpacked here that no instance of this executor uses any more
-        (their runner closed or its lease ended: its instances were stopped).  Dependency sets
-        (``deps-*``) stay: they are a cache shared by runners."""
+        """Remove the runner packages unpacked here that no instance uses any more (their runner
+        closed or its lease ended: its instances were stopped).  An instance holds a shared lock on
+        each package it uses (``<hash>.lock``, client/runner_service.py); a package whose lock can
+        be taken exclusively is nobody's.  Dependency sets (``deps-*``) stay: a cache shared by runners."""
         root = os.path.join(self.run_dir, "runner")
-        in_use = {c.package for c in self.children.values()}
         try:
             names = os.listdir(root)
         except OSError:
             return
         for name in names:
-            if name not in in_use and not name.startswith(("deps-", ".")):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            path = os.path.join(root, name)
+            if name.startswith(("deps-", ".")) or name.endswith(".lock") or not os.path.isdir(path):
+                continue
+            try:
+                fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue   # an instance uses it
+            else:
+                shutil.rmtree(path, ignore_errors=True)   # (the lock file stays: an instance may be opening it)
+            finally:
+                os.close(fd)
 
     def _stop(self, iid: str, grace: Optional[float] = None, reason: str = "stopped") -> None:
         child = self.children.get(iid)
@@ -301,6 +316,7 @@ class ExecutorDaemon:
             poller.unregister(self.cache.sock)
             if self.cache.sock in ready:
                 self.cache.on_instance()
+            self.cache.expire()
             if self.sock in ready:
                 for _ in range(1000):
                     try:

@@ -952,3 +952,19 @@ def test_removing_a_user_ends_the_tokens_of_the_instances_acting_for_them() -> N
     tokens.add("other", Principal("bo", "instance", "instance"), float("inf"))
     tokens.drop_principal("ana", "user")
     assert set(tokens.live) == {list(tokens.live)[0]} and tokens.principal("other").name == "bo"
+
+
+def test_a_lease_forgets_what_was_closed_or_deleted_before_it_ended(mesh: Mesh) -> None:
+    lid, sid, key = _leased(mesh)
+    extra = mesh.ok("put_object", blob=pack({"n": 2}), kind="doc", lease=lid)["key"]
+    mesh.ok("delete_object", key=extra)
+    mesh.ok("close_session", id=sid)
+    lease = mesh.core.leases[lid]
+    assert lease.objects == {key} and lease.sessions == set()
+    mesh.commit()
+    [(_, _, _, _, members)] = mesh.store.load_state().leases
+    assert members["objects"] == [key] and members["sessions"] == []
+    released = mesh.ok("release_lease", id=lid)
+    assert released["objects"] == 1
+    mesh.commit()
+    assert mesh.store.load_state().leases == []

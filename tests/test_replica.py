@@ -787,3 +787,18 @@ def test_the_cache_proxy_asks_with_each_readers_token_and_loses_none_across_a_ga
     answers = {ident: ans["result"]["version"] for ident, ans, _ in replies.sent}
     assert answers == {b"a": 4, b"b": 4} and len(replies.sent) == 2
     assert not proxy._waiters and not proxy._fetching
+
+
+def test_the_cache_proxy_gives_up_on_a_fetch_the_manager_never_answers():
+    # Given a reader whose fetch was lost (a manager restart, a reconnect)
+    proxy, asked, replies = _proxy()
+    proxy.fetch_timeout = 0.0
+    proxy._get(b"inst", 4, "k", 0)
+    # When its time is up, the reader hears Unavailable and nothing is left waiting
+    proxy.expire()
+    (identity, answer, _), = replies.sent
+    assert identity == b"inst" and answer["error"]["code"] == "unavailable"
+    assert not proxy._waiters and not proxy._fetching
+    # And the next reader of that key starts a fetch of its own
+    proxy._get(b"inst", 5, "k", 0)
+    assert len(asked) == 2

@@ -93,6 +93,10 @@ class ContextRules(Base):
         for key in keys:
             self.objects.items.pop(key, None)
             self.batch.deleted_objects.append(key)
+            for lease in self.leases.values():   # (few leases: one per runner)
+                if key in lease.objects:
+                    lease.objects.discard(key)
+                    self.save_lease(lease)
 
     def expire_objects(self) -> None:
         expired = self.objects.expired(self.now)

@@ -331,6 +331,10 @@ class ControlRules(Base):
         if s.running:   # running tasks may finish within close_grace; then their instances are stopped
             self.closing[s.id] = self.now + self.settings.close_grace
         self.delete_objects(self.objects.of_session(s.id))
+        for lease in self.leases.values():
+            if s.id in lease.sessions:
+                lease.sessions.discard(s.id)
+                self.save_lease(lease)
         self.plan_soon()
 
     def do_get_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ from mesh.model.records import OPEN, Task
 from mesh.wire.protocol import pack
 
 KEY = re.compile(r"[0-9a-f]{32,64}")
+MAX_WAITERS = 10_000   # get_object calls that may wait for objects at once
 
 
 class ResultRules(Base):
@@ -58,6 +59,11 @@ class ResultRules(Base):
 
     # -- get_object {wait} -----------------------------------------------------------------
     def wait_for_object(self, peer: bytes, rid: int, waiting: Waiting) -> None:
+        """Park a get_object until its object is put (it is authorized then, like any read)."""
+        if sum(len(w) for w in self.object_waiters.values()) >= MAX_WAITERS:
+            self.reply(peer, rid, error=NotFound(f"object {waiting.key!r} does not exist (and "
+                                                 f"{MAX_WAITERS} reads already wait)", key=waiting.key))
+            return
         self.object_waiters.setdefault(waiting.key, []).append((peer, rid, waiting))
 
     def object_put(self, key: str) -> None:
