@@ -367,7 +367,7 @@ class Runner:
             desc = {"package": self.package.key if self.package else "", "hash": self.digest, "kind": kind,
                     "target": b"", "state": None, "dependencies": self.dependencies}
             if kind == "object":   # the object's checkpoint: (calls applied, the object, the last result)
-                desc["state"] = self._put(pickle.dumps((0, self._dumps(obj), None)), session=session.id()).key
+                desc["state"] = self._put(pickle.dumps((0, self._dumps(obj), {})), session=session.id()).key
             else:
                 desc["target"] = self._dumps(obj)
             descriptor = self._put(pickle.dumps(desc), session=session.id(), blob=True)

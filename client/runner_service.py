@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import cloudpickle
 
 from executor import Instance
-from mesh.errors import DeadlineExceeded, NotFound, from_wire
+from mesh.errors import DeadlineExceeded, FailedPrecondition, NotFound, from_wire
 
 from . import runner_package
 from .objects import ObjectRef, get_object, update_object
@@ -42,6 +42,8 @@ MAX_SERVICES = 64                  # descriptors (and their objects) kept per pr
 _services: "collections.OrderedDict[str, Tuple[str, Any, Dict[str, Any]]]" = collections.OrderedDict()
 _packages: Dict[str, str] = {}     # hash -> unpacked directory
 _locks: List[int] = []             # shared locks on the packages this process uses (see _package)
+_dirty: Dict[str, str] = {}        # object services changed since their last checkpoint: key -> state key
+KEPT_OUTCOMES = 64                 # outcomes of an object's latest calls kept in its checkpoint, for retries
 _states: Dict[str, List[Any]] = {}   # descriptor key of an object service -> [last seq applied, the object]
 
 
@@ -133,21 +135,24 @@ def _pickled(result: Any, what: str) -> bytes:
 
 
 def _stateful(key: str, desc: Dict[str, Any], seq: int, method: str, args: Any, kwargs: Any) -> Optional[bytes]:
-    """Apply call ``seq`` of an object service to its object, and checkpoint it.
+    """Apply call ``seq`` of an object service to its object; the checkpoint follows per batch.
 
-    The object lives in this process between calls; after each call ``(seq, object, result)`` is
-    written to the service's state object (bound to its session).  A process that has not applied
-    ``seq - 1`` (a new instance after the last one was stopped, or one rebound to the session
-    after another served it) loads the checkpoint first; a call the checkpoint already holds (a
-    retry after an instance died between checkpoint and answer) returns the recorded result."""
+    The object lives in this process between calls.  Before a batch of answers leaves this
+    instance (``ins.before_answer``), ``(last call applied, object, {call: outcome})`` is written
+    to the service's state object (bound to its session), once for all the batch's calls: nothing
+    is answered that the checkpoint does not hold.  A process that has not applied ``seq - 1`` (a
+    new instance after the last one was stopped, or one rebound to the session after another served
+    it) loads the checkpoint first; a call the checkpoint already holds (a retry after an instance
+    died between checkpoint and answer) returns the recorded outcome instead of running again."""
     state = _states.get(key)
     if state is None or state[0] != seq - 1:
-        done, blob, last = pickle.loads(get_object(desc["state"]))
-        if done == seq:
-            if isinstance(last, tuple):   # ("raised", the pickled exception) the call ended with
-                raise cloudpickle.loads(last[1])
-            return last
-        state = [done, cloudpickle.loads(blob)]
+        done, blob, outcomes = pickle.loads(get_object(desc["state"]))
+        if seq <= done:   # applied already (a retry): its recorded outcome, never a second run
+            if seq not in outcomes:
+                raise FailedPrecondition(f"call {seq} of this object was applied and its outcome is no longer "
+                                         f"kept (the last {KEPT_OUTCOMES} are)")
+            return _replay(outcomes[seq])
+        state = [done, cloudpickle.loads(blob), outcomes]
         _states[key] = state
     obj = state[1]
     fn = getattr(obj, method)
@@ -164,10 +169,35 @@ def _stateful(key: str, desc: Dict[str, Any], seq: int, method: str, args: Any, 
             record = ("raised", cloudpickle.dumps(error))
         except Exception:
             record = ("raised", cloudpickle.dumps(RuntimeError(f"{type(error).__name__}: {error}")))
-    update_object(desc["state"], pickle.dumps((seq, _pickled(obj, f"the state of {type(obj).__name__}"), record)))
+    state[2][seq] = record
+    _dirty[key] = desc["state"]
     if error is not None:
         raise error
     return out
+
+
+def _replay(record: Any) -> Optional[bytes]:
+    if isinstance(record, tuple):   # ("raised", the pickled exception) the call ended with
+        raise cloudpickle.loads(record[1])
+    return record
+
+
+def _checkpoint() -> None:
+    """Write the checkpoints of the object services this batch changed (see _stateful)."""
+    while _dirty:
+        key, state_key = _dirty.popitem()
+        state = _states.get(key)
+        if state is None:
+            continue
+        done, obj, outcomes = state
+        for old in sorted(outcomes)[:-KEPT_OUTCOMES]:   # the recent outcomes stay, for retries
+            del outcomes[old]
+        try:
+            update_object(state_key, pickle.dumps((done, _pickled(obj, f"the state of {type(obj).__name__}"),
+                                                   outcomes)))
+        except BaseException:
+            _states.pop(key, None)   # not durable: the next call reloads the last checkpoint
+            raise
 
 
 @ins.entrypoint
@@ -182,6 +212,9 @@ def run(call: Any) -> Optional[bytes]:
         return _stateful(key, desc, seq, method, args, kwargs)
     fn = target if method is None else getattr(target, method)
     return _pickled(fn(*args, **kwargs), f"the result of {getattr(fn, '__qualname__', method or 'the function')}")
+
+
+ins.before_answer(_checkpoint)
 
 
 if __name__ == "__main__":

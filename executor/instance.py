@@ -51,6 +51,7 @@ class Instance:
         self._takes_arg = True
         self._req_type: Optional[type] = None
         self._req_types: Tuple[type, ...] = ()   # what isinstance accepts for it
+        self._hooks: List[Callable[[], None]] = []   # before_answer
         self._sid: Optional[str] = None
         self._replica = Replica()        # this session's context (mesh.data.replica: in order, gap -> snapshot)
         self._resyncing = False          # a RESYNC is out; the BIND that answers it has not arrived
@@ -348,9 +349,25 @@ class Instance:
                 self._flush()
                 started = time.monotonic()
 
+    def before_answer(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before each batch of answers leaves this instance (the runner's object
+        services write one checkpoint per batch there).  If it raises, every answer of the batch
+        is replaced by that error: nothing is answered that the hook could not make durable."""
+        self._hooks.append(hook)
+
     def _flush(self) -> None:
         if self._done:
             assert self._sock is not None
+            for hook in self._hooks:
+                try:
+                    hook()
+                except BaseException as exc:  # noqa: B902 - the batch fails, the instance lives on
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                        raise
+                    err = exc.to_wire() if isinstance(exc, MeshError) else _failure(exc)
+                    self._done = [(tid, err) for tid, _ in self._done]
+                    self._frames = [b""] * len(self._done)
+                    break
             transport.send(self._sock, encode(Done(self._done), self._frames), flags=0)
             self._done = []
             self._frames = []

@@ -453,3 +453,29 @@ def test_the_unpacked_package_is_removed_from_the_executors_once_the_runner_clos
         assert all(os.path.isdir(p) and "/runner/" in p for p in where)
     wait_until(lambda: not any(os.path.exists(p) for p in where), 30, interval=0.1,
                what="the executors to remove the closed runner's unpacked package")
+
+
+class Hoard:
+    def __init__(self):
+        self.items = []
+
+    def add(self, n):
+        self.items.append("x" * n)
+        return len(self.items)
+
+
+def test_a_call_whose_checkpoint_cannot_be_written_is_not_answered_as_done(tmp_path, workdir):
+    from client.local import LocalMesh
+    from conftest import FAST
+    from mesh.errors import ResourceExhausted
+    # Given a mesh whose objects may hold at most 64 KiB, and an object service that grows
+    env = {**FAST, "ZMESH_MAX_OBJECT_SIZE": str(64 * 1024)}
+    with LocalMesh(executors=1, slots=2, env=env, log_dir=str(tmp_path)) as m:
+        with Runner("hoard-job", manager=m.endpoint) as rr:
+            h = rr.service(Hoard())
+            assert h.add(20_000).get(60) == 1
+            # When a call makes the object too large to checkpoint
+            with pytest.raises(ResourceExhausted):
+                h.add(100_000).get(60)
+            # Then that call did not count: the object is as the last checkpoint left it
+            assert h.add(10).get(60) == 2
