@@ -130,6 +130,7 @@ class SessionInfo(Record):
     bytes_in: int = 0
     conflicts: int = 0
     resreq: Dict[str, Any] = field(default_factory=dict)
+    max_instances: Optional[int] = None   # the session's own bound on its instances, if any
 
 
 @dataclass

@@ -20,7 +20,6 @@ import inspect
 import logging
 import os
 import pickle
-import re
 import secrets
 import sys
 import sysconfig
@@ -162,14 +161,12 @@ class RunnerService:
     A function service is called directly; a class or object service through its public methods
     (``svc.multiply(2, 3)``).  Every call returns an :class:`ObjectFuture` at once."""
 
-    def __init__(self, runner: "Runner", target: Any, kind: str, session: ServiceSession, descriptor: ObjectRef,
-                 app: Optional[str]) -> None:
+    def __init__(self, runner: "Runner", target: Any, kind: str, session: ServiceSession, descriptor: ObjectRef) -> None:
         self._runner = runner
         self._target = target
         self._kind = kind
         self._session = session
         self._descriptor = descriptor
-        self._own_app = app           # the one-instance application registered for this service, if any
         self._closed = False
         self._order = threading.Lock()
         self._seq = 0                 # calls of an object service numbered 1, 2, ... (its checkpoint's order)
@@ -344,24 +341,14 @@ class Runner:
             if fixed:
                 raise ValueError("inside a runner service only function and class services are possible: they "
                                  "share the calling service's session (an object or a fixed service needs its own)")
-            return self._service(obj, kind, Session(session_id=self.nested_session, connection=self._conn), None,
-                                 warmup)
+            return self._service(obj, kind, Session(session_id=self.nested_session, connection=self._conn), warmup)
         ctx = _session_context(obj)
         sid = ctx.session_id if ctx is not None else None
         app = ctx.application_name if ctx is not None and ctx.application_name else self.name
-        own_app: Optional[str] = None
-        if fixed:   # (application_name does not apply: the one-instance bound is its own application's)
-            own_app = self._fixed_app(obj, kind)
-            app = own_app
-        try:
-            session = self._open_session(app, sid)
-        except BaseException:
-            if own_app is not None:
-                self._unregister(own_app)
-            raise
-        return self._service(obj, kind, session, own_app, warmup)
+        session = self._open_session(app, sid, 1 if fixed else None)   # fixed: one instance, its session's bound
+        return self._service(obj, kind, session, warmup)
 
-    def _service(self, obj: Any, kind: str, session: Session, own_app: Optional[str], warmup: int) -> RunnerService:
+    def _service(self, obj: Any, kind: str, session: Session, warmup: int) -> RunnerService:
         nested = self.nested_session is not None
         try:
             desc = {"package": self.package.key if self.package else "", "hash": self.digest, "kind": kind,
@@ -374,38 +361,21 @@ class Runner:
         except BaseException:
             if not nested:
                 session.close()
-            if own_app is not None:
-                self._unregister(own_app)
             raise
-        svc = RunnerService(self, obj, kind, ServiceSession(session), descriptor, own_app)
+        svc = RunnerService(self, obj, kind, ServiceSession(session), descriptor)
         with self._lock:
             self._services.append(svc)
         for _ in range(warmup):
             svc._call(WARMUP, (), {})
         return svc
 
-    def _fixed_app(self, obj: Any, kind: str) -> str:
-        """Register a one-instance application for a fixed service (the scheduler bounds a session's
-        instances by its application's ``max_instances``)."""
-        base = getattr(obj if kind != "object" else type(obj), "__name__", kind)
-        slug = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._") or kind
-        suffix = secrets.token_hex(3)
-        name = f"{self.name}.{slug}"[:63 - len(suffix) - 1] + f"-{suffix}"
-        assert self.package is not None
-        assert self.lease is not None
-        self._client.register_temporary_application(
-            app_spec(name, self.package, self.digest, max_instances=1,
-                     description=f"one instance of {base} for runner {self.name}"), self.lease)
-        with self._lock:
-            self._apps.append(name)
-        return name
-
-    def _open_session(self, app: str, sid: Optional[str]) -> Session:
+    def _open_session(self, app: str, sid: Optional[str], max_instances: Optional[int] = None) -> Session:
         explicit = sid is not None
         for _ in range(8):   # a generated id taken by someone else: draw another (bounded)
             want = sid if explicit else f"{self.name}-{secrets.token_hex(4)}"
             try:
-                info = self._conn.call("create_session", {"application": app, "id": want, "lease": self.lease})
+                info = self._conn.call("create_session", {"application": app, "id": want, "lease": self.lease,
+                                                          "max_instances": max_instances})
             except AlreadyExists:
                 if explicit:
                     raise
@@ -526,11 +496,7 @@ class Runner:
     def _close_service(self, svc: RunnerService) -> None:
         if self.nested_session is not None:
             return   # the calling service's session: the outer runner's to close
-        try:
-            svc._session.close()
-        finally:
-            if svc._own_app is not None:
-                self._unregister(svc._own_app)
+        svc._session.close()
 
     def _unregister(self, app: str) -> None:
         try:

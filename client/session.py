@@ -57,7 +57,7 @@ class Session:
     def __init__(self, name: Optional[str] = None, *, session_id: Optional[str] = None, ctx: Any = None,
                  resreq: Optional[Dict[str, Any]] = None, manager: Optional[str] = None,
                  connection: Optional[Connection] = None, auth: Any = None,
-                 manager_key: Optional[str] = None) -> None:
+                 manager_key: Optional[str] = None, max_instances: Optional[int] = None) -> None:
         if (name is None) == (session_id is None):
             raise InvalidArgument("Session takes an application name or session_id=..., exactly one of them")
         self._own = connection is None
@@ -67,6 +67,8 @@ class Session:
                 info = self._conn.call("open_session", {"id": session_id})
             else:
                 args: Dict[str, Any] = {"application": name, "resreq": resreq}
+                if max_instances is not None:   # this session's own bound (beside its application's)
+                    args["max_instances"] = max_instances
                 blob = None
                 if ctx is not None:
                     enc = encode_context(ctx)

@@ -968,3 +968,19 @@ def test_a_lease_forgets_what_was_closed_or_deleted_before_it_ended(mesh: Mesh) 
     assert released["objects"] == 1
     mesh.commit()
     assert mesh.store.load_state().leases == []
+
+
+def test_a_session_bounds_its_own_instances_beside_its_application(mesh: Mesh) -> None:
+    # Given an application without a bound, a session of it with max_instances 1, and 4 free slots
+    mesh.ok("register_application", spec=ECHO)
+    mesh.ok("create_session", application="echo", id="one", max_instances=1)
+    ex = mesh.executor(slots=4)
+    # When it has 10 tasks queued
+    mesh.submit(10, sid="one")
+    mesh.tick(0.1)
+    # Then it gets one instance, not four
+    assert len(mesh.to(ex, Launch)) == 1
+    assert mesh.request("create_session", application="echo", max_instances=0).error["code"] == "invalid_argument"
+    # And the bound survives a restart
+    mesh.commit()
+    assert [r["max_instances"] for r in mesh.store.load_sessions() if r["id"] == "one"] == [1]

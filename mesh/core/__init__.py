@@ -164,7 +164,8 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, Contro
                 doc = Document.from_wire(kind, data, version)
                 doc.replay(patches)
             self.sessions[rec["id"]] = Session(rec["id"], rec["app"], Resources.parse(rec["resreq"]),
-                                               rec["created_at"], doc, owner=rec["owner"])
+                                               rec["created_at"], doc, owner=rec["owner"],
+                                               max_instances=rec.get("max_instances"))
         for key, sid, expires_at, (kind, version, data, patches) in saved.objects:
             doc = Document.from_wire(kind, data, version)
             doc.replay(patches)

@@ -273,7 +273,10 @@ class ControlRules(Base):
                 sid = f"{app.spec.name}-{secrets.token_hex(3)}"
         elif taken(sid):
             raise AlreadyExists(f"session {sid!r} already exists", session=sid)
-        s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name)
+        max_instances = _arg(args, "max_instances", int, required=False)
+        if max_instances is not None and max_instances < 1:
+            raise InvalidArgument("max_instances is at least 1", argument="max_instances")
+        s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name, max_instances=max_instances)
         lease = self.attach(_arg(args, "lease", str, required=False), who)
         self.creating.add(sid)   # the id is taken now; the session exists for others once it is on disk
 
@@ -295,7 +298,7 @@ class ControlRules(Base):
             raise exc
 
         return Later(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
-                                                        s.context.kind, s.context.encoded()),
+                                                        s.context.kind, s.context.encoded(), s.max_instances),
                      then=created, fail=undo)
 
     def do_get_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:

@@ -211,9 +211,10 @@ class MemberRules(Base):
             app = self.apps.get(s.app)
             if app is None or self.start_backoff.get(s.app, 0.0) > self.now:
                 continue   # not known, or it failed to start a moment ago: no launch before its backoff
+            bounds = [b for b in (app.spec.max_instances, s.max_instances) if b is not None]
             sessions.append(scheduler.SessionView(
                 s.id, s.app, len(s.pending) + s.running, s.resreq, dict(app.spec.labels),
-                app.spec.max_instances, s.created_at, s.owner))
+                min(bounds) if bounds else None, s.created_at, s.owner))
         executors = [scheduler.ExecutorView(e.id, e.slots, e.used_slots, e.capacity, e.allocated, e.labels,
                                             e.state != ALIVE) for e in self.executors.values()]
         instances = [scheduler.InstanceView(

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
-    closed_at REAL, resreq TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '');
+    closed_at REAL, resreq TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '', max_instances INTEGER);
 CREATE TABLE IF NOT EXISTS snapshots (
     session TEXT PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS patches (
@@ -155,6 +155,8 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO answers SELECT client, tag, id, state, output, error FROM tasks "
                             "WHERE state NOT IN ('pending', 'running', 'lost') "
                             "AND (output IS NOT NULL OR error IS NOT NULL)")
+        if "max_instances" not in [r[1] for r in self.db.execute("PRAGMA table_info(sessions)")]:
+            self.db.execute("ALTER TABLE sessions ADD COLUMN max_instances INTEGER")   # (added in schema 2)
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
     # -- registry -------------------------------------------------------------
@@ -173,26 +175,28 @@ class Store:
 
     # -- sessions -------------------------------------------------------------
     def put_session(self, sid: str, app: str, state: str, created_at: float,
-                    closed_at: Optional[float], resreq: Dict[str, Any], owner: str = "") -> None:
+                    closed_at: Optional[float], resreq: Dict[str, Any], owner: str = "",
+                    max_instances: Optional[int] = None) -> None:
         self.db.execute(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
             "state=excluded.state, closed_at=excluded.closed_at",
-            (sid, app, state, created_at, closed_at, json.dumps(resreq), owner),
+            (sid, app, state, created_at, closed_at, json.dumps(resreq), owner, max_instances),
         )
 
     def load_sessions(self) -> List[Dict[str, Any]]:
-        cur = self.db.execute("SELECT id, app, state, created_at, closed_at, resreq, owner FROM sessions")
+        cur = self.db.execute("SELECT id, app, state, created_at, closed_at, resreq, owner, max_instances "
+                              "FROM sessions")
         return [
             {"id": r[0], "app": r[1], "state": r[2], "created_at": r[3], "closed_at": r[4],
-             "resreq": json.loads(r[5]), "owner": r[6]}
+             "resreq": json.loads(r[5]), "owner": r[6], "max_instances": r[7]}
             for r in cur.fetchall()
         ]
 
     def create_session(self, sid: str, app: str, created_at: float, resreq: Dict[str, Any], owner: str,
-                       kind: str, context: bytes) -> None:
+                       kind: str, context: bytes, max_instances: Optional[int] = None) -> None:
         """A new session and its first context snapshot, in one transaction."""
         with self.tx():
-            self.put_session(sid, app, "open", created_at, None, resreq, owner)
+            self.put_session(sid, app, "open", created_at, None, resreq, owner, max_instances)
             self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, 0, kind, context))
 
     def close_session(self, sid: str, closed_at: float) -> None:

@@ -111,6 +111,7 @@ class Session:
     conflicts: int = 0
     patches_since_snapshot: int = 0
     deferred: int = 0                  # tasks held back (in SUBMITs) while the store is behind
+    max_instances: Optional[int] = None   # at most this many instances (and the app's own bound)
 
     def view(self) -> Dict[str, Any]:
         return {"id": self.id, "application": self.app, "state": self.state, "created_at": self.created_at,
@@ -118,7 +119,7 @@ class Session:
                 "running": self.running, "succeeded": self.counts[SUCCEEDED], "failed": self.counts[FAILED],
                 "cancelled": self.counts[CANCELLED], "instances": len(self.instances),
                 "context_version": self.context.version, "context_kind": self.context.kind,
-                "bytes_in": self.bytes_in, "conflicts": self.conflicts}
+                "bytes_in": self.bytes_in, "conflicts": self.conflicts, "max_instances": self.max_instances}
 
 
 @dataclass
