@@ -321,6 +321,15 @@ def measure(peer: str, instances: List[int], seconds: float, warmup: float, wind
     args = [sys.executable, HERE, "--child", peer, "--out", out, "--instances", *map(str, instances),
             "--seconds", str(seconds), "--warmup", str(warmup), "--window", str(window),
             "--latency-count", str(latency_count), "--latency-seconds", str(latency_seconds)]
+    res = run_child(args, out, log_path, timeout, peer)
+    res["log"] = log_path
+    return res
+
+
+def run_child(args: List[str], out: str, log_path: str, budget: float, what: str) -> Dict[str, Any]:
+    """Run a peer's child process (``args``) that writes its figures as JSON to ``out``, with at
+    most ``budget`` seconds: past it, its PID gets SIGTERM, then SIGKILL.  Its own failures come
+    back in the figures (``available: False`` or an ``error``), never as an exception."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
@@ -328,7 +337,7 @@ def measure(peer: str, instances: List[int], seconds: float, warmup: float, wind
                                 preexec_fn=die_with_parent(signal.SIGTERM))
     timed_out = False
     try:
-        proc.wait(timeout)
+        proc.wait(budget)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
@@ -344,13 +353,12 @@ def measure(peer: str, instances: List[int], seconds: float, warmup: float, wind
         with open(out) as f:
             res = json.load(f)
     except (OSError, ValueError):
-        res = missing(f"{peer} produced no figures (exit {proc.returncode}); see {log_path}")
+        res = missing(f"{what} produced no figures (exit {proc.returncode}); see {log_path}")
     if timed_out:
-        res["error"] = f"stopped after its {timeout:.0f}s budget; see {log_path}"
+        res["error"] = f"stopped after its {budget:.0f}s budget; see {log_path}"
     elif proc.returncode and res.get("available", True) and "error" not in res:
         res["error"] = f"exit {proc.returncode}; see {log_path}"
     res["wall_s"] = wall
-    res["log"] = log_path
     return res
 
 

@@ -60,7 +60,6 @@ import os
 import secrets
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,12 +73,12 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import bench_limit  # noqa: E402
+import bench_peers  # noqa: E402
 from bench import _table  # noqa: E402
 
 from client import Client, Runner, Session  # noqa: E402
 from client import runner_package  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
-from mesh.ops.process import die_with_parent  # noqa: E402
 
 APPS = os.path.join(HERE, "bench_apps")
 RESULT_WAIT = 60.0           # seconds one call (a cold start included) may take before the run is declared broken
@@ -424,34 +423,7 @@ def measure_ray(opts: argparse.Namespace, log_dir: str) -> Dict[str, Any]:
     out, log_path = os.path.join(log_dir, "ray.json"), os.path.join(log_dir, "ray.log")
     args = [sys.executable, os.path.abspath(__file__), "--ray-child", out, "--ray-module", opts.ray_module,
             "--runs", str(opts.runs), "--calls", str(opts.calls), "--latency", str(opts.latency)]
-    t0 = time.monotonic()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                                preexec_fn=die_with_parent(signal.SIGTERM))
-    timed_out = False
-    try:
-        proc.wait(budget)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    finally:
-        for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):   # by PID, only if still running
-            if proc.poll() is None:
-                proc.send_signal(sig)
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    pass
-    try:
-        with open(out) as f:
-            res = json.load(f)
-    except (OSError, ValueError):
-        res = {"available": False, "reason": f"produced no figures (exit {proc.returncode}); see {log_path}"}
-    if timed_out:
-        res["error"] = f"stopped after its {budget:.0f}s budget; see {log_path}"
-    elif proc.returncode and "error" not in res:
-        res["error"] = f"exit {proc.returncode}; see {log_path}"
-    res["wall_s"] = round(time.monotonic() - t0, 1)
+    res = bench_peers.run_child(args, out, log_path, budget, "ray")
     if res.get("runs"):
         res["summary"] = summary(res["runs"])
     return res

@@ -18,13 +18,13 @@ import pathlib
 import resource
 import subprocess
 import sys
-import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator
 
 import pytest
 import zmq
 from conftest import FAST, tools_spec
+from test_client_errors import NOBODY, _raises, _within
 
 from client import Client, Connection, Session
 from client import objects as client_objects
@@ -37,33 +37,7 @@ from mesh.wire.protocol import Cmd, Request, decode, encode
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BOUND = 15.0                     # seconds any single step may take before the test fails
-NOBODY = "tcp://127.0.0.1:1"     # a well-formed endpoint where no manager listens
 SMALL = 1 << 20                  # max_message_size of the small mesh below
-
-
-def _within(seconds: float, fn: Callable[[], Any]) -> Tuple[str, Any]:
-    """Run ``fn`` on a helper thread; ("ok", value) or ("raised", exc); fail if it takes longer."""
-    done = threading.Event()
-    out: Dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["r"] = ("ok", fn())
-        except BaseException as exc:  # noqa: B902 (we report whatever it was)
-            out["r"] = ("raised", exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    assert done.wait(seconds), f"still blocked after {seconds}s: the call hangs"
-    return out["r"]
-
-
-def _raises(seconds: float, fn: Callable[[], Any], kind: type) -> BaseException:
-    status, value = _within(seconds, fn)
-    assert status == "raised", f"expected {kind.__name__}, got a value: {value!r}"
-    assert isinstance(value, kind), f"expected {kind.__name__}, got {type(value).__name__}: {value}"
-    return value
 
 
 def _alive(conn: Connection) -> None:

@@ -596,16 +596,23 @@ def _stopped(m: Mesh, ex: bytes) -> List[str]:
     return [r.iid for r in m.to(ex, Stop)]
 
 
-def test_a_task_past_its_timeout_stops_its_instance_and_other_queued_tasks_keep_their_attempt() -> None:
-    # Given an instance whose credit has grown (one fast answer), then three tasks with a 1 s timeout
+def _warm(max_retries: int = 0) -> Tuple[Mesh, bytes, str, bytes]:
+    """Given an app with ``max_retries`` and one instance whose credit has grown to prefetch (4)
+    after one fast answer: (mesh, executor, instance id, instance peer)."""
     m = Mesh(prefetch=4)
-    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": 0}})
+    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": max_retries}})
     m.ok("create_session", application="echo", id="s1")
     ex = m.executor(slots=1)
     m.submit(1)
     iid, inst = m.instance(ex)
     m.now += 0.001
     m.msg(inst, Done([(1, None)]), [b"ok"])
+    return m, ex, iid, inst
+
+
+def test_a_task_past_its_timeout_stops_its_instance_and_other_queued_tasks_keep_their_attempt() -> None:
+    # Given an instance whose credit has grown (one fast answer), then three tasks with a 1 s timeout
+    m, ex, iid, inst = _warm()
     m.submit(3, first_tag=10, timeout=1.0)
     assert sorted(t.id for t in m.core.tasks.values() if t.state == "running") == [2, 3, 4]
     # When the first runs past its timeout (the clock ticks, the executor's heartbeats arrive)
@@ -691,14 +698,7 @@ def test_a_task_answered_within_close_grace_is_delivered_and_nothing_is_stopped(
 def test_a_timeout_counts_from_when_the_task_starts_not_while_it_waits_behind_another() -> None:
     # Given an instance with credit for several tasks, running a slow task with no timeout,
     # and a task with a 1 s timeout queued behind it at the instance
-    m = Mesh(prefetch=4)
-    m.ok("register_application", spec={**ECHO, "spec": {**ECHO["spec"], "max_retries": 0}})
-    m.ok("create_session", application="echo", id="s1")
-    ex = m.executor(slots=1)
-    m.submit(1)
-    iid, inst = m.instance(ex)
-    m.now += 0.001
-    m.msg(inst, Done([(1, None)]), [b"ok"])     # credit grows to prefetch
+    m, ex, iid, inst = _warm()     # credit grows to prefetch
     m.submit(1, first_tag=10)                   # task 2: slow, no timeout
     m.submit(1, first_tag=20, timeout=1.0)      # task 3: queued behind it at the instance
     assert list(m.core.instances[iid].inflight) == [2, 3]
