@@ -362,22 +362,27 @@ def run_child(args: List[str], out: str, log_path: str, budget: float, what: str
     return res
 
 
-def _child(opts: argparse.Namespace) -> int:
+def child_main(out: str, modules: List[str], run: Callable[[Callable[[Dict[str, Any]], None]], None]) -> int:
+    """The body of a peer's child process: import ``modules`` (a missing one is reported as "not
+    installed", with no figures), then ``run(report)``, where ``report(figures)`` writes the JSON to
+    ``out`` after every figure, so a child stopped for overrunning its budget still reports.
+    SIGTERM unwinds (``ray.shutdown()``, ``cluster.close()`` run)."""
     def write(res: Dict[str, Any]) -> None:
-        tmp = opts.out + ".tmp"
+        tmp = out + ".tmp"
         with open(tmp, "w") as f:
             json.dump(res, f, indent=2)
-        os.replace(tmp, opts.out)
+        os.replace(tmp, out)
 
     def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through ray.shutdown() / cluster.close()
+        raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
-    for mod in IMPORTS[opts.child]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for mod in modules:
         try:
             __import__(mod)
         except Exception as e:  # ImportError, or a broken installation
-            write(missing(f"import {mod} failed: {type(e).__name__}: {e}"))
+            write(missing(f"not installed (import {mod}: {type(e).__name__}: {e})"))
             return 0
     state: Dict[str, Any] = {}
 
@@ -386,16 +391,22 @@ def _child(opts: argparse.Namespace) -> int:
         write(res)
 
     try:
-        FIGURES[opts.child](opts.instances, opts.seconds, opts.warmup, opts.window, opts.latency_count,
-                            opts.latency_seconds, report)
+        run(report)
     except BaseException as e:
         res = state.get("res") or {"available": True}
         res["error"] = f"{type(e).__name__}: {e}"
         write(res)
         traceback.print_exc()
         return 1
-    write(state["res"])
+    if state:
+        write(state["res"])
     return 0
+
+
+def _child(opts: argparse.Namespace) -> int:
+    return child_main(opts.out, IMPORTS[opts.child],
+                      lambda report: FIGURES[opts.child](opts.instances, opts.seconds, opts.warmup, opts.window,
+                                                         opts.latency_count, opts.latency_seconds, report))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:

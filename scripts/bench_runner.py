@@ -63,7 +63,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any, Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -383,38 +382,10 @@ def ray_runs(ray: Any, runs: int, calls: int, latency: int, report: Callable[[Di
 
 
 def ray_child(opts: argparse.Namespace) -> int:
-    """The Ray subprocess: writes its JSON after every figure, so an overrun still reports."""
-    def write(res: Dict[str, Any]) -> None:
-        tmp = opts.ray_child + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, opts.ray_child)
-
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)   # unwinds through ray.shutdown()
-
-    signal.signal(signal.SIGTERM, _terminate)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        ray = __import__(opts.ray_module)
-    except Exception as e:   # ImportError, or a broken installation
-        write({"available": False, "reason": f"not installed (import {opts.ray_module}: {type(e).__name__}: {e})"})
-        return 0
-    state: Dict[str, Any] = {}
-
-    def report(res: Dict[str, Any]) -> None:
-        state["res"] = res
-        write(res)
-
-    try:
-        ray_runs(ray, opts.runs, opts.calls, opts.latency, report)
-    except BaseException as e:
-        res = state.get("res") or {"available": True}
-        res["error"] = f"{type(e).__name__}: {e}"
-        write(res)
-        traceback.print_exc()
-        return 1
-    return 0
+    """The Ray subprocess (bench_peers.child_main: JSON after every figure, "not installed" without Ray)."""
+    return bench_peers.child_main(opts.ray_child, [opts.ray_module],
+                                  lambda report: ray_runs(sys.modules[opts.ray_module], opts.runs, opts.calls,
+                                                          opts.latency, report))
 
 
 def measure_ray(opts: argparse.Namespace, log_dir: str) -> Dict[str, Any]:
