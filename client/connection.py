@@ -514,7 +514,11 @@ class Connection:
                 fut = TaskFuture()
                 fut.session, fut.window = sid, self._window
                 self._push(("adopt", fut, sid, tag, payload, decode_result))
-        return fut.result(None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        if deadline is not None and not fut.done():
+            concurrent.futures.wait([fut], max(deadline - time.monotonic(), 0.0))
+            if not fut.done():   # the caller's whole timeout, not what was left of it, in the error
+                raise fut._deadline(concurrent.futures.TimeoutError(), timeout)
+        return fut.result()
 
     def _direct_socket(self) -> zmq.Socket:
         if self._direct is None:

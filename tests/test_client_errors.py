@@ -458,3 +458,9 @@ def test_invoke_survives_a_manager_restart_in_the_middle(tmp_path: Any) -> None:
             # Then the invoke still returns its answer
             t.join(60)
             assert len(out) == 1 and isinstance(out[0], int)
+
+
+def test_an_invoke_that_runs_out_names_the_callers_timeout_not_what_was_left_of_it(mesh):
+    with Session("tools") as s:
+        with pytest.raises(DeadlineExceeded, match=r"no answer within 1.5s"):
+            s.invoke(("sleep", 5), timeout=1.5)   # longer than the direct path's budget: the I/O thread's wait
