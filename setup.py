@@ -17,9 +17,12 @@ setup(
         "click>=8.0",
         "PyYAML>=6.0",
         "rich>=13",
+        "croniter>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "mypy>=1.5", "types-PyYAML"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "mypy>=1.5", "types-PyYAML",
+                 "numpy", "matplotlib"],            # numpy and matplotlib: examples/flows
+        "examples": ["numpy", "matplotlib"],
         "bench": ["ray", "dask[distributed]"],
     },
     entry_points={"console_scripts": ["zmesh=client.cli:main"]},

@@ -363,7 +363,71 @@ class Client:
     def list_executor_keys(self) -> List[Dict[str, Any]]:
         return self.conn.call("list_executor_keys")
 
+    # -- flows (client/flows.py has the model; these are its management calls) -------------------
+    def register_flow(self, document: Mapping[str, Any]) -> Dict[str, Any]:
+        """Store a flow document (``Flow.document()``); a changed one becomes a new version."""
+        return self.conn.call("register_flow", {"flow": dict(document)})
+
+    def get_flow(self, name: str, document: bool = False) -> Dict[str, Any]:
+        """A registered flow's newest version (``NotFound`` if none); ``document`` adds its document."""
+        return self.conn.call("get_flow", {"name": name, "document": document})
+
+    def find_flows(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
+                   sort: Optional[Mapping[str, Any]] = None) -> Page[Dict[str, Any]]:
+        return self._find_dicts("find_flows", filter, page, sort)
+
+    def run_flow(self, flows: Sequence[str], parameters: Optional[Mapping[str, Mapping[str, bytes]]] = None,
+                 run_name: Optional[str] = None, labels: Optional[Mapping[str, str]] = None,
+                 scheduled_start_time: Optional[float] = None, schedule: Optional[str] = None,
+                 mapped_parameters: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+        """Start a run of registered flows (parameters pickled by the caller): the run's record."""
+        return self.conn.call("run_flow", {
+            "flows": list(flows), "parameters": {f: dict(p) for f, p in (parameters or {}).items()},
+            "run_name": run_name, "labels": dict(labels) if labels is not None else None,
+            "scheduled_start_time": scheduled_start_time, "schedule": schedule,
+            "mapped_parameters": {f: dict(p) for f, p in (mapped_parameters or {}).items()}})
+
+    def get_flow_run(self, run_id: str, wait: Optional[float] = None) -> Dict[str, Any]:
+        """A run and its tasks' records; ``wait``: up to that many seconds (60 at most) for it to end."""
+        if wait is None:
+            return self.conn.call("get_flow_run", {"id": run_id})
+        wait = max(0.0, min(float(wait), 60.0))
+        return self.conn.call("get_flow_run", {"id": run_id, "wait": wait},
+                              timeout=wait + self.conn.settings.request_timeout)
+
+    def find_flow_runs(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
+                       sort: Optional[Mapping[str, Any]] = None) -> Page[Dict[str, Any]]:
+        """Runs filtered, sorted and paged like find_sessions (fields: id, name, flows, state, owner,
+        created_at, scheduled_start_time, started_at, ended_at, schedule)."""
+        return self._find_dicts("find_flow_runs", filter, page, sort)
+
+    def cancel_flow_run(self, run_id: str) -> Dict[str, Any]:
+        return self.conn.call("cancel_flow_run", {"id": run_id})
+
+    def find_flow_schedules(self, filter: Optional[Mapping[str, Any]] = None,
+                            page: Optional[Mapping[str, Any]] = None,
+                            sort: Optional[Mapping[str, Any]] = None) -> Page[Dict[str, Any]]:
+        return self._find_dicts("find_flow_schedules", filter, page, sort)
+
+    def cancel_flow_schedule(self, schedule_id: str) -> Dict[str, Any]:
+        return self.conn.call("cancel_flow_schedule", {"id": schedule_id})
+
+    def read_object(self, key: str) -> Any:
+        """An object's value read directly from the manager (no cache): a document or the unpickled blob."""
+        import cloudpickle
+
+        from mesh.wire.protocol import unpack
+        header, data = self.conn.call_blob("get_object", {"key": key, "have": 0})
+        if data is None:
+            raise NotFound(f"object {key!r} has no data", key=key)
+        return unpack(data) if header.get("kind") == "doc" else cloudpickle.loads(data)
+
     # -- plumbing -------------------------------------------------------------------------
+    def _find_dicts(self, method: str, filter: Optional[Mapping[str, Any]], page: Optional[Mapping[str, Any]],
+                    sort: Optional[Mapping[str, Any]]) -> Page[Dict[str, Any]]:
+        r = self.conn.call(method, {"filter": dict(filter or {}), "page": dict(page or {}), "sort": dict(sort or {})})
+        return Page(list(r["items"]), r["total"])
+
     def _get(self, method: str, args: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         try:
             return self.conn.call(method, args)

@@ -406,9 +406,7 @@ class Runner:
             if rel[-1] == "__init__":
                 rel = rel[:-1]
             return ".".join(rel) != module.__name__    # importable from the unpacked package: by reference
-        installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-        roots = [os.path.abspath(p) + os.sep for p in installed | set(_OWN_ROOTS) if p]
-        return not any(path.startswith(r) for r in roots)
+        return not installed_code(path)
 
     # -- futures --------------------------------------------------------------------
     @staticmethod
@@ -565,6 +563,22 @@ class Runner:
 
     def __repr__(self) -> str:
         return f"Runner({self.name!r}, services={len(self._services)}{', closed' if self._closed else ''})"
+
+
+def installed_code(path: str) -> bool:
+    """Is the file at ``path`` importable on every executor: the standard library, installed
+    packages, or zeromesh itself?  Code elsewhere (a script, a test module) travels by value."""
+    installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots = [os.path.abspath(p) + os.sep for p in installed | set(_OWN_ROOTS) if p]
+    return any(os.path.abspath(path).startswith(r) for r in roots)
+
+
+def by_value(obj: Any) -> None:
+    """Make cloudpickle ship ``obj``'s module by value if executors cannot import it."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    if module is not None and module.__name__ != "__main__" and path and not installed_code(path):
+        cloudpickle.register_pickle_by_value(module)
 
 
 def _session_context(obj: Any) -> Optional[SessionContext]:

@@ -29,6 +29,7 @@ from mesh.core.leases import LeaseRules
 from mesh.core.results import ResultRules
 from mesh.core.control import ControlRules, Later, WithBlob
 from mesh.core.effects import CPU, STORE, Call, Effect, Effects, Send
+from mesh.core.flows import FlowRules
 from mesh.core.members import MemberRules
 from mesh.core.tasks import TaskRules
 from mesh.data.batch import SavedState
@@ -47,9 +48,10 @@ __all__ = ["Core", "Send", "Call", "Effect", "Effects", "STORE", "CPU", "Later",
 EXECUTOR_TRAFFIC = frozenset({Cmd.HEARTBEAT, Cmd.EXITED, Cmd.DRAIN, Cmd.REQUEST})  # what executors send
 
 
-class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, ControlRules):
+class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRules, ControlRules):
     def __init__(self, settings: Optional[Settings] = None, secured: bool = False) -> None:
         super().__init__(settings or Settings(), secured)
+        self.init_flows()
         self.methods = self.control_methods()
         self._table: Dict[Cmd, Callable[[bytes, Any, Sequence[Any], Optional[str]], None]] = {
             Cmd.SUBMIT: lambda p, r, f, k: self.on_submit(p, r, f),
@@ -97,7 +99,8 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, Contro
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
         for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases,
-                     self.expire_object_waits, self.plan):
+                     self.expire_object_waits, self.flow_clock,
+                     self.plan):
             try:
                 step()
             except Exception:  # a bug in one step must not stop the clock (heartbeats) for everyone
@@ -188,4 +191,5 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, Contro
             s.pending.append(tid)
         if lost:
             self.call(Call(lambda store, tids: store.mark_lost(tids), (lost,), label="mark_lost"))
+        self.restore_flows(saved.flows)
         return self.take()

@@ -21,9 +21,11 @@ from mesh.model.records import App, Executor, Instance, Lease, Session, Task
 from mesh.ops.config import Settings
 from mesh.ops.log import event
 from mesh.ops.metrics import Histogram
-from mesh.wire.protocol import Gone
+from mesh.wire.protocol import Gone, Result
 
 log = logging.getLogger("zeromesh.manager")
+
+FLOW_PEER = b"\x00flows"   # the submitter of flow tasks (mesh/core/flows.py): its answers never reach a socket
 
 STATS = ("messages_in", "bytes_in", "protocol_errors", "tasks_submitted", "tasks_finished", "tasks_retried",
          "tasks_resent", "late_answers_dropped", "send_failures", "auth_denied", "requests", "store_pauses",
@@ -79,16 +81,26 @@ class Base:
         self._next_tid: Iterator[int] = itertools.count(1)
         self.tids_reserved = 0                     # ids up to this one are reserved on disk
         self._iids = itertools.count(1)
+        self.flow_inbox: List[Tuple[Any, List[Any]]] = []   # answers sent to FLOW_PEER, not yet taken
 
     # -- effects ------------------------------------------------------------------
     def send(self, peer: bytes, record: Any, payloads: Sequence[Any] = (), after_commit: bool = False,
              if_lost: Optional[Callable[[], None]] = None) -> None:
+        if peer == FLOW_PEER:   # an answer to the flow engine: taken with the effects (flow_answers)
+            if record.__class__ is Result:
+                self.flow_inbox.append((record, list(payloads)))
+            return
         self.out.append(Send(peer, record, payloads, after_commit, if_lost))
 
     def call(self, call: Call) -> None:
         self.out.append(call)
 
     def take(self) -> Effects:
+        while self.flow_inbox:   # answers for the flow engine first: they may submit more tasks
+            try:
+                self.flow_answers()
+            except Exception:   # a bug must not stop the loop for everyone else
+                log.exception("flow answers failed")
         out, self.out = self.out, []
         return out
 
@@ -189,6 +201,12 @@ class Base:
         raise NotImplementedError
 
     def keep_answer(self, t: Task, err: Optional[Dict[str, Any]], payload: Any) -> None:
+        raise NotImplementedError
+
+    def flow_answers(self) -> None:
+        raise NotImplementedError
+
+    def wait_for_run(self, peer: bytes, rid: int, waiting: Any) -> None:
         raise NotImplementedError
 
     def persist_object(self, obj: Any, ops: Optional[List[Any]] = None) -> None:

@@ -83,6 +83,16 @@ class Waiting:
         self.key, self.have, self.deadline, self.who = key, have, deadline, who
 
 
+class RunWait:
+    """An answer that waits for a flow run to end (``get_flow_run {id, wait}``), or its deadline
+    (mesh/core/flows.py)."""
+
+    __slots__ = ("run", "deadline", "who")
+
+    def __init__(self, run: str, deadline: float, who: Principal) -> None:
+        self.run, self.deadline, self.who = run, deadline, who
+
+
 class Later:
     """An answer that needs ``fn`` run off the loop first (``fn(store, *args)`` on the writer thread,
     or ``fn(*args)`` on a worker with ``where=CPU``); ``then(result)`` continues on the loop and may
@@ -141,6 +151,8 @@ class ControlRules(Base):
                                                         lambda: later.fail(exc) if later.fail else _raise(exc))))
         elif isinstance(result, Waiting):
             self.wait_for_object(peer, rid, result)
+        elif isinstance(result, RunWait):
+            self.wait_for_run(peer, rid, result)
         else:
             self.reply(peer, rid, result=result, after_commit=True)
 

@@ -62,6 +62,16 @@ CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, session TEXT, expires_at REAL);
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, ttl REAL NOT NULL, expires_at REAL NOT NULL, members BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS flows (
+    name TEXT NOT NULL, version INTEGER NOT NULL, owner TEXT NOT NULL, created_at REAL NOT NULL, doc BLOB NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS flow_runs (
+    id TEXT PRIMARY KEY, flows TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL, owner TEXT NOT NULL,
+    header BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS flow_runs_by_state ON flow_runs (state);
+CREATE TABLE IF NOT EXISTS flow_tasks (
+    run TEXT NOT NULL, name TEXT NOT NULL, record BLOB NOT NULL, PRIMARY KEY (run, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flow_schedules (id TEXT PRIMARY KEY, schedule BLOB NOT NULL);
 """
 SCHEMA_VERSION = "2"
 # Tasks: ``tasks`` holds the records of open tasks (queued or running for longer than record_after,
@@ -222,7 +232,31 @@ class Store:
         leases = [(r[0], r[1], r[2], r[3], unpack(r[4]))
                   for r in self.db.execute("SELECT id, owner, ttl, expires_at, members FROM leases")]
         return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
-                          self.max_task_id(), self.live_tokens(), leases)
+                          self.max_task_id(), self.live_tokens(), leases, self.load_flows())
+
+    # -- flows (mesh/core/flows.py) ------------------------------------------------------------
+    FLOW_TABLES = {"flows": 5, "flow_runs": 6, "flow_tasks": 3, "flow_schedules": 2}   # table -> columns
+
+    def load_flows(self) -> Dict[str, Any]:
+        """Every flow version, the unfinished runs with their tasks, every schedule."""
+        runs = []
+        for (header,) in self.db.execute("SELECT header FROM flow_runs WHERE state IN ('scheduled', 'pending', "
+                                         "'running')"):
+            h = unpack(header)
+            runs.append((h, self._flow_tasks(h["id"])))
+        return {"flows": self.db.execute("SELECT name, version, owner, created_at, doc FROM flows").fetchall(),
+                "runs": runs, "schedules": self.db.execute("SELECT id, schedule FROM flow_schedules").fetchall()}
+
+    def _flow_tasks(self, rid: str) -> Dict[str, Dict[str, Any]]:
+        return {name: unpack(rec) for name, rec in
+                self.db.execute("SELECT name, record FROM flow_tasks WHERE run=?", (rid,))}
+
+    def flow_run(self, rid: str) -> Optional[Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]]:
+        row = self.db.execute("SELECT header FROM flow_runs WHERE id=?", (rid,)).fetchone()
+        return None if row is None else (unpack(row[0]), self._flow_tasks(rid))
+
+    def flow_run_headers(self) -> List[Dict[str, Any]]:
+        return [unpack(r[0]) for r in self.db.execute("SELECT header FROM flow_runs ORDER BY created_at")]
 
     def live_tokens(self) -> List[Tuple[str, str, str, str, float]]:
         """Unexpired login tokens: (digest, principal, kind, role, expires_at)."""
@@ -388,6 +422,9 @@ class Store:
                     self.db.execute("DELETE FROM leases WHERE id=?", (lid,))
                 else:
                     self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)", (*lease[:4], pack(lease[4])))
+            for (table, _), row in batch.flow_rows.items():
+                self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * self.FLOW_TABLES[table])})",
+                                row)
             for key in batch.deleted_objects:
                 self.db.execute("DELETE FROM objects WHERE key=?", (key,))
                 self.db.execute("DELETE FROM snapshots WHERE session=?", (OBJECT_PREFIX + key,))
