@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # package -> packages it must never import
 FORBIDDEN = {"mesh": {"client", "executor"}, "executor": {"client"}}
 # inside mesh: the pure layers import no I/O (the core is sans-I/O: effects out, no sockets)
-PURE = {"errors", "wire/protocol", "core/__init__", "core/base", "core/effects", "core/tasks", "core/members",
+PURE = {"errors", "wire/protocol", "wire/pickled", "core/__init__", "core/flows", "model/flows", "core/base", "core/effects", "core/tasks", "core/members",
         "core/contexts", "core/control", "core/scheduler", "core/query", "model/records", "model/spec",
         "model/resources", "data/batch", "data/patch", "data/replica", "data/context", "data/objects",
         "data/cache", "ops/config"}
@@ -21,7 +21,7 @@ IO_OURS = {"mesh.data.store", "mesh.manager", "mesh.wire.transport", "mesh.ops.s
            "mesh.testing"}
 # the layers, top to bottom: a module imports only from its own layer or those below it
 LAYERS = ["mesh.testing", "mesh.manager", "mesh.core", "mesh.data.store", "mesh.wire.transport", "mesh.model",
-          "mesh.data", "mesh.wire.protocol", "mesh.ops", "mesh.errors"]
+          "mesh.data", "mesh.wire.protocol", "mesh.wire.pickled", "mesh.ops", "mesh.errors"]
 PACKAGES = ("mesh", "executor", "client")
 
 

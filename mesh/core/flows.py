@@ -235,9 +235,11 @@ class FlowRules(Base):
         if labels:
             name += "-" + hashlib.sha256(pack(sorted(labels.items()))).hexdigest()[:10]
         if name not in self.apps:
+            # prefetch 1: an instance holds one task at a time, so independent tasks wait for a free
+            # instance (or a new one) rather than queue behind each other on a busy one
             spec = AppSpec.from_dict({"metadata": {"name": name, "description": "zeromesh flow tasks"},
                                       "spec": {"command": "python3", "arguments": ["-m", FLOW_SERVICE],
-                                               "labels": dict(labels), "max_retries": 0}})
+                                               "labels": dict(labels), "prefetch": 1}})
             self.apps[name] = App(spec, self.now)
             self.call(Call(lambda store: store.put_app(name, spec.to_dict(), self.now), label="flow application"))
         return name
