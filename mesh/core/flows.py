@@ -45,6 +45,7 @@ from mesh.wire.protocol import Result, pack, unpack
 
 FLOW_SERVICE = "client.flow_service"
 FLOW_APP = "zmesh-flow"           # the built-in flow service's application (one per label set)
+TAG_SPAN = 1024                   # a task's tag is its index in the run times this, plus its attempt
 MAX_RUN_WAIT = 60.0               # seconds one get_flow_run {wait} may be parked
 KEEP_FINISHED = 256               # finished runs kept in memory (the rest are read from the store)
 RUN_FIELDS = ("id", "name", "flows", "state", "owner", "created_at", "scheduled_start_time", "started_at",
@@ -53,13 +54,19 @@ FLOW_FIELDS = ("name", "version", "owner", "created_at", "tasks", "parameters", 
 
 
 class Run:
-    """One run in memory: its header ``h`` and task records (both persisted as they are), the graph."""
+    """One run in memory: its header ``h`` and task records (both persisted as they are), the graph,
+    and counters that keep each answer O(its dependents): tasks not finished, and per task the
+    inputs it still waits for."""
 
-    __slots__ = ("h", "tasks", "graph", "deps_of")
+    __slots__ = ("h", "tasks", "graph", "deps_of", "index", "left", "waiting")
 
     def __init__(self, h: Dict[str, Any], tasks: Dict[str, Dict[str, Any]], graph: Dict[str, Any]) -> None:
         self.h, self.tasks, self.graph = h, tasks, graph
         self.deps_of = model.dependents(graph["tasks"])
+        self.index = {name: i for i, name in enumerate(graph["order"])}   # tags: index * TAG_SPAN + attempt
+        self.left = sum(t["state"] not in model.TASK_FINISHED for t in tasks.values())
+        self.waiting = {name: sum(tasks[d]["state"] != "succeeded" for d in node["deps"])
+                        for name, node in graph["tasks"].items()}
 
     @property
     def finished(self) -> bool:
@@ -187,7 +194,7 @@ class FlowRules(Base):
         h = {"id": rid, "name": run_name or f"{'+'.join(names)}-{rid[:6]}", "flows": names, "versions": versions,
              "parameters": params, "labels": labels, "owner": owner, "state": "pending", "created_at": self.now,
              "scheduled_start_time": when, "started_at": None, "ended_at": None, "error": None, "sessions": {},
-             "next_tag": 1, "schedule": schedule}
+             "schedule": schedule}
         tasks = {name: {"state": PENDING, "attempts": 0} for name in graph["order"]}
         run = self.runs[rid] = Run(h, tasks, graph)
         for name in tasks:
@@ -203,13 +210,25 @@ class FlowRules(Base):
     def _start_run(self, run: Run) -> None:
         run.h["state"], run.h["started_at"] = "running", self.now
         self._save_run(run)
+        self._submit_ready(run)
+
+    def _submit_ready(self, run: Run) -> None:
         for name in run.graph["order"]:
-            if run.tasks[name]["state"] == PENDING and self._ready(run, name):
+            if run.tasks[name]["state"] == PENDING and not run.waiting[name]:
                 self._submit(run, name)
         self._maybe_finish(run)
 
-    def _ready(self, run: Run, name: str) -> bool:
-        return all(run.tasks[d]["state"] == "succeeded" for d in run.graph["tasks"][name]["deps"])
+    def _set(self, run: Run, name: str, **fields: Any) -> None:
+        """Change a task's record (and write it down), keeping the run's counters."""
+        task = run.tasks[name]
+        was = task["state"]
+        task.update(fields)
+        if was not in model.TASK_FINISHED and task["state"] in model.TASK_FINISHED:
+            run.left -= 1
+        if task["state"] == "succeeded" and was != "succeeded":
+            for d in run.deps_of[name]:
+                run.waiting[d] -= 1
+        self._save_task(run, name)
 
     def _session_for(self, run: Run, app_name: str) -> Session:
         sid = run.h["sessions"].get(app_name)
@@ -261,20 +280,17 @@ class FlowRules(Base):
                                            "record": bool(node.get("record")), "task": name,
                                            "run": run.h["id"]}))
         except MeshError as exc:
-            task["attempts"] += 1
+            self._set(run, name, attempts=task["attempts"] + 1)
             self._task_failed(run, name, exc.to_wire())
             return
         s = self._session_for(run, app_name)
-        tag = run.h["next_tag"]
-        run.h["next_tag"] = tag + 1
-        task.update(state=RUNNING, attempts=task["attempts"] + 1, tag=tag, submitted_at=self.now, error=None)
+        attempts = task["attempts"] + 1
+        tag = run.index[name] * TAG_SPAN + attempts % TAG_SPAN   # (run, tag) names one attempt, also after a restart
         cid = "flow/" + run.h["id"]
         self.flow_tags[(s.id, tag)] = (run.h["id"], name)
         self.enqueue(FLOW_PEER, s, [tag], cid, [payload], node.get("timeout"))
-        tid = self.by_tag.get((cid, tag))
-        task["task_id"] = tid
-        self._save_task(run, name)
-        self._save_run(run)
+        self._set(run, name, state=RUNNING, attempts=attempts, tag=tag, submitted_at=self.now, error=None,
+                  task_id=self.by_tag.get((cid, tag)))
 
     def _arg_value(self, run: Run, a: Dict[str, Any]) -> List[Any]:
         if "value" in a:
@@ -340,11 +356,10 @@ class FlowRules(Base):
         key = secrets.token_hex(16)
         obj = self.objects.put(kind, data, None, None, key=key)
         self.persist_object(obj)
-        task.update(state="succeeded", result=key, kind=kind, started_at=started, ended_at=ended, executor=where,
-                    error=None)
-        self._save_task(run, name)
+        self._set(run, name, state="succeeded", result=key, kind=kind, started_at=started, ended_at=ended,
+                  executor=where, error=None)
         for d in run.deps_of[name]:
-            if run.tasks[d]["state"] == PENDING and self._ready(run, d) and run.h["state"] == "running":
+            if run.tasks[d]["state"] == PENDING and not run.waiting[d] and run.h["state"] == "running":
                 self._submit(run, d)
         self._maybe_finish(run)
 
@@ -356,18 +371,16 @@ class FlowRules(Base):
             event(log, logging.INFO, "flow task retried", run=run.h["id"], task=name, attempt=task["attempts"])
             self._submit(run, name)
             return
-        task.update(state="failed", error=err, ended_at=self.now)
-        self._save_task(run, name)
+        self._set(run, name, state="failed", error=err, ended_at=self.now)
         for d in model.downstream(name, run.deps_of):
             if run.tasks[d]["state"] == PENDING:
-                run.tasks[d].update(state="skipped", error={"code": "skipped", "message": f"{name} failed"})
-                self._save_task(run, d)
+                self._set(run, d, state="skipped", error={"code": "skipped", "message": f"{name} failed"})
         if run.h.get("error") is None:
             run.h["error"] = {"task": name, **err}
         self._maybe_finish(run)
 
     def _maybe_finish(self, run: Run) -> None:
-        if run.h["state"] != "running" or any(t["state"] in (PENDING, RUNNING) for t in run.tasks.values()):
+        if run.h["state"] != "running" or run.left:
             return
         ok = all(t["state"] == "succeeded" for t in run.tasks.values())
         self._finish_run(run, "succeeded" if ok else "failed")
@@ -410,8 +423,7 @@ class FlowRules(Base):
                             s.pending.remove(t.id)
                         self.fail_tasks([t], why, "cancelled")
             if task["state"] in (PENDING, RUNNING):
-                task.update(state="cancelled", ended_at=self.now, error=why.to_wire())
-                self._save_task(run, name)
+                self._set(run, name, state="cancelled", ended_at=self.now, error=why.to_wire())
         self._finish_run(run, "cancelled")
         return run_view(run.h, run.tasks)
 
@@ -487,9 +499,8 @@ class FlowRules(Base):
         self._save_schedule(s)
         for run in self.runs.values():   # its run waiting for its time goes too
             if run.h.get("schedule") == sid and run.h["state"] == "scheduled":
-                for name, t in run.tasks.items():
-                    t["state"] = "cancelled"
-                    self._save_task(run, name)
+                for name in run.tasks:
+                    self._set(run, name, state="cancelled")
                 self._finish_run(run, "cancelled")
         return {"id": sid, "active": False}
 
@@ -534,7 +545,6 @@ class FlowRules(Base):
         for _, data in saved.get("schedules", []):
             s = unpack(data)
             self.schedules[s["id"]] = s
-        resume = []
         for h, tasks in saved.get("runs", []):
             try:
                 docs = {n: self.flow_versions[(n, v)]["doc"] for n, v in h["versions"].items()}
@@ -544,7 +554,8 @@ class FlowRules(Base):
                 continue
             for name in graph["order"]:
                 tasks.setdefault(name, {"state": PENDING, "attempts": 0})
-            run = self.runs[h["id"]] = Run(h, tasks, graph)
+            run = Run(h, tasks, graph)
+            self.runs[h["id"]] = run
             cid = "flow/" + h["id"]
             for name, task in tasks.items():
                 if task["state"] != RUNNING:
@@ -553,20 +564,12 @@ class FlowRules(Base):
                 if t is not None and t.cid == cid and t.tag == task.get("tag"):
                     t.client = FLOW_PEER   # its core task was restored: it answers the engine
                     self.flow_tags[(t.sid, t.tag)] = (h["id"], name)
-                else:                      # it died with the manager before it was written: again
+                else:   # it died with the manager before it was written: it runs again (a new attempt)
                     task["state"] = PENDING
-                    task["attempts"] = max(task["attempts"] - 1, 0)
-                    resume.append((run, name))
             event(log, logging.INFO, "flow run restored", run=h["id"], state=h["state"])
-        for run, name in resume:
-            if run.h["state"] == "running" and self._ready(run, name):
-                self._submit(run, name)
         for run in list(self.runs.values()):
             if run.h["state"] == "running":
-                for name in run.graph["order"]:
-                    if run.tasks[name]["state"] == PENDING and self._ready(run, name):
-                        self._submit(run, name)
-                self._maybe_finish(run)
+                self._submit_ready(run)
 
 
 __all__ = ["FLOW_PEER", "FlowRules", "RunWait", "run_view"]
