@@ -240,3 +240,62 @@ def test_a_scheduled_run_starts_no_earlier_than_its_time_across_a_manager_restar
             assert run.wait(timeout=60) == "succeeded"
             assert run.result("stamp") >= when
             assert run.info()["started_at"] >= when
+
+
+def test_labels_choose_the_executors_a_flow_runs_on(tmp_path):
+    with LocalMesh(executors=2, slots=1, env=FAST, log_dir=str(tmp_path),
+                   labels=[{"zone": "a"}, {"zone": "b"}]) as m:
+        with Client(m.endpoint) as c:
+            zone_of = {e.id: e.labels["zone"] for e in c.list_executors()}
+            f = Flow("zoned", labels={"zone": "b"}, client=c)
+
+            @f.task
+            def where() -> str:
+                return os.environ["ZMESH_EXECUTOR_ID"]
+
+            with f:
+                where()
+            assert zone_of[f.run_and_return(timeout=60)] == "b"
+            # a run's labels replace the flow's
+            fr = f.run(labels={"zone": "a"})
+            assert fr.wait(timeout=60) == "succeeded" and zone_of[fr.result("where")] == "a"
+
+
+def test_users_see_and_change_only_their_own_flows_and_runs(tmp_path):
+    from client.auth import PasswordAuth
+    from mesh.errors import NotFound, PermissionDenied
+    with LocalMesh(executors=1, slots=1, env=FAST, secure=True, log_dir=str(tmp_path)) as m:
+        with m.client() as admin:
+            admin.add_user("ann", "user", "ann-password-1")
+            admin.add_user("bob", "user", "bob-password-1")
+
+        def client(user: str) -> Client:
+            return Client(m.endpoint, manager_key=m.manager_key, auth=PasswordAuth(user, f"{user}-password-1"))
+
+        with client("ann") as ann, client("bob") as bob:
+            f = Flow("anns", client=ann)
+
+            @f.task
+            def secret() -> str:
+                return "ann's"
+
+            with f:
+                secret()
+            fr = f.run()
+            assert fr.wait(timeout=60) == "succeeded" and fr.result("secret") == "ann's"
+            # bob may run a registered flow, but not replace it, and never sees ann's runs
+            theirs = Flow("anns", client=bob)
+
+            @theirs.task
+            def other() -> str:
+                return "bob's"
+
+            with theirs:
+                other()
+            with pytest.raises(PermissionDenied, match="belongs to 'ann'"):
+                theirs.register()
+            with pytest.raises(NotFound):
+                FlowRun(fr.id, client=bob).info()
+            with pytest.raises(NotFound):
+                bob.cancel_flow_run(fr.id)
+            assert bob.find_flow_runs().total == 0 and ann.find_flow_runs().total == 1
