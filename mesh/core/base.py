@@ -172,6 +172,10 @@ class Base:
     def dispatch(self, s: Session) -> None:
         raise NotImplementedError
 
+    def enqueue(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any],
+                timeout: Optional[float] = None) -> None:
+        raise NotImplementedError
+
     def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = "failed") -> None:
         raise NotImplementedError
 

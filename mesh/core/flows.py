@@ -29,6 +29,7 @@ import logging
 import secrets
 from typing import Any, Dict, List, Optional, Tuple
 
+from mesh.core import query
 from mesh.core.base import FLOW_PEER, Base, log
 from mesh.core.control import Args, Later, RunWait, _arg
 from mesh.core.effects import Call
@@ -142,7 +143,7 @@ class FlowRules(Base):
         for r in rows:
             r["tasks"] = len(r["tasks"])
             r["parameters"] = sorted(r["parameters"])
-        return self._find(rows, list(FLOW_FIELDS), args)
+        return query.find(rows, FLOW_FIELDS, args.get("filter"), args.get("page"), args.get("sort"))
 
     # -- runs ---------------------------------------------------------------------------------
     def do_run_flow(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
@@ -342,7 +343,11 @@ class FlowRules(Base):
 
     def _task_succeeded(self, run: Run, name: str, frame: bytes) -> None:
         node, task = run.graph["tasks"][name], run.tasks[name]
-        kind, started, ended, where, data = "blob", task.get("submitted_at"), self.now, None, frame
+        kind: Any = "blob"
+        started: Any = task.get("submitted_at")
+        ended: Any = self.now
+        where: Any = None
+        data: Any = frame
         if node["app"] is None:   # the flow service's envelope: msgpack [kind, started, ended, where, data]
             inner = unwrap_bytes(frame)
             try:
@@ -476,7 +481,7 @@ class FlowRules(Base):
                     row = {k: h.get(k) for k in RUN_FIELDS}
                     row["flows"] = ",".join(h["flows"])
                     rows.append(row)
-            return self._find(rows, list(RUN_FIELDS), args)
+            return query.find(rows, RUN_FIELDS, args.get("filter"), args.get("page"), args.get("sort"))
         return Later(lambda store: store.flow_run_headers(), then=found)
 
     # -- schedules -------------------------------------------------------------------------------
@@ -485,7 +490,8 @@ class FlowRules(Base):
         rows = [{"id": s["id"], "flows": ",".join(s["flows"]), "cron": s["cron"], "owner": s["owner"],
                  "next_at": s["next_at"], "active": s["active"]}
                 for s in self.schedules.values() if who.may_read(s["owner"])]
-        return self._find(rows, ["id", "flows", "cron", "owner", "next_at", "active"], args)
+        return query.find(rows, ("id", "flows", "cron", "owner", "next_at", "active"), args.get("filter"),
+                          args.get("page"), args.get("sort"))
 
     def do_cancel_flow_schedule(self, args: Args, blob: Optional[bytes] = None,
                                 who: Principal = INSECURE) -> Dict[str, Any]:

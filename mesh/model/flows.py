@@ -291,7 +291,7 @@ def next_fire(cron: str, after: float) -> float:
     """The first time a cron schedule fires after ``after`` (epoch seconds, UTC)."""
     from datetime import datetime, timezone
 
-    from croniter import croniter
+    from croniter import croniter  # type: ignore[import-untyped]
     try:
         it = croniter(cron, datetime.fromtimestamp(after, timezone.utc))
     except (ValueError, KeyError, TypeError) as exc:
