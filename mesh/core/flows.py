@@ -111,7 +111,7 @@ class FlowRules(Base):
         version = old["version"] + 1 if old else 1
         rec = {"name": name, "version": version, "owner": who.name, "created_at": self.now, "doc": doc}
         self.flows[name] = self.flow_versions[(name, version)] = rec
-        self.batch.flow_rows[("flows", (name, version))] = (name, version, who.name, self.now, pack(doc))
+        self.batch.rows[("flows", (name, version))] = (name, version, who.name, self.now, pack(doc))
         event(log, logging.INFO, "flow registered", flow=name, version=version)
         return self._flow_view(rec)
 
@@ -532,14 +532,14 @@ class FlowRules(Base):
     # -- persistence ---------------------------------------------------------------------------
     def _save_run(self, run: Run) -> None:
         h = run.h
-        self.batch.flow_rows[("flow_runs", h["id"])] = (h["id"], ",".join(h["flows"]), h["state"], h["created_at"],
+        self.batch.rows[("flow_runs", h["id"])] = (h["id"], ",".join(h["flows"]), h["state"], h["created_at"],
                                                         h["owner"], pack(h))
 
     def _save_task(self, run: Run, name: str) -> None:
-        self.batch.flow_rows[("flow_tasks", (run.h["id"], name))] = (run.h["id"], name, pack(run.tasks[name]))
+        self.batch.rows[("flow_tasks", (run.h["id"], name))] = (run.h["id"], name, pack(run.tasks[name]))
 
     def _save_schedule(self, s: Dict[str, Any]) -> None:
-        self.batch.flow_rows[("flow_schedules", s["id"])] = (s["id"], pack(s))
+        self.batch.rows[("flow_schedules", s["id"])] = (s["id"], pack(s))
 
     def restore_flows(self, saved: Dict[str, Any]) -> None:
         """Rebuild flows, unfinished runs and schedules (Core.restore, after sessions and tasks)."""

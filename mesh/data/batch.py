@@ -34,8 +34,9 @@ class Batch:
     task_ids_reserved: Optional[int] = None
     # leases to write (id -> (id, owner, ttl, expires_at, members)) or delete (None)
     leases: Dict[str, Optional[Tuple[str, str, float, float, Dict[str, List[str]]]]] = field(default_factory=dict)
-    # flows, runs, their tasks and schedules (mesh/core/flows.py): (table, key) -> the row to write
-    flow_rows: Dict[Tuple[str, Any], Tuple[Any, ...]] = field(default_factory=dict)
+    # rows of the programming models' tables (flows, functions: Store.ROW_TABLES): (table, key) -> the
+    # row to write, or None to delete the row with that key; the last change of a key wins
+    rows: Dict[Tuple[str, Any], Optional[Tuple[Any, ...]]] = field(default_factory=dict)
 
     @staticmethod
     def task_row(tid: int, sid: str, created_at: float, payload: Any, client: str, tag: int) -> List[Any]:
@@ -62,7 +63,7 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.logged or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects or self.answers or self.leases or self.flow_rows or self.task_ids_reserved is not None)
+                    or self.deleted_objects or self.answers or self.leases or self.rows or self.task_ids_reserved is not None)
 
 
 Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches
@@ -82,3 +83,5 @@ class SavedState:
     leases: List[Tuple[str, str, float, float, Dict[str, List[str]]]] = field(default_factory=list)
     # flows: {"flows": rows, "runs": [(header, {task: record})] unfinished, "schedules": rows}
     flows: Dict[str, Any] = field(default_factory=dict)
+    # functions (mesh/core/functions.py): see Store.load_functions
+    functions: Dict[str, Any] = field(default_factory=dict)

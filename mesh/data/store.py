@@ -72,6 +72,19 @@ CREATE INDEX IF NOT EXISTS flow_runs_by_state ON flow_runs (state);
 CREATE TABLE IF NOT EXISTS flow_tasks (
     run TEXT NOT NULL, name TEXT NOT NULL, record BLOB NOT NULL, PRIMARY KEY (run, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS flow_schedules (id TEXT PRIMARY KEY, schedule BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS fn_types (type TEXT PRIMARY KEY, app TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fn_state (
+    type TEXT NOT NULL, id TEXT NOT NULL, state BLOB NOT NULL, called_at REAL NOT NULL,
+    PRIMARY KEY (type, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fn_inbox (
+    mid TEXT PRIMARY KEY, seq INTEGER NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, caller BLOB,
+    message BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS fn_delayed (
+    token TEXT PRIMARY KEY, due REAL NOT NULL, type TEXT NOT NULL, id TEXT NOT NULL, caller BLOB,
+    message BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS fn_egress (
+    typename TEXT NOT NULL, offset INTEGER NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, record BLOB NOT NULL,
+    PRIMARY KEY (typename, offset)) WITHOUT ROWID;
 """
 SCHEMA_VERSION = "2"
 # Tasks: ``tasks`` holds the records of open tasks (queued or running for longer than record_after,
@@ -232,10 +245,13 @@ class Store:
         leases = [(r[0], r[1], r[2], r[3], unpack(r[4]))
                   for r in self.db.execute("SELECT id, owner, ttl, expires_at, members FROM leases")]
         return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
-                          self.max_task_id(), self.live_tokens(), leases, self.load_flows())
+                          self.max_task_id(), self.live_tokens(), leases, self.load_flows(), self.load_functions())
 
     # -- flows (mesh/core/flows.py) ------------------------------------------------------------
-    FLOW_TABLES = {"flows": 5, "flow_runs": 6, "flow_tasks": 3, "flow_schedules": 2}   # table -> columns
+    # the programming models' tables, written from Batch.rows: table -> (columns, key columns)
+    ROW_TABLES = {"flows": (5, ("name", "version")), "flow_runs": (6, ("id",)), "flow_tasks": (3, ("run", "name")),
+                  "flow_schedules": (2, ("id",)), "fn_types": (2, ("type",)), "fn_state": (4, ("type", "id")),
+                  "fn_inbox": (6, ("mid",)), "fn_delayed": (6, ("token",)), "fn_egress": (5, ("typename", "offset"))}
 
     def load_flows(self) -> Dict[str, Any]:
         """Every flow version, the unfinished runs with their tasks, every schedule."""
@@ -254,6 +270,19 @@ class Store:
     def flow_run(self, rid: str) -> Optional[Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]]:
         row = self.db.execute("SELECT header FROM flow_runs WHERE id=?", (rid,)).fetchone()
         return None if row is None else (unpack(row[0]), self._flow_tasks(rid))
+
+    def load_functions(self) -> Dict[str, Any]:
+        """Routes, every address's state, the inbox in arrival order, delayed messages, egress heads."""
+        db = self.db
+        return {"types": db.execute("SELECT type, app FROM fn_types").fetchall(),
+                "state": db.execute("SELECT type, id, state, called_at FROM fn_state").fetchall(),
+                "inbox": db.execute("SELECT mid, seq, type, id, caller, message FROM fn_inbox ORDER BY seq").fetchall(),
+                "delayed": db.execute("SELECT token, due, type, id, caller, message FROM fn_delayed").fetchall(),
+                "egress": db.execute("SELECT typename, max(offset) FROM fn_egress GROUP BY typename").fetchall()}
+
+    def egress(self, typename: str, offset: int, limit: int) -> List[Tuple[int, float, str, bytes]]:
+        return self.db.execute("SELECT offset, at, kind, record FROM fn_egress WHERE typename=? AND offset>=? "
+                               "ORDER BY offset LIMIT ?", (typename, offset, limit)).fetchall()
 
     def flow_run_headers(self) -> List[Dict[str, Any]]:
         return [unpack(r[0]) for r in self.db.execute("SELECT header FROM flow_runs ORDER BY created_at")]
@@ -422,9 +451,13 @@ class Store:
                     self.db.execute("DELETE FROM leases WHERE id=?", (lid,))
                 else:
                     self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)", (*lease[:4], pack(lease[4])))
-            for (table, _), row in batch.flow_rows.items():
-                self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * self.FLOW_TABLES[table])})",
-                                row)
+            for (table, key), row in batch.rows.items():
+                width, keys = self.ROW_TABLES[table]
+                if row is None:
+                    key = key if isinstance(key, tuple) else (key,)
+                    self.db.execute(f"DELETE FROM {table} WHERE {' AND '.join(k + '=?' for k in keys)}", key)
+                else:
+                    self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * width)})", row)
             for key in batch.deleted_objects:
                 self.db.execute("DELETE FROM objects WHERE key=?", (key,))
                 self.db.execute("DELETE FROM snapshots WHERE session=?", (OBJECT_PREFIX + key,))
