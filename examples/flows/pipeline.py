@@ -126,8 +126,9 @@ with analyze:
 
 
 def composition() -> FlowOfFlows:
-    """The flow of flows in code; pipeline.yaml says the same."""
-    return FlowOfFlows("oscillator-study", [simulate, {"name": "analyze", "mapped_parameters": {
+    """The flow of flows in code; pipeline.yaml says the same.  Flows listed by name (or in a
+    mapping with ``mapped_parameters``) are the registered ones: register both flows first."""
+    return FlowOfFlows("oscillator-study", ["simulate", {"name": "analyze", "mapped_parameters": {
         "scan": mapped("simulate", "collect"),
         "scan_file": mapped("simulate", "collect", as_="file"),
         "settling_times": mapped("simulate", "collect", as_="db", attribute="metrics",
