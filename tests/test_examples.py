@@ -22,3 +22,21 @@ def test_example_runs(example: str, expected: list, tmp_path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     for line in expected:
         assert line in r.stdout, r.stdout
+
+
+def test_flows_example(tmp_path) -> None:
+    """The flow of flows (raw, file and db mappings) on two executors: the scan's tasks overlap, the PNG is written."""
+    pytest.importorskip("numpy")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "flows", "run_local.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=180, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ["(the same as pipeline.composition(): True)", "validated:", ": succeeded",
+                 "simulate/collect     succeeded", "analyze/compare      succeeded",
+                 "scan tasks overlapped:", "summary (raw mapping): 4 runs, fastest to settle zeta=0.4",
+                 "zeta=0.05  settling time simulated", f"plot (file mapping): {out / 'oscillator_scan.png'}",
+                 "mesh stopped"]:
+        assert line in r.stdout, r.stdout
+    assert "on 2 executors" in r.stdout, r.stdout
+    assert (out / "oscillator_scan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
