@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import contextvars
 import datetime
+import functools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union, cast
 
 import cloudpickle
 
@@ -103,8 +104,7 @@ class FlowTask:
                  timeout: Optional[float] = None, app: Optional[str] = None) -> None:
         self.flow, self.fn, self.name, self.retries, self.timeout, self.app = flow, fn, name, retries, timeout, app
         if fn is not None:
-            self.__wrapped__ = fn
-            self.__doc__ = fn.__doc__
+            functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flow = _current.get()
@@ -142,6 +142,10 @@ class Flow:
              timeout: Optional[float] = None) -> Any:
         """Decorator: ``@flow.task`` or ``@flow.task(retries=2, timeout=60)``."""
         def wrap(f: Callable[..., Any]) -> FlowTask:
+            if isinstance(f, FlowTask):   # a task of another flow: the same function, here too
+                if f.fn is None:
+                    return self.app_task(cast(str, f.app), name or f.name, retries, timeout)
+                f = f.fn
             return FlowTask(self, f, name or f.__name__, retries, timeout)
         return wrap(fn) if fn is not None else wrap
 
@@ -315,9 +319,10 @@ class FlowOfFlows:
         return docs
 
     def validate(self, parameters: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
-        """Before anything runs: a mapped parameter naming a missing flow or task, a cycle, or (with
-        ``parameters``, or always for a parameter with no default that nothing maps) a missing
-        required parameter is InvalidArgument naming it."""
+        """Before anything runs: a mapped parameter naming a missing flow or task, or a cycle, is
+        InvalidArgument naming it; with ``parameters`` (as ``run`` would get them), so is a required
+        parameter that has no value and that nothing maps.  (Without ``parameters`` the required
+        ones are not checked: they may come with the run.)"""
         docs = self._documents()
         given: Dict[str, Dict[str, Any]] = {f: {p: b"" for p in (parameters or {}).get(f, {})} for f in self.flows}
         if parameters is None:   # only what no call can give: parameters without default nothing maps
