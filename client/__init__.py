@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from .api import Client
 from .connection import Connection
+from .functions import EgressRecord, Functions   # stateful functions: docs/functions.md
 from .objects import ObjectRef, delete_object, get_object, patch_object, put_object, update_object
 from .runner import ObjectFuture, Runner, SessionContext   # the runner: docs/runner.md
 from .session import Session
 
-__all__ = ["Client", "Connection", "ObjectFuture", "ObjectRef", "Runner", "Session", "SessionContext",
+__all__ = ["Client", "Connection", "EgressRecord", "Functions", "ObjectFuture", "ObjectRef", "Runner", "Session", "SessionContext",
            "delete_object", "get_object", "patch_object", "put_object", "update_object"]

@@ -73,6 +73,7 @@ class Instance:
         }                                    # WELCOME, HEARTBEAT: traffic is liveness, nothing to do
         self.resyncs = 0                 # snapshots fetched after a gap (for tests and logs)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.functions: Optional[List[str]] = None   # stateful function types served (executor/functions.py)
 
     @property
     def _version(self) -> int:
@@ -289,17 +290,8 @@ class Instance:
         """When the service file runs as ``__main__``, serve from the module imported by
         its file name instead, so request and response classes pickle by reference
         (``echo_service.EchoResponse``) exactly as the client knows them."""
-        if self._module != "__main__" or not self._file:
-            return self
-        name = os.path.splitext(os.path.basename(self._file))[0]
-        if not name.isidentifier():
-            return self
-        sys.path.insert(0, os.path.dirname(os.path.abspath(self._file)))
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            return self
-        return _CREATED.get(module.__name__, self)
+        module = main_as_module(self._module, self._file)
+        return self if module is None else _CREATED.get(module.__name__, self)
 
     def _serve(self, manager: str, iid: str, eid: str) -> None:
         key_file = os.environ.get("ZMESH_MANAGER_KEY")
@@ -307,7 +299,8 @@ class Instance:
         self._write_timeout = Settings.load().instance_write_timeout
         sock = transport.dealer(manager, linger_ms=1000, curve=curve)
         self._sock = sock
-        sock.send_multipart(encode(InstHello(iid, eid, os.getpid(), os.environ.get("ZMESH_INSTANCE_TOKEN", ""))))
+        sock.send_multipart(encode(InstHello(iid, eid, os.getpid(), os.environ.get("ZMESH_INSTANCE_TOKEN", ""),
+                                             self.functions)))
         event(log, logging.INFO, "instance serving", instance=iid, manager=manager)
         try:
             self._main()
@@ -400,6 +393,21 @@ class Instance:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return _failure(exc), b""
+
+
+def main_as_module(module: str, file: Optional[str]) -> Any:
+    """The service file that runs as ``__main__``, imported again under its file name (so that its
+    classes pickle by reference as clients know them), or None if it is not ``__main__`` or cannot be."""
+    if module != "__main__" or not file:
+        return None
+    name = os.path.splitext(os.path.basename(file))[0]
+    if not name.isidentifier():
+        return None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(file)))
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
 
 
 _NUMERIC = {float: (float, int), complex: (complex, float, int)}

@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # package -> packages it must never import
 FORBIDDEN = {"mesh": {"client", "executor"}, "executor": {"client"}}
 # inside mesh: the pure layers import no I/O (the core is sans-I/O: effects out, no sockets)
-PURE = {"errors", "wire/protocol", "wire/pickled", "core/__init__", "core/flows", "model/flows", "core/base", "core/effects", "core/tasks", "core/members",
+PURE = {"errors", "wire/protocol", "wire/pickled", "core/__init__", "core/flows", "model/flows", "core/functions",
+        "model/functions", "core/base", "core/effects", "core/tasks", "core/members",
         "core/contexts", "core/control", "core/scheduler", "core/query", "model/records", "model/spec",
         "model/resources", "data/batch", "data/patch", "data/replica", "data/context", "data/objects",
         "data/cache", "ops/config"}

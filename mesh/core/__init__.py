@@ -30,6 +30,7 @@ from mesh.core.results import ResultRules
 from mesh.core.control import ControlRules, Later, WithBlob
 from mesh.core.effects import CPU, STORE, Call, Effect, Effects, Send
 from mesh.core.flows import FlowRules
+from mesh.core.functions import FunctionRules
 from mesh.core.members import MemberRules
 from mesh.core.tasks import TaskRules
 from mesh.data.batch import SavedState
@@ -48,10 +49,12 @@ __all__ = ["Core", "Send", "Call", "Effect", "Effects", "STORE", "CPU", "Later",
 EXECUTOR_TRAFFIC = frozenset({Cmd.HEARTBEAT, Cmd.EXITED, Cmd.DRAIN, Cmd.REQUEST})  # what executors send
 
 
-class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRules, ControlRules):
+class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRules, FunctionRules,
+           ControlRules):
     def __init__(self, settings: Optional[Settings] = None, secured: bool = False) -> None:
         super().__init__(settings or Settings(), secured)
         self.init_flows()
+        self.init_functions()
         self.methods = self.control_methods()
         self._table: Dict[Cmd, Callable[[bytes, Any, Sequence[Any], Optional[str]], None]] = {
             Cmd.SUBMIT: lambda p, r, f, k: self.on_submit(p, r, f),
@@ -100,6 +103,7 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRu
         self.now = now
         for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases,
                      self.expire_object_waits, self.flow_clock,
+                     self.function_clock,
                      self.plan):
             try:
                 step()
@@ -192,4 +196,5 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRu
         if lost:
             self.call(Call(lambda store, tids: store.mark_lost(tids), (lost,), label="mark_lost"))
         self.restore_flows(saved.flows)
+        self.restore_functions(saved.functions)
         return self.take()

@@ -26,6 +26,9 @@ from mesh.wire.protocol import Gone, Result
 log = logging.getLogger("zeromesh.manager")
 
 FLOW_PEER = b"\x00flows"   # the submitter of flow tasks (mesh/core/flows.py): its answers never reach a socket
+FN_PEER = b"\x00functions"  # the submitter of function batches (mesh/core/functions.py): the same
+# (ZeroMQ's own identities are 5 bytes, a 0 then a 32-bit number: these 6+ byte names never collide)
+ENGINE_PEERS = frozenset({FLOW_PEER, FN_PEER})
 
 STATS = ("messages_in", "bytes_in", "protocol_errors", "tasks_submitted", "tasks_finished", "tasks_retried",
          "tasks_resent", "late_answers_dropped", "send_failures", "auth_denied", "requests", "store_pauses",
@@ -82,13 +85,14 @@ class Base:
         self.tids_reserved = 0                     # ids up to this one are reserved on disk
         self._iids = itertools.count(1)
         self.flow_inbox: List[Tuple[Any, List[Any]]] = []   # answers sent to FLOW_PEER, not yet taken
+        self.fn_inbox: List[Tuple[Any, List[Any]]] = []     # ... and to FN_PEER
 
     # -- effects ------------------------------------------------------------------
     def send(self, peer: bytes, record: Any, payloads: Sequence[Any] = (), after_commit: bool = False,
              if_lost: Optional[Callable[[], None]] = None) -> None:
-        if peer == FLOW_PEER:   # an answer to the flow engine: taken with the effects (flow_answers)
+        if peer in ENGINE_PEERS:   # an answer to an engine of ours: taken with the effects (take)
             if record.__class__ is Result:
-                self.flow_inbox.append((record, list(payloads)))
+                (self.flow_inbox if peer == FLOW_PEER else self.fn_inbox).append((record, list(payloads)))
             return
         self.out.append(Send(peer, record, payloads, after_commit, if_lost))
 
@@ -96,11 +100,14 @@ class Base:
         self.out.append(call)
 
     def take(self) -> Effects:
-        while self.flow_inbox:   # answers for the flow engine first: they may submit more tasks
+        while self.flow_inbox or self.fn_inbox:   # answers for the engines first: they may submit more
             try:
-                self.flow_answers()
+                if self.flow_inbox:
+                    self.flow_answers()
+                if self.fn_inbox:
+                    self.fn_answers()
             except Exception:   # a bug must not stop the loop for everyone else
-                log.exception("flow answers failed")
+                log.exception("engine answers failed")
         out, self.out = self.out, []
         return out
 
@@ -211,6 +218,18 @@ class Base:
         raise NotImplementedError
 
     def wait_for_run(self, peer: bytes, rid: int, waiting: Any) -> None:
+        raise NotImplementedError
+
+    def fn_answers(self) -> None:
+        raise NotImplementedError
+
+    def wait_for_call(self, peer: bytes, rid: int, waiting: Any) -> None:
+        raise NotImplementedError
+
+    def wait_for_egress(self, peer: bytes, rid: int, waiting: Any) -> None:
+        raise NotImplementedError
+
+    def learn_functions(self, app: str, types: Optional[List[str]]) -> None:
         raise NotImplementedError
 
     def persist_object(self, obj: Any, ops: Optional[List[Any]] = None) -> None:

@@ -93,6 +93,24 @@ class RunWait:
         self.run, self.deadline, self.who = run, deadline, who
 
 
+class CallWait:
+    """An fn_call waiting for the function's reply (mesh/core/functions.py), or its deadline."""
+
+    __slots__ = ("mid", "deadline")
+
+    def __init__(self, mid: str, deadline: float) -> None:
+        self.mid, self.deadline = mid, deadline
+
+
+class EgressWait:
+    """An fn_egress waiting for a record past ``offset``, or its deadline."""
+
+    __slots__ = ("typename", "offset", "limit", "deadline")
+
+    def __init__(self, typename: str, offset: int, limit: int, deadline: float) -> None:
+        self.typename, self.offset, self.limit, self.deadline = typename, offset, limit, deadline
+
+
 class Later:
     """An answer that needs ``fn`` run off the loop first (``fn(store, *args)`` on the writer thread,
     or ``fn(*args)`` on a worker with ``where=CPU``); ``then(result)`` continues on the loop and may
@@ -153,6 +171,10 @@ class ControlRules(Base):
             self.wait_for_object(peer, rid, result)
         elif isinstance(result, RunWait):
             self.wait_for_run(peer, rid, result)
+        elif isinstance(result, CallWait):
+            self.wait_for_call(peer, rid, result)
+        elif isinstance(result, EgressWait):
+            self.wait_for_egress(peer, rid, result)
         else:
             self.reply(peer, rid, result=result, after_commit=True)
 

@@ -139,6 +139,7 @@ class MemberRules(Base):
         inst.idle_since = self.now
         self.peers[peer] = inst
         self.welcome(peer)
+        self.learn_functions(inst.app, rec.functions)
         self.bind(inst, inst.session)
         if inst.session is not None:
             self.dispatch(inst.session)
@@ -213,7 +214,7 @@ class MemberRules(Base):
                 continue   # not known, or it failed to start a moment ago: no launch before its backoff
             bounds = [b for b in (app.spec.max_instances, s.max_instances) if b is not None]
             sessions.append(scheduler.SessionView(
-                s.id, s.app, len(s.pending) + s.running, s.resreq, dict(app.spec.labels),
+                s.id, s.app, len(s.pending) + s.running + s.hint, s.resreq, dict(app.spec.labels),
                 min(bounds) if bounds else None, s.created_at, s.owner))
         executors = [scheduler.ExecutorView(e.id, e.slots, e.used_slots, e.capacity, e.allocated, e.labels,
                                             e.state != ALIVE) for e in self.executors.values()]

@@ -41,12 +41,12 @@ INSTANCE = frozenset({"ping", "get_object", "open_session", "submit", "keep_resu
 VIEWER = frozenset({"stats", "metrics", "get_application", "find_applications", "find_executors", "get_executor",
                     "get_session", "find_sessions", "find_tasks", "get_task", "get_context", "whoami",
                     "get_object", "get_flow", "find_flows", "get_flow_run", "find_flow_runs",
-                    "find_flow_schedules"})
+                    "find_flow_schedules", "fn_state", "fn_list", "fn_egress"})
 USER = frozenset({"create_session", "open_session", "close_session", "write_context", "cancel_task",
                   "submit", "create_lease", "renew_lease", "release_lease",
                   "register_temporary_application", "unregister_temporary_application",
                   "keep_result", "register_flow", "run_flow", "cancel_flow_run",
-                  "cancel_flow_schedule"}) | OBJECT_WRITES   # a viewer writes nothing
+                  "cancel_flow_schedule", "fn_send", "fn_call"}) | OBJECT_WRITES   # a viewer writes nothing
 # everything else (register_application, unregister_application, drain_executor, users, robots, executor
 # keys) is admin
 

@@ -112,6 +112,7 @@ class Session:
     patches_since_snapshot: int = 0
     deferred: int = 0                  # tasks held back (in SUBMITs) while the store is behind
     max_instances: Optional[int] = None   # at most this many instances (and the app's own bound)
+    hint: int = 0                      # instances wanted with no task queued (a functions session's probe)
 
     def view(self) -> Dict[str, Any]:
         return {"id": self.id, "application": self.app, "state": self.state, "created_at": self.created_at,

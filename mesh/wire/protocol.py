@@ -151,6 +151,7 @@ class InstHello(NamedTuple):
     eid: str
     pid: int
     token: str = ""
+    functions: Optional[List[str]] = None   # the stateful function types it serves (docs/functions.md)
 
 
 class Bind(NamedTuple):
