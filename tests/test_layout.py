@@ -157,8 +157,9 @@ def test_public_api_exports():
     import executor
     assert set(client.__all__) == {"Client", "Connection", "Session", "ObjectRef", "put_object", "get_object",
                                    "update_object", "patch_object", "delete_object", "Runner", "ObjectFuture",
-                                   "SessionContext"}
-    assert set(executor.__all__) == {"Instance"}
+                                   "SessionContext", "Functions", "EgressRecord"}
+    assert set(executor.__all__) == {"Instance", "StatefulFunctions", "ValueSpec", "Address", "Context",
+                                     "TypedValue"}
     for mod in (client, executor):
         for name in mod.__all__:
             assert getattr(mod, name) is not None

@@ -17,6 +17,7 @@ is sent after the invocation that made it has committed.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import itertools
 import logging
@@ -268,12 +269,15 @@ class FunctionRules(Base):
                 self._undeliverable(a, m, err.get("message", "failed"), err)
             return
         inner = unwrap_bytes(frame)
+        answer: Any = None
+        results: List[Dict[str, Any]] = []
+        changed: Dict[str, Any] = {}
         try:
             answer = unpack(inner) if inner is not None else None
             results, changed = answer["results"], answer["state"]
         except Exception:
             answer = None
-        if answer is None or len(results) != n:
+        if answer is None or not isinstance(results, list) or len(results) != n:
             why = InvalidArgument(f"{a.key[0]}: the instance answered something that is not a functions answer")
             for m in batch:
                 self._undeliverable(a, m, why.message, why.to_wire())
@@ -332,7 +336,7 @@ class FunctionRules(Base):
         self.egress_next[typename] = offset + 1
         self.batch.rows[("fn_egress", (typename, offset))] = (typename, offset, self.now, kind, record)
         for peer, rid, start, limit, _ in self.egress_waiters.pop(typename, []):
-            self.answer(peer, rid, "fn_egress", lambda t=typename, s=start, n=limit: self._egress_read(t, s, n))
+            self.answer(peer, rid, "fn_egress", functools.partial(self._egress_read, typename, start, limit))
 
     def _delay(self, token: str, due: float, key: Key, caller: Optional[List[str]], blob: bytes) -> None:
         self.delayed[token] = (due, key, caller, blob)
@@ -388,7 +392,7 @@ class FunctionRules(Base):
             keep = []
             for w in waiters:
                 if w[4] <= now:
-                    self.answer(w[0], w[1], "fn_egress", lambda t=typename, s=w[2], n=w[3]: self._egress_read(t, s, n))
+                    self.answer(w[0], w[1], "fn_egress", functools.partial(self._egress_read, typename, w[2], w[3]))
                 else:
                     keep.append(w)
             if keep:
