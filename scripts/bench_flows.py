@@ -112,7 +112,8 @@ def flow_run(f: Flow, n: int, wait: float, manager_pid: int) -> Dict[str, Any]:
     got = fr.result("gather")
     if got != expected(n):
         raise BenchError(f"the flow answered {got!r}, not {expected(n)}")
-    recs = list(fr.tasks().values())
+    by_name = fr.tasks()
+    recs = list(by_name.values())
     starts = [r["started_at"] for r in recs if r.get("started_at") is not None]
     ends = [r["ended_at"] for r in recs if r.get("ended_at") is not None]
     if len(starts) != n + 2 or len(ends) != n + 2:
@@ -121,6 +122,10 @@ def flow_run(f: Flow, n: int, wait: float, manager_pid: int) -> Dict[str, Any]:
             "first_start_s": round(min(starts) - t_epoch, 4),   # run() -> source's body started
             "last_end_s": round(max(ends) - t_epoch, 4),        # run() -> gather's body ended
             "bodies_s": round(sum(e - s for s, e in zip(starts, ends)), 4),
+            # the fan-in: the last work body ended -> gather's body started (the engine submits it, the
+            # flow service reads its n upstream results by key, then calls it)
+            "fan_in_s": round(by_name["gather"]["started_at"] - max(r["ended_at"] for k, r in by_name.items()
+                                                                     if k.startswith("work")), 4),
             "manager_cpu_s": round(cpu, 3),
             "executors": len({r.get("executor") for r in recs})}
 
@@ -247,7 +252,8 @@ def show(res: Dict[str, Any]) -> None:
     st, zs = res["settings"], res["summary"]
     rows = [("flow: run() -> wait() returned", "wall_s"), ("flow: per task", "per_task_us"),
             ("flow: run() -> first task body started", "first_start_s"),
-            ("flow: run() -> last task body ended", "last_end_s"), ("flow: sum of task bodies", "bodies_s"),
+            ("flow: run() -> last task body ended", "last_end_s"),
+            ("flow: last work ended -> gather started", "fan_in_s"), ("flow: sum of task bodies", "bodies_s"),
             ("flow: manager CPU", "manager_cpu_s")]
     body = [(label, "us" if k.endswith("_us") else "s", *(num(zs["flow_" + k][q]) for q in ("min", "median", "max")))
             for label, k in rows]
