@@ -1,6 +1,6 @@
-"""The benchmarks run end to end (scripts/bench.py, bench_context.py, bench_hotpath.py, bench_flood.py and
-bench_runner.py, small or --quick) and report every figure.  They assert that the benchmarks work, not how
-fast zeromesh is; the one behaviour checked is that a one-op patch to a 10 MiB context ships a patch
+"""The benchmarks run end to end (scripts/bench.py, bench_context.py, bench_hotpath.py, bench_flood.py,
+bench_runner.py and bench_flows.py, small or --quick) and report every figure.  They assert that the benchmarks
+work, not how fast zeromesh is; the one behaviour checked is that a one-op patch to a 10 MiB context ships a patch
 (>= 100x fewer bytes than replacing it)."""
 from __future__ import annotations
 
@@ -191,3 +191,39 @@ def test_bench_runner_quick_reports_runner_registered_ratios_and_ray_missing(tmp
     assert res["ray"]["available"] is False and res["ray"]["reason"].startswith("not installed"), res["ray"]
     assert "runs" not in res["ray"] and res["vs_ray"] == {}   # no figure made up for a missing peer
     assert "ray: not installed" in text and "min" in text and "median" in text
+
+
+def test_bench_flows_quick_reports_flow_plain_ratio_and_dask_missing(tmp_path):
+    """Dask is not needed: its child is pointed at a module that does not exist, which must come
+    back as "not installed" with no figures (the path a machine without Dask takes)."""
+    out = tmp_path / "flows.json"
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_flows.py"), "--quick", "--silent",
+                             "--json", str(out), "--dask-module", "zeromesh_no_such_dask"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        stdout, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)   # the script ends its mesh (by PID) on SIGTERM
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+        raise
+    text = stdout.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    res = json.loads(out.read_text())
+
+    assert res["settings"] == {"runs": 1, "tasks": 200, "executors": 2, "slots": 2, "cpus": os.cpu_count()}
+    [run] = res["runs"]
+    for key in ("flow_wall_s", "flow_per_task_us", "flow_first_start_s", "flow_last_end_s", "flow_bodies_s",
+                "plain_wall_s", "plain_per_task_us", "flow_plain_ratio"):
+        assert _positive(run[key]), (key, run)
+    assert run["flow_plain_ratio"] == round(run["flow_wall_s"] / run["plain_wall_s"], 3)
+    assert abs(run["flow_per_task_us"] - run["flow_wall_s"] * 1e6 / 202) < 1, run   # wall / (n + 2)
+    assert run["flow_first_start_s"] < run["flow_last_end_s"] <= run["flow_wall_s"], run   # the bodies fit in the run
+    assert run["flow_fan_in_s"] >= 0 and run["flow_executors"] >= 1, run
+    assert res["summary"]["flow_plain_ratio"]["median"] == run["flow_plain_ratio"]
+    assert res["dask"]["available"] is False and res["dask"]["reason"].startswith("not installed"), res["dask"]
+    assert "runs" not in res["dask"] and res["flow_dask_ratio"] is None   # no figure made up for a missing peer
+    assert "dask: not installed" in text and "flow / plain" in text
