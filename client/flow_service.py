@@ -7,8 +7,9 @@ each request itself (mesh/core/flows.py), as msgpack in a pickled ``bytes``::
     {"fn": <cloudpickled function>, "args": [[how, value], ...], "kwargs": {name: [how, value]},
      "record": bool, "run": id, "task": "flow/task"}
 
-where ``how`` is ``value`` (a pickled constant or parameter), ``object`` (an upstream result, read
-by key through the executor's object cache), ``file`` (the same, written once per machine to a
+where ``how`` is ``value`` (a pickled constant, parameter or small upstream result: up to 64 KiB
+travel inside the request), ``doc`` (a small upstream record, msgpack), ``object`` (a larger
+upstream result, read by key through the executor's object cache), ``file`` (the same, written once per machine to a
 local file whose path the task gets; :func:`client.flows.load_file` reads it back) or ``plain``
 (a value picked from an upstream record, ``db`` mapping).
 
@@ -77,6 +78,8 @@ def _resolve(arg: List[Any]) -> Any:
     how, value = arg
     if how == "value":
         return cloudpickle.loads(value)
+    if how == "doc":   # a small upstream record, sent inside the request
+        return unpack(value)
     if how == "object":
         return get_object(value)
     if how == "file":

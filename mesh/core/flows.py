@@ -46,6 +46,7 @@ from mesh.wire.protocol import Result, pack, unpack
 
 FLOW_SERVICE = "client.flow_service"
 FLOW_APP = "zmesh-flow"           # the built-in flow service's application (one per label set)
+INLINE_MAX = 64 * 1024            # bytes: a raw-mapped result up to this size is sent inside the request
 TAG_SPAN = 1024                   # a task's tag is its index in the run times this, plus its attempt
 MAX_RUN_WAIT = 60.0               # seconds one get_flow_run {wait} may be parked
 KEEP_FINISHED = 256               # finished runs kept in memory (the rest are read from the store)
@@ -83,6 +84,10 @@ def run_view(h: Dict[str, Any], tasks: Dict[str, Dict[str, Any]]) -> Dict[str, A
                                                   "kind", "executor", "task_id")}
                      for name, t in tasks.items()}
     return view
+
+
+def _after_commit(store: Any) -> None:
+    """A Call that does nothing: its ``then`` runs once every change made before it has committed."""
 
 
 class FlowRules(Base):
@@ -307,6 +312,10 @@ class FlowRules(Base):
                 return ["plain", model.pick(obj.doc.value, a["attribute"], a["index"])]
             except InvalidArgument as exc:
                 raise InvalidArgument(f"mapping {a['task']} as db: {exc.message}", task=a["task"]) from None
+        if a["as"] == "raw":   # a small result travels in the request: no fetch per argument
+            obj = self.objects.items.get(key) if key else None
+            if obj is not None and obj.doc.size_hint <= INLINE_MAX:
+                return ["value" if obj.doc.kind == "blob" else "doc", obj.doc.encoded()]
         return ["file" if a["as"] == "file" else "object", key]
 
     def _app_request(self, run: Run, node: Dict[str, Any]) -> bytes:
@@ -363,10 +372,15 @@ class FlowRules(Base):
         self.persist_object(obj)
         self._set(run, name, state="succeeded", result=key, kind=kind, started_at=started, ended_at=ended,
                   executor=where, error=None)
-        for d in run.deps_of[name]:
-            if run.tasks[d]["state"] == PENDING and not run.waiting[d] and run.h["state"] == "running":
-                self._submit(run, d)
+        ready = [d for d in run.deps_of[name] if run.tasks[d]["state"] == PENDING and not run.waiting[d]]
+        if ready:   # they start once this success has committed: a restart never runs this task again
+            self.call(Call(_after_commit, label="flow step", then=lambda _: self._submit_ready_ones(run, ready)))
         self._maybe_finish(run)
+
+    def _submit_ready_ones(self, run: Run, names: List[str]) -> None:
+        for d in names:
+            if run.h["state"] == "running" and run.tasks[d]["state"] == PENDING and not run.waiting[d]:
+                self._submit(run, d)
 
     def _task_failed(self, run: Run, name: str, err: Dict[str, Any]) -> None:
         node, task = run.graph["tasks"][name], run.tasks[name]
@@ -404,7 +418,7 @@ class FlowRules(Base):
         event(log, logging.INFO, "flow run ended", run=run.h["id"], state=state)
         view = run_view(run.h, run.tasks)
         for peer, rid, _, who in self.run_waiters.pop(run.h["id"], []):
-            self.reply(peer, rid, result=view)
+            self.reply(peer, rid, result=view, after_commit=True)
         self.finished_runs.append(run.h["id"])
         while len(self.finished_runs) > KEEP_FINISHED:
             self.runs.pop(self.finished_runs.popleft(), None)
