@@ -113,7 +113,7 @@ def test_bench_hotpath_quick_reports_ratios_against_the_limit(tmp_path):
     [run] = res["runs"]
     for key in ("tasks_per_s", "limit_tasks_per_s", "throughput_ratio", "p50_us", "limit_p50_us", "p50_ratio"):
         assert _positive(run[key]), (key, run)
-    assert run["throughput_ratio"] == pytest.approx(run["tasks_per_s"] / run["limit_tasks_per_s"], abs=0.002)   # from the rounded figures
+    assert run["throughput_ratio"] == pytest.approx(run["tasks_per_s"] / run["limit_tasks_per_s"], abs=0.002)
     assert "throughput_ratio" in text and "min / median / max" in text
 
 
@@ -183,8 +183,8 @@ def test_bench_runner_quick_reports_runner_registered_ratios_and_ray_missing(tmp
                 "counter_p50_us", "counter_p99_us", "counter_p50_ratio", "counter_tasks_per_s",
                 "counter_throughput_ratio"):
         assert _positive(run[key]), (key, run)
-    assert run["cold_ratio"] == pytest.approx(run["runner_cold_s"] / run["registered_cold_s"], abs=0.002)   # from the rounded figures
-    assert run["throughput_ratio"] == pytest.approx(run["runner_tasks_per_s"] / run["registered_tasks_per_s"], abs=0.002)   # from the rounded figures
+    assert run["cold_ratio"] == pytest.approx(run["runner_cold_s"] / run["registered_cold_s"], abs=0.002)
+    assert run["throughput_ratio"] == pytest.approx(run["runner_tasks_per_s"] / run["registered_tasks_per_s"], abs=0.002)
     assert run["runner_p99_us"] >= run["runner_p50_us"] and run["counter_p99_us"] >= run["counter_p50_us"]
     assert run["runner_cold_s"] >= run["runner_first_call_s"] > 0, run   # the parts fit in the whole
     assert run["counter_in_order"] is True   # the object service applied its calls in order
@@ -221,7 +221,7 @@ def test_bench_flows_quick_reports_flow_plain_ratio_and_dask_missing(tmp_path):
     for key in ("flow_wall_s", "flow_per_task_us", "flow_first_start_s", "flow_last_end_s", "flow_bodies_s",
                 "plain_wall_s", "plain_per_task_us", "flow_plain_ratio"):
         assert _positive(run[key]), (key, run)
-    assert run["flow_plain_ratio"] == pytest.approx(run["flow_wall_s"] / run["plain_wall_s"], abs=0.002)   # from the rounded figures
+    assert run["flow_plain_ratio"] == pytest.approx(run["flow_wall_s"] / run["plain_wall_s"], abs=0.002)
     assert abs(run["flow_per_task_us"] - run["flow_wall_s"] * 1e6 / 202) < 1, run   # wall / (n + 2)
     assert run["flow_first_start_s"] < run["flow_last_end_s"] <= run["flow_wall_s"], run   # the bodies fit in the run
     assert run["flow_fan_in_s"] >= 0 and run["flow_executors"] >= 1, run
