@@ -65,7 +65,7 @@ class Manager:
         self.writer = Writer(self.store, nice=self.settings.writer_nice)
         self.cpu = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="zmesh-cpu")
         self.core = Core(self.settings, secured=self.curve is not None)
-        self._restored = self.core.restore(self.store.load_state())
+        self._restored = self.core.restore(self.store.load_state(), time.time())
         # sends waiting for a commit, in order: (commit future or None while the batch is open, sends)
         self._holds: Deque[Tuple[Optional["concurrent.futures.Future[Any]"], List[Send]]] = collections.deque()
         self._last_commit: Optional["concurrent.futures.Future[Any]"] = None   # the newest group commit

@@ -255,7 +255,7 @@ def test_resend_after_a_manager_restart_is_answered_once(mesh: Mesh) -> None:
     # When a new core restores from the same store and the client resends both tasks
     m2 = Mesh()
     m2.store = mesh.store
-    m2.run(m2.core.restore(mesh.store.load_state()))
+    m2.run(m2.core.restore(mesh.store.load_state(), m2.now))
     assert tids == [1] and list(m2.core.sessions["s1"].pending) == [2]   # the unfinished one is queued again
     m2.submit(2, client=b"client-2", resend=True)
     # Then the finished one is answered from the database, the other waits for its run
@@ -411,7 +411,7 @@ def test_task_ids_are_never_reused_after_a_restart(mesh: Mesh) -> None:
     # When the manager restarts on the same store (the young task's record never written)
     m2 = Mesh()
     m2.store = mesh.store
-    m2.run(m2.core.restore(mesh.store.load_state()))
+    m2.run(m2.core.restore(mesh.store.load_state(), m2.now))
     m2.submit(1, client=b"other", cid="c2")
     # Then the next task gets another id
     assert 1 not in m2.core.tasks, "the young task was not written: only a resend brings it back"
@@ -826,7 +826,7 @@ def test_a_lease_survives_a_manager_restart_and_still_expires(mesh: Mesh) -> Non
     m2 = Mesh()
     m2.store = mesh.store
     m2.now = mesh.now + 2.0
-    m2.run(m2.core.restore(mesh.store.load_state()))
+    m2.run(m2.core.restore(mesh.store.load_state(), m2.now))
     # Then the lease and what it holds are back, and the application knows its lease
     assert m2.core.leases[lid].sessions == {sid} and m2.core.apps["tmp-app"].lease == lid
     m2.ok("renew_lease", id=lid)

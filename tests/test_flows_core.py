@@ -266,7 +266,7 @@ def test_a_restart_resumes_the_run_without_running_succeeded_tasks_again(fm: Flo
     # When a new core restores from the store
     m2 = Mesh()
     m2.store = fm.m.store
-    m2.run(m2.core.restore(fm.m.store.load_state()))
+    m2.run(m2.core.restore(fm.m.store.load_state(), m2.now))
     fm2 = FlowMesh(m2)
     sent = fm2.serve()
     # Then only run is sent again (its young task died with the manager), not prepare
@@ -286,7 +286,7 @@ def test_a_scheduled_run_starts_no_earlier_than_its_time_also_after_a_restart(fm
     m2 = Mesh()
     m2.store = fm.m.store
     m2.now = fm.m.now + 30
-    m2.run(m2.core.restore(fm.m.store.load_state()))
+    m2.run(m2.core.restore(fm.m.store.load_state(), m2.now))
     m2.tick(29)
     assert m2.ok("get_flow_run", id=rid)["state"] == "scheduled" and not m2.core.tasks
     m2.tick(1.5)

@@ -153,8 +153,11 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRu
         return report.metrics_text(self, who)
 
     # -- restart -----------------------------------------------------------------------
-    def restore(self, saved: SavedState) -> Effects:
-        """Rebuild registry, open sessions, contexts, objects and unfinished tasks from the store."""
+    def restore(self, saved: SavedState, now: Optional[float] = None) -> Effects:
+        """Rebuild registry, open sessions, contexts, objects and unfinished tasks from the store;
+        ``now``: the clock at the restart (what the engines restarting their work read)."""
+        if now is not None:
+            self.now = now
         for lid, owner, ttl, until, members in saved.leases:
             self.leases[lid] = Lease(lid, owner, ttl, until, set(members.get("apps", ())),
                                      set(members.get("sessions", ())), set(members.get("objects", ())))

@@ -52,7 +52,7 @@ class Msg:
 
 
 class Addr:
-    __slots__ = ("key", "queue", "busy", "state", "called_at", "since")
+    __slots__ = ("key", "queue", "busy", "state", "called_at", "since", "failures")
 
     def __init__(self, key: Key) -> None:
         self.key = key
@@ -61,6 +61,7 @@ class Addr:
         self.state: Dict[str, List[Any]] = {}      # name -> [pickled value, written_at, expire_w, expire_c]
         self.called_at = 0.0
         self.since = 0.0                            # when its first queued message found no route
+        self.failures = 0                           # batches in a row that got no answer
 
 
 class FunctionRules(Base):
@@ -253,6 +254,16 @@ class FunctionRules(Base):
                 a = self.addrs.get(key)
                 if a is None or a.busy != n:
                     continue
+                if err is not None and a.failures < model.BATCH_RETRIES:
+                    # the batch did not run to an answer (its instances died past the application's
+                    # retries, a deadline): its messages stay first in the inbox and go again
+                    a.failures += 1
+                    event(log, logging.WARNING, "function batch failed; again", type=key[0], id=key[1],
+                          failures=a.failures, error=err.get("message"))
+                    a.busy = None
+                    self._dispatch(a)
+                    continue
+                a.failures = 0
                 try:
                     self._apply(a, n, err, bytes(frame))
                 except Exception:   # a bug must not stop the other addresses
@@ -373,11 +384,6 @@ class FunctionRules(Base):
                 self._save_state(a)
             if model.next_expiry(a.state, a.called_at) is None:
                 self.expiring.discard(key)
-        for mid, (peer, rid, deadline) in list(self.call_waiters.items()):
-            if deadline <= now:
-                del self.call_waiters[mid]
-                self.send(peer, Reply(rid, False, error=DeadlineExceeded(
-                    f"no reply within the call's timeout (message {mid} stays queued)", mid=mid).to_wire()))
         for key in list(self.unrouted):
             a = self.addrs[key]
             if now - a.since >= model.ROUTE_WAIT and key[0] not in self.fn_types:
@@ -388,6 +394,11 @@ class FunctionRules(Base):
                     m = a.queue.popleft()
                     self.batch.rows[("fn_inbox", m.mid)] = None
                     self._undeliverable(a, m, why.message, why.to_wire())
+        for mid, (peer, rid, deadline) in list(self.call_waiters.items()):
+            if deadline <= now:
+                del self.call_waiters[mid]
+                self.send(peer, Reply(rid, False, error=DeadlineExceeded(
+                    f"no reply within the call's timeout (message {mid} stays queued)", mid=mid).to_wire()))
         for typename, waiters in list(self.egress_waiters.items()):
             keep = []
             for w in waiters:

@@ -10,6 +10,7 @@ TYPENAME = re.compile(r"[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_.-]{1,64}")
 DEAD_LETTERS = "zmesh/dead-letters"   # egress of messages that could not be delivered, with the reason
 MAX_ID = 256                          # characters of an entity id
 FN_BATCH = 64                         # messages of one address handed to its function at once
+BATCH_RETRIES = 10                    # a batch with no answer (its instances kept dying) goes again this often
 ROUTE_WAIT = 30.0                     # seconds a message for a type no application is known to serve waits
 MAX_CALL_WAIT = 300.0                 # seconds a client's call may wait for its reply
 
