@@ -380,3 +380,126 @@ def test_cron_next_fire_and_bad_cron() -> None:
     assert model.next_fire("*/5 * * * *", 1_800_000_000.0 - 1) == 1_800_000_000.0
     with pytest.raises(InvalidArgument, match="not a cron expression"):
         model.check_schedule("every tuesday")
+
+
+# -- what a review found (each failed before its fix) ------------------------------------------------
+
+def test_the_flow_service_names_are_reserved() -> None:
+    m = Mesh(secured=True)
+    from mesh.model.auth import Principal
+    m.core.tokens.add("tok-bob", Principal("bob", "user", "user"), float("inf"))
+    lid = m.request("create_lease", token="tok-bob", ttl=30).result["id"]
+    spec = {"metadata": {"name": "zmesh-flow"}, "spec": {"command": "python3", "arguments": ["/home/bob/steal.py"]}}
+    for method, extra in (("register_temporary_application", {"lease": lid}), ("register_application", {})):
+        r = m.request(method, token="tok-bob", spec=spec, **extra)
+        assert not r.ok and r.error["code"] in ("invalid_argument", "permission_denied")
+    m.core.tokens.add("tok-root", Principal("root", "admin", "user"), float("inf"))
+    r = m.request("register_application", token="tok-root", spec=spec)
+    assert not r.ok and "reserved" in r.error["message"]
+
+
+@pytest.mark.parametrize("frame", [
+    b"\x80\x04\x95" + bytes(8) + b"C",                                  # cut right after its opcode
+    pickle.dumps(pack(["doc", 1.0, 2.0, "e1", b"\xc1 not msgpack"])),   # a record that is not a document
+    pickle.dumps("not bytes"),
+])
+def test_an_answer_that_cannot_be_used_fails_its_task_instead_of_hanging_the_run(fm: FlowMesh, frame: bytes) -> None:
+    fm.register(fan(1))
+    rid = fm.start(["fan"])["id"]
+    [(inst, tid, _)] = fm.serve()
+    fm.reply(inst, tid, frame)
+    view = fm.run(rid)
+    assert view["state"] == "failed" and view["tasks"]["fan/work"]["state"] == "failed"
+
+
+def test_a_timed_out_task_runs_as_often_as_its_retries_say(fm: FlowMesh) -> None:
+    f = Flow("slow")
+
+    @f.task(timeout=5, retries=1)
+    def hang() -> None:
+        return None
+
+    with f:
+        hang()
+    fm.register(f)
+    rid = fm.start(["slow"])["id"]
+    from mesh.wire.protocol import Heartbeat
+    dispatched: List[int] = []
+    for _ in range(30):   # 30 s, heartbeating, never answering
+        dispatched += [tid for _, tid, _ in fm.serve() if tid not in dispatched]
+        fm.m.msg(fm.ex, Heartbeat())
+        fm.m.tick(1)
+    view = fm.run(rid)
+    assert view["state"] == "failed" and view["tasks"]["slow/hang"]["attempts"] == 2
+    assert len(dispatched) == 2   # one run and one retry: the core does not retry flow tasks on its own
+    assert view["tasks"]["slow/hang"]["error"]["code"] == "deadline_exceeded"
+
+
+def test_a_restored_task_keeps_its_timeout(fm: FlowMesh) -> None:
+    f = Flow("slow")
+
+    @f.task(timeout=5)
+    def hang() -> None:
+        return None
+
+    with f:
+        hang()
+    fm.register(f)
+    rid = fm.start(["slow"])["id"]
+    fm.serve()
+    fm.m.commit()   # the open task is written, as at a shutdown
+    m2 = Mesh()
+    m2.store = fm.m.store
+    m2.run(m2.core.restore(fm.m.store.load_state(), m2.now))
+    tid = m2.ok("get_flow_run", id=rid)["tasks"]["slow/hang"]["task_id"]
+    assert m2.core.tasks[tid].timeout == 5
+
+
+def test_a_cron_schedule_whose_time_passed_during_a_restart_fires_once(fm: FlowMesh) -> None:
+    fm.register(fan(1))
+    fm.m.now = 1_800_000_000.0 - 1
+    first = fm.start(["fan"], schedule="*/5 * * * *")
+    fm.m.commit()
+    m2 = Mesh()
+    m2.store = fm.m.store
+    m2.now = 1_800_000_000.0 + 12 * 60   # down across three due times
+    m2.run(m2.core.restore(fm.m.store.load_state(), m2.now))
+    m2.tick(0)
+    m2.tick(1)
+    assert m2.ok("find_flow_runs", filter={"schedule": first["schedule"]})["total"] == 1
+
+
+def test_another_user_runs_a_flow_unchanged_but_cannot_change_it() -> None:
+    m = Mesh(secured=True)
+    from mesh.model.auth import Principal
+    for who in ("ann", "bob"):
+        m.core.tokens.add(f"tok-{who}", Principal(who, "user", "user"), float("inf"))
+    doc = chain().document()
+    assert m.request("register_flow", token="tok-bob", flow=doc).ok
+    assert m.request("register_flow", token="tok-ann", flow=doc).ok   # what Flow.run does first
+    changed = {**doc, "labels": {"zone": "x"}}
+    r = m.request("register_flow", token="tok-ann", flow=changed)
+    assert not r.ok and r.error["code"] == "permission_denied"
+    # and ann sees bob's flow without his pickled code
+    got = m.request("get_flow", token="tok-ann", name="sim", document=True).result["document"]
+    assert set(got["functions"]) == {b""}
+
+
+def test_a_task_no_executor_can_take_fails_saying_which_labels(fm: FlowMesh) -> None:
+    f = Flow("mars", labels={"zone": "mars"})
+
+    @f.task
+    def go() -> None:
+        return None
+
+    with f:
+        go()
+    fm.register(f)
+    rid = fm.start(["mars"])["id"]
+    from mesh.wire.protocol import Heartbeat
+    for _ in range(40):
+        fm.m.msg(fm.ex, Heartbeat())
+        fm.m.tick(1)
+    view = fm.run(rid)
+    assert view["state"] == "failed" and "no executor has the labels {'zone': 'mars'}" in \
+        view["tasks"]["mars/go"]["error"]["message"]

@@ -33,6 +33,7 @@ from mesh.errors import (
     ResourceExhausted,
 )
 from mesh.model import auth
+from mesh.model import flows as flow_model
 from mesh.model.auth import INSECURE, Principal
 from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, RUNNING, App, Session, Task
 from mesh.model.resources import Resources
@@ -243,6 +244,7 @@ class ControlRules(Base):
     def do_register_application(self, args: Args, blob: Optional[bytes] = None,
                                 who: Principal = INSECURE) -> Later:
         spec = AppSpec.from_dict(_arg(args, "spec", dict))
+        flow_model.check_app_name(spec.name)
         old = self.apps.get(spec.name)
         if old is not None and not args.get("replace", False):
             raise AlreadyExists(f"application {spec.name!r} is already registered; unregister it or update it",

@@ -34,11 +34,11 @@ from mesh.core.base import FLOW_PEER, Base, log
 from mesh.core.control import Args, Later, RunWait, _arg
 from mesh.core.effects import Call
 from mesh.data.context import Document
-from mesh.errors import (Cancelled, FailedPrecondition, InvalidArgument, MeshError, NotFound,
+from mesh.errors import (Cancelled, FailedPrecondition, Internal, InvalidArgument, MeshError, NotFound,
                          PermissionDenied)
 from mesh.model import flows as model
 from mesh.model.auth import INSECURE, Principal
-from mesh.model.records import OPEN, PENDING, RUNNING, App, Session
+from mesh.model.records import ALIVE, OPEN, PENDING, RUNNING, App, Session
 from mesh.model.spec import AppSpec
 from mesh.ops.log import event
 from mesh.wire.pickled import unwrap_bytes, wrap_bytes
@@ -46,6 +46,10 @@ from mesh.wire.protocol import Result, pack, unpack
 
 FLOW_SERVICE = "client.flow_service"
 FLOW_APP = "zmesh-flow"           # the built-in flow service's application (one per label set)
+PLACEMENT_CHECK = 5.0             # seconds between looks for queued tasks no executor can take
+UNPLACEABLE_GRACE = 30.0          # seconds such a task waits for an executor with its labels, then fails
+LOST_RETRIES = 3                  # a task whose instance died runs again this often, beside its retries
+INLINE_TOTAL = 1 << 20            # bytes of results inlined into one request, at most
 INLINE_MAX = 64 * 1024            # bytes: a raw-mapped result up to this size is sent inside the request
 TAG_SPAN = 1024                   # a task's tag is its index in the run times this, plus its attempt
 MAX_RUN_WAIT = 60.0               # seconds one get_flow_run {wait} may be parked
@@ -99,20 +103,21 @@ class FlowRules(Base):
         self.flow_tags: Dict[Tuple[str, int], Tuple[str, str]] = {}  # (session, tag) -> (run, task)
         self.run_waiters: Dict[str, List[Tuple[bytes, int, float, Principal]]] = {}
         self.schedules: Dict[str, Dict[str, Any]] = {}
+        self.placement_checked = 0.0
 
     # -- registry -------------------------------------------------------------------------
     def do_register_flow(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         doc = model.check_flow(unpack(blob) if blob is not None else _arg(args, "flow", dict))
         name = doc["name"]
         old = self.flows.get(name)
+        if old is not None and old["doc"] == doc:   # unchanged: anyone may "register" it again (Flow.run does)
+            return self._flow_view(old)
         if old is not None and not who.may_touch(old["owner"]):
             raise PermissionDenied(f"flow {name!r} belongs to {old['owner']!r}", flow=name)
         for t in doc["tasks"]:
             if t.get("app") is not None and t["app"] not in self.apps:
                 raise NotFound(f"task {name}/{t['name']} runs application {t['app']!r}, which is not registered",
                                application=t["app"])
-        if old is not None and old["doc"] == doc:
-            return self._flow_view(old)
         version = old["version"] + 1 if old else 1
         rec = {"name": name, "version": version, "owner": who.name, "created_at": self.now, "doc": doc}
         self.flows[name] = self.flow_versions[(name, version)] = rec
@@ -139,8 +144,8 @@ class FlowRules(Base):
         """A flow's newest version; with ``document``, the document itself (its pickled functions too)."""
         rec = self._flow(_arg(args, "name", str))
         view = self._flow_view(rec)
-        if args.get("document"):
-            view["document"] = rec["doc"]
+        if args.get("document"):   # its pickled code and constants only to whoever may change it
+            view["document"] = rec["doc"] if who.may_touch(rec["owner"]) else model.structure(rec["doc"])
         return view
 
     def do_find_flows(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
@@ -181,6 +186,7 @@ class FlowRules(Base):
         if cron is not None:
             first = model.next_fire(cron, max(self.now, when or 0.0) - 1e-6)
             sched = {"id": secrets.token_hex(6), "flows": names, "parameters": params, "labels": labels,
+                     "versions": {n: r["version"] for n, r in recs.items()},
                      "cron": cron, "owner": who.name, "run_name": run_name, "next_at": first, "active": True,
                      "created_at": self.now}
             self.schedules[sched["id"]] = sched
@@ -193,10 +199,17 @@ class FlowRules(Base):
         return run_view(run.h, run.tasks)
 
     def _new_run(self, names: List[str], params: Dict[str, Any], run_name: Optional[str], labels: Optional[Dict[str, str]],
-                 when: Optional[float], owner: str, schedule: Optional[str]) -> Run:
+                 when: Optional[float], owner: str, schedule: Optional[str],
+                 versions: Optional[Dict[str, int]] = None) -> Run:
+        """A new run of ``names`` at their newest versions, or at ``versions`` (a schedule runs the
+        versions it was created with: a later version of someone else's flow is not run for you)."""
         rid = secrets.token_hex(8)
-        versions = {n: self.flows[n]["version"] for n in names}
-        graph = model.compose({n: self.flows[n]["doc"] for n in names}, params)
+        versions = versions or {n: self.flows[n]["version"] for n in names}
+        try:
+            docs = {n: self.flow_versions[(n, v)]["doc"] for n, v in versions.items()}
+        except KeyError as exc:
+            raise NotFound(f"flow version {exc.args[0]} is not registered", flow=str(exc.args[0])) from None
+        graph = model.compose(docs, params)
         h = {"id": rid, "name": run_name or f"{'+'.join(names)}-{rid[:6]}", "flows": names, "versions": versions,
              "parameters": params, "labels": labels, "owner": owner, "state": "pending", "created_at": self.now,
              "scheduled_start_time": when, "started_at": None, "ended_at": None, "error": None, "sessions": {},
@@ -259,12 +272,17 @@ class FlowRules(Base):
         name = FLOW_APP
         if labels:
             name += "-" + hashlib.sha256(pack(sorted(labels.items()))).hexdigest()[:10]
-        if name not in self.apps:
+        app = self.apps.get(name)
+        if app is not None and (app.lease is not None or list(app.spec.arguments) != ["-m", FLOW_SERVICE]):
+            raise FailedPrecondition(f"application {name!r} is not the built-in flow service: the name is "
+                                     f"reserved (unregister it)", application=name)
+        if app is None:
             # prefetch 1: an instance holds one task at a time, so independent tasks wait for a free
-            # instance (or a new one) rather than queue behind each other on a busy one
+            # instance (or a new one) rather than queue behind each other on a busy one; max_retries
+            # 0: the engine owns retries (a task's ``retries``, and LOST_RETRIES for lost instances)
             spec = AppSpec.from_dict({"metadata": {"name": name, "description": "zeromesh flow tasks"},
                                       "spec": {"command": "python3", "arguments": ["-m", FLOW_SERVICE],
-                                               "labels": dict(labels), "prefetch": 1}})
+                                               "labels": dict(labels), "prefetch": 1, "max_retries": 0}})
             self.apps[name] = App(spec, self.now)
             self.call(Call(lambda store: store.put_app(name, spec.to_dict(), self.now), label="flow application"))
         return name
@@ -275,14 +293,21 @@ class FlowRules(Base):
         try:
             if node["app"] is not None:
                 app_name = node["app"]
-                if app_name not in self.apps:
+                app = self.apps.get(app_name)
+                if app is None:
                     raise NotFound(f"application {app_name!r} is not registered", application=app_name)
+                if app.lease is not None and app.owner != run.h["owner"]:   # as create_session refuses it
+                    raise PermissionDenied(f"application {app_name!r} is a temporary application of "
+                                           f"{app.owner!r}", application=app_name)
                 payload = self._app_request(run, node)
             else:
                 labels = run.h["labels"] if run.h.get("labels") is not None else node["labels"]
                 app_name = self._flow_app(labels)
-                payload = wrap_bytes(pack({"fn": node["fn"], "args": [self._arg_value(run, a) for a in node["args"]],
-                                           "kwargs": {k: self._arg_value(run, a) for k, a in node["kwargs"].items()},
+                budget = [INLINE_TOTAL]
+                payload = wrap_bytes(pack({"fn": node["fn"],
+                                           "args": [self._arg_value(run, a, budget) for a in node["args"]],
+                                           "kwargs": {k: self._arg_value(run, a, budget)
+                                                      for k, a in node["kwargs"].items()},
                                            "record": bool(node.get("record")), "task": name,
                                            "run": run.h["id"]}))
         except MeshError as exc:
@@ -298,7 +323,7 @@ class FlowRules(Base):
         self._set(run, name, state=RUNNING, attempts=attempts, tag=tag, submitted_at=self.now, error=None,
                   task_id=self.by_tag.get((cid, tag)))
 
-    def _arg_value(self, run: Run, a: Dict[str, Any]) -> List[Any]:
+    def _arg_value(self, run: Run, a: Dict[str, Any], budget: List[int]) -> List[Any]:
         if "value" in a:
             return ["value", a["value"]]
         up = run.tasks[a["task"]]
@@ -314,7 +339,8 @@ class FlowRules(Base):
                 raise InvalidArgument(f"mapping {a['task']} as db: {exc.message}", task=a["task"]) from None
         if a["as"] == "raw":   # a small result travels in the request: no fetch per argument
             obj = self.objects.items.get(key) if key else None
-            if obj is not None and obj.doc.size_hint <= INLINE_MAX:
+            if obj is not None and obj.doc.size_hint <= min(INLINE_MAX, budget[0]):
+                budget[0] -= obj.doc.size_hint
                 return ["value" if obj.doc.kind == "blob" else "doc", obj.doc.encoded()]
         return ["file" if a["as"] == "file" else "object", key]
 
@@ -347,8 +373,11 @@ class FlowRules(Base):
                         self._task_succeeded(run, name, bytes(frame))
                     else:
                         self._task_failed(run, name, err)
-                except Exception:   # a bug must not stop the other runs
+                except Exception as exc:   # a bug (or a forged answer) fails this task, not the others
                     log.exception("flow answer failed")
+                    if run.tasks[name]["state"] == RUNNING:
+                        self._task_failed(run, name, Internal(f"{name}: its answer could not be used: "
+                                                              f"{type(exc).__name__}: {exc}").to_wire())
 
     def _task_succeeded(self, run: Run, name: str, frame: bytes) -> None:
         node, task = run.graph["tasks"][name], run.tasks[name]
@@ -385,6 +414,12 @@ class FlowRules(Base):
     def _task_failed(self, run: Run, name: str, err: Dict[str, Any]) -> None:
         node, task = run.graph["tasks"][name], run.tasks[name]
         code = err.get("code") if isinstance(err, dict) else None
+        lost = isinstance(err, dict) and (err.get("details") or {}).get("type") == "InstanceLost"
+        if lost and task.get("lost", 0) < LOST_RETRIES and run.h["state"] == "running":
+            task["lost"] = task.get("lost", 0) + 1   # its instance died (an executor lost): not its fault
+            task["attempts"] -= 1
+            self._submit(run, name)
+            return
         if task["attempts"] <= node.get("retries", 0) and code != Cancelled.code and run.h["state"] == "running":
             task["error"] = err
             event(log, logging.INFO, "flow task retried", run=run.h["id"], task=name, attempt=task["attempts"])
@@ -528,6 +563,10 @@ class FlowRules(Base):
         """Start runs whose time has come; fire recurring schedules (one run per due time)."""
         for run in list(self.runs.values()):
             if run.h["state"] == "scheduled" and (run.h["scheduled_start_time"] or 0) <= self.now:
+                s = self.schedules.get(run.h.get("schedule") or "")
+                if s is not None and s["next_at"] is not None and s["next_at"] <= self.now:
+                    s["next_at"] = model.next_fire(s["cron"], self.now)   # late (a restart): times passed fire once
+                    self._save_schedule(s)
                 self._start_run(run)
         for s in list(self.schedules.values()):
             if not s["active"] or s["next_at"] is None or s["next_at"] > self.now:
@@ -538,10 +577,40 @@ class FlowRules(Base):
             s["next_at"] = model.next_fire(s["cron"], max(due, self.now))
             self._save_schedule(s)
             try:
-                self._new_run(s["flows"], s["parameters"], s["run_name"], s["labels"], due, s["owner"], s["id"])
+                self._new_run(s["flows"], s["parameters"], s["run_name"], s["labels"], due, s["owner"], s["id"],
+                              s.get("versions"))
             except MeshError as exc:   # a flow changed under the schedule: say so, keep the clock going
                 event(log, logging.WARNING, "scheduled flow run refused", schedule=s["id"], error=str(exc))
+        if self.now - self.placement_checked >= PLACEMENT_CHECK:
+            self.placement_checked = self.now
+            for run in list(self.runs.values()):
+                if run.h["state"] == "running":
+                    self._fail_unplaceable(run)
         self.expire_run_waits()
+
+    def _fail_unplaceable(self, run: Run) -> None:
+        """Tasks queued for UNPLACEABLE_GRACE seconds that no executor can take (no live executor has
+        their labels) fail, saying so, instead of waiting for ever."""
+        for name, task in run.tasks.items():
+            if task["state"] != RUNNING:
+                continue
+            t = self.tasks.get(task.get("task_id") or -1)
+            if t is None or t.state != PENDING:
+                task.pop("unplaced_since", None)
+                continue
+            s = self.sessions.get(t.sid)
+            app = self.apps.get(s.app) if s is not None else None
+            labels = app.spec.labels if app is not None else {}
+            if any(e.state == ALIVE and all(e.labels.get(k) == v for k, v in labels.items())
+                   for e in self.executors.values()):
+                task.pop("unplaced_since", None)
+                continue
+            since = task.setdefault("unplaced_since", self.now)
+            if self.now - since >= UNPLACEABLE_GRACE and s is not None:
+                s.pending.remove(t.id)
+                self.fail_tasks([t], FailedPrecondition(
+                    f"{name}: no executor has the labels {dict(labels)} it needs (waited "
+                    f"{UNPLACEABLE_GRACE:g}s)", labels=dict(labels)))
 
     # -- persistence ---------------------------------------------------------------------------
     def _save_run(self, run: Run) -> None:
@@ -569,8 +638,12 @@ class FlowRules(Base):
             try:
                 docs = {n: self.flow_versions[(n, v)]["doc"] for n, v in h["versions"].items()}
                 graph = model.compose(docs, h["parameters"])
-            except (KeyError, MeshError) as exc:
+            except (KeyError, MeshError) as exc:   # it can never go on: it ends failed, saying why
                 event(log, logging.ERROR, "flow run cannot be restored", run=h["id"], error=str(exc))
+                h.update(state="failed", ended_at=self.now,
+                         error=Internal(f"the run could not be restored: {exc}").to_wire())
+                self.batch.rows[("flow_runs", h["id"])] = (h["id"], ",".join(h["flows"]), h["state"],
+                                                           h["created_at"], h["owner"], pack(h))
                 continue
             for name in graph["order"]:
                 tasks.setdefault(name, {"state": PENDING, "attempts": 0})
@@ -583,6 +656,7 @@ class FlowRules(Base):
                 t = self.tasks.get(task.get("task_id") or -1)
                 if t is not None and t.cid == cid and t.tag == task.get("tag"):
                     t.client = FLOW_PEER   # its core task was restored: it answers the engine
+                    t.timeout = graph["tasks"][name].get("timeout")
                     self.flow_tags[(t.sid, t.tag)] = (h["id"], name)
                 else:   # it died with the manager before it was written: it runs again (a new attempt)
                     task["state"] = PENDING

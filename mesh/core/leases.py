@@ -24,6 +24,7 @@ from mesh.core.effects import Call
 from mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from mesh.model.auth import INSECURE, Principal
 from mesh.model.records import OPEN, App, Lease
+from mesh.model.flows import check_app_name
 from mesh.model.spec import AppSpec
 from mesh.ops.log import event
 
@@ -56,6 +57,7 @@ class LeaseRules(Base):
         """An application that lives as long as a lease of the caller's (a user may register one)."""
         lease = self.lease(_arg(args, "lease", str), who)
         spec = AppSpec.from_dict(_arg(args, "spec", dict))
+        check_app_name(spec.name)
         if spec.name in self.apps:
             raise AlreadyExists(f"application {spec.name!r} is already registered", application=spec.name)
         created = self.now

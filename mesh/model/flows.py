@@ -250,6 +250,27 @@ def compose(flows: Mapping[str, Dict[str, Any]], parameters: Mapping[str, Mappin
     return {"tasks": tasks, "order": order("this run", {k: set(v["deps"]) for k, v in tasks.items()})}
 
 
+def structure(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The flow without its pickled code, defaults and constants (what others than its owner see)."""
+    tasks = [{**t, "args": [_bare(r) for r in t.get("args") or []],
+              "kwargs": {k: _bare(r) for k, r in (t.get("kwargs") or {}).items()}} for t in doc["tasks"]]
+    params = {p: ({"default": b""} if "default" in i else {}) for p, i in (doc.get("parameters") or {}).items()}
+    return {**doc, "functions": [b""] * len(doc.get("functions") or []), "parameters": params, "tasks": tasks}
+
+
+def _bare(ref: Dict[str, Any]) -> Dict[str, Any]:
+    return {"value": b""} if "value" in ref else ref
+
+
+RESERVED_APPS = "zmesh-"   # application names the mesh's own services use (the flow service)
+
+
+def check_app_name(name: str) -> None:
+    if name.startswith(RESERVED_APPS):
+        raise _fail(f"application names starting with {RESERVED_APPS!r} are reserved for the mesh's own services",
+                    application=name)
+
+
 def dependents(tasks: Mapping[str, Mapping[str, Any]]) -> Dict[str, List[str]]:
     """Task name -> the tasks that take its result."""
     out: Dict[str, List[str]] = {name: [] for name in tasks}

@@ -35,7 +35,7 @@ def unwrap_bytes(payload: bytes) -> Optional[bytes]:
     if i >= n:
         return None
     op = view[i]
-    if op == SHORT_BINBYTES:
+    if op == SHORT_BINBYTES and i + 2 <= n:
         size, i = view[i + 1], i + 2
     elif op == BINBYTES and i + 5 <= n:
         size, i = struct.unpack_from("<I", view, i + 1)[0], i + 5
