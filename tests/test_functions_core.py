@@ -266,3 +266,14 @@ def test_unknown_type_is_not_found_after_the_route_wait(fm: FnMesh) -> None:
 def test_bad_addresses_are_invalid_argument(fm: FnMesh, bad: Dict[str, Any]) -> None:
     r = fm.m.request("fn_send", blob=b"x", **bad)
     assert not r.ok and r.error["code"] == "invalid_argument"
+
+
+def test_a_resent_message_id_is_delivered_once(fm: FnMesh) -> None:
+    for _ in range(2):
+        r = fm.m.request("fn_send", blob=cloudpickle.dumps(User("gil")), type="example/count", id="gil", mid="m-1")
+        assert r.ok
+    fm.serve()
+    r = fm.m.request("fn_send", blob=cloudpickle.dumps(User("gil")), type="example/count", id="gil", mid="m-1")
+    assert r.result == {"mid": "m-1", "duplicate": True}
+    fm.serve()
+    assert fm.state("example/count", "gil") == {"count": 1}

@@ -39,6 +39,7 @@ from mesh.wire.protocol import Reply, pack, unpack
 
 Key = Tuple[str, str]   # (type, id)
 MAX_EGRESS_PAGE = 1000
+RECENT_MIDS = 100_000   # ids of delivered messages remembered (in memory) so a resend is not delivered twice
 MAX_EGRESS_WAIT = 60.0
 
 
@@ -81,6 +82,8 @@ class FunctionRules(Base):
         self.call_waiters: Dict[str, Tuple[bytes, int, float]] = {}   # mid -> (peer, rid, deadline)
         self.expiring: Set[Key] = set()
         self.unrouted: Set[Key] = set()
+        self.fn_mids: Set[str] = set()                # ids of the messages in the inboxes
+        self.fn_recent: "collections.OrderedDict[str, None]" = collections.OrderedDict()   # delivered lately
 
     # -- client calls ----------------------------------------------------------------------
     def _message_args(self, args: Args, blob: Optional[bytes]) -> Tuple[Key, bytes, str]:
@@ -93,8 +96,12 @@ class FunctionRules(Base):
         return (typename, identity), bytes(blob), mid
 
     def do_fn_send(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        """Accept a message for ``(type, id)``: answered once it is in the store (durably accepted)."""
+        """Accept a message for ``(type, id)``: answered once it is in the store (durably accepted).
+        A ``mid`` the caller gave that is queued, or was delivered lately (the last RECENT_MIDS), is
+        not accepted twice: a resend after a lost answer delivers once."""
         key, data, mid = self._message_args(args, blob)
+        if mid in self.fn_mids or mid in self.fn_recent:
+            return {"mid": mid, "duplicate": True}
         self._accept(key, mid, None, data)
         return {"mid": mid}
 
@@ -168,6 +175,7 @@ class FunctionRules(Base):
         seq = next(self.fn_seq)
         a = self._addr(key)
         a.queue.append(Msg(mid, seq, caller, data))
+        self.fn_mids.add(mid)
         self.batch.rows[("fn_inbox", mid)] = (mid, seq, key[0], key[1], pack(caller) if caller else None, data)
         self._dispatch(a)
 
@@ -274,7 +282,7 @@ class FunctionRules(Base):
     def _apply(self, a: Addr, n: int, err: Optional[Dict[str, Any]], frame: bytes) -> None:
         batch = [a.queue.popleft() for _ in range(n)]
         for m in batch:
-            self.batch.rows[("fn_inbox", m.mid)] = None
+            self._delivered(m)
         if err is not None:   # the whole batch failed (its instances kept dying, or a deadline)
             for m in batch:
                 self._undeliverable(a, m, err.get("message", "failed"), err)
@@ -322,6 +330,14 @@ class FunctionRules(Base):
             else:
                 a.state[name] = list(rec)
         self._save_state(a)
+
+    def _delivered(self, m: Msg) -> None:
+        """``m`` leaves the inbox (in this commit); its id is remembered for a while against resends."""
+        self.batch.rows[("fn_inbox", m.mid)] = None
+        self.fn_mids.discard(m.mid)
+        self.fn_recent[m.mid] = None
+        if len(self.fn_recent) > RECENT_MIDS:
+            self.fn_recent.popitem(last=False)
 
     def _reply(self, a: Addr, m: Msg, blob: bytes) -> None:
         waiter = self.call_waiters.pop(m.mid, None)
@@ -392,7 +408,7 @@ class FunctionRules(Base):
                                f"says which types it serves when it starts)", type=key[0])
                 while a.queue:
                     m = a.queue.popleft()
-                    self.batch.rows[("fn_inbox", m.mid)] = None
+                    self._delivered(m)
                     self._undeliverable(a, m, why.message, why.to_wire())
         for mid, (peer, rid, deadline) in list(self.call_waiters.items()):
             if deadline <= now:
@@ -426,6 +442,7 @@ class FunctionRules(Base):
         for mid, seq, typename, identity, caller, message in saved.get("inbox", []):
             self._addr((typename, identity)).queue.append(Msg(mid, seq, unpack(caller) if caller else None,
                                                               bytes(message)))
+            self.fn_mids.add(mid)
         self.fn_seq = itertools.count(seq + 1)
         for token, due, typename, identity, caller, message in saved.get("delayed", []):
             self.delayed[token] = (due, (typename, identity), unpack(caller) if caller else None, bytes(message))
