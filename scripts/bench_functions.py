@@ -32,7 +32,7 @@ tasks), latency fn / plain (above 1: a call is slower than an invoke).
 
 Every wait is bounded; the mesh's processes are ended by PID (LocalMesh).
 
-Usage: python scripts/bench_functions.py [--runs 5] [--ids 50] [--hops 50] [--fan 100] [--tasks 20000]
+Usage: python scripts/bench_functions.py [--runs 5] [--ids 50] [--hops 100] [--fan 400] [--tasks 40000]
                                         [--window 500] [--latency 1000] [--quick] [--silent] [--json PATH]
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ from mesh.model.functions import FN_BATCH  # noqa: E402
 
 FN_APP, PLAIN_APP = "fnbench", "noop"
 RUN_WAIT = {"full": 120.0, "quick": 60.0}   # seconds one timed figure may take
-FULL = {"runs": 5, "ids": 50, "hops": 50, "fan": 100, "tasks": 20000, "window": 500, "latency": 1000}
+FULL = {"runs": 5, "ids": 50, "hops": 100, "fan": 400, "tasks": 40000, "window": 500, "latency": 1000}
 QUICK = {"runs": 1, "ids": 10, "hops": 10, "fan": 20, "tasks": 1000, "window": 200, "latency": 100}
 LATENCY_SECONDS = 30.0   # bound on one latency series
 
@@ -234,9 +234,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=None, help="counted runs (default 5)")
     ap.add_argument("--ids", type=int, default=None, help="ids (chains, fans) per round (default 50)")
-    ap.add_argument("--hops", type=int, default=None, help="k of a chain: 2k messages per id (default 50)")
-    ap.add_argument("--fan", type=int, default=None, help="messages per id of a fan (default 100)")
-    ap.add_argument("--tasks", type=int, default=None, help="plain no-op tasks per throughput run (default 20000)")
+    ap.add_argument("--hops", type=int, default=None, help="k of a chain: 2k messages per id (default 100)")
+    ap.add_argument("--fan", type=int, default=None, help="messages per id of a fan (default 400)")
+    ap.add_argument("--tasks", type=int, default=None, help="plain no-op tasks per throughput run (default 40000)")
     ap.add_argument("--window", type=int, default=None, help="plain tasks in flight (default 500)")
     ap.add_argument("--latency", type=int, default=None, help="calls / invokes per latency series (default 1000)")
     ap.add_argument("--quick", action="store_true", help="1 small run (smoke test)")
