@@ -58,6 +58,7 @@ from bench_runner import ratio, summary  # noqa: E402
 
 from client import Client, Functions, Session  # noqa: E402
 from client.local import LocalMesh  # noqa: E402
+from mesh.testing import LocalMesh as AnyLocalMesh  # noqa: E402   (what LocalMesh's __enter__ is typed to return)
 from mesh.model.functions import FN_BATCH  # noqa: E402
 
 FN_APP, PLAIN_APP = "fnbench", "noop"
@@ -102,7 +103,7 @@ def fn_throughput(fx: Functions, kind: str, ids: int, k: int, tag: str, wait: fl
     bad = {i: n for i, n in done.items() if n != expect}
     states = [fx.state("bench/pong", f"{prefix}{j}").get("n") for j in range(ids)]
     if bad or any(n != expect for n in states):
-        raise BenchError(f"{kind}: pong counted {sorted(set(states))} (egress {sorted(set(bad.values()))}), not {expect}")
+        raise BenchError(f"{kind}: pong counted {sorted(set(map(repr, states)))} (egress {sorted(set(bad.values()))}), not {expect}")
     msgs = ids * per_id
     return {"wall_s": round(wall, 4), "messages": msgs, "msgs_per_s": round(msgs / wall, 1),
             "manager_cpu_s": round(cpu, 3), "manager_cpu_us_per_msg": round(cpu * 1e6 / msgs, 1)}
@@ -147,7 +148,7 @@ def plain_latency(s: Session, count: int) -> Dict[str, Any]:
 
 
 # -- one run ----------------------------------------------------------------------------------------
-def one_run(i: int, m: LocalMesh, fx: Functions, opts: argparse.Namespace, wait: float,
+def one_run(i: int, m: AnyLocalMesh, fx: Functions, opts: argparse.Namespace, wait: float,
             cursor: Dict[str, int]) -> Dict[str, Any]:
     assert m.manager is not None
     pid = m.manager.pid
