@@ -1,5 +1,5 @@
 """The benchmarks run end to end (scripts/bench.py, bench_context.py, bench_hotpath.py, bench_flood.py,
-bench_runner.py and bench_flows.py, small or --quick) and report every figure.  They assert that the benchmarks
+bench_runner.py, bench_flows.py and bench_functions.py, small or --quick) and report every figure.  They assert that the benchmarks
 work, not how fast zeromesh is; the one behaviour checked is that a one-op patch to a 10 MiB context ships a patch
 (>= 100x fewer bytes than replacing it)."""
 from __future__ import annotations
@@ -229,3 +229,26 @@ def test_bench_flows_quick_reports_flow_plain_ratio_and_dask_missing(tmp_path):
     assert res["dask"]["available"] is False and res["dask"]["reason"].startswith("not installed"), res["dask"]
     assert "runs" not in res["dask"] and res["flow_dask_ratio"] is None   # no figure made up for a missing peer
     assert "dask: not installed" in text and "flow / plain" in text
+
+
+def test_bench_functions_quick_reports_fn_plain_ratios(tmp_path):
+    out = tmp_path / "functions.json"
+    text = _run("bench_functions.py", out, 90)
+    res = json.loads(out.read_text())
+
+    st = res["settings"]
+    assert (st["runs"], st["executors"], st["slots"]) == (1, 2, 2), st
+    [run] = res["runs"]
+    for key in ("chain_msgs_per_s", "fan_msgs_per_s", "plain_tasks_per_s", "chain_plain_ratio", "fan_plain_ratio",
+                "call_p50_us", "call_p99_us", "invoke_p50_us", "invoke_p99_us", "p50_ratio", "p99_ratio"):
+        assert _positive(run[key]), (key, run)
+    assert run["chain_messages"] == st["ids"] * 2 * st["hops"] and run["fan_messages"] == st["ids"] * st["fan"], run
+    for kind in ("chain", "fan"):   # the ratio is of the unrounded figures: compare within rounding
+        assert run[f"{kind}_plain_ratio"] == pytest.approx(run[f"{kind}_msgs_per_s"] / run["plain_tasks_per_s"],
+                                                           abs=0.002)
+    assert run["p50_ratio"] == pytest.approx(run["call_p50_us"] / run["invoke_p50_us"], abs=0.002)
+    assert run["call_p99_us"] >= run["call_p50_us"] and run["invoke_p99_us"] >= run["invoke_p50_us"], run
+    assert run["call_samples"] == run["invoke_samples"] == st["latency"], run
+    assert run["fn_instances"] >= 1 and _positive(res["first_call_s"]), (run, res)
+    assert res["summary"]["chain_plain_ratio"]["median"] == run["chain_plain_ratio"]
+    assert "chain / plain throughput" in text and "call / invoke p50" in text
