@@ -83,6 +83,7 @@ class FunctionRules(Base):
         self.expiring: Set[Key] = set()
         self.unrouted: Set[Key] = set()
         self.fn_mids: Set[str] = set()                # ids of the messages in the inboxes
+        self.fn_mids_made = itertools.count(1)
         self.fn_recent: "collections.OrderedDict[str, None]" = collections.OrderedDict()   # delivered lately
 
     # -- client calls ----------------------------------------------------------------------
@@ -92,7 +93,7 @@ class FunctionRules(Base):
         if blob is None:
             raise InvalidArgument("the message travels as the blob frame")
         self.check_object_size(blob)
-        mid = _arg(args, "mid", str, required=False) or secrets.token_hex(12)
+        mid = _arg(args, "mid", str, required=False) or self._mid()
         return (typename, identity), bytes(blob), mid
 
     def do_fn_send(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
@@ -310,9 +311,9 @@ class FunctionRules(Base):
                 self._undeliverable(a, m, str(r["error"].get("message")), r["error"])
                 continue
             for typename, identity, blob in r.get("sends") or []:
-                self._accept((typename, identity), secrets.token_hex(12), me, blob)
+                self._accept((typename, identity), self._mid(), me, blob)
             for delay, typename, identity, blob, token in r.get("delayed") or []:
-                self._delay(token or secrets.token_hex(12), self.now + float(delay), (typename, identity), me, blob)
+                self._delay(token or self._mid(), self.now + float(delay), (typename, identity), me, blob)
             for token in r.get("cancels") or []:
                 if self.delayed.pop(token, None) is not None:
                     self.batch.rows[("fn_delayed", token)] = None
@@ -331,9 +332,17 @@ class FunctionRules(Base):
                 a.state[name] = list(rec)
         self._save_state(a)
 
+    def _mid(self) -> str:
+        """A message id: this boot's random prefix and a counter (unique, cheap)."""
+        return f"{self.fn_cid[3:]}-{next(self.fn_mids_made)}"
+
     def _delivered(self, m: Msg) -> None:
         """``m`` leaves the inbox (in this commit); its id is remembered for a while against resends."""
-        self.batch.rows[("fn_inbox", m.mid)] = None
+        rows, k = self.batch.rows, ("fn_inbox", m.mid)
+        if k in rows and rows[k] is not None:
+            del rows[k]            # written in this same commit: neither the row nor its deletion is needed
+        else:
+            rows[k] = None
         self.fn_mids.discard(m.mid)
         self.fn_recent[m.mid] = None
         if len(self.fn_recent) > RECENT_MIDS:
@@ -345,7 +354,7 @@ class FunctionRules(Base):
             peer, rid, _ = waiter
             self.send(peer, Reply(rid, True, {"replied": True}, blob=True), [blob], after_commit=True)
         elif m.caller:   # a function called: the reply is a message to it
-            self._accept((m.caller[0], m.caller[1]), secrets.token_hex(12), list(a.key), blob)
+            self._accept((m.caller[0], m.caller[1]), self._mid(), list(a.key), blob)
 
     def _undeliverable(self, a: Addr, m: Msg, reason: str, err: Dict[str, Any]) -> None:
         """A message not delivered (wrong type, the function raised, no route): the caller's call
@@ -388,7 +397,7 @@ class FunctionRules(Base):
                 continue   # cancelled, or replaced under the same token
             del self.delayed[token]
             self.batch.rows[("fn_delayed", token)] = None
-            self._accept(d[1], secrets.token_hex(12), d[2], d[3])
+            self._accept(d[1], self._mid(), d[2], d[3])
         for key in list(self.expiring):
             a = self.addrs.get(key)
             if a is None:

@@ -451,18 +451,30 @@ class Store:
                     self.db.execute("DELETE FROM leases WHERE id=?", (lid,))
                 else:
                     self.db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)", (*lease[:4], pack(lease[4])))
-            for (table, key), row in batch.rows.items():
-                width, keys = self.ROW_TABLES[table]
-                if row is None:
-                    key = key if isinstance(key, tuple) else (key,)
-                    self.db.execute(f"DELETE FROM {table} WHERE {' AND '.join(k + '=?' for k in keys)}", key)
-                else:
-                    self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * width)})", row)
+            if batch.rows:
+                self._write_rows(batch.rows)
             for key in batch.deleted_objects:
                 self.db.execute("DELETE FROM objects WHERE key=?", (key,))
                 self.db.execute("DELETE FROM snapshots WHERE session=?", (OBJECT_PREFIX + key,))
                 self.db.execute("DELETE FROM patches WHERE session=?", (OBJECT_PREFIX + key,))
 
+
+    def _write_rows(self, rows: Dict[Tuple[str, Any], Optional[Tuple[Any, ...]]]) -> None:
+        """Batch.rows, grouped per table into one INSERT OR REPLACE and one DELETE each (the keys are
+        distinct, so the order between a key's write and another key's deletion does not matter)."""
+        writes: Dict[str, List[Tuple[Any, ...]]] = {}
+        deletes: Dict[str, List[Tuple[Any, ...]]] = {}
+        for (table, key), row in rows.items():
+            if row is None:
+                deletes.setdefault(table, []).append(key if isinstance(key, tuple) else (key,))
+            else:
+                writes.setdefault(table, []).append(row)
+        for table, keys in deletes.items():
+            cols = self.ROW_TABLES[table][1]
+            self.db.executemany(f"DELETE FROM {table} WHERE {' AND '.join(c + '=?' for c in cols)}", keys)
+        for table, many in writes.items():
+            width = self.ROW_TABLES[table][0]
+            self.db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * width)})", many)
 
     def _log_records(self, by_session: Dict[str, List[List[Any]]]) -> None:
         """One task_log row per session: its finished tasks' records
