@@ -78,12 +78,16 @@ def _when(ts: Optional[float]) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def _table(rows: List[Dict[str, Any]], columns: List[str], title: str) -> None:
+def _table(rows: List[Dict[str, Any]], columns: List[str], title: str, keep: Sequence[str] = ()) -> None:
+    """A table for people; columns in ``keep`` (ids, names: what people copy) are never cut short."""
     from rich.console import Console
     from rich.table import Table
     table = Table(title=title, title_justify="left")
     for c in columns:
-        table.add_column(c)
+        if c in keep:
+            table.add_column(c, no_wrap=True, min_width=max([len(c), *(len(str(r.get(c, ""))) for r in rows)]))
+        else:
+            table.add_column(c)
     for r in rows:
         table.add_row(*[str(r.get(c, "")) for c in columns])
     Console().print(table)

@@ -20,7 +20,7 @@ from .cli_common import (_client, _errors, _jsonable, _labels, _lenient_loads, _
                          _table, _when, json_option, main, manager_option)
 
 FLOW_COLUMNS = ["name", "version", "owner", "tasks", "parameters", "created"]
-RUN_COLUMNS = ["id", "name", "flows", "state", "owner", "created", "started", "ended", "duration"]
+RUN_COLUMNS = ["id", "name", "flows", "state", "owner", "created", "duration"]
 TASK_COLUMNS = ["task", "state", "attempts", "started", "ended", "duration", "executor", "error"]
 SCHEDULE_COLUMNS = ["id", "flows", "cron", "owner", "next", "active"]
 MAX_PAGE = 10_000        # the manager's largest page (mesh.core.query.MAX_LIMIT)
@@ -38,6 +38,14 @@ def _duration(start: Optional[float], end: Optional[float]) -> str:
         return "-"
     d = max(end - start, 0.0)
     return f"{d * 1000:.0f}ms" if d < 1 else f"{d:.1f}s" if d < 120 else f"{d / 60:.1f}m"
+
+
+def _clock(ts: Optional[float]) -> str:
+    """A task's time of day, to the millisecond (the run's dates are in its header)."""
+    if not ts:
+        return "-"
+    t = datetime.datetime.fromtimestamp(ts)
+    return t.strftime("%H:%M:%S.") + f"{t.microsecond // 1000:03d}"
 
 
 def _error_line(err: Any, width: int = 80) -> str:
@@ -73,20 +81,19 @@ def _short(view: Mapping[str, Any], name: str) -> str:
     return name if len(view.get("flows") or []) > 1 else name.split("/", 1)[-1]
 
 
-def _task_name(view: Mapping[str, Any], task: str) -> str:
-    """The run's qualified name (``flow/task``) of ``task`` (``task`` or ``flow/task``)."""
-    tasks = view.get("tasks") or {}
+def _task_name(flows: Sequence[str], names: Sequence[str], task: str) -> str:
+    """The qualified name (``flow/task``) of ``task`` (``task`` or ``flow/task``) among the run's ``names``."""
     if "/" in task:
-        if task in tasks:
+        if task in names:
             return task
         matches: List[str] = []
     else:
-        matches = [n for n in tasks if n.split("/", 1)[1] == task]
+        matches = [n for n in names if n.split("/", 1)[1] == task]
         if len(matches) == 1:
             return matches[0]
     if not matches:
-        raise NotFound(f"flow run {view['id']} has no task {task!r} (tasks: "
-                       f"{', '.join(_short(view, n) for n in tasks)})", task=task)
+        shown = names if len(flows) > 1 else [n.split("/", 1)[1] for n in names]
+        raise NotFound(f"the run has no task {task!r} (tasks: {', '.join(shown)})", task=task)
     raise InvalidArgument(f"{task!r} is a task of several flows of this run: name it FLOW/TASK "
                           f"({', '.join(matches)})", task=task)
 
@@ -251,7 +258,8 @@ def list_flows(manager: Optional[str], filters: Tuple[str, ...], sort: str, limi
         return
     shown = [{**r, "parameters": ",".join(r.get("parameters") or []) or "-", "created": _when(r.get("created_at"))}
              for r in rows]
-    _table(shown, FLOW_COLUMNS, f"flows ({len(rows)} of {page.total})" if page.total > len(rows) else "flows")
+    _table(shown, FLOW_COLUMNS, f"flows ({len(rows)} of {page.total})" if page.total > len(rows) else "flows",
+           keep=["name"])
 
 
 @flow.command()
@@ -284,7 +292,7 @@ def _show_flow(f: Mapping[str, Any]) -> None:
     rows = [{"task": t["name"], "runs": f"application {t['app']}" if t.get("app") else "function",
              "retries": t.get("retries", 0), "needs": ", ".join(t.get("needs") or []) or "-"}
             for t in f.get("tasks") or []]
-    _table(rows, ["task", "runs", "retries", "needs"], "tasks")
+    _table(rows, ["task", "runs", "retries", "needs"], "tasks", keep=["task"])
 
 
 def _show_run(r: Mapping[str, Any]) -> None:
@@ -299,11 +307,11 @@ def _show_run(r: Mapping[str, Any]) -> None:
          ("schedule", r.get("schedule") or "-"), ("labels", _labels_text(r.get("labels"))),
          ("error", err_text)])
     rows = [{"task": _short(r, n), "state": t.get("state"), "attempts": t.get("attempts", 0),
-             "started": _when(t.get("started_at")), "ended": _when(t.get("ended_at")),
+             "started": _clock(t.get("started_at")), "ended": _clock(t.get("ended_at")),
              "duration": _duration(t.get("started_at"), t.get("ended_at")), "executor": t.get("executor") or "-",
              "error": _error_line(t.get("error"))}
             for n, t in (r.get("tasks") or {}).items()]
-    _table(rows, TASK_COLUMNS, "tasks")
+    _table(rows, TASK_COLUMNS, "tasks", keep=["task"])
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -344,9 +352,12 @@ def run(manager: Optional[str], names: Tuple[str, ...], params: Tuple[str, ...],
     run_labels = _labels(labels) if labels else None
     mapped_parameters = _mapped(flows, maps)
     with _client(manager) as c:
+        task = None
+        if result_task is not None:   # before anything runs: a task the run will not have is an error now
+            qualified = [f"{f}/{t['name']}" for f in flows for t in c.get_flow(f)["tasks"]]
+            task = _task_name(flows, qualified, result_task)
         view = c.run_flow(flows, pickled, run_name=run_name, labels=run_labels, scheduled_start_time=when,
                           schedule=schedule, mapped_parameters=mapped_parameters)
-        task = _task_name(view, result_task) if result_task is not None else None
         if wait or task is not None:
             view = _wait(c, view, timeout)
             if view["state"] != "succeeded":
@@ -368,13 +379,13 @@ def cancel(manager: Optional[str], run_id: str, as_json: bool) -> None:
     """Cancel run RUN_ID: what has not finished stops and the run ends cancelled (a run that has
     already ended stays as it is)."""
     with _client(manager) as c:
-        try:
+        view = c.get_flow_run(run_id)   # NotFound if there is no such run
+        ended = view["state"] in model.FINISHED
+        if not ended:
             view = c.cancel_flow_run(run_id)
-        except FailedPrecondition:   # not in the manager's memory: ended long ago, or no such run
-            view = c.get_flow_run(run_id)   # NotFound if there is none
     if as_json:
         click.echo(json.dumps(view, default=str))
-    elif view["state"] == "cancelled":
+    elif not ended and view["state"] == "cancelled":
         click.echo(f"cancelled run {run_id}")
     else:
         click.echo(f"run {run_id} had already ended: {view['state']}")
@@ -417,10 +428,10 @@ def runs(manager: Optional[str], flow_name: Optional[str], state: Optional[str],
     if as_json:
         click.echo(json.dumps(rows, default=str))
         return
-    shown = [{**r, "created": _when(r.get("created_at")), "started": _when(r.get("started_at")),
-              "ended": _when(r.get("ended_at")), "duration": _duration(r.get("started_at"), r.get("ended_at"))}
+    shown = [{**r, "created": _when(r.get("created_at")), "duration": _duration(r.get("started_at"), r.get("ended_at"))}
              for r in rows]
-    _table(shown, RUN_COLUMNS, f"flow runs ({len(rows)} of {total})" if total > len(rows) else "flow runs")
+    _table(shown, RUN_COLUMNS, f"flow runs ({len(rows)} of {total})" if total > len(rows) else "flow runs",
+           keep=["id"])
 
 
 def _runs_of(c: Any, name: str, filt: Dict[str, Any], order: Dict[str, str], limit: int,
@@ -455,7 +466,7 @@ def schedules(manager: Optional[str], limit: int, offset: int, as_json: bool) ->
         return
     shown = [{**r, "next": _when(r.get("next_at")) if r.get("active") else "-"} for r in rows]
     _table(shown, SCHEDULE_COLUMNS,
-           f"flow schedules ({len(rows)} of {page.total})" if page.total > len(rows) else "flow schedules")
+           f"flow schedules ({len(rows)} of {page.total})" if page.total > len(rows) else "flow schedules", keep=["id"])
 
 
 @flow.command()
