@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import pickle
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import click
@@ -342,12 +343,12 @@ def run(manager: Optional[str], names: Tuple[str, ...], params: Tuple[str, ...],
         schedule: Optional[str], wait: bool, timeout: float, result_task: Optional[str], as_json: bool) -> None:
     """Run registered flow NAME; several NAMEs run as one flow of flows (a flow's mapped
     parameters read the other flows' results in the same run)."""
-    import cloudpickle
     flows = list(names)
     if len(set(flows)) != len(flows):
         raise InvalidArgument("name each flow once", argument="flows")
     given = _parameters(flows, parameters_json, params)
-    pickled = {f: {p: cloudpickle.dumps(v) for p, v in ps.items()} for f, ps in given.items()}
+    # JSON values are plain data: pickle is enough (the flow service loads them with cloudpickle)
+    pickled = {f: {p: pickle.dumps(v) for p, v in ps.items()} for f, ps in given.items()}
     when = _at(at)
     run_labels = _labels(labels) if labels else None
     mapped_parameters = _mapped(flows, maps)

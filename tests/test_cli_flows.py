@@ -264,6 +264,23 @@ def test_cancel_a_long_running_run(mesh):
     assert code == errors.NotFound.exit_code and err.startswith("error: not_found: ")
 
 
+def test_labels_go_with_the_run_and_a_queued_task_is_cancelled_too(mesh):
+    view = _json(mesh, "run", "cli-echo", "--param", "v=1", "--label", "zone=nowhere")
+    assert view["labels"] == {"zone": "nowhere"} and view["state"] == "running"
+    with Client(mesh.endpoint) as c:
+        wait_until(lambda: c.get_flow_run(view["id"])["tasks"]["cli-echo/echo"]["state"] == "running", timeout=30,
+                   what="the echo task to be queued")
+    p = _zmesh(mesh, "run", "cli-echo", "--param", "v=1", "--label", "zone=nowhere", "--wait", "--timeout", "0.3")
+    assert p.returncode == errors.DeadlineExceeded.exit_code
+    stuck = _json(mesh, "runs", "--flow", "cli-echo", "--state", "running")
+    assert view["id"] in {r["id"] for r in stuck} and len(stuck) == 2, "no executor has zone=nowhere"
+    for r in stuck:
+        assert _json(mesh, "cancel", r["id"])["state"] == "cancelled"
+    assert _json(mesh, "runs", "--flow", "cli-echo", "--state", "running") == []
+    echo_task = _json(mesh, "view", "--run", view["id"])["tasks"]["cli-echo/echo"]
+    assert echo_task["state"] == "cancelled" and echo_task["error"]["code"] == "cancelled"
+
+
 def test_schedules_and_unschedule_with_a_cron(mesh):
     view = _json(mesh, "run", "cli-sim", "--param", "x=1", "--schedule", "0 0 1 1 *")
     assert view["state"] == "scheduled" and view["schedule"]
