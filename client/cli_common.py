@@ -1,17 +1,21 @@
 """What every ``zmesh`` command module shares: the root group, common options, the error
 wrapper and table helpers.
 
-Imports go one way: ``cli_common`` <- ``cli_daemons`` / ``cli_manage`` / ``cli_security``
+Imports go one way: ``cli_common`` <- ``cli_daemons`` / ``cli_manage`` / ``cli_security`` / ``cli_flows``
 <- ``cli`` (which imports the others so that their commands register on :data:`main`).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import functools
+import io
+import json
 import os
+import pickle
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 import zmq
@@ -74,15 +78,84 @@ def _when(ts: Optional[float]) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def _table(rows: List[Dict[str, Any]], columns: List[str], title: str) -> None:
+def _table(rows: List[Dict[str, Any]], columns: List[str], title: str, keep: Sequence[str] = ()) -> None:
+    """A table for people; columns in ``keep`` (ids, names: what people copy) are never cut short."""
     from rich.console import Console
     from rich.table import Table
     table = Table(title=title, title_justify="left")
     for c in columns:
-        table.add_column(c)
+        if c in keep:
+            table.add_column(c, no_wrap=True, min_width=max([len(c), *(len(str(r.get(c, ""))) for r in rows)]))
+        else:
+            table.add_column(c)
     for r in rows:
         table.add_row(*[str(r.get(c, "")) for c in columns])
     Console().print(table)
+
+
+# -- find: filters and sorting as the manager takes them (mesh/core/query.py) -------------------------
+OPS = ("<=", ">=", "!=", "~", "<", ">", "=")
+
+
+def _parse_filter(exprs: Tuple[str, ...]) -> Dict[str, Any]:
+    """``state=open``, ``created_at>=1700000000``, ``id~echo``, ``state!=closed``: values are JSON when they parse."""
+    out: Dict[str, Any] = {}
+    for expr in exprs:
+        op = next((o for o in OPS if o in expr), None)
+        if op is None:
+            raise click.BadParameter(f"{expr!r}: use FIELD=VALUE or FIELD<op>VALUE with op in {' '.join(OPS)}",
+                                     param_hint="--filter")
+        name, raw = expr.split(op, 1)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[name.strip()] = ["!" if op == "!=" else op, value]
+    return out
+
+
+def _sort(spec: Optional[str]) -> Dict[str, str]:
+    if not spec:
+        return {}
+    return {"by": spec.lstrip("-+"), "order": "descending" if spec.startswith("-") else "ascending"}
+
+
+# -- answers and results, decoded leniently ----------------------------------------------------------
+class _Unknown:
+    """Stands in for a class of the service that this machine cannot import (its fields kept)."""
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Unknown,), {"__module__": module})
+
+
+def _lenient_loads(data: Any) -> Any:
+    """An answer, unpickled even where the service's own classes are not importable (the CLI runs
+    anywhere): such an object comes back as its fields."""
+    return _LenientUnpickler(io.BytesIO(bytes(data))).load()
+
+
+def _plain(v: Any) -> Any:
+    """A dataclass or NamedTuple answer, or one of a class unknown here, as its fields (JSON)."""
+    if isinstance(v, _Unknown):
+        return dict(vars(v))
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return dataclasses.asdict(v)
+    if isinstance(v, tuple) and hasattr(v, "_asdict"):
+        return v._asdict()
+    return v
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,9 +7,7 @@ error's exit code (see docs/operations.md, "Exit codes").
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import pickle
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -18,7 +16,8 @@ import click
 
 from mesh.errors import InvalidArgument, NotFound
 
-from .cli_common import _client, _errors, _table, _when, json_option, main, manager_option
+from .cli_common import (_client, _errors, _jsonable, _lenient_loads, _parse_filter, _plain, _sort, _table,
+                         _when, json_option, main, manager_option)
 
 KINDS = {
     "a": ("applications", ["name", "command", "labels", "created"], "find_applications"),
@@ -28,32 +27,6 @@ KINDS = {
           "find_executors"),
     "t": ("tasks", ["id", "state", "attempts", "created", "finished", "error"], "find_tasks"),
 }
-OPS = ("<=", ">=", "!=", "~", "<", ">", "=")
-
-
-def _parse_filter(exprs: Tuple[str, ...]) -> Dict[str, Any]:
-    """``state=open``, ``created_at>=1700000000``, ``id~echo``, ``state!=closed``: values are JSON when they parse."""
-    out: Dict[str, Any] = {}
-    for expr in exprs:
-        op = next((o for o in OPS if o in expr), None)
-        if op is None:
-            raise click.BadParameter(f"{expr!r}: use FIELD=VALUE or FIELD<op>VALUE with op in {' '.join(OPS)}",
-                                     param_hint="--filter")
-        name, raw = expr.split(op, 1)
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        out[name.strip()] = ["!" if op == "!=" else op, value]
-    return out
-
-
-def _sort(spec: Optional[str]) -> Dict[str, str]:
-    if not spec:
-        return {}
-    return {"by": spec.lstrip("-+"), "order": "descending" if spec.startswith("-") else "ascending"}
-
-
 def _dict(obj: Any) -> Dict[str, Any]:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
@@ -299,43 +272,6 @@ def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], 
         click.echo(json.dumps(a, default=repr) if as_json or _jsonable(a) else repr(a))
     if count > 20 and not as_json:
         click.echo(f"({count} answers; the last shown)", err=True)
-
-
-class _Unknown:
-    """Stands in for a class of the service that this machine cannot import (its fields kept)."""
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Unknown,), {"__module__": module})
-
-
-def _lenient_loads(data: Any) -> Any:
-    """An answer, unpickled even where the service's own classes are not importable (the CLI runs
-    anywhere): such an object comes back as its fields."""
-    return _LenientUnpickler(io.BytesIO(bytes(data))).load()
-
-
-def _plain(v: Any) -> Any:
-    """A dataclass or NamedTuple answer, or one of a class unknown here, as its fields (JSON)."""
-    if isinstance(v, _Unknown):
-        return dict(vars(v))
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return dataclasses.asdict(v)
-    if isinstance(v, tuple) and hasattr(v, "_asdict"):
-        return v._asdict()
-    return v
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _invoke_many(s: Any, request: Any, count: int, timeout: Optional[float]) -> List[Any]:
