@@ -503,3 +503,8 @@ def test_a_task_no_executor_can_take_fails_saying_which_labels(fm: FlowMesh) -> 
     view = fm.run(rid)
     assert view["state"] == "failed" and "no executor has the labels {'zone': 'mars'}" in \
         view["tasks"]["mars/go"]["error"]["message"]
+
+
+def test_cancelling_an_unknown_run_is_not_found(fm: FlowMesh) -> None:
+    r = fm.m.request("cancel_flow_run", id="no-such-run")
+    assert not r.ok and r.error["code"] == "not_found"

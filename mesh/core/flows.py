@@ -459,9 +459,14 @@ class FlowRules(Base):
             self.runs.pop(self.finished_runs.popleft(), None)
 
     def do_cancel_flow_run(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        run = self._run(_arg(args, "id", str), who, change=True)
-        if run is None:
-            raise FailedPrecondition("the run has finished", run=args["id"])
+        rid = _arg(args, "id", str)
+        run = self._run(rid, who, change=True)
+        if run is None:   # not in memory: ended long ago (its record says how), or unknown
+            def found(row: Any) -> Dict[str, Any]:
+                if row is None or not who.may_touch(row[0]["owner"]):
+                    raise NotFound(f"flow run {rid!r} does not exist", run=rid)
+                return run_view(*row)
+            return Later(lambda store: store.flow_run(rid), then=found)   # type: ignore[return-value]
         if run.finished:
             return run_view(run.h, run.tasks)
         why = Cancelled(f"flow run {run.h['id']} was cancelled", run=run.h["id"])
