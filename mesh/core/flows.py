@@ -458,7 +458,7 @@ class FlowRules(Base):
         while len(self.finished_runs) > KEEP_FINISHED:
             self.runs.pop(self.finished_runs.popleft(), None)
 
-    def do_cancel_flow_run(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+    def do_cancel_flow_run(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
         rid = _arg(args, "id", str)
         run = self._run(rid, who, change=True)
         if run is None:   # not in memory: ended long ago (its record says how), or unknown
@@ -466,7 +466,7 @@ class FlowRules(Base):
                 if row is None or not who.may_touch(row[0]["owner"]):
                     raise NotFound(f"flow run {rid!r} does not exist", run=rid)
                 return run_view(*row)
-            return Later(lambda store: store.flow_run(rid), then=found)   # type: ignore[return-value]
+            return Later(lambda store: store.flow_run(rid), then=found)
         if run.finished:
             return run_view(run.h, run.tasks)
         why = Cancelled(f"flow run {run.h['id']} was cancelled", run=run.h["id"])
