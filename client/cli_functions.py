@@ -173,17 +173,17 @@ def _tail(fx: "Functions", typename: str, offset: int, timeout: float,
     Every read is bounded (it waits at most EGRESS_STEP in the manager)."""
     conn = fx._conn
     quiet_since = time.monotonic()
-    while True:
+    while True:   # the records already there are read even with --timeout 0
         left = EGRESS_STEP if follow else timeout - (time.monotonic() - quiet_since)
-        if left <= 0:
-            return
-        wait = min(left, EGRESS_STEP)
+        wait = min(max(left, 0.0), EGRESS_STEP)
         r = conn.call("fn_egress", {"typename": typename, "offset": offset, "wait": wait},
                       timeout=wait + conn.settings.request_timeout)
         for o, at, kind, rec in r["records"]:
             offset = o + 1
             quiet_since = time.monotonic()
             yield o, at, _record(kind, bytes(rec))
+        if not r["records"] and not follow and time.monotonic() - quiet_since >= timeout:
+            return
 
 
 @egress.command()
