@@ -15,6 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("deadlines/run_local.py", ["ran longer than its timeout of 1s", "cancelled: task", "mesh stopped"]),
     ("runner/run_local.py", ["sum_func(1, 3) -> 4", "Calculator.multiply(2, 3) -> 6",
                              "Counter: add(10), add(get_count()) -> 20", "shapes.area(3, 2) -> 6", "mesh stopped"]),
+    ("functions/run_local.py", ["call example/hello/world -> 'Hello world!'",
+                                "AnotherHello -> 'an AnotherHello from ada'",
+                                "int -> refused: example/typed takes Hello or AnotherHello, not int",
+                                "from example/replier/some-id", "state of example/caller/c1: {'replies': 1}",
+                                "example/delayed/me reminded: stretch", "coffee reminder cancelled",
+                                "'greeting': 'Nice to see you at the 4-nth time alice!'",
+                                "state of example/person/alice: {'visits': 4}",
+                                "example/person   app=walkthrough", "mesh stopped"]),
 ])
 def test_example_runs(example: str, expected: list, tmp_path) -> None:
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", example)], capture_output=True, text=True,
