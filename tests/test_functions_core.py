@@ -277,3 +277,10 @@ def test_a_resent_message_id_is_delivered_once(fm: FnMesh) -> None:
     assert r.result == {"mid": "m-1", "duplicate": True}
     fm.serve()
     assert fm.state("example/count", "gil") == {"count": 1}
+
+
+def test_a_type_nobody_serves_is_not_found_at_once_once_every_application_has_said(fm: FnMesh) -> None:
+    fm.send("example/count", "hal", User("hal"))
+    fm.serve()   # the only application has said what it serves
+    r = fm.m.request("fn_send", blob=b"x", type="nobody/serves", id="x")
+    assert not r.ok and r.error["code"] == "not_found" and "example/count" in r.error["message"]

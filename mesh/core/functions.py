@@ -101,6 +101,7 @@ class FunctionRules(Base):
         A ``mid`` the caller gave that is queued, or was delivered lately (the last RECENT_MIDS), is
         not accepted twice: a resend after a lost answer delivers once."""
         key, data, mid = self._message_args(args, blob)
+        self._check_route(key[0])
         if mid in self.fn_mids or mid in self.fn_recent:
             return {"mid": mid, "duplicate": True}
         self._accept(key, mid, None, data)
@@ -109,6 +110,7 @@ class FunctionRules(Base):
     def do_fn_call(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
         """Send a message and wait (``timeout`` seconds) for the function's ``context.reply``."""
         key, data, mid = self._message_args(args, blob)
+        self._check_route(key[0])
         timeout = args.get("timeout", 30.0)
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= model.MAX_CALL_WAIT:
             raise InvalidArgument(f"timeout is 0 to {model.MAX_CALL_WAIT:g} seconds", argument="timeout")
@@ -199,13 +201,23 @@ class FunctionRules(Base):
                 self.unrouted.discard(key)
                 self._dispatch(self.addrs[key])
 
+    def _unheard(self) -> List[str]:
+        """Applications that may serve functions and have not said yet (no instance said hello this
+        boot; the mesh's own and users' temporary applications aside)."""
+        return [name for name, app in self.apps.items()
+                if name not in self.fn_apps and app.lease is None and not name.startswith("zmesh-")]
+
     def _probe(self) -> None:
         """Some message's type is not known: start one instance of each application not heard from."""
-        for name, app in list(self.apps.items()):
-            if name in self.fn_apps or app.lease is not None or name.startswith("zmesh-flow"):
-                continue
-            s = self._fn_session(name)
-            s.hint = 1
+        for name in self._unheard():
+            self._fn_session(name).hint = 1
+
+    def _check_route(self, typename: str) -> None:
+        """NotFound at once for a type nobody serves when every application has said what it serves."""
+        if typename not in self.fn_types and not self._unheard():
+            raise NotFound(f"no application serves function type {typename!r} (it serves "
+                           f"{', '.join(sorted(self.fn_types)) or 'nothing'}; an application's instance "
+                           f"says which types it serves when it starts)", type=typename)
 
     def _fn_session(self, app_name: str) -> Session:
         sid = self.fn_sessions.get(app_name)
@@ -279,6 +291,9 @@ class FunctionRules(Base):
                     log.exception("function answer failed")
                 a.busy = None
                 self._dispatch(a)
+                if not a.queue and a.busy is None and not a.state:   # nothing to keep in memory
+                    del self.addrs[key]
+                    self.expiring.discard(key)
 
     def _apply(self, a: Addr, n: int, err: Optional[Dict[str, Any]], frame: bytes) -> None:
         batch = [a.queue.popleft() for _ in range(n)]
@@ -409,16 +424,7 @@ class FunctionRules(Base):
                 self._save_state(a)
             if model.next_expiry(a.state, a.called_at) is None:
                 self.expiring.discard(key)
-        for key in list(self.unrouted):
-            a = self.addrs[key]
-            if now - a.since >= model.ROUTE_WAIT and key[0] not in self.fn_types:
-                self.unrouted.discard(key)
-                why = NotFound(f"no application serves function type {key[0]!r} (an instance of the application "
-                               f"says which types it serves when it starts)", type=key[0])
-                while a.queue:
-                    m = a.queue.popleft()
-                    self._delivered(m)
-                    self._undeliverable(a, m, why.message, why.to_wire())
+        self._refuse_unrouted()
         for mid, (peer, rid, deadline) in list(self.call_waiters.items()):
             if deadline <= now:
                 del self.call_waiters[mid]
@@ -435,6 +441,20 @@ class FunctionRules(Base):
                 self.egress_waiters[typename] = keep
             else:
                 del self.egress_waiters[typename]
+
+    def _refuse_unrouted(self) -> None:
+        """Messages whose type nobody serves, past ROUTE_WAIT: NotFound to a call, else dead letters."""
+        now = self.now
+        for key in list(self.unrouted):
+            a = self.addrs[key]
+            if now - a.since >= model.ROUTE_WAIT and key[0] not in self.fn_types:
+                self.unrouted.discard(key)
+                why = NotFound(f"no application serves function type {key[0]!r} (an instance of the application "
+                               f"says which types it serves when it starts)", type=key[0])
+                while a.queue:
+                    m = a.queue.popleft()
+                    self._delivered(m)
+                    self._undeliverable(a, m, why.message, why.to_wire())
 
     # -- restart ------------------------------------------------------------------------------------------
     def restore_functions(self, saved: Dict[str, Any]) -> None:
