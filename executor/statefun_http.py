@@ -273,6 +273,7 @@ class _Handler:
         values = {name: _incoming(received[name]) for name in bound.specs}
         values = {name: v for name, v in values.items() if v is not None}
         result = out.invocation_result
+        result.SetInParent()   # an answer with no effects is still an invocation_result
         changed: Dict[str, bool] = {}
         for invocation in batch.invocations:
             c = invocation.caller
