@@ -74,6 +74,11 @@ def _pb(name: str) -> Any:
     return _statefun_proto.load()[name]
 
 
+def _enum(message: str, enum: str, value: str) -> int:
+    """An enum value's number (through the descriptor: protobuf 3.x classes do not nest)."""
+    return int(_pb(message).DESCRIPTOR.enum_types_by_name[enum].values_by_name[value].number)
+
+
 # -- values ---------------------------------------------------------------------------------------
 def spec_typename(spec: ValueSpec) -> str:
     """The type name a declared state value is stored under (the module docstring)."""
@@ -288,31 +293,32 @@ class _Handler:
                 yield ret
             self._effects(result, ctx)
             changed.update(ctx.changed)
-        M = _pb(_RR + "FromFunction").PersistedValueMutation
         for name in changed:
             mutation = result.state_mutations.add(state_name=name)
             if name in values:
-                mutation.mutation_type = M.MODIFY
+                mutation.mutation_type = _enum(_RR + "FromFunction.PersistedValueMutation", "MutationType", "MODIFY")
                 _argument(mutation.state_value, typed_value(spec_typename(bound.specs[name]), values[name],
                                                             f"state {name!r}"))
             else:
-                mutation.mutation_type = M.DELETE
+                mutation.mutation_type = _enum(_RR + "FromFunction.PersistedValueMutation", "MutationType", "DELETE")
         return bytes(out.SerializeToString())
 
     @staticmethod
     def _incomplete(out: Any, missing: List[ValueSpec]) -> None:
-        E = _pb(_RR + "FromFunction").ExpirationSpec
+        def mode(name: str) -> int:
+            return _enum(_RR + "FromFunction.ExpirationSpec", "ExpireMode", name)
+
         for spec in missing:
             v = out.incomplete_invocation_context.missing_values.add(state_name=spec.name,
                                                                     type_typename=spec_typename(spec))
             if spec.expire_after_call is not None:
-                v.expiration_spec.mode = E.AFTER_INVOKE
+                v.expiration_spec.mode = mode("AFTER_INVOKE")
                 v.expiration_spec.expire_after_millis = _millis(spec.expire_after_call)
             elif spec.expire_after_write is not None:
-                v.expiration_spec.mode = E.AFTER_WRITE
+                v.expiration_spec.mode = mode("AFTER_WRITE")
                 v.expiration_spec.expire_after_millis = _millis(spec.expire_after_write)
             else:
-                v.expiration_spec.mode = E.NONE
+                v.expiration_spec.mode = mode("NONE")
 
     @staticmethod
     def _effects(result: Any, ctx: _HttpContext) -> None:

@@ -31,6 +31,8 @@ ToFunction = PB["io.statefun.sdk.reqreply.ToFunction"]
 FromFunction = PB["io.statefun.sdk.reqreply.FromFunction"]
 Wrappers = {t: PB["io.statefun.sdk.types." + w] for t, w in statefun_http._WRAPPERS.items()}
 S = "io.statefun.types/"
+MODIFY, DELETE = 1, 0                      # FromFunction.PersistedValueMutation.MutationType
+NONE, AFTER_WRITE, AFTER_INVOKE = 0, 1, 2  # FromFunction.ExpirationSpec.ExpireMode
 
 
 @dataclasses.dataclass
@@ -102,7 +104,7 @@ def test_a_count_greeter_counts_in_the_state_the_runtime_keeps():
         assert out.WhichOneof("response") == "invocation_result"
         result = out.invocation_result
         [mutation] = result.state_mutations
-        assert (mutation.state_name, mutation.mutation_type) == ("seen", FromFunction.PersistedValueMutation.MODIFY)
+        assert (mutation.state_name, mutation.mutation_type) == ("seen", MODIFY)
         assert mutation.state_value.typename == S + "long" and mutation.state_value.has_value
         assert unwrap(mutation.state_value) == n
         [greeting] = result.outgoing_messages
@@ -119,11 +121,10 @@ def test_a_request_without_declared_state_names_what_is_missing_with_its_expiry(
     # Then nothing runs: the answer names every declared value, in declaration order, with its type and expiry
     assert out.WhichOneof("response") == "incomplete_invocation_context"
     missing = out.incomplete_invocation_context.missing_values
-    E = FromFunction.ExpirationSpec
     assert [(m.state_name, m.type_typename, m.expiration_spec.mode, m.expiration_spec.expire_after_millis)
-            for m in missing] == [("seen", S + "long", E.AFTER_WRITE, 3_600_000),
-                                  ("last", S + "string", E.NONE, 0),
-                                  ("profile", PICKLED, E.AFTER_INVOKE, 300_000)]
+            for m in missing] == [("seen", S + "long", AFTER_WRITE, 3_600_000),
+                                  ("last", S + "string", NONE, 0),
+                                  ("profile", PICKLED, AFTER_INVOKE, 300_000)]
     # And a request with some of them names only the others
     out = from_function(handler(to_function("example/greeter", "joe", [(None, builtin(S + "string", "Joe"))],
                                             {"seen": builtin(S + "long", 3), "profile": None})))
@@ -153,12 +154,12 @@ def cart(context, command: str) -> None:
 def test_a_batch_answers_state_mutations_messages_delays_cancellations_and_egress():
     handler = RequestReplyHandler(effects)
     out = from_function(handler(to_function(
-        "shop/cart", "u1", [("web/session/s1", builtin(S + "string", "add")), (None, builtin(S + "string", "checkout"))],
+        "shop/cart", "u1",
+        [("web/session/s1", builtin(S + "string", "add")), (None, builtin(S + "string", "checkout"))],
         {"items": builtin(S + "long", 4), "note": builtin(S + "string", "gift")})))
     r = out.invocation_result
-    M = FromFunction.PersistedValueMutation
     # the state after the batch: items modified, note deleted
-    assert [(m.state_name, m.mutation_type) for m in r.state_mutations] == [("items", M.MODIFY), ("note", M.DELETE)]
+    assert [(m.state_name, m.mutation_type) for m in r.state_mutations] == [("items", MODIFY), ("note", DELETE)]
     assert unwrap(r.state_mutations[0].state_value) == 5
     assert not r.state_mutations[1].HasField("state_value")
     # the messages: one sent, and the reply to the caller of the first
@@ -214,14 +215,16 @@ def int32(context, value: int) -> None:
 ])
 def test_built_in_types_arrive_as_python_values_and_go_out_as_them(typename, value, python, out_typename):
     seen.clear()
-    out = from_function(RequestReplyHandler(typed)(to_function("types/echo", "1", [("a/b/c", builtin(typename, value))])))
+    request = to_function("types/echo", "1", [("a/b/c", builtin(typename, value))])
+    out = from_function(RequestReplyHandler(typed)(request))
     assert seen == [python] and type(seen[0]) is type(python)
     [m] = out.invocation_result.outgoing_messages
     assert m.argument.typename == out_typename and unwrap(m.argument) == python
 
 
 def test_a_built_in_type_can_be_chosen_for_what_goes_out():
-    out = from_function(RequestReplyHandler(typed)(to_function("types/int32", "1", [("a/b/c", builtin(S + "int", 41))])))
+    request = to_function("types/int32", "1", [("a/b/c", builtin(S + "int", 41))])
+    out = from_function(RequestReplyHandler(typed)(request))
     [m] = out.invocation_result.outgoing_messages
     assert (m.argument.typename, unwrap(m.argument)) == (S + "int", 42)
     with pytest.raises(InvalidArgument, match="is not a io.statefun.types/int"):
