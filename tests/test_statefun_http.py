@@ -47,16 +47,14 @@ def builtin(typename: str, value: Any) -> Tuple[str, bytes]:
 def to_function(target: str, identity: str, messages: List[Tuple[Optional[str], Tuple[str, bytes]]],
                 state: Optional[Dict[str, Optional[Tuple[str, bytes]]]] = None) -> bytes:
     """A ToFunction: ``messages`` are (caller "ns/type/id" or None, (typename, bytes)); ``state``
-    maps a name to (typename, bytes), or to None for a registered value that has none yet."""
+    maps a name to (typename, bytes), or to None for a registered value never written."""
     req = ToFunction()
     batch = req.invocation
     batch.target.namespace, batch.target.type = target.split("/")
     batch.target.id = identity
     for name, value in (state or {}).items():
-        pv = batch.state.add(state_name=name)
-        if value is None:
-            pv.state_value.typename = S + "long"   # the runtime sends the registered type, has_value false
-        else:
+        pv = batch.state.add(state_name=name)   # the runtime sends a value never written without state_value
+        if value is not None:
             pv.state_value.typename, pv.state_value.value = value
             pv.state_value.has_value = True
     for caller, (typename, value) in messages:
