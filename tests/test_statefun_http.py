@@ -353,3 +353,28 @@ def test_the_example_serves_over_http():
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+declared = StatefulFunctions()
+
+
+@declared.bind("types/declared", specs=[ValueSpec("doc", "com.example/Doc"),
+                                        ValueSpec("small", "io.statefun.types/int"), ValueSpec("obj")])
+def declared_types(context, message: str) -> None:
+    seen.append((context["doc"], context["small"], context["obj"]))
+    context["doc"] = b"v2"
+    context["small"] = context["small"] + 1
+    context["obj"] = User(message)
+
+
+def test_a_value_spec_names_the_type_its_state_is_stored_under():
+    import cloudpickle
+    seen.clear()
+    out = from_function(RequestReplyHandler(declared)(to_function(
+        "types/declared", "1", [(None, builtin(S + "string", "bo"))],
+        {"doc": ("com.example/Doc", b"v1"), "small": builtin(S + "int", 9), "obj": None})))
+    assert seen == [(TypedValue("com.example/Doc", b"v1"), 9, None)]
+    doc, small, obj = out.invocation_result.state_mutations
+    assert (doc.state_value.typename, doc.state_value.value) == ("com.example/Doc", b"v2")
+    assert (small.state_value.typename, unwrap(small.state_value)) == (S + "int", 10)
+    assert obj.state_value.typename == PICKLED and cloudpickle.loads(obj.state_value.value) == User("bo")
