@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mesh", "mesh.*", "executor", "executor.*", "client", "client.*"]),
-    package_data={"mesh": ["py.typed"], "executor": ["py.typed"], "client": ["py.typed"]},
+    package_data={"mesh": ["py.typed"], "executor": ["py.typed", "protos/*.proto", "protos/LICENSE", "protos/NOTICE"],
+                  "client": ["py.typed"]},
     python_requires=">=3.9",
     install_requires=[
         "pyzmq>=25",
@@ -21,8 +22,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "mypy>=1.5", "types-PyYAML",
-                 "numpy", "matplotlib"],            # numpy and matplotlib: examples/flows
+                 "numpy", "matplotlib",             # numpy and matplotlib: examples/flows
+                 "protobuf>=3.20"],                 # protobuf: the Statefun HTTP handler (the statefun extra)
         "examples": ["numpy", "matplotlib"],
+        "statefun": ["protobuf>=3.20"],      # executor.RequestReplyHandler: serving to Flink Stateful Functions
         "bench": ["ray", "dask[distributed]"],
     },
     entry_points={"console_scripts": ["zmesh=client.cli:main"]},

@@ -3,5 +3,7 @@ from __future__ import annotations
 
 from .functions import Address, Context, StatefulFunctions, TypedValue, ValueSpec
 from .instance import Instance
+from .statefun_http import AsyncRequestReplyHandler, RequestReplyHandler
 
-__all__ = ["Address", "Context", "Instance", "StatefulFunctions", "TypedValue", "ValueSpec"]
+__all__ = ["Address", "AsyncRequestReplyHandler", "Context", "Instance", "RequestReplyHandler", "StatefulFunctions",
+           "TypedValue", "ValueSpec"]

@@ -137,15 +137,20 @@ class Context:
         self.delayed: List[List[Any]] = []
         self.cancels: List[str] = []
         self.egress: List[List[Any]] = []
-        self.replied: Optional[bytes] = None
+        self.replied: Optional[Any] = None   # bytes here
         self.storage = _Storage(self)
+
+    def _encode(self, value: Any, what: str) -> Any:
+        """How a value this function writes or sends travels (pickled here; the Statefun HTTP
+        handler's context, executor/statefun_http.py, types it instead)."""
+        return _pickled(value, what)
 
     # -- state ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
         return self._state.get(name)
 
     def __setitem__(self, name: str, value: Any) -> None:
-        _pickled(value, f"state {name!r}")   # fail here, in the function, not at commit
+        self._encode(value, f"state {name!r}")   # fail here, in the function, not at commit
         self._state[name] = value
         self.changed[name] = True
 
@@ -158,14 +163,14 @@ class Context:
 
     # -- messages ---------------------------------------------------------------------------
     def send(self, typename: str, id: str, message: Any) -> None:
-        self.sends.append([check_typename(typename), str(id), _pickled(message, "a message")])
+        self.sends.append([check_typename(typename), str(id), self._encode(message, "a message")])
 
     def send_after(self, delay: Union[timedelta, float], typename: str, id: str, message: Any,
                    cancellation_token: Optional[str] = None) -> None:
         if cancellation_token is not None and not isinstance(cancellation_token, str):
             raise InvalidArgument("a cancellation token is a string")
-        self.delayed.append([_seconds(delay), check_typename(typename), str(id), _pickled(message, "a message"),
-                             cancellation_token])
+        self.delayed.append([_seconds(delay), check_typename(typename), str(id),
+                             self._encode(message, "a message"), cancellation_token])
 
     def cancel_delayed_message(self, cancellation_token: str) -> None:
         self.cancels.append(str(cancellation_token))
@@ -173,10 +178,10 @@ class Context:
     def reply(self, message: Any) -> None:
         """Answer the caller: the function that sent this message (as a message to it), or the
         client whose ``call`` sent it."""
-        self.replied = _pickled(message, "a reply")
+        self.replied = self._encode(message, "a reply")
 
     def send_egress(self, typename: str, message: Any) -> None:
-        self.egress.append([check_typename(typename), _pickled(message, "an egress record")])
+        self.egress.append([check_typename(typename), self._encode(message, "an egress record")])
 
     # the Statefun SDK's spellings
     pack_and_send = send

@@ -159,7 +159,7 @@ def test_public_api_exports():
                                    "update_object", "patch_object", "delete_object", "Runner", "ObjectFuture",
                                    "SessionContext", "Functions", "EgressRecord"}
     assert set(executor.__all__) == {"Instance", "StatefulFunctions", "ValueSpec", "Address", "Context",
-                                     "TypedValue"}
+                                     "TypedValue", "RequestReplyHandler", "AsyncRequestReplyHandler"}
     for mod in (client, executor):
         for name in mod.__all__:
             assert getattr(mod, name) is not None

@@ -50,6 +50,10 @@ def test_a_plain_install_carries_every_module(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     for pkg in PACKAGES:
         assert (target / pkg / "py.typed").exists()
+    # and the Statefun protocol's .proto files the HTTP handler reads (executor/_statefun_proto.py)
+    for name in ("request-reply.proto", "types.proto", "kafka-egress.proto", "kinesis-egress.proto", "LICENSE",
+                 "NOTICE"):
+        assert (target / "executor" / "protos" / name).exists(), name
 
 
 @pytest.mark.parametrize("old", sorted(importlib.import_module("mesh").MOVED))
