@@ -26,7 +26,8 @@ The wire (msgpack inside a pickled ``bytes``, built and read by the manager with
   expire_after_call]}, "called_at": t, "now": t, "messages": [[mid, caller [type, id] | None,
   message (pickled)], ...]}``
 * answer: ``{"results": [{"error": wire error} | {"rejected": reason} | {"sends": [[type, id,
-  pickled]], "delayed": [[seconds, type, id, pickled, token | None]], "cancels": [token],
+  pickled]], "timers": [["delay", [seconds, type, id, pickled, token | None]] | ["cancel", token]]
+  (in the order the function made them),
   "egress": [[type, pickled]], "reply": pickled?}], "state": {name: [value, written_at,
   expire_after_write, expire_after_call] | None}}`` (the state after the batch: changed names only).
 """
@@ -136,6 +137,7 @@ class Context:
         self.sends: List[List[Any]] = []
         self.delayed: List[List[Any]] = []
         self.cancels: List[str] = []
+        self.timeline: List[List[Any]] = []   # ["delay", entry] | ["cancel", token], in the order made
         self.egress: List[List[Any]] = []
         self.replied: Optional[Any] = None   # bytes here
         self.storage = _Storage(self)
@@ -171,9 +173,11 @@ class Context:
             raise InvalidArgument("a cancellation token is a string")
         self.delayed.append([_seconds(delay), check_typename(typename), str(id),
                              self._encode(message, "a message"), cancellation_token])
+        self.timeline.append(["delay", self.delayed[-1]])
 
     def cancel_delayed_message(self, cancellation_token: str) -> None:
         self.cancels.append(str(cancellation_token))
+        self.timeline.append(["cancel", self.cancels[-1]])
 
     def reply(self, message: Any) -> None:
         """Answer the caller: the function that sent this message (as a message to it), or the
@@ -308,7 +312,7 @@ class StatefulFunctions:
                                      _secs(spec, "call")]
                 else:
                     changed[name] = None
-            result: Dict[str, Any] = {"sends": ctx.sends, "delayed": ctx.delayed, "cancels": ctx.cancels,
+            result: Dict[str, Any] = {"sends": ctx.sends, "timers": ctx.timeline,
                                       "egress": ctx.egress}
             if ctx.replied is not None:
                 result["reply"] = ctx.replied

@@ -193,7 +193,6 @@ class _HttpContext(Context):
     def __init__(self, address: Address, caller: Optional[Address], state: Dict[str, Any],
                  specs: Dict[str, ValueSpec]) -> None:
         super().__init__(address, caller, state, specs)
-        self.timeline: List[List[Any]] = []   # ["delay", entry] | ["cancel", token], in call order
 
     def _encode(self, value: Any, what: str) -> Any:
         return _outgoing(value, what)
@@ -221,17 +220,8 @@ class _HttpContext(Context):
         self._spec(name)
         super().__delitem__(name)
 
-    def send_after(self, delay: Union[timedelta, float], typename: str, id: str, message: Any,
-                   cancellation_token: Optional[str] = None) -> None:
-        super().send_after(delay, typename, id, message, cancellation_token)
-        self.timeline.append(["delay", self.delayed[-1]])
-
-    def cancel_delayed_message(self, cancellation_token: str) -> None:
-        super().cancel_delayed_message(cancellation_token)
-        self.timeline.append(["cancel", self.cancels[-1]])
-
     pack_and_send = Context.send
-    pack_and_send_after = send_after
+    pack_and_send_after = Context.send_after
     pack_and_reply = Context.reply
     pack_and_send_egress = Context.send_egress
 

@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 
-import pytest
 from conftest import FAST, HERE, wait_until
 
 from client import Client, Functions

@@ -284,3 +284,23 @@ def test_a_type_nobody_serves_is_not_found_at_once_once_every_application_has_sa
     fm.serve()   # the only application has said what it serves
     r = fm.m.request("fn_send", blob=b"x", type="nobody/serves", id="x")
     assert not r.ok and r.error["code"] == "not_found" and "example/count" in r.error["message"]
+
+
+def test_a_cancel_then_a_new_delay_under_the_same_token_keeps_the_new_one() -> None:
+    functions = StatefulFunctions()
+
+    @functions.bind("t/rearm")
+    def rearm(context, message: str) -> None:
+        if message == "go":
+            context.send_after(timedelta(seconds=1), "t/rearm", "x", "first", "tok")
+            context.cancel_delayed_message("tok")
+            context.send_after(timedelta(seconds=2), "t/rearm", "x", "second", "tok")
+        else:
+            context["got"] = (context["got"] or []) + [message]
+
+    fm = FnMesh(functions=functions)
+    fm.send("t/rearm", "x", "go")
+    fm.serve()
+    fm.tick(3)
+    fm.serve()
+    assert fm.state("t/rearm", "x") == {"got": ["second"]}

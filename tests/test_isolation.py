@@ -3,11 +3,10 @@ CURVE everywhere, real processes.  What a malicious user of the same mesh can an
 listed in docs/security.md; each claim there points at a test here."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, List
+from typing import Any, Iterator
 
 import pytest
 from conftest import FAST, tools_spec, wait_until

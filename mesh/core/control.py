@@ -35,7 +35,7 @@ from mesh.errors import (
 from mesh.model import auth
 from mesh.model import flows as flow_model
 from mesh.model.auth import INSECURE, Principal
-from mesh.model.records import CANCELLED, CLOSED, OPEN, PENDING, RUNNING, App, Session, Task
+from mesh.model.records import CANCELLED, CLOSED, OPEN, RUNNING, App, Session, Task
 from mesh.model.resources import Resources
 from mesh.model.spec import AppSpec
 from mesh.ops import keys

@@ -42,7 +42,7 @@ from mesh.model.records import ALIVE, OPEN, PENDING, RUNNING, App, Session
 from mesh.model.spec import AppSpec
 from mesh.ops.log import event
 from mesh.wire.pickled import unwrap_bytes, wrap_bytes
-from mesh.wire.protocol import Result, pack, unpack
+from mesh.wire.protocol import pack, unpack
 
 FLOW_SERVICE = "client.flow_service"
 FLOW_APP = "zmesh-flow"           # the built-in flow service's application (one per label set)

@@ -327,11 +327,12 @@ class FunctionRules(Base):
                 continue
             for typename, identity, blob in r.get("sends") or []:
                 self._accept((typename, identity), self._mid(), me, blob)
-            for delay, typename, identity, blob, token in r.get("delayed") or []:
-                self._delay(token or self._mid(), self.now + float(delay), (typename, identity), me, blob)
-            for token in r.get("cancels") or []:
-                if self.delayed.pop(token, None) is not None:
-                    self.batch.rows[("fn_delayed", token)] = None
+            for kind, entry in r.get("timers") or []:   # in the order the function made them
+                if kind == "delay":
+                    delay, typename, identity, blob, token = entry
+                    self._delay(token or self._mid(), self.now + float(delay), (typename, identity), me, blob)
+                elif self.delayed.pop(entry, None) is not None:
+                    self.batch.rows[("fn_delayed", entry)] = None
             for typename, blob in r.get("egress") or []:
                 self._egress(typename, "blob", blob)
             if "reply" in r:
