@@ -34,7 +34,9 @@ The wire (msgpack inside a pickled ``bytes``, built and read by the manager with
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
+import os
 import sys
 import time
 import traceback
@@ -45,13 +47,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import cloudpickle
 
-from mesh.errors import InvalidArgument, MeshError, TaskFailed
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, TaskFailed
 from mesh.model.functions import check_typename, expired
 from mesh.wire.protocol import pack, unpack
 
 from .instance import Instance, main_as_module
 
 __all__ = ["StatefulFunctions", "ValueSpec", "Address", "Context", "TypedValue"]
+
+HELD_ADDRESSES = 10_000   # addresses whose state one instance keeps between batches (least recent out)
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,9 @@ class StatefulFunctions:
         self._file = frame.f_globals.get("__file__")
         self._functions: Dict[str, _Bound] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # the state of the addresses this process ran last, as the manager will hold it (affinity)
+        self._held: "collections.OrderedDict[Tuple[str, str], Tuple[str, Dict[str, List[Any]]]]" = \
+            collections.OrderedDict()
 
     def bind(self, typename: str, specs: Optional[Sequence[ValueSpec]] = None) -> Callable[[Callable[..., Any]],
                                                                                           Callable[..., Any]]:
@@ -277,7 +284,14 @@ class StatefulFunctions:
             raise InvalidArgument(f"this instance does not serve {typename}")
         address = Address.of(typename, identity)
         now = req.get("now") or time.time()
-        records: Dict[str, List[Any]] = dict(req.get("state") or {})
+        key = (typename, identity)
+        if req.get("state") is None:   # the manager counts on this process holding the state
+            held = self._held.get(key)
+            if held is None or held[0] != req.get("version"):
+                raise FailedPrecondition(f"this instance does not hold the state of {address}", state_missing=True)
+            records: Dict[str, List[Any]] = dict(held[1])
+        else:
+            records = dict(req["state"])
         called = req.get("called_at") or 0.0
         values = {name: cloudpickle.loads(r[0]) for name, r in records.items() if not expired(r, now, called)}
         results: List[Dict[str, Any]] = []
@@ -317,7 +331,17 @@ class StatefulFunctions:
             if ctx.replied is not None:
                 result["reply"] = ctx.replied
             results.append(result)
-        return pack({"results": results, "state": changed})
+        for name, rec in changed.items():   # what the manager will hold once this batch commits
+            if rec is None:
+                records.pop(name, None)
+            else:
+                records[name] = rec
+        if req.get("next"):
+            self._held[key] = (req["next"], records)
+            self._held.move_to_end(key)
+            if len(self._held) > HELD_ADDRESSES:
+                self._held.popitem(last=False)
+        return pack({"results": results, "state": changed, "instance": os.environ.get("ZMESH_INSTANCE_ID")})
 
 
 def _secs(spec: Optional[ValueSpec], which: str) -> Optional[float]:

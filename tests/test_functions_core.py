@@ -5,6 +5,7 @@ the core sent, so the wire between them is exercised as it is in production.
 """
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +15,7 @@ import cloudpickle
 import pytest
 
 from executor import StatefulFunctions, ValueSpec
+from mesh.errors import MeshError
 from mesh.model import functions as model
 from mesh.wire.pickled import unwrap_bytes
 from mesh.wire.protocol import Done, Heartbeat, InstHello, Launch, Reply, Tasks, unpack
@@ -94,7 +96,14 @@ class FnMesh:
                 return done
             for peer, tid, payload in work:
                 self.answered.add(tid)
-                out = self.fx.invoke(unwrap_bytes(payload))
+                os.environ["ZMESH_INSTANCE_ID"] = self.instances[peer]   # as its executor sets it
+                try:
+                    out = self.fx.invoke(unwrap_bytes(payload))
+                except MeshError as exc:   # as executor/instance.py answers it
+                    self.m.msg(peer, Done([(tid, exc.to_wire())]), [b""])
+                    continue
+                finally:
+                    del os.environ["ZMESH_INSTANCE_ID"]
                 self.m.msg(peer, Done([(tid, None)]), [pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)])
                 done += 1
         raise AssertionError("still serving after the rounds allowed")
@@ -304,3 +313,22 @@ def test_a_cancel_then_a_new_delay_under_the_same_token_keeps_the_new_one() -> N
     fm.tick(3)
     fm.serve()
     assert fm.state("t/rearm", "x") == {"got": ["second"]}
+
+
+def test_state_stays_in_the_instance_that_ran_the_address_last_and_moves_when_it_cannot_serve(fm: FnMesh) -> None:
+    fm.send("example/count", "ivy", User("ivy"))
+    fm.serve()
+    fm.send("example/count", "ivy", User("ivy"))
+    fm.start_instances()
+    [(peer, tid, payload)] = fm.pending()
+    req = unpack(unwrap_bytes(payload))
+    first = [s.peer for s in fm.m.sent if isinstance(s.record, Tasks)
+             and unpack(unwrap_bytes(bytes(s.payloads[0])))["address"] == ["example/count", "ivy"]][0]
+    assert req["state"] is None and peer == first   # the holder, without the state
+    # When the process lost what it held (another instance got the batch, or it restarted)
+    fm.fx._held.clear()
+    fm.serve()
+    # Then the batch went again with the state, and nothing was counted twice or lost
+    assert fm.state("example/count", "ivy") == {"count": 2}
+    again = [unpack(unwrap_bytes(bytes(s.payloads[0]))) for s in fm.m.sent if isinstance(s.record, Tasks)]
+    assert again[-1]["state"] is not None and again[-1]["address"] == ["example/count", "ivy"]

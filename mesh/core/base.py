@@ -180,7 +180,7 @@ class Base:
         raise NotImplementedError
 
     def enqueue(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any],
-                timeout: Optional[float] = None) -> None:
+                timeout: Optional[float] = None, on: Optional[Instance] = None) -> None:
         raise NotImplementedError
 
     def fail_tasks(self, tasks: List[Task], error: MeshError, state: str = "failed") -> None:

@@ -53,7 +53,7 @@ class Msg:
 
 
 class Addr:
-    __slots__ = ("key", "queue", "busy", "state", "called_at", "since", "failures")
+    __slots__ = ("key", "queue", "busy", "state", "called_at", "since", "failures", "holder", "version", "next")
 
     def __init__(self, key: Key) -> None:
         self.key = key
@@ -63,6 +63,11 @@ class Addr:
         self.called_at = 0.0
         self.since = 0.0                            # when its first queued message found no route
         self.failures = 0                           # batches in a row that got no answer
+        # affinity: the instance that ran the last batch holds the state as of ``version`` (this boot's
+        # token of the last commit); the next batch goes to it without the state if it can take it
+        self.holder: Optional[str] = None
+        self.version = ""
+        self.next = ""                              # the version the batch out now will make
 
 
 class FunctionRules(Base):
@@ -84,6 +89,7 @@ class FunctionRules(Base):
         self.unrouted: Set[Key] = set()
         self.fn_mids: Set[str] = set()                # ids of the messages in the inboxes
         self.fn_mids_made = itertools.count(1)
+        self.fn_versions = itertools.count(1)
         self.fn_recent: "collections.OrderedDict[str, None]" = collections.OrderedDict()   # delivered lately
 
     # -- client calls ----------------------------------------------------------------------
@@ -255,13 +261,19 @@ class FunctionRules(Base):
             return
         s = self._fn_session(app)
         batch = list(itertools.islice(a.queue, model.FN_BATCH))
-        live = model.live_state(a.state, self.now, a.called_at)
-        payload = wrap_bytes(pack({"address": list(a.key), "state": live, "called_at": a.called_at, "now": self.now,
+        holder = self.instances.get(a.holder) if a.holder and a.version else None
+        if holder is not None and not (holder.session is s and holder.identity is not None and not holder.draining
+                                       and holder.credit_limit(self.settings.queue_target) > len(holder.inflight)):
+            holder = None   # gone, or busy: the batch goes to any instance, with the state
+        a.next = f"{self.fn_cid[3:]}:{next(self.fn_versions)}"
+        payload = wrap_bytes(pack({"address": list(a.key), "called_at": a.called_at, "now": self.now,
+                                   "state": None if holder else model.live_state(a.state, self.now, a.called_at),
+                                   "version": a.version, "next": a.next,
                                    "messages": [[m.mid, m.caller, m.blob] for m in batch]}))
         tag = next(self.fn_tags)
         a.busy = len(batch)
         self.fn_out[(s.id, tag)] = (a.key, len(batch))
-        self.enqueue(FN_PEER, s, [tag], self.fn_cid, [payload])
+        self.enqueue(FN_PEER, s, [tag], self.fn_cid, [payload], on=holder)
 
     # -- answers ------------------------------------------------------------------------------------
     def fn_answers(self) -> None:
@@ -274,6 +286,11 @@ class FunctionRules(Base):
                 key, n = found
                 a = self.addrs.get(key)
                 if a is None or a.busy != n:
+                    continue
+                if err is not None and (err.get("details") or {}).get("state_missing"):
+                    a.holder = None   # it ran on an instance that does not hold the state: again, with it
+                    a.busy = None
+                    self._dispatch(a)
                     continue
                 if err is not None and a.failures < model.BATCH_RETRIES:
                     # the batch did not run to an answer (its instances died past the application's
@@ -346,6 +363,7 @@ class FunctionRules(Base):
                 a.state.pop(name, None)
             else:
                 a.state[name] = list(rec)
+        a.holder, a.version = answer.get("instance"), a.next   # it holds the state as of this commit
         self._save_state(a)
 
     def _mid(self) -> str:
@@ -422,6 +440,7 @@ class FunctionRules(Base):
             live = model.live_state(a.state, now, a.called_at)
             if len(live) != len(a.state):
                 a.state = live
+                a.version = ""   # changed here, not by its holder: the next batch carries the state
                 self._save_state(a)
             if model.next_expiry(a.state, a.called_at) is None:
                 self.expiring.discard(key)

@@ -92,8 +92,10 @@ class TaskRules(Base):
         self.send(peer, Result(sid, [(tag, err) for tag in tags]), [b""] * len(tags))
 
     def enqueue(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any],
-                timeout: Optional[float] = None) -> None:
-        """Queue new tasks (refusing what passes ``max_pending``) and dispatch what credit allows."""
+                timeout: Optional[float] = None, on: Optional[Instance] = None) -> None:
+        """Queue new tasks (refusing what passes ``max_pending``) and dispatch what credit allows.
+        ``on``: an instance of ``s`` that should run them (the functions engine's affinity), if it is
+        ready and has credit for all of them; otherwise they queue like any."""
         room = max(self.settings.max_pending - len(s.pending), 0)
         if room < len(tags):
             self.refuse(peer, s.id, tags[room:], ResourceExhausted(
@@ -116,7 +118,31 @@ class TaskRules(Base):
             s.bytes_in += len(payload)
             young.append(tid)
         self.stats["tasks_submitted"] += len(tags)
+        if on is not None and on.session is s and on.identity is not None and not on.draining \
+                and on.credit_limit(self.settings.queue_target) - len(on.inflight) >= len(tags):
+            mine = [s.pending.pop() for _ in tags][::-1]
+            self._give(on, s, [(tid, self.tasks[tid]) for tid in mine])
         self.dispatch(s)
+
+    def _give(self, inst: Instance, s: Session, tasks: List[Tuple[int, Task]]) -> None:
+        """Send ``tasks`` (pending, taken off the queue) to ``inst``: the attempt counts now."""
+        assert inst.identity is not None
+        items: List[Tuple[int, int]] = []
+        frames: List[Any] = []
+        for tid, t in tasks:
+            t.state = RUNNING
+            t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
+            t.instance = inst.id
+            items.append((tid, t.attempt))
+            frames.append(t.payload)
+        idle = not inst.inflight
+        inst.inflight.update(dict.fromkeys(i[0] for i in items))
+        if idle:
+            inst.busy_since = self.now
+            self.start_clock(inst)
+        s.running += len(items)
+        self.send(inst.identity, Tasks(s.id, s.context.version, items), frames,
+                  if_lost=functools.partial(self.undelivered, inst, items))
 
     def resend(self, peer: bytes, s: Session, tags: Sequence[int], cid: str, payloads: Sequence[Any],
                timeout: Optional[float] = None) -> None:
