@@ -67,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -109,6 +109,30 @@ QUICK = {"seconds": 0.5, "warmup": 0.2, "window": 500, "queued": 5_000,
 
 class BenchError(RuntimeError):
     pass
+
+
+def sayer(silent: bool) -> Callable[[str], None]:
+    """``say(msg)``: a progress line on stderr, unless ``silent``."""
+    def say(msg: str) -> None:
+        if not silent:
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit(128 + 15): it unwinds through the ``with`` / ``finally`` blocks (LocalMesh's
+    exit and the rest) that end every process a benchmark started, by PID."""
+    def _terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def write_json(path: Optional[str], res: Dict[str, Any], indent: int = 1) -> None:
+    """Write a benchmark's figures to ``path`` (``--json``); no path, nothing written."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=indent)
 
 
 def noop_spec(name: str = "noop", **spec: Any) -> Dict[str, Any]:
@@ -927,15 +951,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if opts.repeat < 1 or (opts.seconds is not None and opts.seconds <= 0) or min(opts.instances) < 1:
         ap.error("--repeat, --seconds and --instances must be positive")
 
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally blocks that end every child
-
-    signal.signal(signal.SIGTERM, _terminate)
+    exit_on_sigterm()   # unwinds through the finally blocks that end every child
     res = run(opts)
     show(res)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(res, f, indent=2)
+    write_json(opts.json, res, indent=2)
     return res
 
 

@@ -72,7 +72,7 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench import children, noop_spec  # noqa: E402
+from bench import children, exit_on_sigterm, noop_spec, sayer, write_json  # noqa: E402
 from bench_limit import percentiles  # noqa: E402
 
 from client import Client, Session  # noqa: E402
@@ -565,15 +565,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if min(opts.tasks, opts.window, opts.idle, opts.probe_max) < 1 or opts.max_seconds <= 0:
         ap.error("--tasks, --window, --idle, --probe-max and --max-seconds must be positive")
 
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the finally blocks that end every child
-
-    signal.signal(signal.SIGTERM, _terminate)
+    exit_on_sigterm()   # unwinds through the finally blocks that end every child
     opts.dropped = default_timers()
-
-    def say(msg: str) -> None:
-        if not opts.silent:
-            print(msg, file=sys.stderr, flush=True)
+    say = sayer(opts.silent)
 
     if opts.log_dir:
         os.makedirs(opts.log_dir, exist_ok=True)
@@ -582,9 +576,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="zmesh-flood-") as logs:
             res = run(opts, logs, say)
     show(res)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(opts.json, res)
     return res
 
 

@@ -37,9 +37,7 @@ Usage: python scripts/bench_flows.py [--runs 5] [--tasks 1000] [--no-dask] [--qu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -53,7 +51,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import bench_peers  # noqa: E402
-from bench import _table, cpu_seconds, noop_spec  # noqa: E402
+from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, sayer, write_json  # noqa: E402
 from bench_runner import ratio, spread, summary  # noqa: E402
 
 from client import Client, Session  # noqa: E402
@@ -181,16 +179,13 @@ def measure_zeromesh(opts: argparse.Namespace, say: Callable[[str], None]) -> Di
 
 # -- Dask (in its own process) -------------------------------------------------------------------
 def dask_runs(distributed: Any, n: int, runs: int, wait: float, report: Callable[[Dict[str, Any]], None]) -> None:
-    import logging
-
     res: Dict[str, Any] = {"available": True, "version": distributed.__version__, "workers": 2,
                            "threads_per_worker": 2, "runs": []}
     report(res)
     cluster = client = None
     t = time.perf_counter()
     try:
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
-                                           dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+        cluster = bench_peers.dask_cluster(distributed, 2, 2)
         client = distributed.Client(cluster)
         client.wait_for_workers(2, timeout=wait)
         res["startup_s"] = round(time.perf_counter() - t, 3)
@@ -214,12 +209,7 @@ def dask_runs(distributed: Any, n: int, runs: int, wait: float, report: Callable
             res["runs"].append(one())
             report(res)
     finally:
-        t = time.perf_counter()
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-        res["shutdown_s"] = round(time.perf_counter() - t, 3)
+        res["shutdown_s"] = bench_peers.close_dask(client, cluster)
         report(res)
 
 
@@ -238,9 +228,7 @@ def measure_dask(opts: argparse.Namespace, log_dir: str) -> Dict[str, Any]:
     res = bench_peers.run_child(args, out, log_path, DASK_BUDGET["quick" if opts.quick else "full"], "dask")
     if res.get("runs"):
         res["summary"] = summary(res["runs"])
-    if res.get("error") or "no figures" in res.get("reason", ""):
-        with open(log_path, "rb") as log:   # keep its tail: the directory goes away
-            res["log_tail"] = log.read()[-2000:].decode(errors="replace")
+    bench_peers.keep_log_tail(res, log_path)
     return res
 
 
@@ -300,14 +288,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if opts.dask_child:
         sys.exit(dask_child(opts))
 
-    def say(msg: str) -> None:
-        if not opts.silent:
-            print(msg, file=sys.stderr, flush=True)
-
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)   # unwinds through LocalMesh's exit, which ends every process by PID
-
-    signal.signal(signal.SIGTERM, _terminate)
+    say = sayer(opts.silent)
+    exit_on_sigterm()   # unwinds through LocalMesh's exit, which ends every process by PID
     t0 = time.perf_counter()
     zm = measure_zeromesh(opts, say)
     res: Dict[str, Any] = {"settings": {"runs": opts.runs, "tasks": opts.tasks, "executors": 2, "slots": 2,
@@ -326,9 +308,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     res["plain_dask_ratio"] = ratio(med["plain_wall_s"], ds["wall_s"]["median"]) if ds else None
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     show(res)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(opts.json, res)
     return res
 
 

@@ -38,9 +38,7 @@ Usage: python scripts/bench_functions.py [--runs 5] [--ids 50] [--hops 100] [--f
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -52,7 +50,7 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench import _table, cpu_seconds, noop_spec, stream_count  # noqa: E402
+from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, sayer, stream_count, write_json  # noqa: E402
 from bench_peers import one_at_a_time  # noqa: E402
 from bench_runner import ratio, summary  # noqa: E402
 
@@ -251,14 +249,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if min(opts.runs, opts.ids, opts.tasks, opts.window, opts.latency) < 1 or min(opts.hops, opts.fan) < 2:
         ap.error("counts must be positive (--hops and --fan at least 2)")
 
-    def say(msg: str) -> None:
-        if not opts.silent:
-            print(msg, file=sys.stderr, flush=True)
-
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)   # unwinds through LocalMesh's exit, which ends every process by PID
-
-    signal.signal(signal.SIGTERM, _terminate)
+    say = sayer(opts.silent)
+    exit_on_sigterm()   # unwinds through LocalMesh's exit, which ends every process by PID
     t0 = time.perf_counter()
     got = measure(opts, say)
     runs = got["runs"]
@@ -268,9 +260,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                            "first_call_s": got["first_call_s"], "runs": runs, "summary": summary(runs)}
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     show(res)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(opts.json, res)
     return res
 
 

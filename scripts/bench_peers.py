@@ -249,13 +249,30 @@ def _scheduler_tasks(dask_scheduler: Any) -> int:
     return len(dask_scheduler.tasks)
 
 
-def dask_figures(instances: List[int], seconds: float, warmup: float, window: int, latency_count: int,
-                 latency_seconds: float, report: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+def dask_cluster(distributed: Any, workers: int, threads: int) -> Any:
+    """The benchmarks' Dask: a ``LocalCluster`` of ``workers`` processes x ``threads``, on loopback, no
+    dashboard, logs at ERROR (``distributed``: the module, which the caller has imported)."""
     import logging
 
+    return distributed.LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                                    dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
+
+
+def close_dask(client: Any, cluster: Any) -> float:
+    """Close a Dask client, then its cluster (either None if start-up failed first); the seconds it took."""
+    t = time.perf_counter()
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
+    return round(time.perf_counter() - t, 3)
+
+
+def dask_figures(instances: List[int], seconds: float, warmup: float, window: int, latency_count: int,
+                 latency_seconds: float, report: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
     import dask
     import distributed
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     dask.config.set({"distributed.scheduler.worker-saturation": float("inf")})
     window = min(window, DASK_MAX_WINDOW)
@@ -271,8 +288,7 @@ def dask_figures(instances: List[int], seconds: float, warmup: float, window: in
         cluster = client = None
         t0 = time.perf_counter()
         try:
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   host="127.0.0.1", silence_logs=logging.ERROR)
+            cluster = dask_cluster(distributed, n, 1)
             client = Client(cluster)
             client.submit(noop, pure=False).result(timeout=WARMUP_LIMIT)
             startup = round(time.perf_counter() - t0, 3)
@@ -291,12 +307,7 @@ def dask_figures(instances: List[int], seconds: float, warmup: float, window: in
                     latency_count, latency_seconds)
                 report(res)
         finally:
-            t1 = time.perf_counter()
-            if client is not None:
-                client.close()
-            if cluster is not None:
-                cluster.close()
-            res.setdefault("shutdown_s_by_workers", {})[str(n)] = round(time.perf_counter() - t1, 3)
+            res.setdefault("shutdown_s_by_workers", {})[str(n)] = close_dask(client, cluster)
     return res
 
 
@@ -360,6 +371,13 @@ def run_child(args: List[str], out: str, log_path: str, budget: float, what: str
         res["error"] = f"exit {proc.returncode}; see {log_path}"
     res["wall_s"] = wall
     return res
+
+
+def keep_log_tail(res: Dict[str, Any], log_path: str) -> None:
+    """A child that failed or gave no figures: keep the end of its log in ``res`` (its directory may go away)."""
+    if res.get("error") or "no figures" in res.get("reason", ""):
+        with open(log_path, "rb") as log:
+            res["log_tail"] = log.read()[-2000:].decode(errors="replace")
 
 
 def child_main(out: str, modules: List[str], run: Callable[[Callable[[Dict[str, Any]], None]], None]) -> int:

@@ -55,10 +55,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
@@ -73,7 +71,7 @@ for p in (ROOT, HERE):
 
 import bench_limit  # noqa: E402
 import bench_peers  # noqa: E402
-from bench import _table  # noqa: E402
+from bench import _table, exit_on_sigterm, sayer, write_json  # noqa: E402
 
 from client import Client, Runner, Session  # noqa: E402
 from client import runner_package  # noqa: E402
@@ -397,6 +395,7 @@ def measure_ray(opts: argparse.Namespace, log_dir: str) -> Dict[str, Any]:
     res = bench_peers.run_child(args, out, log_path, budget, "ray")
     if res.get("runs"):
         res["summary"] = summary(res["runs"])
+    bench_peers.keep_log_tail(res, log_path)
     return res
 
 
@@ -470,14 +469,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if opts.ray_child:
         sys.exit(ray_child(opts))
 
-    def say(msg: str) -> None:
-        if not opts.silent:
-            print(msg, file=sys.stderr, flush=True)
-
-    def _terminate(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)   # unwinds through LocalMesh's exit, which ends every process by PID
-
-    signal.signal(signal.SIGTERM, _terminate)
+    say = sayer(opts.silent)
+    exit_on_sigterm()   # unwinds through LocalMesh's exit, which ends every process by PID
     t0 = time.perf_counter()
     runs = measure_zeromesh(opts, say)
     res: Dict[str, Any] = {"settings": {"runs": opts.runs, "calls": opts.calls, "latency": opts.latency,
@@ -487,18 +480,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         say("ray: in its own process ...")
         with tempfile.TemporaryDirectory(prefix="zmesh-rbench-ray-") as logs:
             res["ray"] = measure_ray(opts, logs)
-            if res["ray"].get("error") or "no figures" in res["ray"].get("reason", ""):
-                with open(os.path.join(logs, "ray.log"), "rb") as log:   # keep its tail: the directory goes away
-                    res["ray"]["log_tail"] = log.read()[-2000:].decode(errors="replace")
         res["vs_ray"] = vs_ray(res["summary"], res["ray"]) if res["ray"].get("available") else {}
     else:
         res["ray"] = {"available": False, "reason": "not measured (--no-ray)"}
         res["vs_ray"] = {}
     res["total_seconds"] = round(time.perf_counter() - t0, 1)
     show(res)
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(opts.json, res)
     return res
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
@@ -20,14 +21,15 @@ def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def _run(script: str, out: object, timeout: float) -> str:
-    """Run a benchmark script in --quick mode; end it by PID if it overruns."""
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script), "--quick", "--silent", "--json",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+def _run(script: str, out: object, timeout: float, args: Sequence[str] = ("--quick", "--silent")) -> str:
+    """Run a benchmark script with ``args`` (default: --quick mode), its figures to ``out`` (--json); end it by
+    PID if it overruns; its output (stdout and stderr)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, script), *args, "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGTERM)   # the benchmarks end their managers and executors on SIGTERM
+        os.kill(proc.pid, signal.SIGTERM)   # the benchmarks end their managers, executors and children on SIGTERM
         try:
             proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
@@ -119,21 +121,7 @@ def test_bench_hotpath_quick_reports_ratios_against_the_limit(tmp_path):
 
 def test_bench_flood_small_reports_evictions_and_the_other_clients_latency(tmp_path):
     out = tmp_path / "flood.json"
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_flood.py"), "--tasks", "2000", "--idle",
-                             "50", "--max-seconds", "20", "--silent", "--json", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        stdout, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGTERM)   # the script ends its mesh and its client processes on SIGTERM
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=10)
-        raise
-    text = stdout.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    text = _run("bench_flood.py", out, 60, ("--tasks", "2000", "--idle", "50", "--max-seconds", "20", "--silent"))
     res = json.loads(out.read_text())
 
     f = res["flood"]
@@ -159,21 +147,8 @@ def test_bench_runner_quick_reports_runner_registered_ratios_and_ray_missing(tmp
     """Ray is not needed: the Ray child is pointed at a module that does not exist, which must
     come back as "not installed" with no figures (the path a machine without Ray takes)."""
     out = tmp_path / "runner.json"
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_runner.py"), "--quick", "--calls", "200",
-                             "--latency", "20", "--silent", "--json", str(out), "--ray-module", "zeromesh_no_such_ray"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        stdout, _ = proc.communicate(timeout=40)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGTERM)   # the script ends its mesh (by PID) on SIGTERM
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=10)
-        raise
-    text = stdout.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    text = _run("bench_runner.py", out, 40, ("--quick", "--calls", "200", "--latency", "20", "--silent",
+                                             "--ray-module", "zeromesh_no_such_ray"))
     res = json.loads(out.read_text())
 
     [run] = res["runs"]
@@ -199,21 +174,7 @@ def test_bench_flows_quick_reports_flow_plain_ratio_and_dask_missing(tmp_path):
     """Dask is not needed: its child is pointed at a module that does not exist, which must come
     back as "not installed" with no figures (the path a machine without Dask takes)."""
     out = tmp_path / "flows.json"
-    proc = subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "bench_flows.py"), "--quick", "--silent",
-                             "--json", str(out), "--dask-module", "zeromesh_no_such_dask"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        stdout, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGTERM)   # the script ends its mesh (by PID) on SIGTERM
-        try:
-            proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate(timeout=10)
-        raise
-    text = stdout.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    text = _run("bench_flows.py", out, 60, ("--quick", "--silent", "--dask-module", "zeromesh_no_such_dask"))
     res = json.loads(out.read_text())
 
     assert res["settings"] == {"runs": 1, "tasks": 200, "executors": 2, "slots": 2, "cpus": os.cpu_count()}

@@ -31,6 +31,18 @@ def barrier(directory: str, me: int, others: int) -> bool:
     return False
 
 
+def constant_flow(name: str, client: Client, task: str, value: str) -> Flow:
+    """Flow ``name`` of one task, ``task``, that returns ``value``."""
+    f = Flow(name, client=client)
+
+    def body() -> str:
+        return value
+
+    with f:
+        f.task(body, name=task)()
+    return f
+
+
 def build_flows(client: Client, directory: str):
     sim = Flow("simulate", client=client)
 
@@ -273,25 +285,11 @@ def test_users_see_and_change_only_their_own_flows_and_runs(tmp_path):
             return Client(m.endpoint, manager_key=m.manager_key, auth=PasswordAuth(user, f"{user}-password-1"))
 
         with client("ann") as ann, client("bob") as bob:
-            f = Flow("anns", client=ann)
-
-            @f.task
-            def secret() -> str:
-                return "ann's"
-
-            with f:
-                secret()
+            f = constant_flow("anns", ann, "secret", "ann's")
             fr = f.run()
             assert fr.wait(timeout=60) == "succeeded" and fr.result("secret") == "ann's"
             # bob may run a registered flow, but not replace it, and never sees ann's runs
-            theirs = Flow("anns", client=bob)
-
-            @theirs.task
-            def other() -> str:
-                return "bob's"
-
-            with theirs:
-                other()
+            theirs = constant_flow("anns", bob, "other", "bob's")
             with pytest.raises(PermissionDenied, match="belongs to 'ann'"):
                 theirs.register()
             with pytest.raises(NotFound):

@@ -57,6 +57,19 @@ def fan(n: int = 3) -> Flow:
     return f
 
 
+def slow(retries: int = 0) -> Flow:
+    """One task that never answers (the test does not), with a 5 s timeout."""
+    f = Flow("slow")
+
+    @f.task(timeout=5, retries=retries)
+    def hang() -> None:
+        return None
+
+    with f:
+        hang()
+    return f
+
+
 class FlowMesh:
     """A core with one executor whose instances we start and answer for."""
 
@@ -413,15 +426,7 @@ def test_an_answer_that_cannot_be_used_fails_its_task_instead_of_hanging_the_run
 
 
 def test_a_timed_out_task_runs_as_often_as_its_retries_say(fm: FlowMesh) -> None:
-    f = Flow("slow")
-
-    @f.task(timeout=5, retries=1)
-    def hang() -> None:
-        return None
-
-    with f:
-        hang()
-    fm.register(f)
+    fm.register(slow(retries=1))
     rid = fm.start(["slow"])["id"]
     from mesh.wire.protocol import Heartbeat
     dispatched: List[int] = []
@@ -436,15 +441,7 @@ def test_a_timed_out_task_runs_as_often_as_its_retries_say(fm: FlowMesh) -> None
 
 
 def test_a_restored_task_keeps_its_timeout(fm: FlowMesh) -> None:
-    f = Flow("slow")
-
-    @f.task(timeout=5)
-    def hang() -> None:
-        return None
-
-    with f:
-        hang()
-    fm.register(f)
+    fm.register(slow())
     rid = fm.start(["slow"])["id"]
     fm.serve()
     fm.m.commit()   # the open task is written, as at a shutdown
