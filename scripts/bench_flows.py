@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ for p in (ROOT, HERE):
 
 import bench_peers  # noqa: E402
 from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, sayer, write_json  # noqa: E402
-from bench_runner import ratio, spread, summary  # noqa: E402
+from bench_runner import ratio, summary  # noqa: E402
 
 from client import Client, Session  # noqa: E402
 from client.flows import Flow, Parameter  # noqa: E402
