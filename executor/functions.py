@@ -51,7 +51,7 @@ from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, TaskFail
 from mesh.model.functions import check_typename, expired
 from mesh.wire.protocol import pack, unpack
 
-from .instance import Instance, main_as_module
+from .instance import Instance, _build, main_as_module
 
 __all__ = ["StatefulFunctions", "ValueSpec", "Address", "Context", "TypedValue"]
 
@@ -207,11 +207,21 @@ class _Bound:
         self.specs = {s.name: s for s in specs}
         self.accepts = _accepted_types(fn)
 
-    def check(self, message: Any) -> Optional[str]:
+    def check(self, message: Any) -> Tuple[Any, Optional[str]]:
+        """(the message to deliver, None), or (None, why it is not delivered).  A JSON object (a
+        dict, as ``zmesh functions send`` sends) is built into the declared class from its fields."""
         if self.accepts is None or isinstance(message, self.accepts):
-            return None
+            return message, None
         names = " or ".join(t.__name__ for t in self.accepts)
-        return f"{self.typename} takes {names}, not {type(message).__name__}"
+        if isinstance(message, dict) and not any(t is dict for t in self.accepts):
+            errors = []
+            for t in self.accepts:
+                try:
+                    return _build(t, message, self.typename), None
+                except InvalidArgument as exc:
+                    errors.append(exc.message)
+            return None, f"{self.typename} takes {names}, and the object sent is none of them: {'; '.join(errors)}"
+        return None, f"{self.typename} takes {names}, not {type(message).__name__}"
 
 
 def _accepted_types(fn: Callable[..., Any]) -> Optional[Tuple[type, ...]]:
@@ -302,7 +312,7 @@ class StatefulFunctions:
             except Exception as exc:
                 results.append({"rejected": f"the message could not be unpickled: {type(exc).__name__}: {exc}"})
                 continue
-            why = bound.check(message)
+            message, why = bound.check(message)
             if why is not None:
                 results.append({"rejected": why})
                 continue

@@ -274,7 +274,7 @@ class _Handler:
             c = invocation.caller
             caller = Address(c.namespace, c.type, c.id) if (c.namespace or c.type or c.id) else None
             message = _incoming(invocation.argument)
-            why = bound.check(message)
+            message, why = bound.check(message)
             if why is not None:
                 raise InvalidArgument(why)
             ctx = _HttpContext(address, caller, values, bound.specs)

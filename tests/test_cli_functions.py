@@ -72,13 +72,16 @@ def test_send_call_state_and_list(fmesh):
     assert "function types" in table.output and "demo/counter" in table.output and "fn-demo" in table.output
 
 
-def test_a_function_typed_for_a_dataclass_refuses_json(fmesh):
-    """JSON arrives as a dict: demo/point takes Point, so a call fails with invalid_argument naming
-    it, and a plain send ends up in the dead-letter egress with the reason."""
+def test_a_json_object_is_built_into_the_dataclass_a_function_takes(fmesh):
+    """JSON arrives as a dict: demo/point takes Point, so the dict is built into a Point from its
+    fields; fields that do not fit fail the call with invalid_argument naming them, and a plain
+    send of something else ends up in the dead-letter egress with the reason."""
     called = _zmesh(fmesh, "functions", "send", "demo/point", "p", '{"x": 1, "y": 2}', "--call")
-    assert called.returncode == errors.InvalidArgument.exit_code, called.stdout
-    assert called.stderr.strip() == "error: invalid_argument: demo/point takes Point, not dict"
-    assert called.stdout == ""
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout) == {"x": 2, "y": 3}
+    wrong = _zmesh(fmesh, "functions", "send", "demo/point", "p", '{"x": 1, "z": 2}', "--call")
+    assert wrong.returncode == errors.InvalidArgument.exit_code, wrong.stdout
+    assert "unknown field(s) z" in wrong.stderr and wrong.stderr.count("\n") == 1
 
     with Functions(fmesh.endpoint) as fx:
         before = sum(1 for _ in fx.egress("zmesh/dead-letters", timeout=0.5))

@@ -332,3 +332,13 @@ def test_state_stays_in_the_instance_that_ran_the_address_last_and_moves_when_it
     assert fm.state("example/count", "ivy") == {"count": 2}
     again = [unpack(unwrap_bytes(bytes(s.payloads[0]))) for s in fm.m.sent if isinstance(s.record, Tasks)]
     assert again[-1]["state"] is not None and again[-1]["address"] == ["example/count", "ivy"]
+
+
+def test_a_json_object_is_built_into_the_declared_class(fm: FnMesh) -> None:
+    rid = fm.call("example/count", "jo", {"name": "jo"})
+    fm.serve()
+    assert fm.reply_value(rid) == "Hello jo #1"
+    rid = fm.call("example/count", "jo", {"nom": "jo"})
+    fm.serve()
+    r = fm.reply(rid)
+    assert not r.ok and "unknown field(s) nom" in r.error["message"] and "missing field(s) name" in r.error["message"]
