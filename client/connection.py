@@ -48,9 +48,10 @@ from mesh.errors import (
 from mesh.ops import keys
 from mesh.ops.config import Settings, default_manager
 from mesh.wire import transport
-from mesh.wire.protocol import Cmd, Message, Reply, Request, Submit, decode, encode, pack
+from mesh.wire.protocol import Cmd, Message, Reply, Request, StreamCredit, Submit, decode, encode, pack
 
 from . import auth as client_auth
+from .streams import StreamBuffer, decode_all
 
 log = logging.getLogger("zeromesh.client")
 
@@ -358,6 +359,7 @@ class Connection:
         # tag -> (future, result decoder, session, payload, timeout): the payload is kept until the
         # answer arrives, so the task can be resent to a manager that restarted (docs/reliability.md)
         self._tasks: Dict[int, Tuple[TaskFuture, Callable[[bytes], Any], str, Any, Optional[float]]] = {}
+        self._streams: Dict[int, StreamBuffer] = {}   # tag -> the parts of a streaming task (client/streams.py)
         self.client_id = secrets.token_hex(8)
         self._window = Window(self.settings.max_inflight)
         self._boot: Optional[str] = None
@@ -442,7 +444,7 @@ class Connection:
         return self.call("whoami")
 
     def submit(self, sid: str, payload: bytes, decode_result: Callable[[bytes], Any],
-               timeout: Optional[float] = None) -> concurrent.futures.Future:
+               timeout: Optional[float] = None, stream: Optional[StreamBuffer] = None) -> concurrent.futures.Future:
         """Queue one task.  Blocks while ``max_inflight`` tasks of this connection await answers:
         a client that submits faster than the mesh drains is slowed, not dropped.
         ``timeout``: seconds each attempt may run on an instance before the manager stops it
@@ -457,6 +459,10 @@ class Connection:
         fut.window = self._window
         try:
             fut.tag = next(self._tags)   # (cid, tag) names the task on the manager (keep_result, resends)
+            if stream is not None:       # its parts go to this buffer; its consumer's credit goes out
+                tag = stream.tag = fut.tag
+                stream.credit = lambda upto: self._push(("credit", sid, tag, upto))
+                self._streams[tag] = stream
             self._push(("task", fut, sid, payload, decode_result, timeout))
         except BaseException:
             _settle(fut, exc=Unavailable("the task was not queued"))   # gives its place back
@@ -491,24 +497,34 @@ class Connection:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         answered = False
+        parts: List[Any] = []   # a streaming entrypoint's parts: its answer is all of them
         try:
             transport.send(sock, encode(self._submit(sid, [tag], False), [payload]), flags=0)
             until = start + SYNC_BUDGET if deadline is None else min(deadline, start + SYNC_BUDGET)
-            for _ in range(int(SYNC_BUDGET / 0.05) + 2):
-                left = until - time.monotonic()
+            while True:
+                left = (until if not parts else deadline if deadline is not None else time.monotonic() + 1.0) \
+                    - time.monotonic()   # a stream under way stays on this socket until its end
                 if left <= 0:
                     break
                 if not sock.poll(int(min(left, 0.05) * 1000) + 1):
                     self._check_alive()
                     continue
-                answer = self._direct_answer(sock, tag)
+                answer = self._direct_answer(sock, sid, tag, parts)
                 if answer is not None:
                     answered = True
                     self._window.give()
                     err, out = answer
                     if err is not None:
                         raise from_wire(err)
+                    if parts or not len(out):
+                        return [decode_result(p) for p in parts]
                     return decode_result(out)
+            if parts:   # the caller's deadline, mid-stream: the stream is stopped
+                answered = True
+                self._window.give()
+                transport.send(sock, encode(StreamCredit(sid, self.client_id, [(tag, -1)])), flags=0)
+                raise DeadlineExceeded(f"the stream did not end within {timeout}s ({len(parts)} parts arrived; "
+                                       f"it was stopped)", session=sid, timeout=timeout, parts=len(parts))
         finally:
             if not answered:   # still in flight: the I/O thread takes it over (and its place in the window)
                 fut = TaskFuture()
@@ -525,14 +541,24 @@ class Connection:
             self._direct = transport.dealer(self.manager, ctx=self._ctx, curve=self._curve)
         return self._direct
 
-    def _direct_answer(self, sock: zmq.Socket, tag: int) -> Optional[Tuple[Optional[Dict[str, Any]], Any]]:
+    def _direct_answer(self, sock: zmq.Socket, sid: str, tag: int,
+                       parts: List[Any]) -> Optional[Tuple[Optional[Dict[str, Any]], Any]]:
         """Read what the direct socket holds; (error, output) if the answer to ``tag`` is among it.
-        Anything else there is stale (answers to tasks handed over to the I/O thread) and dropped."""
+        Parts of ``tag``'s stream go to ``parts`` (credit granted as they come).  Anything else
+        there is stale (answers to tasks handed over to the I/O thread) and dropped."""
+        window = self.settings.stream_window
         for msg in _messages(sock, 1000):
             if msg.cmd is Cmd.RESULT:
                 for (t, err), out in zip(msg.header.outcomes, msg.payloads):
                     if t == tag:
                         return err, out
+            elif msg.cmd is Cmd.STREAM:
+                for (t, seq), frame in zip(msg.header.items, msg.payloads):
+                    if t == tag and seq == len(parts):
+                        parts.append(bytes(frame))
+                        if window and len(parts) % (window // 2 or 1) == 0:
+                            transport.send(sock, encode(StreamCredit(sid, self.client_id,
+                                                                     [(tag, len(parts) + window)])), flags=0)
         return None
 
     def _check_alive(self) -> None:
@@ -651,10 +677,15 @@ class Connection:
                 if len(tags) >= MAX_BATCH:
                     self._send(sock, self._submit(sid, tags, False, timeout), frames)
                     del batches[key]
-            else:                    # a control call, encoded and checked by its caller
-                for (sid, timeout), (tags, frames) in batches.items():   # tasks queued before it go first
+            else:                    # a control call or a stream's credit: what was queued before goes first
+                for (sid, timeout), (tags, frames) in batches.items():
                     self._send(sock, self._submit(sid, tags, False, timeout), frames)
                 batches.clear()
+                if item[0] == "credit":
+                    _, sid, tag, upto = item
+                    if tag in self._tasks:
+                        self._send(sock, StreamCredit(sid, self.client_id, [(tag, upto)]))
+                    continue
                 _, fut, rid, method, frames, deadline = item
                 self._calls[rid] = (fut, deadline, method)
                 self._send_frames(sock, frames)
@@ -682,6 +713,15 @@ class Connection:
         answers it from its database, or (if it never got it) runs it.  Idempotent."""
         log.warning("%s; resending %d unanswered tasks", why, len(self._tasks))
         self._last_answer = time.monotonic()
+        for tag, buf in list(self._streams.items()):   # a stream under way cannot be picked up again
+            if buf.received:
+                entry = self._tasks.pop(tag, None)
+                self._streams.pop(tag, None)
+                exc = Unavailable(f"{why} after {buf.received} parts of this stream had arrived; it cannot "
+                                  f"go on", parts=buf.received)
+                buf.finish(exc)
+                if entry is not None:
+                    _settle(entry[0], exc=_fresh(exc))
         batches: Dict[Tuple[str, Optional[float]], Tuple[List[int], List[Any]]] = {}
         for tag, (_, _, sid, payload, timeout) in self._tasks.items():
             tags, frames = batches.setdefault((sid, timeout), ([], []))
@@ -702,13 +742,34 @@ class Connection:
         for msg in _messages(sock, 10000):
             if msg.cmd is Cmd.RESULT:
                 self._on_result(msg)
+            elif msg.cmd is Cmd.STREAM:
+                self._on_stream(sock, msg)
             elif msg.cmd is Cmd.REPLY:
                 self._on_reply(sock, msg)
+
+    def _on_stream(self, sock: zmq.Socket, msg: Message) -> None:
+        """Parts of streaming tasks, in order: to the task's buffer (made here for a task submitted
+        without one: ``invoke`` collects every part; this thread grants its credit)."""
+        self._last_answer = time.monotonic()
+        window = self.settings.stream_window
+        for (tag, seq), frame in zip(msg.header.items, msg.payloads):
+            buf = self._streams.get(tag)
+            if buf is None:
+                entry = self._tasks.get(tag)
+                if entry is None:
+                    continue         # a task answered or given up: its late parts are dropped
+                buf = self._streams[tag] = StreamBuffer(entry[2], window, collect=True)
+                buf.tag = tag
+            buf.put(seq, bytes(frame))
+            if buf.collect and window and buf.granted - buf.received <= window // 2:
+                buf.granted = buf.received + window
+                self._send(sock, StreamCredit(msg.header.session, self.client_id, [(tag, buf.granted)]))
 
     def _on_result(self, msg: Message) -> None:
         self._last_answer = time.monotonic()
         payload: Any
         tasks, freed = self._tasks, 0
+        streams = self._streams
         for (tag, err), payload in zip(msg.header.outcomes, msg.payloads):
             entry = tasks.pop(tag, None)
             if entry is None:
@@ -717,8 +778,14 @@ class Connection:
             if fut.window is not None:   # its place in the window: given back below, all at once
                 fut.window = None
                 freed += 1
+            if streams and tag in streams:
+                self._stream_ended(streams.pop(tag), fut, decode_result, err, payload)
+                continue
             if err is not None:
                 _resolve(fut, exc=from_wire(err))
+                continue
+            if not len(payload):     # a stream with no part (a result is never empty)
+                _resolve(fut, [])
                 continue
             try:
                 value = decode_result(payload)
@@ -728,6 +795,27 @@ class Connection:
                 _resolve(fut, value)
         if freed:
             self._window.give(freed)
+
+    @staticmethod
+    def _stream_ended(buf: StreamBuffer, fut: TaskFuture, decode_result: Callable[[Any], Any],
+                      err: Optional[Dict[str, Any]], payload: Any) -> None:
+        """A streaming task's answer: after its parts, the end (an empty payload), or its error.  A
+        consumer of an entrypoint that returned (did not yield) gets its value as the one part."""
+        if err is not None:
+            exc = from_wire(err)
+            buf.finish(exc)
+            _resolve(fut, exc=from_wire(err))
+            return
+        if len(payload) and not buf.received:
+            buf.put(0, bytes(payload))
+        buf.finish(None)
+        if not buf.collect:
+            _resolve(fut, None)
+            return
+        try:
+            _resolve(fut, decode_all(buf, decode_result))
+        except BaseException as exc:  # noqa: B902 (a part's class may be unknown here)
+            _resolve(fut, exc=exc)
 
     def _on_reply(self, sock: zmq.Socket, msg: Message) -> None:
         h: Reply = msg.header
@@ -757,6 +845,9 @@ class Connection:
                     manager=self.manager, method=method))
 
     def _fail_all(self, exc: MeshError) -> None:
+        for buf in list(self._streams.values()):
+            buf.finish(_fresh(exc))
+        self._streams.clear()
         for fut, *_ in list(self._calls.values()):
             if fut is not None:
                 _settle(fut, exc=_fresh(exc))

@@ -19,6 +19,7 @@ from mesh.errors import DeadlineExceeded, InvalidArgument
 from mesh.wire.protocol import pack, unpack
 
 from .connection import Connection
+from .streams import PartStream, StreamBuffer
 
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})
 
@@ -102,6 +103,16 @@ class Session:
     def invoke(self, req: Any = None, timeout: Optional[float] = None) -> Any:
         """Run one task and return its answer; ``DeadlineExceeded`` after ``timeout`` seconds."""
         return self._conn.invoke(self._id, _pickle(req, "the request"), cloudpickle.loads, timeout)
+
+    def stream(self, req: Any = None, timeout: Optional[float] = 30.0) -> PartStream:
+        """Run one task of a streaming entrypoint (one that yields) and iterate over its parts as
+        they are made, in order (docs/streaming.md).  ``timeout``: seconds to wait for each part
+        (``DeadlineExceeded``; the stream goes on).  Leaving the loop early and closing the iterator
+        (``close()``, ``with``) stops the remote generator.  An error of the generator is raised after
+        the parts made before it.  On an entrypoint that returns, its value is the one part."""
+        buf = StreamBuffer(self._id, self._conn.settings.stream_window)
+        fut = self._conn.submit(self._id, _pickle(req, "the request"), cloudpickle.loads, stream=buf)
+        return PartStream(buf, cloudpickle.loads, timeout, fut)
 
     def map(self, reqs: Any, timeout: Optional[float] = None) -> List[Any]:
         """Run one task per request and return the answers in request order.

@@ -27,12 +27,13 @@ import zmq
 
 from mesh.data import patch
 from mesh.data.replica import DOC, Replica
-from mesh.errors import Internal, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
+from mesh.errors import Cancelled, Internal, InvalidArgument, MeshError, TaskFailed, Unavailable, from_wire
 from mesh.ops import keys
 from mesh.ops.config import Settings
 from mesh.ops.log import event, setup
 from mesh.wire import transport
-from mesh.wire.protocol import Bind, Cmd, CtxPatch, CtxWrite, Done, InstHello, Message, Outcome, Resync, decode, encode
+from mesh.wire.protocol import (Bind, Cmd, CtxPatch, CtxWrite, Done, InstHello, Message, Outcome, Parts, Resync,
+                                decode, encode)
 
 log = logging.getLogger("zeromesh.instance")
 
@@ -70,10 +71,14 @@ class Instance:
             Cmd.CTX_REJECT: self._on_ctx_reject,
             Cmd.BIND: self._on_bind,
             Cmd.GONE: self._on_gone,
+            Cmd.CREDIT: self._on_credit,
         }                                    # WELCOME, HEARTBEAT: traffic is liveness, nothing to do
         self.resyncs = 0                 # snapshots fetched after a gap (for tests and logs)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.functions: Optional[List[str]] = None   # stateful function types served (executor/functions.py)
+        self._credit: Dict[int, int] = {}            # streaming task -> parts it may send (seq below this)
+        self._stream_window = Settings().stream_window
+        self._restartable = False                    # @entrypoint(restartable=True): see docs/streaming.md
 
     @property
     def _version(self) -> int:
@@ -81,8 +86,15 @@ class Instance:
         return self._replica.version
 
     # -- declaring the service ---------------------------------------------------
-    def entrypoint(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Mark ``fn`` (sync or async, zero or one parameter) as this service's entrypoint."""
+    def entrypoint(self, fn: Optional[Callable[..., Any]] = None, *, restartable: bool = False) -> Any:
+        """Mark ``fn`` (sync or async, zero or one parameter) as this service's entrypoint:
+        ``@ins.entrypoint`` or ``@ins.entrypoint(restartable=True)``.  A generator (sync or async)
+        streams its parts (docs/streaming.md); ``restartable``: after a crash it may run again from
+        the start on another instance, the consumer skipping the parts it has (they must be
+        deterministic)."""
+        if fn is None:
+            return lambda f: self.entrypoint(f, restartable=restartable)
+        self._restartable = restartable
         if self._fn is not None:
             raise InvalidArgument(f"an instance has one entrypoint; {self._fn.__name__} is already set")
         params = [p for p in inspect.signature(fn).parameters.values()
@@ -299,8 +311,12 @@ class Instance:
         self._write_timeout = Settings.load().instance_write_timeout
         sock = transport.dealer(manager, linger_ms=1000, curve=curve)
         self._sock = sock
+        self._stream_window = Settings.load().stream_window
+        stream = None
+        if self._fn is not None and (inspect.isgeneratorfunction(self._fn) or inspect.isasyncgenfunction(self._fn)):
+            stream = "restartable" if self._restartable else "stream"
         sock.send_multipart(encode(InstHello(iid, eid, os.getpid(), os.environ.get("ZMESH_INSTANCE_TOKEN", ""),
-                                             self.functions)))
+                                             self.functions, stream)))
         event(log, logging.INFO, "instance serving", instance=iid, manager=manager)
         try:
             self._main()
@@ -335,12 +351,63 @@ class Instance:
         for (tid, _attempt), payload in zip(items, msg.payloads):
             if self._released is not None:
                 return   # the manager no longer counts on these results
-            err, out = self._run_one(payload)
+            err, out = self._run_one(payload, tid)
             self._done.append((tid, err))
             self._frames.append(out)
             if time.monotonic() - started > RESULT_FLUSH:
                 self._flush()
                 started = time.monotonic()
+
+    # -- streaming (docs/streaming.md) ------------------------------------------------------
+    def _on_credit(self, msg: Message) -> None:
+        for tid, upto in msg.header.items:
+            if tid in self._credit:
+                self._credit[tid] = -1 if upto < 0 else max(self._credit[tid], upto)
+
+    def _stream(self, tid: int, gen: Any) -> Any:
+        """Send each part as it is made, never more than the consumer's credit ahead; the end is
+        an empty answer.  Credit -1 (the caller broke off) closes the generator (its ``finally``
+        runs) and answers ``cancelled``; an exception after some parts answers it."""
+        sock = self._sock
+        assert sock is not None
+        credits = self._credit
+        credits[tid] = self._stream_window or sys.maxsize   # 0: no flow control
+        seq = 0
+        agen = inspect.isasyncgen(gen)
+        if agen and self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        try:
+            while True:
+                self._pump(lambda: True if credits[tid] < 0 else False, deadline=0.0)   # a stop, now
+                while 0 <= credits[tid] <= seq and self._released is None:   # the consumer is behind
+                    self._pump(lambda: credits[tid] < 0 or credits[tid] > seq or self._released is not None)
+                if credits[tid] < 0 or self._released is not None:
+                    self._close_generator(gen, agen)
+                    return Cancelled(f"task {tid}: the caller stopped the stream after {seq} parts",
+                                     parts=seq).to_wire(), b""
+                try:
+                    part = self._loop.run_until_complete(gen.__anext__()) if agen and self._loop else next(gen)
+                except (StopIteration, StopAsyncIteration):
+                    return None, b""
+                transport.send(sock, encode(Parts([(tid, seq)]), [_dumps(part)]), flags=0)
+                seq += 1
+        except MeshError as exc:
+            return exc.to_wire(), b""
+        except BaseException as exc:  # noqa: B902 - the stream failed, the instance lives on
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return _failure(exc), b""
+        finally:
+            credits.pop(tid, None)
+
+    def _close_generator(self, gen: Any, agen: bool) -> None:
+        try:
+            if agen and self._loop is not None:
+                self._loop.run_until_complete(gen.aclose())
+            else:
+                gen.close()
+        except Exception as exc:   # its finally raised: the stream is over anyway
+            event(log, logging.WARNING, "a stream's generator raised while closing", error=repr(exc))
 
     def before_answer(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` before each batch of answers leaves this instance (the runner's object
@@ -365,8 +432,9 @@ class Instance:
             self._done = []
             self._frames = []
 
-    def _run_one(self, payload: Any) -> Any:
-        """Run the entrypoint on one pickled request: (None, result bytes) or (error map, b"")."""
+    def _run_one(self, payload: Any, tid: int = 0) -> Any:
+        """Run the entrypoint on one pickled request: (None, result bytes) or (error map, b"").
+        An entrypoint that yields streams its parts (:meth:`_stream`) and answers an empty result."""
         assert self._fn is not None
         try:
             req = cloudpickle.loads(payload)
@@ -382,6 +450,8 @@ class Instance:
                 return exc.to_wire(), b""
         try:
             result = self._fn(req) if self._takes_arg else self._fn()
+            if inspect.isgenerator(result) or inspect.isasyncgen(result):
+                return self._stream(tid, result)
             if result is not None and inspect.isawaitable(result):
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()

@@ -48,6 +48,10 @@ VALID: Dict[Cmd, List[Tuple[Any, int]]] = {
     Cmd.CTX_REJECT: [({"session": "s1", "seq": 1, "error": {"code": "conflict", "message": "test failed"}}, 0)],
     Cmd.RESYNC: [({"session": "s1", "have": 3}, 0)],
     Cmd.DRAIN: [({}, 0)],
+    Cmd.PARTS: [([[[7, 0], [7, 1]]], 2), ([[]], 0)],
+    Cmd.CREDIT: [([[[7, 64], [8, -1]]], 0)],
+    Cmd.STREAM: [(["s1", [[3, 0]]], 1), (["s1", []], 0)],
+    Cmd.STREAM_CREDIT: [(["s1", "c1", [[3, 96], [4, -1]]], 0)],
 }
 
 VALID_CASES = [(cmd, header, n) for cmd, cases in VALID.items() for header, n in cases]

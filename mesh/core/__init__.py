@@ -31,6 +31,7 @@ from mesh.core.control import ControlRules, Later, WithBlob
 from mesh.core.effects import CPU, STORE, Call, Effect, Effects, Send
 from mesh.core.flows import FlowRules
 from mesh.core.functions import FunctionRules
+from mesh.core.streams import StreamRules
 from mesh.core.members import MemberRules
 from mesh.core.tasks import TaskRules
 from mesh.data.batch import SavedState
@@ -49,7 +50,7 @@ __all__ = ["Core", "Send", "Call", "Effect", "Effects", "STORE", "CPU", "Later",
 EXECUTOR_TRAFFIC = frozenset({Cmd.HEARTBEAT, Cmd.EXITED, Cmd.DRAIN, Cmd.REQUEST})  # what executors send
 
 
-class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRules, FunctionRules,
+class Core(TaskRules, StreamRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRules, FunctionRules,
            ControlRules):
     def __init__(self, settings: Optional[Settings] = None, secured: bool = False) -> None:
         super().__init__(settings or Settings(), secured)
@@ -59,6 +60,8 @@ class Core(TaskRules, MemberRules, ContextRules, LeaseRules, ResultRules, FlowRu
         self._table: Dict[Cmd, Callable[[bytes, Any, Sequence[Any], Optional[str]], None]] = {
             Cmd.SUBMIT: lambda p, r, f, k: self.on_submit(p, r, f),
             Cmd.DONE: lambda p, r, f, k: self.on_done(p, r, f),
+            Cmd.PARTS: lambda p, r, f, k: self.on_parts(p, r, f),
+            Cmd.STREAM_CREDIT: lambda p, r, f, k: self.on_stream_credit(p, r),
             Cmd.REQUEST: lambda p, r, f, k: self.on_request(p, r, list(f), k),
             Cmd.CTX_WRITE: lambda p, r, f, k: self.on_ctx_write(p, r, f),
             Cmd.HEARTBEAT: lambda p, r, f, k: self.on_heartbeat(p, r),

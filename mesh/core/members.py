@@ -133,6 +133,7 @@ class MemberRules(Base):
             return
         inst.identity = peer
         inst.pid = rec.pid
+        inst.stream = rec.stream
         self.start_failures.pop(inst.app, None)
         self.start_backoff.pop(inst.app, None)
         self.start_streak.pop(inst.app, None)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from mesh.core.base import AUTH_ERRORS, Base, log
 from mesh.core.effects import Call
 from mesh.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError, NotFound,
-                         ResourceExhausted, TaskFailed)
+                         ResourceExhausted, TaskFailed, Unavailable)
 from mesh.model.records import CANCELLED, DRAINING, FAILED, OPEN, PENDING, RUNNING, SUCCEEDED, Instance, Session, Task
 from mesh.ops.log import event
 from mesh.wire.protocol import Done, Outcome, Result, Submit, Tasks
@@ -347,7 +347,11 @@ class TaskRules(Base):
                 continue
             if s is not None:
                 s.running -= 1
-            if t.attempt > max_retries:
+            if t.parts and inst.stream != "restartable":   # mid-stream, and it cannot start over
+                self.fail_tasks([t], Unavailable(
+                    f"task {tid}: its instance was lost after {t.parts} parts of its stream, and its entrypoint "
+                    f"is not restartable ({reason})", task=tid, parts=t.parts, executor=inst.executor))
+            elif t.attempt > max_retries:
                 self.fail_tasks([t], TaskFailed(
                     f"task {tid} failed: {t.attempt} attempts died (max_retries={max_retries}); "
                     f"last on executor {inst.executor}: {reason}",

@@ -72,7 +72,7 @@ class Task:
     """One unit of work.  ``__slots__``: the manager may hold 100,000s of these."""
 
     __slots__ = ("id", "sid", "client", "cid", "tag", "payload", "attempt", "state", "instance", "created_at",
-                 "recorded", "timeout", "run", "keep")
+                 "recorded", "timeout", "run", "keep", "parts", "upto")
 
     def __init__(self, tid: int, sid: str, client: bytes, tag: int, payload: Any, attempt: int = 0,
                  cid: str = "", created_at: Optional[float] = None) -> None:
@@ -90,6 +90,8 @@ class Task:
         self.timeout: Optional[float] = None   # seconds one attempt may run on an instance
         self.run = 0             # which start of its timeout clock is current (stale heap entries differ)
         self.keep: Optional[str] = None   # also store its answer as this object (mesh/core/results.py)
+        self.parts = 0           # stream parts the client got (a re-run from the start skips these)
+        self.upto = 0            # the client takes parts below this seq (0: the stream_window)
 
 
 @dataclass
@@ -170,6 +172,7 @@ class Instance:
     last_done: float = 0.0
     task_time: float = -1.0            # EWMA of seconds per task; < 0 until the first answer
     owner: str = ""                    # whose session it was started for: it serves only them, for life
+    stream: Optional[str] = None       # its entrypoint yields: "stream" or "restartable" (docs/streaming.md)
 
     def credit_limit(self, queue_target: float) -> int:
         """Tasks to keep queued here: ``queue_target`` seconds of work, 1..prefetch.

@@ -41,6 +41,10 @@ class Settings:
     """Missed heartbeat intervals after which a silent peer is declared dead."""
     prefetch: int = 16
     """Tasks kept queued ahead at each instance (credit); an app spec may override it."""
+    stream_window: int = 64
+    """Parts of one stream that may be on their way to a consumer that has not taken them (flow
+    control: a slow consumer pauses the generator there; docs/streaming.md).  0: no limit (the
+    negative control of the memory test; never in production)."""
     queue_target: float = 0.005
     """Seconds of work kept queued at each instance; credit is this over the measured task time."""
     flush_interval: float = 0.02

@@ -46,6 +46,8 @@ class Cmd(enum.IntEnum):
     GONE = 0x0F         # manager -> peer: "I do not know you"
     SUBMIT = 0x10       # client -> manager: tasks of one session
     RESULT = 0x11       # manager -> client: answers of one session
+    STREAM = 0x12       # manager -> client: parts of streaming tasks of one session, in order
+    STREAM_CREDIT = 0x13   # client -> manager: parts it can take (flow control), or cancel a stream
     EXEC_HELLO = 0x20   # executor -> manager: join with capabilities
     WELCOME = 0x21      # manager -> executor/instance: joined; the heartbeat contract
     LAUNCH = 0x22       # manager -> executor: start an instance
@@ -60,6 +62,8 @@ class Cmd(enum.IntEnum):
     CTX_PATCH = 0x35    # manager -> instance: a sequenced context write
     CTX_REJECT = 0x36   # manager -> instance: a context write refused
     RESYNC = 0x37       # instance -> manager: replica saw a gap; answered with BIND
+    PARTS = 0x38        # instance -> manager: parts of the streaming task it runs
+    CREDIT = 0x39       # manager -> instance: how far its streams may go (or stop one)
 
 
 # -- records: one per command; field order is wire order for list records -------------------
@@ -152,6 +156,7 @@ class InstHello(NamedTuple):
     pid: int
     token: str = ""
     functions: Optional[List[str]] = None   # the stateful function types it serves (docs/functions.md)
+    stream: Optional[str] = None   # its entrypoint yields: "stream", or "restartable" (docs/streaming.md)
 
 
 class Bind(NamedTuple):
@@ -203,8 +208,36 @@ class Resync(NamedTuple):
     have: int
 
 
+class Parts(NamedTuple):
+    """Parts of streaming tasks (an entrypoint that yields), ``(task id, seq)`` each, seq from 0,
+    one payload each (the pickled part), in order (docs/streaming.md)."""
+    items: List[Tuple[int, int]]
+    sizes: Optional[List[int]] = None
+
+
+class Credit(NamedTuple):
+    """Flow control of streams: ``(task id, upto)``: send parts below seq ``upto`` (-1: stop the
+    generator, its ``finally`` runs, and answer ``cancelled``)."""
+    items: List[Tuple[int, int]]
+
+
+class Stream(NamedTuple):
+    """Parts of the client's streaming tasks of one session, ``(tag, seq)`` each, one payload each."""
+    session: str
+    items: List[Tuple[int, int]]
+    sizes: Optional[List[int]] = None
+
+
+class StreamCredit(NamedTuple):
+    """The client takes parts of its task ``tag`` below seq ``upto`` (-1: cancel the stream)."""
+    session: str
+    cid: str
+    items: List[Tuple[int, int]]
+
+
 Record = Union[Request, Reply, Heartbeat, Gone, Submit, Result, ExecHello, Welcome, Launch, Stop, Exited, Drain,
-               InstHello, Bind, Tasks, Done, CtxWrite, CtxPatch, CtxReject, Resync]
+               InstHello, Bind, Tasks, Done, CtxWrite, CtxPatch, CtxReject, Resync, Parts, Credit, Stream,
+               StreamCredit]
 
 MAP, LIST = "map", "list"
 RECORDS: Dict[Cmd, Tuple[Type[Any], str]] = {
@@ -213,14 +246,15 @@ RECORDS: Dict[Cmd, Tuple[Type[Any], str]] = {
     Cmd.WELCOME: (Welcome, MAP), Cmd.LAUNCH: (Launch, MAP), Cmd.STOP: (Stop, MAP), Cmd.EXITED: (Exited, MAP),
     Cmd.DRAIN: (Drain, MAP), Cmd.INST_HELLO: (InstHello, MAP), Cmd.BIND: (Bind, MAP), Cmd.TASKS: (Tasks, LIST),
     Cmd.DONE: (Done, LIST), Cmd.CTX_WRITE: (CtxWrite, MAP), Cmd.CTX_PATCH: (CtxPatch, MAP),
-    Cmd.CTX_REJECT: (CtxReject, MAP), Cmd.RESYNC: (Resync, MAP),
+    Cmd.CTX_REJECT: (CtxReject, MAP), Cmd.RESYNC: (Resync, MAP), Cmd.PARTS: (Parts, LIST),
+    Cmd.CREDIT: (Credit, LIST), Cmd.STREAM: (Stream, LIST), Cmd.STREAM_CREDIT: (StreamCredit, LIST),
 }
 CMD_OF: Dict[Type[Any], Cmd] = {rec: cmd for cmd, (rec, _) in RECORDS.items()}
 
 # Commands with one payload per item.  Small payloads travel bundled: one frame holding them all,
 # cut by the header's ``sizes`` (a frame costs a system call and a Python call at each end; a few
 # hundred no-op tasks then cost one frame, not hundreds).  Large ones travel one frame each, uncopied.
-BUNDLED = frozenset({Cmd.SUBMIT, Cmd.RESULT, Cmd.TASKS, Cmd.DONE})
+BUNDLED = frozenset({Cmd.SUBMIT, Cmd.RESULT, Cmd.TASKS, Cmd.DONE, Cmd.PARTS, Cmd.STREAM})
 BUNDLE_ITEM_MAX = 64 * 1024        # a payload this large or larger is never copied into a bundle
 
 # How many payloads each command carries, after unbundling (commands not listed carry none).
@@ -229,6 +263,8 @@ _PAYLOADS: Dict[Cmd, Callable[[Any], int]] = {
     Cmd.RESULT: lambda r: len(r.outcomes),
     Cmd.TASKS: lambda r: len(r.items),
     Cmd.DONE: lambda r: len(r.outcomes),
+    Cmd.PARTS: lambda r: len(r.items),
+    Cmd.STREAM: lambda r: len(r.items),
     Cmd.BIND: lambda r: 1,
     Cmd.REQUEST: lambda r: 1 if r.blob else 0,
     Cmd.REPLY: lambda r: 1 if r.blob else 0,
