@@ -405,8 +405,16 @@ class Connection:
             self._login(force=True)      # our token was revoked, expired, or forgotten
             return self._call(method, args, blob, timeout)
 
-    def _call(self, method: str, args: Optional[Dict[str, Any]], blob: Optional[Any],
-              timeout: Optional[float]) -> Tuple[Any, Optional[bytes]]:
+    def call_future(self, method: str, args: Optional[Dict[str, Any]] = None, blob: Optional[Any] = None,
+                    timeout: Optional[float] = None) -> "concurrent.futures.Future[Tuple[Any, Optional[bytes]]]":
+        """A control call without waiting (``AsyncSession``): a future of (result, blob) that the I/O
+        thread settles, with ``Unavailable`` if no answer comes within ``timeout`` (the request
+        timeout by default).  Encoding errors raise here, before anything is sent."""
+        self._ensure_token()
+        return self._start_call(method, args, blob, timeout)[0]
+
+    def _start_call(self, method: str, args: Optional[Dict[str, Any]], blob: Optional[Any],
+                    timeout: Optional[float]) -> Tuple["concurrent.futures.Future[Any]", float]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         limit = self.settings.request_timeout if timeout is None else timeout
         rid = next(self._rids)
@@ -414,6 +422,11 @@ class Connection:
         frames = _request_frames(method, rid, {} if args is None else args, token, blob,
                                  self.settings.max_message_size)
         self._push(("call", fut, rid, method, frames, time.monotonic() + limit))
+        return fut, limit
+
+    def _call(self, method: str, args: Optional[Dict[str, Any]], blob: Optional[Any],
+              timeout: Optional[float]) -> Tuple[Any, Optional[bytes]]:
+        fut, limit = self._start_call(method, args, blob, timeout)
         try:
             return fut.result(max(limit, 0.0) + CALL_GRACE)
         except concurrent.futures.TimeoutError as exc:

@@ -105,7 +105,7 @@ class Core(TaskRules, StreamRules, MemberRules, ContextRules, LeaseRules, Result
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
         for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases,
-                     self.expire_object_waits, self.flow_clock,
+                     self.expire_object_waits, self.expire_context_watches, self.flow_clock,
                      self.function_clock,
                      self.plan):
             try:

@@ -86,6 +86,10 @@ class Base:
         self._iids = itertools.count(1)
         self.flow_inbox: List[Tuple[Any, List[Any]]] = []   # answers sent to FLOW_PEER, not yet taken
         self.fn_inbox: List[Tuple[Any, List[Any]]] = []     # ... and to FN_PEER
+        # watched contexts (get_context {have, wait}): their recent writes, until when, who waits
+        self.ctx_logs: Dict[str, Deque[Tuple[int, Any, Any]]] = {}
+        self.ctx_watched: Dict[str, float] = {}
+        self.ctx_waiters: Dict[str, List[Tuple[bytes, int, int, float]]] = {}
 
     # -- effects ------------------------------------------------------------------
     def send(self, peer: bytes, record: Any, payloads: Sequence[Any] = (), after_commit: bool = False,
@@ -221,6 +225,15 @@ class Base:
         raise NotImplementedError
 
     def fn_answers(self) -> None:
+        raise NotImplementedError
+
+    def watch_session(self, sid: str) -> None:
+        raise NotImplementedError
+
+    def context_since(self, s: Session, have: int) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def wait_for_context(self, peer: bytes, rid: int, waiting: Any) -> None:
         raise NotImplementedError
 
     def wait_for_call(self, peer: bytes, rid: int, waiting: Any) -> None:

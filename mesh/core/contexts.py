@@ -10,16 +10,21 @@ order and ask for a snapshot (RESYNC, answered with BIND) on a gap.
 """
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from mesh.core.base import Base, log
 from mesh.data.batch import OBJECT_PREFIX
 from mesh.data.objects import StoredObject
-from mesh.errors import Conflict, FailedPrecondition, MeshError
+from mesh.errors import Conflict, FailedPrecondition, MeshError, NotFound
 from mesh.model.records import Instance, Session
 from mesh.ops.log import event
 from mesh.wire.protocol import CtxPatch, CtxReject, CtxWrite, Resync, pack
+
+
+WATCH_LOG = 256     # writes of a watched context kept for its watchers (past that they get the whole value)
+WATCH_IDLE = 60.0   # seconds a context stays watched after the last watch call
 
 
 class ContextRules(Base):
@@ -39,6 +44,11 @@ class ContextRules(Base):
                 s.conflicts += 1
             raise
         self.batch.patches.append((s.id, version, packed, blob))
+        log_ = self.ctx_logs.get(s.id)
+        if log_ is not None:   # someone watches this context: keep the write, wake who waits
+            log_.append((version, ops, blob))
+            for peer, rid, have, _ in self.ctx_waiters.pop(s.id, []):
+                self.reply(peer, rid, result=self.context_since(s, have), after_commit=True)
         s.patches_since_snapshot += 1
         if s.patches_since_snapshot >= self.settings.snapshot_every:
             self.snapshot(s)
@@ -49,6 +59,49 @@ class ContextRules(Base):
                 self.send(inst.identity, CtxPatch(s.id, version, ops, seq if mine else None), payloads,
                           after_commit=True)
         return version
+
+    # -- watchers (get_context {have, wait}: the client's watch_context) -----------------------
+    def watch_session(self, sid: str) -> None:
+        """Keep the recent writes of ``sid`` (up to WATCH_LOG) while someone watches it."""
+        if sid not in self.ctx_logs:
+            self.ctx_logs[sid] = collections.deque(maxlen=WATCH_LOG)
+        self.ctx_watched[sid] = self.now + WATCH_IDLE
+
+    def context_since(self, s: Session, have: int) -> Dict[str, Any]:
+        """The writes after version ``have`` if they are all kept and none replaced the whole value;
+        else the whole context."""
+        doc = s.context
+        log_ = self.ctx_logs.get(s.id) or ()
+        since = [(v, ops) for v, ops, blob in log_ if v > have]
+        if have <= doc.version and (have == doc.version or since and since[0][0] == have + 1
+                                    and len(since) == doc.version - have
+                                    and all(ops is not None for _, ops in since)):
+            return {"mode": "patches", "version": doc.version, "patches": [[v, ops] for v, ops in since]}
+        return {"mode": "full", "kind": doc.kind, "version": doc.version, "data": doc.encoded()}
+
+    def wait_for_context(self, peer: bytes, rid: int, waiting: Any) -> None:
+        self.ctx_waiters.setdefault(waiting.session, []).append((peer, rid, waiting.have, waiting.deadline))
+
+    def expire_context_watches(self) -> None:
+        for sid, waiters in list(self.ctx_waiters.items()):
+            s = self.sessions.get(sid)
+            keep = []
+            for peer, rid, have, deadline in waiters:
+                if deadline <= self.now or s is None:
+                    if s is None:
+                        self.reply(peer, rid, error=NotFound(f"session {sid!r} does not exist", session=sid))
+                    else:
+                        self.reply(peer, rid, result=self.context_since(s, have))
+                else:
+                    keep.append((peer, rid, have, deadline))
+            if keep:
+                self.ctx_waiters[sid] = keep
+            else:
+                del self.ctx_waiters[sid]
+        for sid, until in list(self.ctx_watched.items()):
+            if until <= self.now and sid not in self.ctx_waiters:
+                del self.ctx_watched[sid]
+                self.ctx_logs.pop(sid, None)
 
     def snapshot(self, s: Session) -> None:
         s.patches_since_snapshot = 0

@@ -94,6 +94,15 @@ class RunWait:
         self.run, self.deadline, self.who = run, deadline, who
 
 
+class ContextWait:
+    """A get_context waiting for a write past ``have`` (``watch_context``), or its deadline."""
+
+    __slots__ = ("session", "have", "deadline")
+
+    def __init__(self, session: str, have: int, deadline: float) -> None:
+        self.session, self.have, self.deadline = session, have, deadline
+
+
 class CallWait:
     """An fn_call waiting for the function's reply (mesh/core/functions.py), or its deadline."""
 
@@ -172,6 +181,8 @@ class ControlRules(Base):
             self.wait_for_object(peer, rid, result)
         elif isinstance(result, RunWait):
             self.wait_for_run(peer, rid, result)
+        elif isinstance(result, ContextWait):
+            self.wait_for_context(peer, rid, result)
         elif isinstance(result, CallWait):
             self.wait_for_call(peer, rid, result)
         elif isinstance(result, EgressWait):
@@ -376,9 +387,19 @@ class ControlRules(Base):
                 self.save_lease(lease)
         self.plan_soon()
 
-    def do_get_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
+    def do_get_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Any:
+        """The context; with ``have`` (a version the caller holds), only the writes after it when the
+        manager still has them (``mode: patches``), and with ``wait`` (seconds) the answer waits for
+        the next write if there is none yet (``watch_context``; mesh/core/contexts.py)."""
         s = self._session(_arg(args, "id", str), who)
-        return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
+        have = _arg(args, "have", int, required=False)
+        if have is None:
+            return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
+        wait = args.get("wait")
+        self.watch_session(s.id)
+        if have >= s.context.version and isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0:
+            return ContextWait(s.id, have, self.now + min(float(wait), MAX_OBJECT_WAIT))
+        return self.context_since(s, have)
 
     def do_write_context(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         """Ops in the header, or a whole new value in the blob frame (``kind`` says how it is encoded)."""
