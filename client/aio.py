@@ -271,7 +271,10 @@ class AsyncPartStream:
         if self._event is None:
             loop = asyncio.get_running_loop()
             event = self._event = asyncio.Event()
-            self._buf.wake = lambda: loop.call_soon_threadsafe(event.set) if not loop.is_closed() else None
+            def wake() -> None:   # any thread
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(event.set)
+            self._buf.wake = wake
         try:
             while True:
                 self._event.clear()
