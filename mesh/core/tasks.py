@@ -396,6 +396,8 @@ class TaskRules(Base):
         if s is not None:
             s.running -= 1
         app = self.apps.get(s.app) if s is not None else None
+        if t.parts and (inst is None or inst.stream != "restartable"):
+            retry = False   # parts went out: a run from the start would repeat or change them
         if retry and s is not None and s.state == OPEN and t.attempt <= (app.spec.max_retries if app else 0):
             t.state, t.instance = PENDING, None
             s.pending.appendleft(t.id)
