@@ -35,8 +35,10 @@ class StreamRules(Base):
         tasks = self.tasks
         for (tid, seq), payload in zip(rec.items, payloads):
             t = tasks.get(tid)
-            if t is None or t.instance != inst.id or t.state != RUNNING or seq != t.parts and seq > t.parts:
+            if t is None or t.instance != inst.id or t.state != RUNNING or seq > t.parts:
                 continue   # a late part of a task taken away, or out of order (never from our SDK)
+            if seq == 0 and t.upto > 0:   # a run that started after the client gave credit (or a re-run)
+                self.send(peer, Credit([(tid, max(t.upto, t.parts + 1))]))
             if seq < t.parts:
                 continue   # a restartable stream run again: the client has this one
             t.parts = seq + 1
@@ -44,8 +46,6 @@ class StreamRules(Base):
                 items, frames = out.setdefault((t.client, t.sid), ([], []))
                 items.append((t.tag, seq))
                 frames.append(payload)
-            if seq == 0 and t.upto > 0:   # credit the client gave before this run started
-                self.send(peer, Credit([(tid, t.upto)]))
         self.stats["parts"] += len(rec.items)
         for (client, sid), (items, frames) in out.items():
             self.send(client, Stream(sid, items), frames)
