@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
-from mesh.errors import InvalidArgument, NotFound
+from mesh.errors import DeadlineExceeded, InvalidArgument, NotFound
 
 from .cli_common import (_client, _errors, _jsonable, _lenient_loads, _parse_filter, _plain, _sort, _table,
                          _when, json_option, main, manager_option)
@@ -245,16 +245,25 @@ def top(manager: Optional[str], interval: float, once: bool) -> None:
 @click.option("--input", "input_", default="null", show_default=True, help="The request, as JSON.")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
               help="Send the request this many times (a progress bar shows on a terminal).")
-@click.option("--timeout", type=float, default=None, help="Seconds to wait for each answer.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for each answer (each part with --stream).")
+@click.option("--stream", "stream", is_flag=True,
+              help="Print each part of a streaming entrypoint as it arrives, one line each "
+                   "(with --json: {\"seq\": N, \"part\": ...}).")
 @json_option
 @_errors
 def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], input_: str, count: int,
-           timeout: Optional[float], as_json: bool) -> None:
+           timeout: Optional[float], stream: bool, as_json: bool) -> None:
     """Call APP (or -a APP, as in view and unregister) once, or --count times, in a fresh session
-    and print the answers.  --timeout runs out as deadline_exceeded (exit 9)."""
+    and print the answers.  --timeout runs out as deadline_exceeded (exit 9).
+
+    --stream prints the parts of a streaming entrypoint (one that yields) as they are made, one
+    line each, until the stream ends; an error of the stream prints after the parts made before
+    it; Ctrl-C stops the remote generator (exit 130)."""
     from .session import Session
     if app is None and app_name is None or app is not None and app_name is not None and app != app_name:
         raise click.UsageError("name the application once: APP or -a APP")
+    if stream and count != 1:
+        raise click.UsageError("--stream sends one request: drop --count")
     app = app or app_name
     try:
         request = json.loads(input_)
@@ -262,6 +271,14 @@ def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], 
         raise InvalidArgument(f"--input is not JSON: {exc}") from None
     from .session import _pickle
     payload = _pickle(request, "the request")
+    if stream:
+        try:
+            with Session(app, manager=manager) as s:
+                _invoke_stream(s, payload, timeout, as_json)
+        except KeyboardInterrupt:   # the stream was closed (its generator stopped) on the way out
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        return
     with Session(app, manager=manager) as s:
         if count == 1:   # answers decoded leniently: the service's classes need not be importable here
             answers = [s._conn.invoke(s.id(), payload, _lenient_loads, timeout)]
@@ -272,6 +289,33 @@ def invoke(manager: Optional[str], app: Optional[str], app_name: Optional[str], 
         click.echo(json.dumps(a, default=repr) if as_json or _jsonable(a) else repr(a))
     if count > 20 and not as_json:
         click.echo(f"({count} answers; the last shown)", err=True)
+
+
+def _invoke_stream(s: Any, payload: bytes, timeout: Optional[float], as_json: bool) -> None:
+    """Print each part as it arrives (decoded leniently, as ``invoke`` does), flushed line by line;
+    ``timeout``: seconds to wait for each part.  However it ends early (an error, the wait running
+    out, Ctrl-C), the stream is closed, which stops the remote generator."""
+    from .streams import PartStream, StreamBuffer
+    buf = StreamBuffer(s.id(), s._conn.settings.stream_window)
+    s._conn.submit(s.id(), payload, _lenient_loads, stream=buf)
+    parts = PartStream(buf, _lenient_loads, timeout)
+    seq = 0
+    try:
+        for part in parts:
+            part = _plain(part)
+            if as_json:
+                line = json.dumps({"seq": seq, "part": part}, default=repr)
+            else:
+                line = json.dumps(part, default=repr) if _jsonable(part) else repr(part)
+            print(line, flush=True)
+            seq += 1
+    except DeadlineExceeded:
+        if buf.ended or timeout is None:
+            raise              # the stream's own error (an attempt past its task timeout), not our wait
+        raise DeadlineExceeded(f"no part of the stream within {timeout:g}s after {seq} parts "
+                               "(the stream was stopped)", timeout=timeout, parts=seq) from None
+    finally:
+        parts.close()
 
 
 def _invoke_many(s: Any, request: Any, count: int, timeout: Optional[float]) -> List[Any]:

@@ -12,6 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("example,expected", [
     ("echo/run_local.py", ["invoke -> EchoResponse(text='HELLO', count=1)", "20 submitted tasks -> 20 results"]),
+    ("streaming/run_local.py", ["stream> sends each task to an instance", "invoke -> 6 parts: [Token(text='sends'), "
+                                "Token(text='each')] ... sends each task to an instance",
+                                "broke off after 3 tokens: the instance yields",
+                                "async stream> sends each task to an instance", "3 prompts streamed concurrently",
+                                "'instance' -> the stream ends when the instance yields each token as they arrive",
+                                "async invoke -> 6 parts", "mesh stopped"]),
     ("deadlines/run_local.py", ["ran longer than its timeout of 1s", "cancelled: task", "mesh stopped"]),
     ("runner/run_local.py", ["sum_func(1, 3) -> 4", "Calculator.multiply(2, 3) -> 6",
                              "Counter: add(10), add(get_count()) -> 20", "shapes.area(3, 2) -> 6", "mesh stopped"]),
