@@ -11,6 +11,11 @@ zmq.Again) and keeps each worker up to ``credit`` tasks ahead; every reply
 returns one credit.  Workers echo the payload (no-op work).  Everything runs
 on tcp://127.0.0.1 with OS-chosen ports read back from LAST_ENDPOINT.
 
+``stream()`` is the limit of one stream (scripts/bench_streaming.py): the same
+broker and one streaming worker that sends a start request's parts one message
+each, never past the credit the client grants as it takes them (a window, as
+zeromesh's ``stream_window``); time to the first part and parts/s.
+
 Usage: python scripts/bench_limit.py [--workers 1 2] [--seconds 3] [--json out.json]
 """
 import argparse
@@ -141,8 +146,42 @@ def _worker(endpoint, copy, stop):
         ctx.destroy(linger=0)
 
 
+def _stream_worker(endpoint, copy, stop):
+    """Streaming worker: a start ``[0, tag, n, window]`` (payload: the part) sends ``n`` parts
+    ``[tag, seq]``, never at or past the client's credit (``window`` at first, then each credit
+    ``[1, tag, upto]``), then an end ``[tag, -1]``.  Incoming credit is drained once per burst."""
+    ctx = zmq.Context()
+    sock, poller = _dealer(ctx, endpoint)
+    sock.send_multipart([b"", READY, b""])
+    streams = {}  # (client, tag) -> [next seq, n, upto, part]
+    deadline, state = time.monotonic() + LIFETIME, [0.0]
+    try:
+        for _ in range(MAX_LOOPS):
+            busy = any(st[0] < min(st[1], st[2]) for st in streams.values())
+            events = poller.poll(0 if busy else IDLE_MS)
+            if _stopping(stop, deadline, state):
+                break
+            for client, header, payload in _drain(sock, 3, copy) if events else ():
+                h = msgpack.unpackb(header)
+                if h[0] == 0:
+                    streams[(client, h[1])] = [0, h[2], h[3] or h[2], payload]
+                elif (client, h[1]) in streams:
+                    st = streams[(client, h[1])]
+                    st[2] = max(st[2], h[2])
+            for (client, tag), st in list(streams.items()):
+                upto = min(st[1], st[2])
+                while st[0] < upto:
+                    _send(sock, [client, msgpack.packb([tag, st[0]]), st[3]], copy)
+                    st[0] += 1
+                if st[0] >= st[1]:
+                    _send(sock, [client, msgpack.packb([tag, -1]), b""], copy)
+                    del streams[(client, tag)]
+    finally:
+        ctx.destroy(linger=0)
+
+
 @contextlib.contextmanager
-def _mesh(workers, credit, copy):
+def _mesh(workers, credit, copy, worker=_worker):
     """Start broker + workers, yield a client (DEALER, Poller), end children by PID.
 
     The client context is created only after forking, so no child inherits it."""
@@ -158,7 +197,7 @@ def _mesh(workers, credit, copy):
             raise RuntimeError("broker did not start")
         front, back = parent.recv()
         for _ in range(workers):
-            procs.append(mpc.Process(target=_worker, args=(back, copy, stop), daemon=True))
+            procs.append(mpc.Process(target=worker, args=(back, copy, stop), daemon=True))
             procs[-1].start()
         if not parent.poll(10) or parent.recv() != "ready":
             raise RuntimeError("workers did not register")
@@ -231,6 +270,52 @@ def latency(workers: int = 1, count: int = 2000, payload: int = 0,
             if len(reply) != payload:
                 raise RuntimeError("echoed payload has the wrong size")
     return percentiles(samples)
+
+
+def _one_stream(sock, poller, tag, n, window, body, copy):
+    """One stream of ``n`` parts, granting credit as parts are taken (as the zeromesh client does:
+    ``window`` more once half of it is used); (seconds to the first part, seconds to the end)."""
+    t0 = time.perf_counter()
+    _send(sock, [msgpack.packb([0, tag, n, window]), body], copy)
+    taken, granted, first = 0, window, None
+    for _ in range(MAX_LOOPS):
+        if not poller.poll(5000):
+            raise RuntimeError("no part within 5 s")
+        for header, _part in _drain(sock, 2, copy):
+            t, seq = msgpack.unpackb(header)
+            if t != tag:
+                raise RuntimeError("a part of another stream")
+            if seq < 0:
+                if taken != n:
+                    raise RuntimeError(f"{taken} parts of {n} arrived")
+                return first, time.perf_counter() - t0
+            if first is None:
+                first = time.perf_counter() - t0
+            taken += 1
+            if window and granted - taken <= window // 2:
+                granted = taken + window
+                _send(sock, [msgpack.packb([1, tag, granted]), b""], copy)
+    raise RuntimeError("the stream did not end")
+
+
+def stream(parts: int = 20000, window: int = 64, payload: int = 16, first_count: int = 100,
+           first_parts: int = 8) -> dict:
+    """The limit of one stream through the same shape (client -> broker -> 1 worker and back):
+    ``first_count`` short streams (``first_parts`` parts each), time to the first part of each
+    (from sending the request; the worker is warm); then one stream of ``parts`` parts of
+    ``payload`` bytes, one message each, with ``window`` parts of credit granted end to end."""
+    copy = payload < 65536
+    body = b"x" * payload
+    samples = []
+    with _mesh(1, 100, copy, worker=_stream_worker) as (sock, poller):
+        for tag in range(first_count + 5):   # 5 to warm up
+            first, _ = _one_stream(sock, poller, tag, first_parts, window, body, copy)
+            if tag >= 5:
+                samples.append(first * 1e6)
+        _, took = _one_stream(sock, poller, first_count + 5, parts, window, body, copy)
+    ttfp = percentiles(samples)
+    return {"parts": parts, "seconds": round(took, 4), "parts_per_s": round(parts / took, 1),
+            "first_p50_us": ttfp["p50_us"], "first_p99_us": ttfp["p99_us"], "first_count": ttfp["count"]}
 
 
 def percentiles(samples_us: List[float]) -> Dict[str, Any]:

@@ -1,5 +1,5 @@
 """The benchmarks run end to end (scripts/bench.py, bench_context.py, bench_hotpath.py, bench_flood.py,
-bench_runner.py, bench_flows.py and bench_functions.py, small or --quick) and report every figure.  They assert that the benchmarks
+bench_runner.py, bench_flows.py, bench_functions.py and bench_streaming.py, small or --quick) and report every figure.  They assert that the benchmarks
 work, not how fast zeromesh is; the one behaviour checked is that a one-op patch to a 10 MiB context ships a patch
 (>= 100x fewer bytes than replacing it)."""
 from __future__ import annotations
@@ -213,3 +213,27 @@ def test_bench_functions_quick_reports_fn_plain_ratios(tmp_path):
     assert run["fn_instances"] >= 1 and _positive(res["first_call_s"]), (run, res)
     assert res["summary"]["chain_plain_ratio"]["median"] == run["chain_plain_ratio"]
     assert "chain / plain throughput" in text and "call / invoke p50" in text
+
+
+def test_bench_streaming_quick_reports_ratios_to_the_limit_and_ray_missing(tmp_path):
+    """Ray is not needed: its child is pointed at a module that does not exist, which must come
+    back as "not installed" with no figures (the path a machine without Ray takes)."""
+    out = tmp_path / "streaming.json"
+    text = _run("bench_streaming.py", out, 90, ("--quick", "--silent", "--ray-module", "zeromesh_no_such_ray"))
+    res = json.loads(out.read_text())
+
+    st = res["settings"]
+    assert (st["runs"], st["executors"], st["slots"]) == (1, 2, 2), st
+    [run] = res["runs"]
+    for key in ("stream_parts_per_s", "limit_parts_per_s", "parts_ratio", "first_part_p50_us",
+                "limit_first_p50_us", "first_part_ratio", "aio_tasks_per_s", "limit_tasks_per_s",
+                "aio_throughput_ratio", "aio_p50_us", "limit_p50_us", "aio_p50_ratio"):
+        assert _positive(run[key]), (key, run)
+    assert run["parts_ratio"] == pytest.approx(run["stream_parts_per_s"] / run["limit_parts_per_s"], abs=0.002)
+    assert run["first_part_ratio"] == pytest.approx(run["first_part_p50_us"] / run["limit_first_p50_us"], abs=0.002)
+    assert run["aio_p50_ratio"] == pytest.approx(run["aio_p50_us"] / run["limit_p50_us"], abs=0.002)
+    assert run["async_instances"] >= 2, run
+    assert res["summary"]["parts_ratio"]["median"] == run["parts_ratio"]
+    assert res["ray"]["available"] is False and res["ray"]["reason"].startswith("not installed"), res["ray"]
+    assert "runs" not in res["ray"] and res["vs_ray"] == {}   # no figure made up for a missing peer
+    assert "ray: not installed" in text and "parts_ratio" in text
