@@ -91,7 +91,8 @@ waiting on an event waits seconds, not minutes; every limit set to a value a lap
 passes under.  Not set: ``prefetch`` and ``queue_target`` (scheduling policy, not a wait or a
 bound), ``metrics_host``, ``writer_nice`` (a priority) and ``unsafe_ack_before_commit`` (a negative control's switch).  Merge it: ``LocalMesh(env={**FAST, "ZMESH_SEND_HWM": "20"})``."""
 
-NOT_SHRUNK = frozenset({"prefetch", "queue_target", "metrics_host", "unsafe_ack_before_commit", "writer_nice"})
+NOT_SHRUNK = frozenset({"prefetch", "queue_target", "metrics_host", "unsafe_ack_before_commit", "writer_nice",
+                        "stream_window"})   # a window is not a timer: tests set it where it matters
 
 
 def fast_settings(**overrides: Any) -> Settings:
