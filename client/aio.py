@@ -27,7 +27,7 @@ import cloudpickle
 from mesh.data import patch
 from mesh.data.replica import Outcome, Replica
 from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError
-from .connection import Connection
+from .connection import Connection, TaskFuture
 from .session import _pickle, decode_context, encode_context
 from .streams import StreamBuffer
 
@@ -47,7 +47,10 @@ class _Bridge:
 
     def watch(self, fut: concurrent.futures.Future, convert: Any = None) -> "asyncio.Future[Any]":
         afut: "asyncio.Future[Any]" = self.loop.create_future()
-        fut.add_done_callback(lambda f: self._finished(f, afut, convert))
+        if isinstance(fut, TaskFuture):   # a task: no Condition per future (TaskFuture.when_settled)
+            fut.when_settled(lambda f: self._finished(f, afut, convert))
+        else:
+            fut.add_done_callback(lambda f: self._finished(f, afut, convert))
         return afut
 
     def _finished(self, fut: concurrent.futures.Future, afut: "asyncio.Future[Any]", convert: Any) -> None:

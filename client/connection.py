@@ -98,6 +98,7 @@ class TaskFuture(concurrent.futures.Future):
 
     def __init__(self) -> None:   # the base class's, without the Condition
         self._cond: Optional[threading.Condition] = None
+        self._on_settle: Optional[Callable[["TaskFuture"], None]] = None
         self._state = _futures.PENDING
         self._result: Any = None
         self._exception: Optional[BaseException] = None
@@ -126,7 +127,19 @@ class TaskFuture(concurrent.futures.Future):
                 raise concurrent.futures.InvalidStateError(f"this task's future is already {self._state.lower()}")
             self._result, self._exception = result, exc
             self._state = _futures.FINISHED
-            return True
+            callback = self._on_settle
+        if callback is not None:
+            callback(self)
+        return True
+
+    def when_settled(self, fn: Callable[["TaskFuture"], None]) -> None:
+        """Call ``fn(self)`` once settled (now, if it is), from the settling thread, without the
+        Condition a done-callback costs (``AsyncSession`` watches every task this way)."""
+        with _LAZY:
+            if self._cond is None and self._state not in _DONE:
+                self._on_settle = fn
+                return
+        self.add_done_callback(lambda _: fn(self))   # observed already, or settled: the ordinary way
 
     def set_result(self, result: Any) -> None:
         if not self._settle_quietly(result, None):
