@@ -320,7 +320,7 @@ def test_secured_mesh_needs_a_login_and_only_an_admin_drains(secure_dash, browse
     until(browser, lambda d: "drained exec-0" in text_of(d, "#banner"), "the admin's drain is done")
     with secure_dash.client() as c:
         wait_until(lambda: c.get_executor("exec-0") is None or c.get_executor("exec-0").state != "alive",
-                   WAIT, "exec-0 leaves the alive state")
+                   WAIT, what="exec-0 leaves the alive state")
     until(browser, lambda d: "exec-1" in text_of(d, "#executors"), "the page goes on")
     shot(browser, "dashboard-drain.png")
 

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import time
+import urllib.parse
 from typing import Any, AsyncIterator, Callable, Dict, Optional, Tuple
 
 from starlette.applications import Starlette
@@ -172,9 +173,10 @@ class Dashboard:
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
             return self.render("login", next_=request.query_params.get("next", "/"))
-        form = await request.form()
-        user, password = str(form.get("user", "")), str(form.get("password", ""))
-        target = str(form.get("next") or "/")
+        # an urlencoded form, parsed here (Starlette's form parser would need python-multipart)
+        form = {k: v[0] for k, v in urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+        user, password = form.get("user", ""), form.get("password", "")
+        target = form.get("next") or "/"
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
         client = Client(self.settings.manager, manager_key=self.manager_key, auth=PasswordAuth(user, password))
