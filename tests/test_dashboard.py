@@ -59,10 +59,11 @@ def test_latency_quantiles_come_from_histogram_deltas():
 
 
 # -- a dashboard process -------------------------------------------------------------------------------
-def start_dashboard(mesh: LocalMesh, env: Optional[Dict[str, str]] = None) -> Tuple[subprocess.Popen, str]:
+def start_dashboard(mesh: LocalMesh, env: Optional[Dict[str, str]] = None,
+                    interval: float = 0.5) -> Tuple[subprocess.Popen, str]:
     """``zmesh dashboard --port 0`` against ``mesh``; returns the process and the address it printed."""
     proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--manager", mesh.endpoint,
-                             "--port", "0", "--interval", "0.5"],
+                             "--port", "0", "--interval", str(interval)],
                             env={**mesh.env, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, seen = time.monotonic() + WAIT, []
