@@ -147,12 +147,14 @@
   const render = {overview, executors, applications, sessions, session}[view];
   if (view === "overview") overviewInit();
   if (view === "sessions") sessionsInit();
+  let staleBanner = false;
   const events = new EventSource("/api/events");
   events.addEventListener("snapshot", (ev) => {
     const s = JSON.parse(ev.data);
     $("live").textContent = "live " + when(s.at);
-    if (s.error) banner(`the manager did not answer: ${s.error.code}: ${s.error.message}`);
-    else if (view === "overview" || view === "executors" || view === "applications") banner("");
+    // a snapshot's error stays shown until a good snapshot; what an action said stays until the next action
+    if (s.error) { banner(`the manager did not answer: ${s.error.code}: ${s.error.message}`); staleBanner = true; }
+    else if (staleBanner) { banner(""); staleBanner = false; }
     if (view === "executors" && document.activeElement && document.activeElement.closest("#executors")) return;
     render(s);
   });
