@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mesh", "mesh.*", "executor", "executor.*", "client", "client.*"]),
     package_data={"mesh": ["py.typed"], "executor": ["py.typed", "protos/*.proto", "protos/LICENSE", "protos/NOTICE"],
-                  "client": ["py.typed"]},
+                  "client": ["py.typed"],
+                  "client.dashboard": ["static/*.js", "static/*.css", "static/*.LICENSE", "templates/*.html"]},
     python_requires=">=3.9",
     install_requires=[
         "pyzmq>=25",
@@ -23,9 +24,12 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "mypy>=1.5", "types-PyYAML",
                  "numpy", "matplotlib",             # numpy and matplotlib: examples/flows
-                 "protobuf>=3.20"],                 # protobuf: the Statefun HTTP handler (the statefun extra)
+                 "protobuf>=3.20",                  # protobuf: the Statefun HTTP handler (the statefun extra)
+                 "starlette>=0.37", "uvicorn>=0.29",  # the dashboard extra
+                 "selenium>=4.10"],                 # the dashboard's browser tests (Debian's chromium and chromedriver)
         "examples": ["numpy", "matplotlib"],
-        "statefun": ["protobuf>=3.20"],      # executor.RequestReplyHandler: serving to Flink Stateful Functions
+        "statefun": ["protobuf>=3.20"],
+        "dashboard": ["starlette>=0.37", "uvicorn>=0.29"],   # zmesh dashboard (client/dashboard)      # executor.RequestReplyHandler: serving to Flink Stateful Functions
         "bench": ["ray", "dask[distributed]"],
     },
     entry_points={"console_scripts": ["zmesh=client.cli:main"]},

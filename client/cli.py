@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import (
     cli_daemons,  # noqa: F401  (manager, executor, up, config show)
+    cli_dashboard,  # noqa: F401  (dashboard)
     cli_flows,  # noqa: F401  (flow list, view, run, cancel, runs, schedules, unschedule)
     cli_functions,  # noqa: F401  (functions list/send/state, egress tail)
     cli_manage,  # noqa: F401  (register, unregister, list, view, close, cancel, drain, top, invoke, ...)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -105,26 +106,36 @@ def executor(config_path: Optional[str], manager: Optional[str], slots: Optional
 @click.option("--slots", type=click.IntRange(1, 4096), default=2, show_default=True, help="Slots per executor.")
 @click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True)
 @click.option("--db", default=None, help="SQLite database (default: a fresh one in a temporary directory).")
-def up(executors: int, slots: int, bind: str, db: Optional[str]) -> None:
+@click.option("--dashboard", "dashboard_port", is_flag=False, flag_value=8265, type=click.IntRange(0, 65535),
+              default=None, metavar="[PORT]", help="Also serve the web dashboard on 127.0.0.1 (port 8265 by default).")
+def up(executors: int, slots: int, bind: str, db: Optional[str], dashboard_port: Optional[int]) -> None:
     """Run a manager and executors on this machine in the foreground (Ctrl-C stops them)."""
-    from .local import LocalMesh
+    from .local import LocalMesh, end_process
     mesh = LocalMesh(executors=executors, slots=slots, db=db, bind=bind)
     stop = {"now": False}
+    dash: Optional[subprocess.Popen] = None
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
         mesh.start()
         click.echo(f"zeromesh up: manager {mesh.endpoint}, {executors} executors x {slots} slots, "
                    f"db {mesh.db}, logs {mesh.log_dir}")
         click.echo(f"try: ZMESH_MANAGER={mesh.endpoint} zmesh list -e")
+        if dashboard_port is not None:   # its own process, a client like any other (ended by its PID below)
+            dash = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--manager", mesh.endpoint,
+                                     "--port", str(dashboard_port)], env=mesh.env)
         while not stop["now"]:
             if mesh.manager is not None and mesh.manager.poll() is not None:
                 raise click.ClickException(f"the manager exited; see {mesh.log_dir}/manager.log")
+            if dash is not None and dash.poll() is not None:
+                raise click.ClickException(f"the dashboard exited with {dash.returncode}")
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     except MeshError as exc:
         fail(exc)
     finally:
+        if dash is not None:
+            end_process(dash)
         mesh.stop()
 
 

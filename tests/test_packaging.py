@@ -54,6 +54,10 @@ def test_a_plain_install_carries_every_module(tmp_path: pathlib.Path) -> None:
     for name in ("request-reply.proto", "types.proto", "kafka-egress.proto", "kinesis-egress.proto", "LICENSE",
                  "NOTICE"):
         assert (target / "executor" / "protos" / name).exists(), name
+    # and the dashboard's page, script, styles and vendored chart library with its licence (no CDN)
+    for name in ("templates/page.html", "static/app.js", "static/style.css", "static/uPlot.iife.min.js",
+                 "static/uPlot.min.css", "static/uPlot.LICENSE"):
+        assert (target / "client" / "dashboard" / name).exists(), name
 
 
 @pytest.mark.parametrize("old", sorted(importlib.import_module("mesh").MOVED))
