@@ -28,8 +28,8 @@ setup(
                  "starlette>=0.37", "uvicorn>=0.29",  # the dashboard extra
                  "selenium>=4.10"],                 # the dashboard's browser tests (Debian's chromium and chromedriver)
         "examples": ["numpy", "matplotlib"],
-        "statefun": ["protobuf>=3.20"],
-        "dashboard": ["starlette>=0.37", "uvicorn>=0.29"],   # zmesh dashboard (client/dashboard)      # executor.RequestReplyHandler: serving to Flink Stateful Functions
+        "statefun": ["protobuf>=3.20"],                       # executor.RequestReplyHandler (Flink Statefun)
+        "dashboard": ["starlette>=0.37", "uvicorn>=0.29"],   # zmesh dashboard (client/dashboard)
         "bench": ["ray", "dask[distributed]"],
     },
     entry_points={"console_scripts": ["zmesh=client.cli:main"]},
