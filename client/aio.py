@@ -20,13 +20,14 @@ import asyncio
 import collections
 import concurrent.futures
 import threading
+import weakref
 from typing import Any, AsyncIterator, Deque, Dict, Iterable, List, Optional, Tuple
 
 import cloudpickle
 
 from mesh.data import patch
 from mesh.data.replica import Outcome, Replica
-from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError
+from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, Unauthenticated
 from .connection import Connection, TaskFuture
 from .session import _pickle, decode_context, encode_context
 from .streams import StreamBuffer
@@ -81,16 +82,18 @@ class _Bridge:
                 afut.set_exception(err)
 
 
-_bridges: "Dict[asyncio.AbstractEventLoop, _Bridge]" = {}
+_bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Bridge]" = weakref.WeakKeyDictionary()
+_bridges_lock = threading.Lock()
 
 
 def _bridge() -> _Bridge:
     loop = asyncio.get_running_loop()
     b = _bridges.get(loop)
     if b is None:
-        for old in [k for k in _bridges if k.is_closed()]:
-            del _bridges[old]
-        b = _bridges[loop] = _Bridge(loop)
+        with _bridges_lock:
+            b = _bridges.get(loop)
+            if b is None:
+                b = _bridges[loop] = _Bridge(loop)
     return b
 
 
@@ -217,7 +220,7 @@ class AsyncSession:
         than 256 writes behind gets the whole value at the newest version (the versions between are
         skipped).  ``timeout``: stop after that many seconds without a write (None: watch until
         the loop breaks)."""
-        r, _ = await self._call("get_context", {"id": self.id()})
+        r, _ = await self._call("get_context", {"id": self.id(), "watch": True})   # the writes from here are kept
         replica = Replica.from_wire(r["kind"], r["data"], r["version"])
         yield replica.version, _value(replica)
         idle = 0.0
@@ -244,8 +247,16 @@ class AsyncSession:
 
     async def _call(self, method: str, args: Dict[str, Any], blob: Optional[bytes] = None,
                     timeout: Optional[float] = None) -> Tuple[Any, Optional[bytes]]:
-        fut = self._conn.call_future(method, args, blob, timeout)
-        return await _bridge().watch(fut)   # the I/O thread settles it by its deadline (Unavailable)
+        conn = self._conn
+        if conn.auth is not None and conn.needs_login():   # a login blocks: not on the event loop
+            await asyncio.get_running_loop().run_in_executor(None, conn.login_if_due)
+        try:
+            return await _bridge().watch(conn.call_future(method, args, blob, timeout))   # settled by its deadline
+        except Unauthenticated:
+            if conn.auth is None:
+                raise
+            await asyncio.get_running_loop().run_in_executor(None, conn.relogin)   # revoked or expired: as Session
+            return await _bridge().watch(conn.call_future(method, args, blob, timeout))
 
     def __repr__(self) -> str:
         return f"<AsyncSession {self._id or self._name or self._sid}>"

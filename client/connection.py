@@ -48,7 +48,8 @@ from mesh.errors import (
 from mesh.ops import keys
 from mesh.ops.config import Settings, default_manager
 from mesh.wire import transport
-from mesh.wire.protocol import Cmd, Message, Reply, Request, StreamCredit, Submit, decode, encode, pack
+from mesh.wire.protocol import (Cmd, Message, Reply, Request, StreamCredit, Submit, decode, encode, pack,
+                                stream_end_count)
 
 from . import auth as client_auth
 from .streams import StreamBuffer, decode_all
@@ -450,6 +451,16 @@ class Connection:
                               "thread did not time it out (is it stuck?)", manager=self.manager,
                               method=method) from None
 
+    def needs_login(self) -> bool:
+        """Is a (re)login due before the next call (``AsyncSession`` does it off its event loop)?"""
+        return self.auth is not None and (self._renew_at is None or time.time() >= self._renew_at)
+
+    def login_if_due(self) -> None:
+        self._ensure_token()
+
+    def relogin(self) -> None:
+        self._login(force=True)
+
     def _ensure_token(self) -> None:
         if self.auth is not None and (self._renew_at is None or time.time() >= self._renew_at):
             self._login()
@@ -542,7 +553,11 @@ class Connection:
                     err, out = answer
                     if err is not None:
                         raise from_wire(err)
-                    if parts or not len(out):
+                    count = stream_end_count(out)
+                    if count is not None:   # a stream's end: every part must be here
+                        if count != len(parts):
+                            raise Unavailable(f"the stream ended after {count} parts and {len(parts)} arrived",
+                                              parts=len(parts))
                         return [decode_result(p) for p in parts]
                     return decode_result(out)
             if parts:   # the caller's deadline, mid-stream: the stream is stopped
@@ -731,31 +746,43 @@ class Connection:
     def _on_ping(self, sock: zmq.Socket, result: Any) -> None:
         boot = result.get("boot") if isinstance(result, dict) else None
         if self._boot is not None and boot != self._boot and self._tasks:
-            self._resend(sock, "the manager restarted")
+            self._resend(sock, "the manager restarted", restarted=True)
         self._boot = boot
 
-    def _resend(self, sock: zmq.Socket, why: str) -> None:
+    def _resend(self, sock: zmq.Socket, why: str, restarted: bool = False) -> None:
         """Send every unanswered task again, flagged as a resend: the manager re-attaches it,
-        answers it from its database, or (if it never got it) runs it.  Idempotent."""
+        answers it from its database, or (if it never got it) runs it.  Idempotent.
+
+        Streams under way: a quiet one is alive (its producer is slow, or waits for our consumer's
+        credit), so it is left alone unless the manager ``restarted``; then one that had parts cannot
+        go on: it is re-attached and cancelled there (its generator stops) and fails here."""
         log.warning("%s; resending %d unanswered tasks", why, len(self._tasks))
         self._last_answer = time.monotonic()
-        for tag, buf in list(self._streams.items()):   # a stream under way cannot be picked up again
-            if buf.received:
-                entry = self._tasks.pop(tag, None)
-                self._streams.pop(tag, None)
-                exc = Unavailable(f"{why} after {buf.received} parts of this stream had arrived; it cannot "
-                                  f"go on", parts=buf.received)
-                buf.finish(exc)
-                if entry is not None:
-                    _settle(entry[0], exc=_fresh(exc))
+        cancel: List[Tuple[str, int]] = []
+        for tag, buf in list(self._streams.items()):
+            if not restarted or not buf.received:
+                continue
+            self._streams.pop(tag, None)
+            entry = self._tasks.get(tag)
+            exc = Unavailable(f"{why} after {buf.received} parts of this stream had arrived; it cannot "
+                              f"go on", parts=buf.received)
+            buf.finish(exc)
+            if entry is not None:
+                _settle(entry[0], exc=_fresh(exc))
+                cancel.append((entry[2], tag))
         batches: Dict[Tuple[str, Optional[float]], Tuple[List[int], List[Any]]] = {}
         for tag, (_, _, sid, payload, timeout) in self._tasks.items():
+            if not restarted and tag in self._streams:
+                continue
             tags, frames = batches.setdefault((sid, timeout), ([], []))
             tags.append(tag)
             frames.append(payload)
         for (sid, timeout), (tags, frames) in batches.items():
             for i in range(0, len(tags), MAX_BATCH):
                 self._send(sock, self._submit(sid, tags[i:i + MAX_BATCH], True, timeout), frames[i:i + MAX_BATCH])
+        for sid, tag in cancel:   # re-attached above: now stop it there
+            self._tasks.pop(tag, None)
+            self._send(sock, StreamCredit(sid, self.client_id, [(tag, -1)]))
 
     def _send(self, sock: zmq.Socket, record: Any, payloads: Sequence[Any] = ()) -> None:
         self._send_frames(sock, encode(record, payloads))
@@ -810,8 +837,13 @@ class Connection:
             if err is not None:
                 _resolve(fut, exc=from_wire(err))
                 continue
-            if not len(payload):     # a stream with no part (a result is never empty)
-                _resolve(fut, [])
+            count = stream_end_count(payload)
+            if count is not None:    # a stream's end, and no part came here
+                if count:
+                    _resolve(fut, exc=Unavailable(f"the stream ended after {count} parts and none arrived here",
+                                                  parts=0))
+                else:
+                    _resolve(fut, [])
                 continue
             try:
                 value = decode_result(payload)
@@ -832,8 +864,15 @@ class Connection:
             buf.finish(exc)
             _resolve(fut, exc=from_wire(err))
             return
-        if len(payload) and not buf.received:
+        count = stream_end_count(payload)
+        if count is None and len(payload) and not buf.received:   # an entrypoint that returned
             buf.put(0, bytes(payload))
+        elif count is not None and count != buf.received:
+            lost = Unavailable(f"the stream ended after {count} parts and {buf.received} arrived here (its "
+                               f"connection changed or the manager restarted while it ran)", parts=buf.received)
+            buf.finish(lost)
+            _resolve(fut, exc=_fresh(lost))
+            return
         buf.finish(None)
         if not buf.collect:
             _resolve(fut, None)

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import typing
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 import cloudpickle
 import zmq
@@ -33,7 +33,7 @@ from mesh.ops.config import Settings
 from mesh.ops.log import event, setup
 from mesh.wire import transport
 from mesh.wire.protocol import (Bind, Cmd, CtxPatch, CtxWrite, Done, InstHello, Message, Outcome, Parts, Resync,
-                                decode, encode)
+                                decode, encode, stream_end)
 
 log = logging.getLogger("zeromesh.instance")
 
@@ -77,6 +77,7 @@ class Instance:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.functions: Optional[List[str]] = None   # stateful function types served (executor/functions.py)
         self._credit: Dict[int, int] = {}            # streaming task -> parts it may send (seq below this)
+        self._stopped: Set[int] = set()              # streams stopped before they started
         self._stream_window = Settings().stream_window
         self._restartable = False                    # @entrypoint(restartable=True): see docs/streaming.md
 
@@ -362,7 +363,10 @@ class Instance:
     def _on_credit(self, msg: Message) -> None:
         for tid, upto in msg.header.items:
             if tid in self._credit:
-                self._credit[tid] = -1 if upto < 0 else max(self._credit[tid], upto)
+                if self._credit[tid] >= 0:   # a stop stays a stop
+                    self._credit[tid] = -1 if upto < 0 else max(self._credit[tid], upto)
+            elif upto < 0:   # stopped before it started (queued here behind another task)
+                self._stopped.add(tid)
 
     def _stream(self, tid: int, gen: Any) -> Any:
         """Send each part as it is made, never more than the consumer's credit ahead; the end is
@@ -371,7 +375,8 @@ class Instance:
         sock = self._sock
         assert sock is not None
         credits = self._credit
-        credits[tid] = self._stream_window or sys.maxsize   # 0: no flow control
+        credits[tid] = -1 if tid in self._stopped else self._stream_window or sys.maxsize   # 0: no flow control
+        self._stopped.discard(tid)
         seq = 0
         agen = inspect.isasyncgen(gen)
         if agen and self._loop is None:
@@ -388,7 +393,7 @@ class Instance:
                 try:
                     part = self._loop.run_until_complete(gen.__anext__()) if agen and self._loop else next(gen)
                 except (StopIteration, StopAsyncIteration):
-                    return None, b""
+                    return None, stream_end(seq)   # the client checks it got every part
                 transport.send(sock, encode(Parts([(tid, seq)]), [_dumps(part)]), flags=0)
                 seq += 1
         except MeshError as exc:

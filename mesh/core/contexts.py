@@ -46,7 +46,7 @@ class ContextRules(Base):
         self.batch.patches.append((s.id, version, packed, blob))
         log_ = self.ctx_logs.get(s.id)
         if log_ is not None:   # someone watches this context: keep the write, wake who waits
-            log_.append((version, ops, blob))
+            log_.append((version, ops, None))   # a whole new value is not kept: its watchers get the context
             for peer, rid, have, _ in self.ctx_waiters.pop(s.id, []):
                 self.reply(peer, rid, result=self.context_since(s, have), after_commit=True)
         s.patches_since_snapshot += 1

@@ -393,6 +393,8 @@ class ControlRules(Base):
         the next write if there is none yet (``watch_context``; mesh/core/contexts.py)."""
         s = self._session(_arg(args, "id", str), who)
         have = _arg(args, "have", int, required=False)
+        if args.get("watch"):   # a watcher's first read: keep the writes from here on
+            self.watch_session(s.id)
         if have is None:
             return {"kind": s.context.kind, "version": s.context.version, "data": s.context.encoded()}
         wait = args.get("wait")

@@ -37,8 +37,10 @@ class StreamRules(Base):
             t = tasks.get(tid)
             if t is None or t.instance != inst.id or t.state != RUNNING or seq > t.parts:
                 continue   # a late part of a task taken away, or out of order (never from our SDK)
-            if seq == 0 and t.upto > 0:   # a run that started after the client gave credit (or a re-run)
-                self.send(peer, Credit([(tid, max(t.upto, t.parts + 1))]))
+            if seq == 0 and t.upto:   # a run that started after the client gave credit, or cancelled
+                self.send(peer, Credit([(tid, -1 if t.upto < 0 else max(t.upto, t.parts + 1))]))
+            if t.upto < 0:
+                continue   # cancelled: its parts go nowhere
             if seq < t.parts:
                 continue   # a restartable stream run again: the client has this one
             t.parts = seq + 1
@@ -62,7 +64,7 @@ class StreamRules(Base):
             if upto < 0:
                 self.cancel_stream(t)
                 continue
-            if upto <= t.upto:
+            if upto <= t.upto or t.upto < 0:   # not more, or cancelled already
                 continue
             t.upto = upto
             inst = self.instances.get(t.instance) if t.state == RUNNING and t.instance else None
@@ -72,6 +74,7 @@ class StreamRules(Base):
             self.send(identity, Credit(items))
 
     def cancel_stream(self, t: Any) -> None:
+        t.upto = -1   # sticks: a first part or a late credit never restarts it
         why = Cancelled(f"task {t.id}: the caller stopped the stream after {t.parts} parts", task=t.id,
                         parts=t.parts)
         if t.state == PENDING:

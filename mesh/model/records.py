@@ -181,7 +181,7 @@ class Instance:
         one at a time, so a burst spreads over every instance instead of
         queueing behind the first one (balance).
         """
-        if self.task_time < 0:
+        if self.task_time < 0 or self.stream:   # a stream never waits behind another on one instance
             return 1
         if self.task_time <= 0:
             return self.prefetch

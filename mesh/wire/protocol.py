@@ -208,6 +208,22 @@ class Resync(NamedTuple):
     have: int
 
 
+STREAM_END = b"\x00"   # a streaming task's answer: this byte, then its part count in ASCII (never a pickle)
+
+
+def stream_end(parts: int) -> bytes:
+    return STREAM_END + str(parts).encode()
+
+
+def stream_end_count(payload: Any) -> Optional[int]:
+    """The part count of a streaming task's answer, or None if ``payload`` is an ordinary result."""
+    view = memoryview(getattr(payload, "buffer", payload))   # bytes, or a zmq.Frame: no copy
+    if len(view) < 2 or view[0] != 0 or len(view) > 24:
+        return None
+    digits = bytes(view[1:])
+    return int(digits) if digits.isdigit() else None
+
+
 class Parts(NamedTuple):
     """Parts of streaming tasks (an entrypoint that yields), ``(task id, seq)`` each, seq from 0,
     one payload each (the pickled part), in order (docs/streaming.md)."""
