@@ -343,8 +343,6 @@ class Connection:
         if token is not None and not isinstance(token, str):   # it goes into every SUBMIT the I/O thread sends
             raise InvalidArgument(f"a token is a str, not {type(token).__name__}", argument="token")
         self.auth = auth or client_auth.from_env()
-        self._token = token or os.environ.get("ZMESH_TOKEN") or (
-            None if self.auth else client_auth.stored_token(self.manager))
         self._renew_at: Optional[float] = None       # when to log in again (half the token's life)
         self._auth_lock = threading.Lock()
         try:
@@ -353,6 +351,9 @@ class Connection:
             raise InvalidArgument(f"a ZMESH_* setting in the environment is malformed: {exc}") from None
         key_file = None if plain else manager_key or os.environ.get("ZMESH_MANAGER_KEY")
         self._curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
+        # a stored token is found by the manager's public key first, whatever its address (client/auth.py)
+        self._token = token or os.environ.get("ZMESH_TOKEN") or (
+            None if self.auth else client_auth.stored_token(self.manager, self._curve[0] if self._curve else None))
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
         # rid -> (future, deadline, method); no future for our own liveness pings
         self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
@@ -436,6 +437,11 @@ class Connection:
             raise Unavailable(f"no answer to {method!r} from {self.manager} in {limit}s, and the client's I/O "
                               "thread did not time it out (is it stuck?)", manager=self.manager,
                               method=method) from None
+
+    @property
+    def manager_public(self) -> Optional[bytes]:
+        """The manager's CURVE public key (z85) on a secured mesh, else None: its identity."""
+        return self._curve[0] if self._curve else None
 
     def _ensure_token(self) -> None:
         if self.auth is not None and (self._renew_at is None or time.time() >= self._renew_at):

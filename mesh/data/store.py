@@ -95,6 +95,29 @@ SCHEMA_VERSION = "2"
 LOG_FIELDS = ("id", "state", "attempts", "created_at", "finished_at", "error", "client", "tag")
 
 
+def _create_private(path: str) -> None:
+    """Make the database file 0600 (and its directory 0700 if this makes it), whatever the umask.
+
+    It holds password hashes and token digests.  SQLite creates the ``-wal`` and ``-shm`` files
+    with the database file's mode, so creating that one first, private, makes all three private.
+    An existing file of ours that others can read is tightened."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)      # makedirs' mode is filtered by the umask
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o600)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+
+
 class ManagerLock:
     """An exclusive lock a running manager holds on its database for its whole life (``flock`` on
     ``<db>.lock``, which holds the manager's PID).  The kernel releases it when the process ends,
@@ -140,7 +163,7 @@ class ManagerLock:
 class Store:
     def __init__(self, path: str) -> None:
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            _create_private(path)
         self.path = path
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
