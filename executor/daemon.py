@@ -90,7 +90,9 @@ class ExecutorDaemon:
         self.labels = dict(labels or {})
         self.id = name or f"{socket.gethostname()}-{secrets.token_hex(2)}"
         self.settings = settings or Settings.load()
-        self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
+        # systemd's RuntimeDirectory= is systemd's to remove; one we make is ours (removed at a clean stop)
+        self.own_run_dir = run_dir is None
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix=f"zmesh-executor-{self.id}-")
         self.children: Dict[str, Child] = {}
         # every instance runs under a guard (executor/guard.py), unless a test turns it off
         self.guarded = guard.available() and os.environ.get(UNGUARDED_ENV) != "1"
@@ -305,7 +307,8 @@ class ExecutorDaemon:
         ping_every = sdnotify.watchdog_interval()
         next_ping = 0.0
         self._connect()
-        event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots)
+        event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots,
+              run_dir=self.run_dir)
         poller = zmq.Poller()
         while self._running:
             assert self.sock is not None
@@ -358,7 +361,10 @@ class ExecutorDaemon:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.cache.close()
-        event(log, logging.INFO, "executor stopped", executor=self.id)
+        if self.own_run_dir:   # instance logs and unpacked runner packages go with it
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        event(log, logging.INFO, "executor stopped", executor=self.id,
+              **({"removed_run_dir": self.run_dir} if self.own_run_dir else {}))
         return 3 if self.refused else 0
 
     def stop(self) -> None:

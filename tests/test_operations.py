@@ -132,3 +132,41 @@ def test_piped_zmesh_list_sessions_shows_whole_ids(secure, tmp_path):
         r = zmesh("list", "-s", "-m", secure.endpoint, env=env)
     assert r.returncode == 0, r.stderr
     assert sid in r.stdout and "…" not in r.stdout, r.stdout
+
+
+# -- item 8: instance ids unique across manager restarts; the run directory logged and removed -----------
+def test_instance_ids_survive_a_manager_restart_and_the_run_dir_is_logged_and_removed(tmp_path):
+    import re
+    import signal
+
+    from conftest import wait_until
+
+    from client import Client, Session
+    m = LocalMesh(executors=1, slots=1, env=FAST, log_dir=str(tmp_path))
+    with m:
+        with Client(m.endpoint) as c:
+            c.register_application(tools_spec())
+        log = tmp_path / "executor-0.log"
+        found = wait_until(lambda: re.search(r"executor started.*run_dir=(\S+)", log.read_text()), timeout=20,
+                           what="the executor to log its run directory")
+        run_dir = Path(found.group(1).strip('"'))
+        assert run_dir.is_dir()
+
+        def instance_logs():
+            return sorted(p.name for p in run_dir.glob("*.log"))
+
+        with Session("tools", manager=m.endpoint) as s:
+            assert s.invoke(("echo", 1), timeout=30) == 1
+        first = instance_logs()
+        assert len(first) == 1, first
+        LocalMesh.end(m.manager, signal.SIGKILL)
+        m.start_manager()
+        m.wait_executors(1, timeout=30)
+        with Session("tools", manager=m.endpoint) as s:
+            assert s.invoke(("echo", 2), timeout=30) == 2
+        second = instance_logs()
+        assert len(second) == 2, f"the restarted manager reused instance id {first}: {second}"
+        LocalMesh.end(m.executors[0], signal.SIGINT)     # a clean stop
+        assert m.executors[0].returncode == 0
+        assert not run_dir.exists(), "a run directory the executor made is removed at a clean stop"
+        assert f"removed_run_dir={run_dir}" in log.read_text()

@@ -268,7 +268,8 @@ class Store:
         leases = [(r[0], r[1], r[2], r[3], unpack(r[4]))
                   for r in self.db.execute("SELECT id, owner, ttl, expires_at, members FROM leases")]
         return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
-                          self.max_task_id(), self.live_tokens(), leases, self.load_flows(), self.load_functions())
+                          self.max_task_id(), self.live_tokens(), leases, self.load_flows(), self.load_functions(),
+                          self.max_instance_id())
 
     # -- flows (mesh/core/flows.py) ------------------------------------------------------------
     # the programming models' tables, written from Batch.rows: table -> (columns, key columns)
@@ -418,6 +419,12 @@ class Store:
             "SELECT MAX(COALESCE((SELECT MAX(id) FROM tasks), 0), COALESCE((SELECT MAX(last) FROM task_log), 0), "
             "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='task_ids_reserved'), 0))").fetchone()[0]
 
+    def max_instance_id(self) -> int:
+        """The highest instance number reserved (instance ids ``EXECUTOR.N`` are never reused: a
+        reused one would overwrite its log file on the executor and mix two instances' lines)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='instance_ids_reserved'").fetchone()
+        return int(row[0]) if row else 0
+
     _OPEN_COLUMNS = "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks "
 
     @staticmethod
@@ -462,6 +469,9 @@ class Store:
             if batch.task_ids_reserved is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('task_ids_reserved', ?)",
                                 (str(batch.task_ids_reserved),))
+            if batch.instance_ids_reserved is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('instance_ids_reserved', ?)",
+                                (str(batch.instance_ids_reserved),))
             if batch.patches:
                 self.db.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?, ?)", batch.patches)
             for sid, version, kind, data in batch.snapshots:
