@@ -657,8 +657,29 @@ class Connection:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        # a wrong manager key fails the CURVE handshake: say so at once, not "did not answer" later
+        watch = transport.HandshakeWatch(sock) if self._curve else None
+        if watch is not None:
+            poller.register(watch.sock, zmq.POLLIN)
+        try:
+            self._loop_on(sock, poller, watch)
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _loop_on(self, sock: zmq.Socket, poller: zmq.Poller, watch: Optional[transport.HandshakeWatch]) -> None:
+        rejected: Optional[Unavailable] = None
         while not self._closed:
             poller.poll(timeout=100 if (self._calls or self._tasks) else 500)
+            if watch is not None:
+                for kind, _, _ in watch.poll():
+                    if kind == "succeeded":
+                        rejected = None
+                    elif kind in transport.HANDSHAKE_FAILED.values():
+                        rejected = Unavailable(transport.rejected_message(self.manager), manager=self.manager,
+                                               reason="curve_handshake")
+                if rejected is not None and (self._calls or self._tasks or self._out):
+                    self._fail_all(rejected)   # until a handshake succeeds, nothing would ever be delivered
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,41 @@ def test_instance_ids_survive_a_manager_restart_and_the_run_dir_is_logged_and_re
         assert m.executors[0].returncode == 0
         assert not run_dir.exists(), "a run directory the executor made is removed at a clean stop"
         assert f"removed_run_dir={run_dir}" in log.read_text()
+
+
+# -- item 4: a wrong manager key is said at once, on both sides ----------------------------------------
+def test_a_wrong_manager_key_is_reported_at_once_by_client_executor_and_manager(secure, tmp_path):
+    import subprocess as sp
+
+    from client.auth import PasswordAuth
+    from client.connection import Connection
+    from conftest import wait_until
+    from mesh.ops.config import Settings
+    impostor, _ = keys.generate(str(tmp_path), "impostor")
+    conn = Connection(secure.endpoint, Settings.load(request_timeout=30.0), manager_key=impostor,
+                      auth=PasswordAuth("ana", "ana-pw"))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(errors.Unavailable) as ei:
+            conn.call("ping")
+    finally:
+        conn.close()
+    assert time.monotonic() - t0 < 5, "said at once, not after request_timeout"
+    assert "rejected our CURVE handshake" in str(ei.value) and "public key" in str(ei.value)
+
+    r = zmesh("users", "list", "-m", secure.endpoint, "--manager-key", impostor, env=_env(tmp_path), timeout=30)
+    assert r.returncode == errors.Unavailable.exit_code and "rejected our CURVE handshake" in r.stderr, r.stderr
+
+    _, secret = keys.generate(str(tmp_path), "exec-wrong")
+    p = sp.Popen([*CLI, "executor", "--manager", secure.endpoint, "--manager-key", impostor, "--curve-secret",
+                  secret, "--name", "exec-wrong"], env=_env(tmp_path), stdout=sp.DEVNULL, stderr=sp.PIPE, text=True)
+    try:
+        assert p.wait(20) == 3, "an executor the manager cannot authenticate exits 3 at once"
+    finally:
+        LocalMesh.end(p)
+    assert "rejected our CURVE handshake" in p.stderr.read()
+    manager_log = Path(secure.log_dir) / "manager.log"
+    wait_until(lambda: "refused a CURVE handshake" in manager_log.read_text(), timeout=10,
+               what="the manager to log the refused peer")
+    line = [ln for ln in manager_log.read_text().splitlines() if "refused a CURVE handshake" in ln][0]
+    assert "peer=127.0.0.1:" in line, line

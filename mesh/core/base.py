@@ -32,7 +32,7 @@ ENGINE_PEERS = frozenset({FLOW_PEER, FN_PEER})
 
 STATS = ("messages_in", "bytes_in", "protocol_errors", "tasks_submitted", "tasks_finished", "tasks_retried",
          "tasks_resent", "late_answers_dropped", "send_failures", "auth_denied", "requests", "store_pauses",
-         "bytes_out", "resyncs", "submits_deferred", "parts")
+         "bytes_out", "resyncs", "submits_deferred", "parts", "handshakes_refused")
 
 
 class Base:
