@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 class PasswordAuth:
@@ -56,21 +56,35 @@ def token_file() -> str:
     return os.path.join(base, "zeromesh", "tokens.json")
 
 
-def stored_token(manager: str) -> Optional[str]:
-    """The unexpired token ``zmesh login`` saved for ``manager``, if any."""
+def token_keys(manager: str, manager_public: Optional[bytes] = None) -> List[str]:
+    """Where a token for this manager is kept, most specific first.
+
+    On a secured mesh the manager is its public key, however it is addressed (``tcp://m1:5555``
+    or ``tcp://10.200.0.1:5555``): the token is found under ``curve:KEY``.  An insecure manager
+    has no identity but its address, so there the endpoint, exactly as typed, is the key."""
+    out = [f"curve:{manager_public.decode()}"] if manager_public else []
+    return out + [manager]
+
+
+def stored_token(manager: str, manager_public: Optional[bytes] = None) -> Optional[str]:
+    """The unexpired token ``zmesh login`` saved for ``manager``, if any (see :func:`token_keys`)."""
     try:
         with open(token_file()) as f:
-            entry = json.load(f).get(manager) or {}
+            entries = json.load(f)
     except (OSError, ValueError):
         return None
-    expires = entry.get("expires_at")
-    if expires is not None and expires < time.time():
-        return None
-    return entry.get("token")
+    for key in token_keys(manager, manager_public):
+        entry = entries.get(key) or {}
+        expires = entry.get("expires_at")
+        if entry.get("token") and (expires is None or expires >= time.time()):
+            return str(entry["token"])
+    return None
 
 
-def store_token(manager: str, token: str, expires_at: Optional[float], name: str) -> str:
-    """Save a token for ``manager`` in a file only its owner can read (0600)."""
+def store_token(manager: str, token: str, expires_at: Optional[float], name: str,
+                manager_public: Optional[bytes] = None) -> str:
+    """Save a token for ``manager`` (under every name of :func:`token_keys`) in a file only its
+    owner can read (0600)."""
     path = token_file()
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
@@ -78,7 +92,8 @@ def store_token(manager: str, token: str, expires_at: Optional[float], name: str
             entries = json.load(f)
     except (OSError, ValueError):
         entries = {}
-    entries[manager] = {"token": token, "expires_at": expires_at, "name": name}
+    for key in token_keys(manager, manager_public):
+        entries[key] = {"token": token, "expires_at": expires_at, "name": name}
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(entries, f)

@@ -26,8 +26,27 @@ from mesh.ops.config import default_manager
 if TYPE_CHECKING:
     from .api import Client
 
-manager_option = click.option("--manager", "-m", default=None, metavar="ADDR",
+address_option = click.option("--manager", "-m", default=None, metavar="ADDR",
                               help="Manager address (default: $ZMESH_MANAGER or tcp://127.0.0.1:5555).")
+
+
+def _set_manager_key(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+    if value:
+        os.environ["ZMESH_MANAGER_KEY"] = value
+
+
+manager_key_option = click.option("--manager-key", default=None, metavar="FILE", expose_value=False,
+                                  callback=_set_manager_key,
+                                  help="The manager's public key file, for a secured mesh "
+                                       "(default: $ZMESH_MANAGER_KEY).")
+
+
+def manager_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--manager ADDR`` and ``--manager-key FILE``, on every client command (before or after
+    the subcommand, as the README says); the key is not passed on: the connection reads it."""
+    return address_option(manager_key_option(fn))
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 config_option = click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
                              help="YAML config file; ZMESH_* environment variables and flags override it.")
@@ -90,7 +109,8 @@ def _table(rows: List[Dict[str, Any]], columns: List[str], title: str, keep: Seq
             table.add_column(c)
     for r in rows:
         table.add_row(*[str(r.get(c, "")) for c in columns])
-    Console().print(table)
+    # Piped (not a terminal): no width to fit, so nothing is cut; rich would assume 80 columns.
+    Console(width=None if sys.stdout.isatty() else 100_000).print(table)
 
 
 # -- find: filters and sorting as the manager takes them (mesh/core/query.py) -------------------------

@@ -14,7 +14,7 @@ import click
 from mesh.errors import InvalidArgument, MeshError
 from mesh.ops.config import Settings
 
-from .cli_common import _errors, _labels, config_option, fail, json_option, main, manager_option
+from .cli_common import _errors, _labels, address_option, config_option, fail, json_option, main
 
 
 def _daemon_config(config_path: Optional[str], flags: Dict[str, Any], kind: str) -> Dict[str, Any]:
@@ -68,7 +68,7 @@ def manager(config_path: Optional[str], bind: Optional[str], db: Optional[str], 
 
 @main.command()
 @config_option
-@manager_option
+@address_option
 @click.option("--slots", type=click.IntRange(1, 4096), default=None,
               help="Instances this executor runs at once (default: CPU count).")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Label for placement; repeatable.")

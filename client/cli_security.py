@@ -258,7 +258,10 @@ def robots_revoke(manager: Optional[str], db: Optional[str], robot_id: str) -> N
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 @_errors
 def login(manager: Optional[str], user: Optional[str], password_stdin: bool) -> None:
-    """Log in and keep a token for this manager (in ~/.config/zeromesh/tokens.json, mode 0600)."""
+    """Log in and keep a token for this manager (in ~/.config/zeromesh/tokens.json, mode 0600).
+
+    On a secured mesh the token is kept under the manager's public key, so any address of the same
+    manager finds it; for an --insecure manager, under the address exactly as given."""
     import os
 
     from mesh.ops.config import default_manager
@@ -274,6 +277,6 @@ def login(manager: Optional[str], user: Optional[str], password_stdin: bool) -> 
         r = conn.call("login", PasswordAuth(user, pw).credentials())
     finally:
         conn.close()
-    path = store_token(endpoint, r["token"], r.get("expires_at"), r["name"])
+    path = store_token(endpoint, r["token"], r.get("expires_at"), r["name"], conn.manager_public)
     until = _when(r["expires_at"]) if r.get("expires_at") else "never (insecure manager)"
     click.echo(f"logged in as {r['name']} ({r['role']}) until {until}; token in {path}")

@@ -357,8 +357,6 @@ class Connection:
         if token is not None and not isinstance(token, str):   # it goes into every SUBMIT the I/O thread sends
             raise InvalidArgument(f"a token is a str, not {type(token).__name__}", argument="token")
         self.auth = auth or client_auth.from_env()
-        self._token = token or os.environ.get("ZMESH_TOKEN") or (
-            None if self.auth else client_auth.stored_token(self.manager))
         self._renew_at: Optional[float] = None       # when to log in again (half the token's life)
         self._auth_lock = threading.Lock()
         try:
@@ -367,6 +365,9 @@ class Connection:
             raise InvalidArgument(f"a ZMESH_* setting in the environment is malformed: {exc}") from None
         key_file = None if plain else manager_key or os.environ.get("ZMESH_MANAGER_KEY")
         self._curve = (keys.load_public(key_file), *keys.ephemeral()) if key_file else None
+        # a stored token is found by the manager's public key first, whatever its address (client/auth.py)
+        self._token = token or os.environ.get("ZMESH_TOKEN") or (
+            None if self.auth else client_auth.stored_token(self.manager, self._curve[0] if self._curve else None))
         self._out: Deque[Tuple[Any, ...]] = collections.deque()
         # rid -> (future, deadline, method); no future for our own liveness pings
         self._calls: Dict[int, Tuple[Optional[concurrent.futures.Future], float, str]] = {}
@@ -460,6 +461,11 @@ class Connection:
 
     def relogin(self) -> None:
         self._login(force=True)
+
+    @property
+    def manager_public(self) -> Optional[bytes]:
+        """The manager's CURVE public key (z85) on a secured mesh, else None: its identity."""
+        return self._curve[0] if self._curve else None
 
     def _ensure_token(self) -> None:
         if self.auth is not None and (self._renew_at is None or time.time() >= self._renew_at):
@@ -679,8 +685,29 @@ class Connection:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        # a wrong manager key fails the CURVE handshake: say so at once, not "did not answer" later
+        watch = transport.HandshakeWatch(sock) if self._curve else None
+        if watch is not None:
+            poller.register(watch.sock, zmq.POLLIN)
+        try:
+            self._loop_on(sock, poller, watch)
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _loop_on(self, sock: zmq.Socket, poller: zmq.Poller, watch: Optional[transport.HandshakeWatch]) -> None:
+        rejected: Optional[Unavailable] = None
         while not self._closed:
             poller.poll(timeout=100 if (self._calls or self._tasks) else 500)
+            if watch is not None:
+                for kind, _, _ in watch.poll():
+                    if kind == "succeeded":
+                        rejected = None
+                    elif kind in transport.HANDSHAKE_FAILED.values():
+                        rejected = Unavailable(transport.rejected_message(self.manager), manager=self.manager,
+                                               reason="curve_handshake")
+                if rejected is not None and (self._calls or self._tasks or self._out):
+                    self._fail_all(rejected)   # until a handshake succeeds, nothing would ever be delivered
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:

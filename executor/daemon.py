@@ -90,7 +90,9 @@ class ExecutorDaemon:
         self.labels = dict(labels or {})
         self.id = name or f"{socket.gethostname()}-{secrets.token_hex(2)}"
         self.settings = settings or Settings.load()
-        self.run_dir = run_dir or tempfile.mkdtemp(prefix="zmesh-executor-")
+        # systemd's RuntimeDirectory= is systemd's to remove; one we make is ours (removed at a clean stop)
+        self.own_run_dir = run_dir is None
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix=f"zmesh-executor-{self.id}-")
         self.children: Dict[str, Child] = {}
         # every instance runs under a guard (executor/guard.py), unless a test turns it off
         self.guarded = guard.available() and os.environ.get(UNGUARDED_ENV) != "1"
@@ -104,14 +106,20 @@ class ExecutorDaemon:
         self._reload_requested = False
         self.on_reload: Optional[Callable[[], None]] = None   # SIGHUP (systemctl reload)
         self.sock: Optional[zmq.Socket] = None
+        self.watch: Optional[transport.HandshakeWatch] = None
         self.cache = CacheProxy(self.run_dir, self.settings.cache_bytes, self._send)
         self.live = transport.Liveness(self.settings.heartbeat_interval, self.settings.liveness)
 
     # -- connection --------------------------------------------------------
     def _connect(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = transport.dealer(self.manager, curve=self.curve)
+        if self.curve is not None:   # a wrong manager key fails the handshake: said at once (run())
+            self.watch = transport.HandshakeWatch(self.sock)
         self.cache.expire(everything=True)   # what was asked on the old connection is not answered
         self.live = transport.Liveness(self.live.interval, self.live.liveness)
         self._send(ExecHello(self.id, detect(self.slots, self.labels)))
@@ -305,7 +313,8 @@ class ExecutorDaemon:
         ping_every = sdnotify.watchdog_interval()
         next_ping = 0.0
         self._connect()
-        event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots)
+        event(log, logging.INFO, "executor started", executor=self.id, manager=self.manager, slots=self.slots,
+              run_dir=self.run_dir)
         poller = zmq.Poller()
         while self._running:
             assert self.sock is not None
@@ -316,6 +325,8 @@ class ExecutorDaemon:
             poller.unregister(self.cache.sock)
             if self.cache.sock in ready:
                 self.cache.on_instance()
+            if self.watch is not None and self._handshake_rejected():
+                break
             self.cache.expire()
             if self.sock in ready:
                 for _ in range(1000):
@@ -355,14 +366,32 @@ class ExecutorDaemon:
         self._stop_all(grace=self.settings.stop_grace, reason="the executor is shutting down")
         if self.cgroups is not None:
             self.cgroups.close()
+        if self.watch is not None:
+            self.watch.close()
         if self.sock is not None:
             self.sock.close(linger=0)
         self.cache.close()
-        event(log, logging.INFO, "executor stopped", executor=self.id)
+        if self.own_run_dir:   # instance logs and unpacked runner packages go with it
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        event(log, logging.INFO, "executor stopped", executor=self.id,
+              **({"removed_run_dir": self.run_dir} if self.own_run_dir else {}))
         return 3 if self.refused else 0
 
     def stop(self) -> None:
         self._running = False
+
+    def _handshake_rejected(self) -> bool:
+        """The manager refused our CURVE handshake: nothing we send will ever arrive, and retrying
+        changes nothing until the configuration does.  Say why and exit 3 (a refusal), which the
+        unit does not restart (RestartPreventExitStatus=3)."""
+        assert self.watch is not None
+        failed = [kind for kind, _, _ in self.watch.poll() if kind in transport.HANDSHAKE_FAILED.values()]
+        if not failed:
+            return False
+        self.refused = transport.rejected_message(self.manager)
+        event(log, logging.ERROR, self.refused, executor=self.id, manager_key=self.manager_key, reason=failed[0])
+        sdnotify.status(self.refused)
+        return True
 
     def _reload(self) -> None:
         self._reload_requested = False

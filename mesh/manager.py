@@ -46,6 +46,7 @@ from mesh.wire.protocol import decode, encode
 log = logging.getLogger("zeromesh.manager")
 
 DRAIN_BATCH = 4096  # messages handled per wake-up before timers get a turn
+HANDSHAKE_LOG_EVERY = 60.0  # seconds between log lines about one host failing the CURVE handshake
 
 
 class Manager:
@@ -92,6 +93,27 @@ class Manager:
         self.sock = transport.router(self.bind_addr, self.settings.max_message_size, self.settings.send_hwm,
                                      curve=self.curve)
         self.endpoint = self.core.endpoint = cast(bytes, self.sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
+        # a peer with the wrong manager key fails the CURVE handshake before any handler: log it here
+        self.handshakes = transport.HandshakeWatch(self.sock, accepting=True) if self.curve is not None else None
+        self._hs_failed: List[str] = []               # failures not yet matched to a disconnected peer
+        self._hs_logged: Dict[str, float] = {}        # host -> when last logged (a retrying peer: once a minute)
+
+    def _on_handshake_events(self) -> None:
+        """Log each peer whose CURVE handshake failed (the address comes with its disconnect)."""
+        assert self.handshakes is not None
+        for kind, _, where in self.handshakes.poll():
+            if kind in transport.HANDSHAKE_FAILED.values():
+                self.core.stats["handshakes_refused"] += 1
+                self._hs_failed.append(kind)
+            elif kind == "disconnected" and self._hs_failed:
+                reason = self._hs_failed.pop(0)
+                host = where.rsplit(":", 1)[0]
+                now = time.monotonic()
+                if now - self._hs_logged.get(host, -HANDSHAKE_LOG_EVERY) >= HANDSHAKE_LOG_EVERY:
+                    self._hs_logged[host] = now
+                    event(log, logging.WARNING, "refused a CURVE handshake: the peer does not have this "
+                          "manager's public key", peer=where or "unknown", reason=reason, endpoint=self.endpoint,
+                          refused_so_far=self.core.stats["handshakes_refused"])
 
     def _on_readable(self) -> None:
         if self._closing:
@@ -272,6 +294,10 @@ class Manager:
             pass
         self._fd = cast(int, self.sock.getsockopt(zmq.FD))
         self.loop.add_reader(self._fd, self._on_readable)
+        if self.handshakes is not None:
+            self._hs_fd = cast(int, self.handshakes.sock.getsockopt(zmq.FD))
+            self.loop.add_reader(self._hs_fd, self._on_handshake_events)
+            self.loop.call_soon(self._on_handshake_events)
         self._perform(self._restored)
         self.loop.call_soon(self._tick)
         self.loop.call_soon(self._flush_timer)
@@ -338,6 +364,9 @@ class Manager:
     async def shutdown(self) -> None:
         self._closing = True
         self.loop.remove_reader(self._fd)
+        if self.handshakes is not None:
+            self.loop.remove_reader(self._hs_fd)
+            self.handshakes.close()
         for s in self.core.sessions.values():
             if s.state == OPEN:
                 self.core.snapshot(s)

@@ -8,12 +8,14 @@
 # Units go to PREFIX/etc/systemd/system (always replaced: they are code);
 # sample configs go to PREFIX/etc/zeromesh/manager.yaml and
 # PREFIX/etc/zeromesh/executor.d/default.yaml, never overwriting existing ones.
-# Without --prefix it also creates the `zeromesh` system user and runs
-# `systemctl daemon-reload` when systemd is running.
+# It creates PREFIX/etc/zeromesh/keys (0750) and PREFIX/var/lib/zeromesh (0700).
+# Without --prefix it also creates the `zeromesh` system user (owning those two)
+# and runs `systemctl daemon-reload` when systemd is running.  The units run
+# /opt/zeromesh/venv/bin/zmesh: install zeromesh into that virtual environment.
 set -euo pipefail
 
 usage() {
-    sed -n '2,12s/^# \{0,1\}//p' "$0"
+    sed -n '2,14s/^# \{0,1\}//p' "$0"
     echo "options: --prefix DIR, --dry-run, -h|--help"
 }
 
@@ -36,7 +38,8 @@ UNIT_DIR="$PREFIX/etc/systemd/system"
 CONF_DIR="$PREFIX/etc/zeromesh"
 USER_NAME=zeromesh
 STATE_DIR=/var/lib/zeromesh
-ZMESH_BIN=/usr/local/bin/zmesh
+VENV=/opt/zeromesh/venv
+ZMESH_BIN=$VENV/bin/zmesh      # what the units run
 
 run() {  # COMMAND...: run it, or with --dry-run only print it
     if [ "$DRY_RUN" = 1 ]; then
@@ -92,7 +95,20 @@ else
     done_msg "created system user $USER_NAME"
 fi
 
-# 4. tell systemd
+# 4. the directories the walkthrough uses (docs/operations.md): keys readable by the daemons'
+# group, the manager's state private to its user (it holds password hashes and token digests)
+KEYS_DIR="$CONF_DIR/keys"
+STATE="$PREFIX$STATE_DIR"
+if [ -n "$PREFIX" ]; then
+    run install -d -m 0750 "$KEYS_DIR"
+    run install -d -m 0700 "$STATE"
+else
+    run install -d -m 0750 -g "$USER_NAME" "$KEYS_DIR"
+    run install -d -m 0700 -o "$USER_NAME" -g "$USER_NAME" "$STATE"
+fi
+done_msg "created $KEYS_DIR (0750) and $STATE (0700)"
+
+# 5. tell systemd
 if [ -n "$PREFIX" ]; then
     echo "note: --prefix given; skipping systemctl daemon-reload"
 elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
@@ -104,7 +120,7 @@ fi
 
 if [ ! -x "$ZMESH_BIN" ]; then
     echo "note: the units run $ZMESH_BIN, which does not exist yet:" \
-         "pip install zeromesh so that it does, or symlink it (ln -s \"\$(command -v zmesh)\" $ZMESH_BIN)"
+         "python3 -m venv $VENV && $VENV/bin/pip install /opt/zeromesh-src (docs/operations.md, step 1)"
 fi
 echo "next: edit $CONF_DIR/manager.yaml, then: systemctl enable --now zeromesh-manager.service"
 echo "      executors: $CONF_DIR/executor.d/NAME.yaml + systemctl enable --now zeromesh-executor@NAME.service"

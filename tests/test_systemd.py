@@ -5,7 +5,9 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -31,7 +33,7 @@ UNITS = ROOT / "scripts" / "systemd"
 MANAGER_UNIT = UNITS / "zeromesh-manager.service"
 EXECUTOR_UNIT = UNITS / "zeromesh-executor@.service"
 INSTALL = ROOT / "scripts" / "install-systemd.sh"
-ZMESH = "/usr/local/bin/zmesh"
+ZMESH = "/opt/zeromesh/venv/bin/zmesh"   # the supported venv route (docs/operations.md)
 
 
 # -- unit files ----------------------------------------------------------------------
@@ -309,6 +311,9 @@ def test_install_script_into_prefix(tmp_path: Path):
     assert (tmp_path / "etc/zeromesh/manager.yaml").read_text() == (UNITS / "manager.yaml").read_text()
     assert (tmp_path / "etc/zeromesh/executor.d/default.yaml").read_text() == (UNITS / "executor.yaml").read_text()
     assert "not creating the zeromesh user" in proc.stdout and "skipping systemctl daemon-reload" in proc.stdout
+    # every directory the walkthrough uses is made by the installer (docs/operations.md)
+    assert stat.S_IMODE((tmp_path / "etc/zeromesh/keys").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "var/lib/zeromesh").stat().st_mode) == 0o700
 
     # a second run keeps edited configs and refreshes the units
     (tmp_path / "etc/zeromesh/manager.yaml").write_text("bind: tcp://0.0.0.0:9999\n")
@@ -328,3 +333,23 @@ def test_install_script_dry_run_and_bad_args(tmp_path: Path):
     proc = _install("--bogus")
     assert proc.returncode == 2 and "unknown argument" in proc.stderr
     assert "set -euo pipefail" in INSTALL.read_text()
+
+
+def test_verify_accepts_the_venv_layout(tmp_path: Path):
+    """The supported route (docs/operations.md step 1): zmesh in a virtual environment outside /home,
+    as the units' ExecStart names it, with ProtectHome=yes and PrivateTmp=yes kept."""
+    venv = tmp_path / "opt" / "zeromesh" / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    exe = venv / "bin" / "zmesh"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    for unit in (MANAGER_UNIT, EXECUTOR_UNIT):
+        assert ZMESH.startswith("/opt/zeromesh/venv/") and f"ExecStart={ZMESH} " in unit.read_text()
+        assert "ProtectHome=yes" in unit.read_text() and "PrivateTmp=yes" in unit.read_text()
+        (units / unit.name).write_text(unit.read_text().replace("/opt/zeromesh/venv", str(venv)))
+    for unit_name, file_name in (("zeromesh-manager.service", "zeromesh-manager.service"),
+                                 ("zeromesh-executor@test.service", "zeromesh-executor@.service")):
+        rc, ours, output = _verify(units, unit_name, file_name)
+        assert rc == 0 and not ours, f"systemd-analyze verify {unit_name} (rc={rc}):\n{output}"

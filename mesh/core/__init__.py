@@ -185,6 +185,8 @@ class Core(TaskRules, StreamRules, MemberRules, ContextRules, LeaseRules, Result
             self.objects.load(key, doc, sid, expires_at)
         self._next_tid = itertools.count(saved.max_task_id + 1)
         self.tids_reserved = saved.max_task_id
+        self._iids = itertools.count(saved.max_instance_id + 1)
+        self.iids_reserved = saved.max_instance_id
         if self.secured:   # a restart logs nobody out
             self.tokens = auth.Tokens(auth.token_table(saved.tokens))
         lost = []

@@ -32,7 +32,7 @@ ENGINE_PEERS = frozenset({FLOW_PEER, FN_PEER})
 
 STATS = ("messages_in", "bytes_in", "protocol_errors", "tasks_submitted", "tasks_finished", "tasks_retried",
          "tasks_resent", "late_answers_dropped", "send_failures", "auth_denied", "requests", "store_pauses",
-         "bytes_out", "resyncs", "submits_deferred", "parts")
+         "bytes_out", "resyncs", "submits_deferred", "parts", "handshakes_refused")
 
 
 class Base:
@@ -84,6 +84,7 @@ class Base:
         self._next_tid: Iterator[int] = itertools.count(1)
         self.tids_reserved = 0                     # ids up to this one are reserved on disk
         self._iids = itertools.count(1)
+        self.iids_reserved = 0                     # instance numbers up to this one are reserved on disk
         self.flow_inbox: List[Tuple[Any, List[Any]]] = []   # answers sent to FLOW_PEER, not yet taken
         self.fn_inbox: List[Tuple[Any, List[Any]]] = []     # ... and to FN_PEER
         # watched contexts (get_context {have, wait}): their recent writes, until when, who waits

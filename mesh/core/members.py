@@ -23,6 +23,8 @@ from mesh.model.resources import Resources
 from mesh.ops.log import event
 from mesh.wire.protocol import Bind, ExecHello, Exited, Heartbeat, InstHello, Launch, Stop, Welcome, pack
 
+IID_BLOCK = 1000   # instance numbers reserved per write of the high-water mark
+
 
 class MemberRules(Base):
     def welcome(self, peer: bytes) -> None:
@@ -232,7 +234,11 @@ class MemberRules(Base):
         if isinstance(action, scheduler.Launch):
             s, ex = self.sessions[action.session], self.executors[action.executor]
             app = self.apps[s.app]
-            iid = f"{ex.id}.{next(self._iids)}"
+            n = next(self._iids)
+            reserving = n > self.iids_reserved
+            if reserving:   # reserve a block on disk: ids are unique across restarts
+                self.iids_reserved = self.batch.instance_ids_reserved = n + IID_BLOCK
+            iid = f"{ex.id}.{n}"
             inst = Instance(iid, ex.id, s.app, s.resreq, app.spec.prefetch or self.settings.prefetch,
                             launched_at=self.now, idle_since=self.now, owner=s.owner)
             self.instances[iid] = inst
@@ -243,7 +249,8 @@ class MemberRules(Base):
             # the instance acts for its owner, within the instance role (mesh.model.auth.INSTANCE)
             self.tokens.add(inst.token, auth.Principal(s.owner, "instance", "instance"), float("inf"))
             event(log, logging.INFO, "launch instance", instance=iid, session=s.id, executor=ex.id)
-            self.send(ex.identity, Launch(iid, app.spec.to_dict(), inst.token))
+            # the first id of a block is seen only once the block is on disk (a crash cannot reuse it)
+            self.send(ex.identity, Launch(iid, app.spec.to_dict(), inst.token), after_commit=reserving)
         elif isinstance(action, scheduler.Rebind):
             inst = self.instances[action.instance]
             target = self.sessions.get(action.session) if action.session else None

@@ -32,6 +32,8 @@ class Batch:
     answers: List[Tuple[str, int, int, str, Optional[bytes], Optional[str]]] = field(default_factory=list)
     # task ids handed out up to here (and beyond) are reserved on disk: never handed out twice
     task_ids_reserved: Optional[int] = None
+    # instance ids (EXECUTOR.N) up to here are reserved on disk: a restart never hands one out again
+    instance_ids_reserved: Optional[int] = None
     # leases to write (id -> (id, owner, ttl, expires_at, members)) or delete (None)
     leases: Dict[str, Optional[Tuple[str, str, float, float, Dict[str, List[str]]]]] = field(default_factory=dict)
     # rows of the programming models' tables (flows, functions: Store.ROW_TABLES): (table, key) -> the
@@ -63,7 +65,8 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.logged or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects or self.answers or self.leases or self.rows or self.task_ids_reserved is not None)
+                    or self.deleted_objects or self.answers or self.leases or self.rows or self.task_ids_reserved is not None
+                    or self.instance_ids_reserved is not None)
 
 
 Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches
@@ -85,3 +88,5 @@ class SavedState:
     flows: Dict[str, Any] = field(default_factory=dict)
     # functions (mesh/core/functions.py): see Store.load_functions
     functions: Dict[str, Any] = field(default_factory=dict)
+    # the instance number reserved last (Batch.instance_ids_reserved): the next start counts on from it
+    max_instance_id: int = 0

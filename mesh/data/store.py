@@ -95,6 +95,29 @@ SCHEMA_VERSION = "2"
 LOG_FIELDS = ("id", "state", "attempts", "created_at", "finished_at", "error", "client", "tag")
 
 
+def _create_private(path: str) -> None:
+    """Make the database file 0600 (and its directory 0700 if this makes it), whatever the umask.
+
+    It holds password hashes and token digests.  SQLite creates the ``-wal`` and ``-shm`` files
+    with the database file's mode, so creating that one first, private, makes all three private.
+    An existing file of ours that others can read is tightened."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)      # makedirs' mode is filtered by the umask
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o600)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+
+
 class ManagerLock:
     """An exclusive lock a running manager holds on its database for its whole life (``flock`` on
     ``<db>.lock``, which holds the manager's PID).  The kernel releases it when the process ends,
@@ -140,7 +163,7 @@ class ManagerLock:
 class Store:
     def __init__(self, path: str) -> None:
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            _create_private(path)
         self.path = path
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -245,7 +268,8 @@ class Store:
         leases = [(r[0], r[1], r[2], r[3], unpack(r[4]))
                   for r in self.db.execute("SELECT id, owner, ttl, expires_at, members FROM leases")]
         return SavedState(self.load_apps(), sessions, contexts, objects, self.load_unfinished_tasks(),
-                          self.max_task_id(), self.live_tokens(), leases, self.load_flows(), self.load_functions())
+                          self.max_task_id(), self.live_tokens(), leases, self.load_flows(), self.load_functions(),
+                          self.max_instance_id())
 
     # -- flows (mesh/core/flows.py) ------------------------------------------------------------
     # the programming models' tables, written from Batch.rows: table -> (columns, key columns)
@@ -395,6 +419,12 @@ class Store:
             "SELECT MAX(COALESCE((SELECT MAX(id) FROM tasks), 0), COALESCE((SELECT MAX(last) FROM task_log), 0), "
             "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key='task_ids_reserved'), 0))").fetchone()[0]
 
+    def max_instance_id(self) -> int:
+        """The highest instance number reserved (instance ids ``EXECUTOR.N`` are never reused: a
+        reused one would overwrite its log file on the executor and mix two instances' lines)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='instance_ids_reserved'").fetchone()
+        return int(row[0]) if row else 0
+
     _OPEN_COLUMNS = "SELECT id, session, state, attempts, created_at, finished_at, error FROM tasks "
 
     @staticmethod
@@ -439,6 +469,9 @@ class Store:
             if batch.task_ids_reserved is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('task_ids_reserved', ?)",
                                 (str(batch.task_ids_reserved),))
+            if batch.instance_ids_reserved is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('instance_ids_reserved', ?)",
+                                (str(batch.instance_ids_reserved),))
             if batch.patches:
                 self.db.executemany("INSERT OR REPLACE INTO patches VALUES (?, ?, ?, ?)", batch.patches)
             for sid, version, kind, data in batch.snapshots:

@@ -42,12 +42,20 @@ def check_private(path: str) -> None:
 
 
 def load_secret(path: str) -> Tuple[bytes, bytes]:
-    """(public, secret) z85 keys from a ``.key_secret`` file, after the permission check."""
-    check_private(path)
+    """(public, secret) z85 keys from a ``.key_secret`` file, after the permission check.
+
+    The content is checked first: a public ``.key`` file given by mistake is world-readable by
+    design, and advice to ``chmod 600`` it would send the operator the wrong way."""
     public, secret = _load(path)
     if not secret:
-        raise InvalidArgument(f"{path} holds no secret key (is it the public .key file?)", path=path)
+        raise InvalidArgument(f"{path} holds no secret key (is it the public .key file? "
+                              f"the secret one is {_secret_name(path)})", path=path)
+    check_private(path)
     return public, secret
+
+
+def _secret_name(path: str) -> str:
+    return path + "_secret" if path.endswith(".key") else "NAME.key_secret"
 
 
 def load_public(path: str) -> bytes:

@@ -5,8 +5,9 @@ clients agree on them (docs/protocol.md, "Sockets" and "Heartbeats").
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, List, Optional, Sequence, Tuple, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import zmq
 
@@ -120,3 +121,81 @@ class Liveness:
 
     def dead(self) -> bool:
         return self.silent_for() > self.interval * self.liveness
+
+
+HANDSHAKE_FAILED = {
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "no_detail",   # the peer closed: e.g. it could not decrypt our HELLO
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "protocol",     # malformed or undecryptable CURVE commands
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "auth",             # the ZAP handler said no
+}
+
+
+def rejected_message(endpoint: str) -> str:
+    """What a client or an executor says when the manager refuses its CURVE handshake."""
+    return (f"the manager at {endpoint} rejected our CURVE handshake: check the manager's public key "
+            "(--manager-key / ZMESH_MANAGER_KEY / manager_key:), it must be the manager's NAME.key")
+
+
+class HandshakeWatch:
+    """ZeroMQ's socket monitor, reduced to what an operator needs: did a CURVE handshake fail?
+
+    Without it a wrong manager key looks like a manager that is not running (nothing is ever
+    delivered, nothing is logged).  ``poll()`` drains the monitor without blocking and returns
+    the events seen as ``(kind, value, address)``; ``sock`` may be added to a ``zmq.Poller``.
+    On the listening side ``ACCEPTED`` carries the new connection's file descriptor, from which
+    the peer's address is read (:meth:`peer`)."""
+
+    def __init__(self, sock: zmq.Socket, accepting: bool = False) -> None:
+        events = 0
+        for e in HANDSHAKE_FAILED:
+            events |= e
+        events |= int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        if accepting:
+            events |= int(zmq.EVENT_ACCEPTED) | int(zmq.EVENT_DISCONNECTED)
+        self.sock = sock.get_monitor_socket(events=events)
+        self._owner = sock
+        self._peers: Dict[int, str] = {}   # fd -> "host:port", from ACCEPTED, until DISCONNECTED
+
+    def poll(self) -> List[Tuple[str, int, str]]:
+        from zmq.utils.monitor import parse_monitor_message
+        out: List[Tuple[str, int, str]] = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            except zmq.ZMQError:
+                return out
+            msg = parse_monitor_message(frames)
+            event, value = int(msg["event"]), int(msg["value"])
+            if event == zmq.EVENT_ACCEPTED:
+                self._peers[value] = _peer_address(value)
+                continue
+            if event == zmq.EVENT_DISCONNECTED:
+                out.append(("disconnected", value, self._peers.pop(value, "") or ""))
+                continue
+            kind = "succeeded" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else HANDSHAKE_FAILED.get(event, "other")
+            out.append((kind, value, msg["endpoint"].decode(errors="replace")))
+
+    def close(self) -> None:
+        try:
+            self._owner.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.sock.close(linger=0)
+
+
+def _peer_address(fd: int) -> str:
+    """``host:port`` of the TCP peer on ``fd`` (read from a duplicate; the original is left alone)."""
+    import socket as pysocket
+    try:
+        s = pysocket.socket(fileno=os.dup(fd))    # the family is read from the descriptor
+    except OSError:
+        return ""
+    try:
+        peer = s.getpeername()
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+    except OSError:
+        return ""
+    finally:
+        s.close()
