@@ -108,8 +108,10 @@ class Functions:
         r = self._conn.call("fn_state", {"type": check_typename(typename), "id": check_id(str(id))})
         return {name: cloudpickle.loads(blob) for name, blob in r["state"].items()}
 
-    def list(self, filter: Optional[Mapping[str, Any]] = None) -> "Page[Dict[str, Any]]":
-        """Function types: the application serving each, its instances, the addresses held, queued messages."""
-        r = self._conn.call("fn_list", {"filter": dict(filter or {})})
+    def list(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
+             sort: Optional[Mapping[str, Any]] = None) -> "Page[Dict[str, Any]]":
+        """Function types: the application serving each, its instances, the addresses held, queued messages
+        (fields type, application, instances, addresses, queued; ``page`` and ``sort`` as in find_sessions)."""
+        r = self._conn.call("fn_list", {"filter": dict(filter or {}), "page": dict(page or {}), "sort": dict(sort or {})})
         rows: List[Dict[str, Any]] = list(r["items"])
         return Page(rows, r["total"])

@@ -10,7 +10,7 @@ HTTP statuses by their stable code (:data:`HTTP_STATUS`), the body being ``{"err
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from mesh.errors import InvalidArgument, MeshError
 
@@ -80,3 +80,50 @@ def parse_find(filters: List[str], params: Mapping[str, str],
 def error_body(exc: MeshError) -> Tuple[int, Dict[str, Any]]:
     """(HTTP status, JSON body) for a typed error."""
     return HTTP_STATUS.get(exc.code, 500), {"error": {"code": exc.code, "message": str(exc)}}
+
+
+# -- a flow run's task graph -------------------------------------------------------------------------
+RUN_TASK_FIELDS = ("state", "attempts", "started_at", "ended_at", "error", "executor", "task_id")
+
+
+def task_graph(run: Mapping[str, Any], flows: Mapping[str, Optional[Mapping[str, Any]]]) -> List[Dict[str, Any]]:
+    """The run's tasks (``flow/task``) with what each needs (full names) and its dependency level: 0
+    for a task that needs nothing, else one more than the deepest task it needs.  ``flows`` maps each
+    of the run's flows to its ``get_flow`` answer (None when unknown: its tasks then show no needs).
+    Sorted by level, then name.  A task's result key is left out: the page has no use for it."""
+    needs: Dict[str, List[str]] = {}
+    for flow, info in flows.items():
+        for t in (info or {}).get("tasks", []):
+            needs[f"{flow}/{t['name']}"] = [n if "/" in n else f"{flow}/{n}" for n in t.get("needs", [])]
+    tasks = run.get("tasks") or {}
+    level: Dict[str, int] = {}
+
+    def depth(name: str, seen: Tuple[str, ...] = ()) -> int:
+        if name not in level:
+            deps = [d for d in needs.get(name, []) if d in tasks and d not in seen]   # a cycle cannot be: bounded anyway
+            level[name] = 1 + max((depth(d, seen + (name,)) for d in deps), default=-1)
+        return level[name]
+
+    rows = []
+    for name, t in tasks.items():
+        started, ended = t.get("started_at"), t.get("ended_at")
+        rows.append({"name": name, "flow": name.split("/", 1)[0], "task": name.split("/", 1)[-1],
+                     "needs": [d for d in needs.get(name, []) if d in tasks], "level": depth(name),
+                     "duration": ended - started if started is not None and ended is not None else None,
+                     **{k: t.get(k) for k in RUN_TASK_FIELDS}})
+    rows.sort(key=lambda r: (r["level"], r["name"]))
+    return rows
+
+
+# -- a session's context -------------------------------------------------------------------------------
+CONTEXT_SHOWN = 16 * 1024   # bytes: a document up to this size (encoded) is shown on the session page
+
+
+def context_view(ctx: Mapping[str, Any], unpack: Callable[[bytes], Any]) -> Dict[str, Any]:
+    """``get_context``'s answer for the page: kind, version, size; a "doc" up to :data:`CONTEXT_SHOWN`
+    bytes decoded with ``unpack`` as ``document``.  A "blob" (a pickle) is never unpickled here."""
+    data = ctx.get("data") or b""
+    kind = ctx.get("kind")
+    small = kind == "doc" and len(data) <= CONTEXT_SHOWN
+    return {"kind": kind, "version": ctx.get("version"), "size": len(data), "limit": CONTEXT_SHOWN,
+            "shown": small, "document": unpack(bytes(data)) if small else None}

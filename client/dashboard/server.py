@@ -30,10 +30,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unauthenticated
+from mesh.wire.protocol import unpack
 
 from ..api import Client
 from ..auth import PasswordAuth
-from .query import error_body, parse_find
+from ..functions import Functions
+from .query import context_view, error_body, parse_find, task_graph
 from .sampler import Sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,7 +43,9 @@ COOKIE = "zmesh_dashboard"
 LOGIN_TTL = 8 * 3600.0      # an idle login is forgotten (and its connection closed) after this long
 MAX_LOGINS = 100            # logins kept at once; the least recently used goes first
 READS_PER_SECOND = 20.0     # management calls on behalf of browsers, all of them together
-PAGES = {"/": "overview", "/executors": "executors", "/applications": "applications", "/sessions": "sessions"}
+PAGES = {"/": "overview", "/executors": "executors", "/applications": "applications", "/sessions": "sessions",
+         "/functions": "functions", "/flows": "flows"}
+ONE = {"sessions": "session", "flows": "flow"}   # /sessions/ID and /flows/ID: one of them
 
 
 @dataclasses.dataclass
@@ -216,7 +220,7 @@ class Dashboard:
 
     async def page(self, request: Request) -> Response:
         path = request.url.path
-        view, id_ = PAGES.get(path, "session"), request.path_params.get("id", "")
+        view, id_ = PAGES.get(path) or ONE[path.split("/")[1]], request.path_params.get("id", "")
         try:
             _, _, who = await self.principal(request)
         except Unauthenticated:
@@ -265,13 +269,36 @@ class Dashboard:
             flt, page, sort = parse_find(filters, params, "id")
             tasks = await self.reads.get((key, "tasks", sid, str(flt), str(page), str(sort)),
                                          lambda: client.find_tasks(sid, flt, page, sort))
-            return {"session": dataclasses.asdict(info), "tasks": _page_json(tasks, page)}
-        finders = {"executors": (client.find_executors, "id"), "sessions": (client.find_sessions, "-created_at"),
-                   "applications": (client.find_applications, "name")}
+            ctx = await self.reads.get((key, "context", sid),
+                                       lambda: context_view(client.conn.call("get_context", {"id": sid}), unpack))
+            return {"session": dataclasses.asdict(info), "context": ctx, "tasks": _page_json(tasks, page)}
+        if name == "flow":
+            return await self._flow_run(key, client, request.path_params["id"])
+        finders: Dict[str, Tuple[Callable[..., Any], str]] = {
+            "executors": (client.find_executors, "id"), "sessions": (client.find_sessions, "-created_at"),
+            "applications": (client.find_applications, "name"), "flows": (client.find_flow_runs, "-created_at"),
+            "functions": (Functions(connection=client.conn).list, "type")}
         find, default_sort = finders[name]
         flt, page, sort = parse_find(filters, params, default_sort)
         found = await self.reads.get((key, name, str(flt), str(page), str(sort)), lambda: find(flt, page, sort))
+        if name in ("flows", "functions"):   # rows that are dicts already
+            return {"items": list(found), "total": found.total, **page}
         return _page_json(found, page)
+
+    async def _flow_run(self, key: str, client: Client, rid: str) -> Dict[str, Any]:
+        """One run and its task graph: the dependencies come from its flows' registered (newest) versions."""
+        run = await self.reads.get((key, "flow", rid), lambda: client.get_flow_run(rid))
+        if run is None:
+            raise NotFound(f"no flow run {rid!r}")
+        flows: Dict[str, Any] = {}
+        for flow in run.get("flows") or sorted({t.split("/", 1)[0] for t in run.get("tasks") or {}}):
+            try:
+                flows[flow] = await self.reads.get(("", "flow-def", flow, key), lambda f=flow: client.get_flow(f))
+            except NotFound:
+                flows[flow] = None
+        tasks = task_graph(run, flows)
+        header = {k: v for k, v in run.items() if k != "tasks"}
+        return {"run": header, "tasks": tasks, "levels": 1 + max((t["level"] for t in tasks), default=-1)}
 
     async def api_not_found(self, request: Request) -> Response:
         status, body = error_body(NotFound(f"no API endpoint {request.url.path}"))
@@ -305,6 +332,7 @@ def create_app(settings: Settings, client: Optional[Client] = None) -> Starlette
     api = dash.api
     routes = [Route(p, dash.page) for p in PAGES] + [
         Route("/sessions/{id}", dash.page),
+        Route("/flows/{id}", dash.page),
         Route("/login", dash.login, methods=["GET", "POST"]),
         Route("/logout", dash.logout, methods=["POST"]),
         Route("/api/events", dash.events),
@@ -316,6 +344,9 @@ def create_app(settings: Settings, client: Optional[Client] = None) -> Starlette
         Route("/api/sessions", api, name="sessions"),
         Route("/api/sessions/{id}", api, name="session"),
         Route("/api/tasks/{id}", api, name="task"),
+        Route("/api/functions", api, name="functions"),
+        Route("/api/flows", api, name="flows"),
+        Route("/api/flows/{id}", api, name="flow"),
         Route("/api/{rest:path}", dash.api_not_found),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
     ]

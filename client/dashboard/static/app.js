@@ -8,7 +8,7 @@
     (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
   const when = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "-";
   const secs = (s) => s === null || s === undefined ? "-" : (s < 1 ? (s * 1000).toFixed(0) + " ms" : s.toFixed(2) + " s");
-  const bytes = (n) => n >= 1 << 30 ? (n / (1 << 30)).toFixed(1) + " GiB" : n >= 1 << 20 ? (n / (1 << 20)).toFixed(1) + " MiB" : n + " B";
+  const bytes = (n) => n >= 1 << 30 ? (n / (1 << 30)).toFixed(1) + " GiB" : n >= 1 << 20 ? (n / (1 << 20)).toFixed(1) + " MiB" : n >= 1 << 10 ? (n / (1 << 10)).toFixed(1) + " KiB" : n + " B";
   const labels = (o) => Object.entries(o || {}).map(([k, v]) => `<span class="label">${esc(k)}=${esc(v)}</span>`).join(" ");
 
   function banner(text) { const b = $("banner"); b.textContent = text; b.hidden = !text; }
@@ -22,7 +22,7 @@
   if (view === "login") { $("nav-overview").parentElement.hidden = true; $("logout-form").hidden = true; return; }
   $("login").remove();
   if (body.dataset.secure !== "yes") $("logout-form").hidden = true;
-  const nav = $("nav-" + (view === "session" ? "sessions" : view)); if (nav) nav.classList.add("here");
+  const nav = $("nav-" + ({session: "sessions", flow: "flows"}[view] || view)); if (nav) nav.classList.add("here");
 
   // -- overview -------------------------------------------------------------------------------------
   const COUNTERS = [["executors", "executors"], ["instances", "instances"], ["sessions_open", "sessions open"],
@@ -78,10 +78,11 @@
 
   // -- sessions -------------------------------------------------------------------------------------
   const qs = new URLSearchParams(location.search);
-  function sessionsInit() {
-    main.innerHTML = `<form id="find"><label>filter <input name="filter" id="filter" placeholder="state=open, application~echo"
+  // the find form of /sessions, /functions and /flows: filter, sort, page size, in the address bar
+  function findInit(path, placeholder, sort, then) {
+    main.innerHTML = `<form id="find"><label>filter <input name="filter" id="filter" placeholder="${esc(placeholder)}"
       value="${esc(qs.getAll("filter").join(", "))}"></label>
-      <label>sort <input name="sort" id="sort" value="${esc(qs.get("sort") || "-created_at")}"></label>
+      <label>sort <input name="sort" id="sort" value="${esc(qs.get("sort") || sort)}"></label>
       <label>page size <input name="limit" id="limit" type="number" value="${esc(qs.get("limit") || 50)}"></label>
       <button>find</button></form><div id="result"></div>`;
     $("find").addEventListener("submit", (ev) => {
@@ -89,9 +90,16 @@
       const p = new URLSearchParams();
       $("filter").value.split(",").map((x) => x.trim()).filter(Boolean).forEach((f) => p.append("filter", f));
       p.set("sort", $("sort").value); p.set("limit", $("limit").value);
-      history.replaceState(null, "", "/sessions?" + p); sessions();
+      history.replaceState(null, "", path + "?" + p); then();
     });
   }
+  function pager(path, p, page) {
+    const offset = page.offset, limit = page.limit, prev = new URLSearchParams(p), next = new URLSearchParams(p);
+    prev.set("offset", Math.max(0, offset - limit)); next.set("offset", offset + limit);
+    return `<p class="pager">${page.items.length ? offset + 1 : 0}–${offset + page.items.length} of <span id="total">${page.total}</span>
+      ${offset > 0 ? `<a href="${path}?${prev}">previous</a>` : ""} ${offset + limit < page.total ? `<a href="${path}?${next}">next</a>` : ""}</p>`;
+  }
+  const sessionsInit = () => findInit("/sessions", "state=open, application~echo", "-created_at", sessions);
   async function sessions() {
     const p = new URLSearchParams(location.search);
     try {
@@ -130,12 +138,94 @@
       main.innerHTML = `<h2 id="session-id">${esc(s.id)}</h2>
         <p>application <a href="/applications">${esc(s.application)}</a>, <span class="state state-${esc(s.state)}">${esc(s.state)}</span>,
         created ${when(s.created_at)}; tasks: ${s.pending} queued, ${s.running} running, ${s.succeeded} succeeded, ${s.failed} failed,
-        ${s.cancelled} cancelled; ${s.instances} instances; context: ${esc(s.context_kind)} version ${s.context_version}, ${bytes(s.bytes_in)} in</p>
+        ${s.cancelled} cancelled; ${s.instances} instances; ${bytes(s.bytes_in)} in</p>${contextView(d.context)}
         <table id="tasks"><thead><tr><th>task</th><th>state</th><th>attempts</th><th>instance</th><th>created</th><th>duration</th><th>error</th></tr></thead>
         <tbody>${rows.join("")}</tbody></table><p class="pager">${d.tasks.items.length} of ${d.tasks.total} tasks</p>`;
       banner("");
     } catch (err) { banner(err.message); }
   }
+  function contextView(c) {
+    if (!c) return "";
+    const doc = c.shown ? `<pre id="context-doc">${esc(JSON.stringify(c.document, null, 2))}</pre>`
+      : `<p class="note">${c.kind === "doc" ? `larger than ${bytes(c.limit)}: not shown` : "a pickle: not shown (the dashboard never unpickles)"}</p>`;
+    return `<details id="context" ${contextOpen ? "open" : ""}><summary>context: <span id="context-kind">${esc(c.kind)}</span>,
+      version <span id="context-version">${c.version}</span>, <span id="context-size">${bytes(c.size)}</span></summary>${doc}</details>`;
+  }
+  let contextOpen = true;
+  main.addEventListener("toggle", (ev) => { if (ev.target.id === "context") contextOpen = ev.target.open; }, true);
+
+  // -- functions ------------------------------------------------------------------------------------
+  const functionsInit = () => findInit("/functions", "type~counter, queued>0", "type", functions);
+  async function functions() {
+    const p = new URLSearchParams(location.search);
+    try {
+      const page = await api("/api/functions?" + p);
+      const rows = page.items.map((f) => `<tr data-type="${esc(f.type)}"><td>${esc(f.type)}</td><td>${f.application ?
+        `<a href="/applications">${esc(f.application)}</a>` : "-"}</td><td>${f.instances}</td><td>${f.addresses}</td>
+        <td class="${f.queued ? "busy" : ""}">${f.queued}</td></tr>`);
+      $("result").innerHTML = `<table id="functions"><thead><tr><th>function type</th><th>application</th><th>instances</th>
+        <th>addresses held</th><th>messages queued</th></tr></thead><tbody>${rows.join("")}</tbody></table>` + pager("/functions", p, page);
+      banner("");
+    } catch (err) { banner(err.message); }
+  }
+
+  // -- flow runs ------------------------------------------------------------------------------------
+  const dur = (a, b) => a && b ? secs(b - a) : "-";
+  const flowsInit = () => findInit("/flows", "state=failed, name~nightly, flows~simulate", "-created_at", flows);
+  async function flows() {
+    const p = new URLSearchParams(location.search);
+    try {
+      const page = await api("/api/flows?" + p);
+      const rows = page.items.map((r) => `<tr><td><a class="run-link" href="/flows/${encodeURIComponent(r.id)}">${esc(r.id)}</a></td>
+        <td>${esc(r.name)}</td><td>${esc(r.flows)}</td><td class="state state-${esc(r.state)}">${esc(r.state)}</td><td>${esc(r.owner)}</td>
+        <td>${when(r.created_at)}</td><td>${when(r.started_at)}</td><td>${dur(r.started_at, r.ended_at)}</td><td>${esc(r.schedule || "")}</td></tr>`);
+      $("result").innerHTML = `<table id="flows"><thead><tr><th>run</th><th>name</th><th>flows</th><th>state</th><th>owner</th>
+        <th>created</th><th>started</th><th>duration</th><th>schedule</th></tr></thead><tbody>${rows.join("")}</tbody></table>` + pager("/flows", p, page);
+      banner("");
+    } catch (err) { banner(err.message); }
+  }
+
+  // -- one flow run: its task graph (an SVG of the levels, and a table by level) ---------------------
+  const COLOURS = {succeeded: "#cfeccf", failed: "#f6c9c9", running: "#cfe0f6", skipped: "#e6e6e6", cancelled: "#eee0c8"};
+  function graphSvg(tasks, levels) {
+    const W = 190, H = 34, GX = 60, GY = 14, pos = {}, per = {};
+    for (const t of tasks) { const i = per[t.level] = (per[t.level] || 0) + 1; pos[t.name] = [t.level * (W + GX), (i - 1) * (H + GY)]; }
+    const height = Math.max(1, ...Object.values(per)) * (H + GY), width = Math.max(1, levels) * (W + GX) - GX;
+    const lines = tasks.flatMap((t) => t.needs.filter((n) => pos[n]).map((n) =>
+      `<line x1="${pos[n][0] + W}" y1="${pos[n][1] + H / 2}" x2="${pos[t.name][0]}" y2="${pos[t.name][1] + H / 2}" stroke="#889" marker-end="url(#arrow)"/>`));
+    const boxes = tasks.map((t) => `<g class="node" data-task="${esc(t.name)}"><title>${esc(t.name)}: ${esc(t.state)}</title>
+      <rect x="${pos[t.name][0]}" y="${pos[t.name][1]}" width="${W}" height="${H}" rx="5" fill="${COLOURS[t.state] || "#fff"}" stroke="#99a"/>
+      <text x="${pos[t.name][0] + 8}" y="${pos[t.name][1] + 21}">${esc(t.name.length > 26 ? t.name.slice(0, 25) + "…" : t.name)}</text></g>`);
+    return `<svg id="graph" width="${width + 12}" height="${height}" font-size="12"><defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5"
+      markerWidth="7" markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#889"/></marker></defs>${lines.join("")}${boxes.join("")}</svg>`;
+  }
+  async function flow() {
+    const id = body.dataset.id;
+    try {
+      const d = await api(`/api/flows/${encodeURIComponent(id)}`);
+      const r = d.run;
+      const rows = d.tasks.map((t) => {
+        const e = t.error || {}, det = e.details || {}, key = "run:" + t.name;
+        const failed = t.state === "failed";
+        const tb = failed ? `<button class="traceback" data-task="${esc(key)}">${esc(det.type || e.code || "error")}</button>`
+          : (e.message ? esc(e.message) : "");
+        return `<tr data-task="${esc(t.name)}"><td>${t.level}</td><td>${esc(t.name)}</td><td>${t.needs.map(esc).join(", ") || "-"}</td>
+          <td class="state state-${esc(t.state)}">${esc(t.state)}</td><td>${t.attempts || 0}</td><td>${esc(t.executor || "")}</td>
+          <td>${when(t.started_at)}</td><td>${secs(t.duration)}</td><td>${tb}</td></tr>` +
+          (failed ? `<tr class="tb" id="tb-${esc(key)}" ${open.has(key) ? "" : "hidden"}><td colspan="9"><b>${esc(det.type || e.code || "")}</b>
+          <span class="error-message">${esc(e.message)}</span><pre class="traceback-text">${esc(det.traceback || "")}</pre></td></tr>` : "");
+      });
+      const err = r.error ? `; failed at <b>${esc(r.error.task)}</b>: <span id="run-error">${esc(r.error.message)}</span>` : "";
+      main.innerHTML = `<h2 id="run-id">${esc(r.name || r.id)} <small>${esc(r.id)}</small></h2>
+        <p>flows ${esc((r.flows || []).join(", "))}, <span class="state state-${esc(r.state)}" id="run-state">${esc(r.state)}</span>, owner ${esc(r.owner)},
+        created ${when(r.created_at)}, started ${when(r.started_at)}, duration ${dur(r.started_at, r.ended_at)}${err}</p>
+        <div class="graph">${graphSvg(d.tasks, d.levels)}</div>
+        <table id="run-tasks"><thead><tr><th>level</th><th>task</th><th>needs</th><th>state</th><th>attempts</th><th>executor</th>
+        <th>started</th><th>duration</th><th>error</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
+      banner("");
+    } catch (err) { banner(err.message); }
+  }
+
   main.addEventListener("click", (ev) => {
     const b = ev.target.closest("button.traceback");
     if (!b) return;
@@ -144,9 +234,11 @@
   });
 
   // -- live -----------------------------------------------------------------------------------------
-  const render = {overview, executors, applications, sessions, session}[view];
+  const render = {overview, executors, applications, sessions, session, functions, flows, flow}[view];
   if (view === "overview") overviewInit();
   if (view === "sessions") sessionsInit();
+  if (view === "functions") functionsInit();
+  if (view === "flows") flowsInit();
   let staleBanner = false;
   const events = new EventSource("/api/events");
   events.addEventListener("snapshot", (ev) => {
@@ -159,5 +251,5 @@
     render(s);
   });
   events.onerror = () => { $("live").textContent = "reconnecting…"; };
-  if (view === "sessions" || view === "session") render();
+  if (["sessions", "session", "functions", "flows", "flow"].includes(view)) render();
 })();
