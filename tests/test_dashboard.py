@@ -21,11 +21,13 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import pytest
 from conftest import FAST, ROOT, tools_spec, wait_until
 
-from client import Session
-from client.dashboard.query import parse_filter, parse_find
+from client import Client, Functions, Session
+from client.dashboard.query import CONTEXT_SHOWN, context_view, parse_filter, parse_find, task_graph
+from client.flows import Flow, Parameter
 from client.dashboard.sampler import parse_metrics, quantile
 from client.local import LocalMesh, end_process
 from mesh import errors
+from mesh.wire.protocol import pack, unpack
 
 IMG = os.path.join(ROOT, "docs", "img")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -56,6 +58,34 @@ def test_latency_quantiles_come_from_histogram_deltas():
     assert quantile(before, after, 0.5) == 0.1 and quantile(before, after, 0.05) == 0.01
     assert quantile(before, after, 1.0) == 0.1 and not math.isinf(quantile(before, after, 1.0))
     assert quantile(after, after, 0.5) is None      # nothing observed in between
+
+
+def test_a_runs_task_graph_has_levels_and_full_names():
+    # Given a run of flows a (x -> y, z) and b (w needs a/y), when drawn, then each task sits one level
+    # past the deepest task it needs, named flow/task, and the result keys are left out
+    run = {"tasks": {"a/x": {"state": "succeeded", "started_at": 1.0, "ended_at": 3.5, "result": "secret-key"},
+                     "a/y": {"state": "failed", "error": {"message": "no"}}, "a/z": {"state": "skipped"},
+                     "b/w": {"state": "skipped"}}}
+    flows = {"a": {"tasks": [{"name": "x", "needs": []}, {"name": "y", "needs": ["x"]}, {"name": "z", "needs": ["x"]}]},
+             "b": {"tasks": [{"name": "w", "needs": ["a/y"]}]}}
+    rows = task_graph(run, flows)
+    assert [(r["name"], r["level"], r["needs"]) for r in rows] == [
+        ("a/x", 0, []), ("a/y", 1, ["a/x"]), ("a/z", 1, ["a/x"]), ("b/w", 2, ["a/y"])]
+    assert rows[0]["duration"] == 2.5 and "result" not in rows[0] and rows[1]["error"] == {"message": "no"}
+    assert [r["level"] for r in task_graph(run, {"a": None, "b": None})] == [0, 0, 0, 0]   # flows unknown
+
+
+def test_a_context_is_shown_when_it_is_a_small_document_and_never_unpickled():
+    small = context_view({"kind": "doc", "version": 3, "data": pack({"k": [1, 2]})}, unpack)
+    assert small == {"kind": "doc", "version": 3, "size": len(pack({"k": [1, 2]})), "limit": CONTEXT_SHOWN,
+                     "shown": True, "document": {"k": [1, 2]}}
+    big = context_view({"kind": "doc", "version": 1, "data": pack("x" * CONTEXT_SHOWN)}, unpack)
+    assert not big["shown"] and big["document"] is None and big["size"] > CONTEXT_SHOWN
+
+    def refuse(data: bytes) -> Any:
+        raise AssertionError("a blob was decoded")
+    blob = context_view({"kind": "blob", "version": 2, "data": b"\x80\x04pickle"}, refuse)
+    assert blob["kind"] == "blob" and blob["size"] == 8 and not blob["shown"] and blob["document"] is None
 
 
 # -- a dashboard process -------------------------------------------------------------------------------
@@ -197,6 +227,92 @@ def test_api_filters_sorts_pages_and_types_its_errors(dash):
             s.close()
 
 
+FN_SPEC = {"metadata": {"name": "fn-counter"},
+           "spec": {"command": sys.executable, "arguments": ["fn_counter.py"],
+                    "working_directory": os.path.join(ROOT, "tests", "apps")}}
+
+
+@pytest.fixture(scope="module")
+def served(dash) -> Dict[str, Any]:
+    """On ``dash``: the counter function app after it served one message, and a flow run that failed
+    (first -> explode -> after; explode raises)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "apps"))
+    try:
+        from fn_counter import Tick
+    finally:
+        sys.path.pop(0)
+    with Client(dash.endpoint) as c:
+        c.register_application(FN_SPEC)
+        with Functions(dash.endpoint) as fn:
+            assert fn.call("test/count", "ann", Tick("m1"), timeout=WAIT * 2) == 1
+        f = Flow("dash-failing", client=c)
+
+        @f.task
+        def first(x: int) -> int:
+            return x + 1
+
+        @f.task
+        def explode(y: int) -> int:
+            raise ValueError(f"cannot use {y}")
+
+        @f.task
+        def after(z: int) -> int:
+            return z
+
+        with f:
+            after(explode(first(Parameter("x"))))
+        with pytest.raises(errors.TaskFailed):
+            f.run_and_return({"x": 1}, timeout=WAIT * 2)
+        [run] = c.find_flow_runs(filter={"flows": "dash-failing"})
+    return {"run": run["id"]}
+
+
+def test_api_functions_and_flow_runs_filter_sort_page_and_type_their_errors(dash, served):
+    status, page = get(dash.url + "/api/functions?filter=type~test/&sort=-type&limit=2")
+    types = [f["type"] for f in page["items"]]
+    assert status == 200 and page["total"] >= 3 and types == sorted(types, reverse=True) and len(types) == 2
+    status, page = get(dash.url + "/api/functions?filter=type=test/count")
+    [row] = page["items"]
+    assert row["application"] == "fn-counter" and row["addresses"] >= 1 and row["instances"] >= 1, row
+    status, page = get(dash.url + "/api/functions?limit=1&offset=1&sort=type")
+    assert status == 200 and len(page["items"]) == 1 and page["offset"] == 1
+    status, body = get(dash.url + "/api/functions?filter=colour=blue")
+    assert status == 400 and body["error"]["code"] == "invalid_argument"
+
+    status, page = get(dash.url + "/api/flows?filter=state=failed&filter=flows~dash-failing&sort=-created_at")
+    assert status == 200 and [r["id"] for r in page["items"]] == [served["run"]] and page["total"] == 1
+    status, page = get(dash.url + "/api/flows?limit=1&offset=5")
+    assert status == 200 and page["items"] == [] and page["total"] >= 1
+    status, body = get(dash.url + "/api/flows?sort=colour")
+    assert status == 400 and body["error"]["code"] == "invalid_argument"
+    status, body = get(dash.url + "/api/flows?limit=5000")
+    assert status == 400 and body["error"]["code"] == "invalid_argument"
+    status, body = get(dash.url + "/api/flows/no-such-run")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+    status, d = get(dash.url + f"/api/flows/{served['run']}")
+    assert status == 200 and d["run"]["state"] == "failed" and d["levels"] == 3
+    tasks = {t["name"]: t for t in d["tasks"]}
+    assert [t["name"] for t in d["tasks"]] == ["dash-failing/first", "dash-failing/explode", "dash-failing/after"]
+    assert tasks["dash-failing/explode"]["needs"] == ["dash-failing/first"]
+    assert [tasks[n]["state"] for n in tasks] == ["succeeded", "failed", "skipped"]
+    assert tasks["dash-failing/first"]["duration"] is not None and "result" not in tasks["dash-failing/first"]
+    err = tasks["dash-failing/explode"]["error"]
+    assert "cannot use 2" in err["message"] and err["details"]["type"] == "ValueError"
+
+
+def test_api_session_has_its_context(dash):
+    with Session("tools", manager=dash.endpoint, ctx={"model": "m-7", "weights": [1, 2, 3]}) as s:
+        status, d = get(dash.url + f"/api/sessions/{s.id()}")
+        c = d["context"]
+        assert status == 200 and c["kind"] == "doc" and c["shown"] and c["document"] == {"model": "m-7", "weights": [1, 2, 3]}
+        s.update_context({"big": "x" * (CONTEXT_SHOWN + 1)})
+        wait_until(lambda: get(dash.url + f"/api/sessions/{s.id()}")[1]["context"]["version"] > c["version"], WAIT,
+                   what="the new context version")
+        big = get(dash.url + f"/api/sessions/{s.id()}")[1]["context"]
+        assert not big["shown"] and big["document"] is None and big["size"] > CONTEXT_SHOWN
+
+
 def test_api_drain_without_the_page_header_is_refused(dash):
     req = urllib.request.Request(dash.url + "/api/executors/exec-0/drain", method="POST", data=b"")
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -261,6 +377,31 @@ def test_executors_and_applications_pages(dash, browser):
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-executor="exec-0"]'), "the executor row")
     assert "/4" in text_of(browser, "#executors")
     shot(browser, "dashboard-executors.png")
+
+
+def test_functions_flows_and_a_sessions_context_in_the_browser(dash, served, browser):
+    from selenium.webdriver.common.by import By
+    browser.get(dash.url + "/functions")
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-type="test/count"]'), "the function type's row")
+    assert "fn-counter" in text_of(browser, 'tr[data-type="test/count"]')
+    shot(browser, "dashboard-functions.png")
+
+    browser.get(dash.url + "/flows?filter=flows~dash-failing")
+    until(browser, lambda d: "failed" in text_of(d, "#flows tbody"), "the failed run's row")
+    shot(browser, "dashboard-flows.png")
+    click(browser, "a.run-link", "the run")
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#graph g.node"), "the task graph")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph g.node")) == 3
+    assert "cannot use 2" in text_of(browser, "#run-error")
+    click(browser, "button.traceback", "the failed task's error")
+    until(browser, lambda d: "in explode" in text_of(d, "pre.traceback-text"), "the failed task's traceback")
+    shot(browser, "dashboard-flow-run.png")
+
+    with Session("tools", manager=dash.endpoint, ctx={"model": "m-7", "weights": [1, 2, 3]}) as s:
+        browser.get(dash.url + f"/sessions/{s.id()}")
+        until(browser, lambda d: '"model": "m-7"' in text_of(d, "#context-doc"), "the context, pretty-printed")
+        assert text_of(browser, "#context-kind") == "doc" and text_of(browser, "#context-version") == "0"
+        shot(browser, "dashboard-session-context.png")
 
 
 # -- a secured mesh: logins and roles ------------------------------------------------------------------
