@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import html
 import json
 import os
@@ -293,7 +294,7 @@ class Dashboard:
         flows: Dict[str, Any] = {}
         for flow in run.get("flows") or sorted({t.split("/", 1)[0] for t in run.get("tasks") or {}}):
             try:
-                flows[flow] = await self.reads.get(("", "flow-def", flow, key), lambda f=flow: client.get_flow(f))
+                flows[flow] = await self.reads.get((key, "flow-def", flow), functools.partial(client.get_flow, flow))
             except NotFound:
                 flows[flow] = None
         tasks = task_graph(run, flows)
