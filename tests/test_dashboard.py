@@ -467,6 +467,61 @@ def test_secured_mesh_needs_a_login_and_only_an_admin_drains(secure_dash, browse
     shot(browser, "dashboard-drain.png")
 
 
+def http_login(url: str, user: str, password: str) -> str:
+    """POST the login form (the 303 not followed); the cookie it sets."""
+    import http.client
+    import urllib.parse
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=WAIT)
+    try:
+        conn.request("POST", "/login", urllib.parse.urlencode({"user": user, "password": password, "next": "/"}),
+                     {"Content-Type": "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        assert r.status == 303, (r.status, r.read())
+        return (r.getheader("Set-Cookie") or "").split(";")[0]
+    finally:
+        conn.close()
+
+
+def test_flow_runs_and_contexts_are_read_as_the_logged_in_user(secure_dash):
+    # Given ann's scheduled run and ann's session, when bob (a user) asks, then he sees neither;
+    # a viewer reads both; the function types are readable by any login
+    from client.auth import PasswordAuth
+    url = secure_dash.url
+    with secure_dash.client() as c:
+        for name, role in (("ann", "user"), ("bob", "user")):
+            c.add_user(name, role, f"{name}-pw")
+        c.register_application(tools_spec(), replace=True)
+    with Client(secure_dash.endpoint, manager_key=secure_dash.manager_key, auth=PasswordAuth("ann", "ann-pw")) as ann:
+        f = Flow("anns-later", client=ann)
+
+        @f.task
+        def noop() -> int:
+            return 1
+
+        with f:
+            noop()
+        run = f.run(scheduled_start_time=time.time() + 3600)
+        with Session("tools", manager=secure_dash.endpoint, manager_key=secure_dash.manager_key,
+                     auth=PasswordAuth("ann", "ann-pw"), ctx={"owner": "ann"}) as s:
+            ann_cookie, bob_cookie, vic_cookie = (http_login(url, u, f"{u}-pw") for u in ("ann", "bob", "vic"))
+            status, page = get(url + "/api/flows?filter=name~anns-later", ann_cookie)
+            assert status == 200 and [r["id"] for r in page["items"]] == [run.id]
+            status, page = get(url + "/api/flows?filter=name~anns-later", bob_cookie)
+            assert status == 200 and page["total"] == 0
+            status, body = get(url + f"/api/flows/{run.id}", bob_cookie)
+            assert status == 404 and body["error"]["code"] == "not_found"
+            status, d = get(url + f"/api/flows/{run.id}", vic_cookie)
+            assert status == 200 and d["run"]["state"] == "scheduled" and [t["name"] for t in d["tasks"]] == ["anns-later/noop"]
+            status, body = get(url + f"/api/sessions/{s.id()}", bob_cookie)
+            assert status in (403, 404), body
+            status, d = get(url + f"/api/sessions/{s.id()}", vic_cookie)
+            assert status == 200 and d["context"]["document"] == {"owner": "ann"}
+            status, page = get(url + "/api/functions", bob_cookie)
+            assert status == 200 and page["items"] == []
+        ann.cancel_flow_run(run.id)
+
+
 def test_browsers_do_not_multiply_the_managers_load(dash):
     # Given one dashboard, when ten event streams are open for a few snapshots, then the manager's
     # request counter grows by the sampler's five calls per snapshot, not by ten times that
