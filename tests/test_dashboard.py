@@ -236,11 +236,7 @@ FN_SPEC = {"metadata": {"name": "fn-counter"},
 def served(dash) -> Dict[str, Any]:
     """On ``dash``: the counter function app after it served one message, and a flow run that failed
     (first -> explode -> after; explode raises)."""
-    sys.path.insert(0, os.path.join(ROOT, "tests", "apps"))
-    try:
-        from fn_counter import Tick
-    finally:
-        sys.path.pop(0)
+    from fn_counter import Tick   # tests/apps is on the path (conftest)
     with Client(dash.endpoint) as c:
         c.register_application(FN_SPEC)
         with Functions(dash.endpoint) as fn:
