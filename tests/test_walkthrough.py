@@ -16,8 +16,15 @@ bridge.  A small fixed set of things is rewritten, and nothing else:
 * `systemctl enable --now UNIT` starts the ExecStart= of the unit the installer put in the
   host's root, inside `ip netns exec HOST`, with a NOTIFY_SOCKET, and waits (bounded, the
   unit's TimeoutStartSec=) for READY=1, as systemd does for Type=notify;
-  `systemctl status UNIT` checks it still runs and has sent a STATUS= line;
-* host names in `tcp://HOST:` addresses are the hosts' IP addresses.
+  `systemctl status UNIT` checks it still runs and has sent a STATUS= line with what the
+  line's comment says it shows;
+* host names in `tcp://HOST:` addresses are the hosts' IP addresses;
+* a step "On m2 (and likewise m3)" runs on m3 with m3 for m2 in its blocks.
+
+A comment naming hosts ("# m2 and m3, alive") is checked against the command's output.
+The hosts share one file system (namespaces separate the network only): a path that exists
+on one host's root but not another's is not caught when a daemon reads it by absolute path
+(as an executor does the registered working_directory).
 
 Any other command line fails the test, so the docs cannot grow a step the test ignores.
 The final check must print what the text after the last block says it prints.
@@ -135,12 +142,19 @@ KINDS = [  # (kind, pattern over the whole line, comments removed)
     ("copy", r"scp (/\S+) (m\d):(/\S+)"),
 ]
 
+SYNTAX = {"clone": ["<", ">"], "zmesh-stdin": ["|"]}   # the shell syntax a kind's pattern spells out
+
 
 def _classify(line: str) -> Tuple[str, "re.Match[str]"]:
     bare = " ".join(shlex.split(line, comments=True, posix=False))
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    operators = [t for t in lexer if t and set(t) <= set("();<>|&")]
+    unquoted = re.sub(r"'[^']*'", "", bare)
     for kind, pattern in KINDS:
         m = re.fullmatch(pattern, bare)
-        if m:
+        # shell syntax (;, &&, redirections, $VARS) only where a pattern spells it out
+        if m and operators == SYNTAX.get(kind, []) and (kind == "zmesh-stdin" or not re.search(r"[$`]", unquoted)):
             return kind, m
     raise AssertionError(f"docs/operations.md has a command this test does not know how to run: {line!r}")
 
@@ -241,6 +255,8 @@ class Mesh:
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
     def _stop(self, unit: Unit) -> None:
+        if unit.sock.fileno() == -1:
+            return                           # stopped already
         if unit.proc.poll() is None:
             os.kill(unit.proc.pid, 15)       # SIGTERM, as `systemctl stop`, to the unit's own PID
             try:
@@ -268,7 +284,9 @@ class Mesh:
                            text=True, timeout=COMMAND_TIMEOUT, env=self.env[host], cwd=self.root[host])
         assert r.returncode == 0, (f"on {host}: `{line}` exited {r.returncode}\nstdout: {r.stdout}\n"
                                    f"stderr: {r.stderr}\n{self.logs()}")
-        comment = line.partition("#")[2] if "'" not in line.partition("#")[2] else ""
+        comment = re.search(r"(?:^|\s)#\s(.*)$", line)
+        comment = comment.group(1) if comment and shlex.split(line, comments=True) == shlex.split(
+            line[:comment.start()]) else ""
         for name in HOST.findall(comment):   # "# m2 and m3, alive": the listing shows them
             assert re.search(rf"\b{name}\b", r.stdout), f"on {host}: `{line}` does not show {name}:\n{r.stdout}"
         return r.stdout
@@ -311,6 +329,10 @@ class Mesh:
             unit.drain_notifications()
             assert unit.proc.poll() is None, f"on {host}: {unit.name} exited {unit.proc.poll()}:\n{unit.tail()}"
             assert unit.status, f"on {host}: {unit.name} sent no STATUS= line"
+            said = re.search(r"#\s*STATUS line: (.+)$", line)   # "# STATUS line: sessions, tasks in flight, ..."
+            for item in (said.group(1).split(",") if said else []):
+                assert item.strip() in unit.status, f"on {host}: {unit.name}'s STATUS= has no {item.strip()!r}: " \
+                                                    f"{unit.status!r}"
         else:                                # pragma: no cover
             raise AssertionError(kind)
 
@@ -397,3 +419,14 @@ def test_the_walkthrough_runs_as_written_across_four_hosts(hosts):
     assert mesh.last_output.strip() == m.group(1), (mesh.last_output, m.group(1))
     for unit in mesh.units:                  # nothing fell over along the way
         assert unit.proc.poll() is None, f"{unit.name} exited {unit.proc.returncode}:\n{unit.tail()}"
+    for unit in reversed(mesh.units):        # `systemctl stop`: executors drain and exit 0, then the manager
+        mesh._stop(unit)
+        assert unit.proc.returncode == 0, f"{unit.name} stopped with exit {unit.proc.returncode}:\n{unit.tail()}"
+
+
+@pytest.mark.parametrize("line", ["curl -sSL https://example.com/install | sh", "systemctl restart zeromesh-manager",
+                                  "zmesh login --user alice; rm -rf /", "cp /etc/zeromesh/keys/manager.key /tmp",
+                                  'echo "$OTHER" | zmesh login --user alice --password-stdin'])
+def test_a_command_the_test_does_not_know_fails_it(line):
+    with pytest.raises(AssertionError, match="does not know how to run"):
+        _classify(line)
