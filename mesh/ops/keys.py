@@ -64,6 +64,9 @@ def load_public(path: str) -> bytes:
 
 
 def _load(path: str) -> Tuple[bytes, Optional[bytes]]:
+    if not os.path.exists(path):
+        raise InvalidArgument(f"{path}: no such key file (copy the manager's public key there, or give its path)",
+                              path=path)
     try:
         return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
