@@ -7,7 +7,13 @@ object or ``None``; ``find_x(filter=..., page=..., sort=...)`` returns a
     c.find_sessions(filter={"state": "open", "created_at": (">=", t0)},
                     page={"limit": 50, "offset": 0}, sort={"by": "created_at", "order": "descending"})
 
-Filter ops: ``=`` ``!`` ``~`` (substring) ``<`` ``<=`` ``>`` ``>=``.
+Filter ops: ``=`` ``!`` ``~`` (substring) ``<`` ``<=`` ``>`` ``>=`` (:class:`FilterOperator`), as
+``(op, value)`` or as the FLAME Hub client's shorthand, a string that starts with the op::
+
+    c.find_sessions(filter={"application": "~echo", "state": "!closed", "created_at": ">2026-01-01"})
+
+Dates and times (ISO, UTC unless they say otherwise) compare with the epoch fields.  A page is
+50 records unless ``page`` says otherwise (``mesh.core.query.DEFAULT_LIMIT``).
 
 A :class:`Page` is a sequence (``for s in page``, ``len``, ``page[0]``,
 ``page[:10]``) that also carries ``total``, the number of matches over all
@@ -38,6 +44,7 @@ from typing import (
     overload,
 )
 
+from mesh.core.query import FilterOperator
 from mesh.errors import InvalidArgument, NotFound
 from mesh.model.spec import AppSpec, load_spec
 
@@ -72,6 +79,14 @@ def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _condition(value: Any) -> Any:
+    """A filter condition as it travels: ``(op, value)`` as a list, a :class:`FilterOperator` as its
+    symbol; the shorthand string (``"~echo"``) as it is (the manager reads it)."""
+    if isinstance(value, (tuple, list)):
+        return [x.value if isinstance(x, FilterOperator) else x for x in value]
+    return value
 
 
 def _renamed(**old_to_new: str) -> Callable[[F], F]:
@@ -273,7 +288,7 @@ class Client:
 
     def find_applications(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                           sort: Optional[Mapping[str, Any]] = None) -> Page[Application]:
-        """Registered applications, filtered, sorted and paged by the manager (default: the first 100):
+        """Registered applications, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_applications", Application, filter, page, sort)
 
@@ -289,7 +304,7 @@ class Client:
 
     def find_sessions(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                       sort: Optional[Mapping[str, Any]] = None) -> Page[SessionInfo]:
-        """Sessions you may read, filtered, sorted and paged by the manager (default: the first 100):
+        """Sessions you may read, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_sessions", SessionInfo, filter, page, sort)
 
@@ -300,7 +315,7 @@ class Client:
 
     def find_tasks(self, session_id: str, filter: Optional[Mapping[str, Any]] = None,
                    page: Optional[Mapping[str, Any]] = None, sort: Optional[Mapping[str, Any]] = None) -> Page[TaskInfo]:
-        """Tasks of one session, filtered, sorted and paged by the manager (default: the first 100):
+        """Tasks of one session, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_tasks", TaskInfo, filter, page, sort, session=session_id)
 
@@ -323,7 +338,7 @@ class Client:
 
     def find_executors(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                        sort: Optional[Mapping[str, Any]] = None) -> Page[ExecutorInfo]:
-        """Connected executors, filtered, sorted and paged by the manager (default: the first 100):
+        """Connected executors, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_executors", ExecutorInfo, filter, page, sort)
 
@@ -436,7 +451,7 @@ class Client:
 
     def _find(self, method: str, cls: Type[T], filter: Optional[Mapping[str, Any]],
               page: Optional[Mapping[str, Any]], sort: Optional[Mapping[str, Any]], **extra: Any) -> Page[T]:
-        args: Dict[str, Any] = {"filter": {k: list(v) if isinstance(v, tuple) else v for k, v in (filter or {}).items()},
+        args: Dict[str, Any] = {"filter": {k: _condition(v) for k, v in (filter or {}).items()},
                                 "page": dict(page or {}), "sort": dict(sort or {}), **extra}
         r = self.conn.call(method, args)
         return Page([_build(cls, d) for d in r["items"]], r["total"])

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
+from mesh.core.query import DEFAULT_LIMIT, MAX_LIMIT
 from mesh.errors import InvalidArgument, NotFound
 
 from .cli_common import (_client, _errors, _jsonable, _lenient_loads, _parse_filter, _plain, _sort, _table,
@@ -77,20 +78,21 @@ def unregister(manager: Optional[str], name: str) -> None:
 
 @main.command(name="list")
 @manager_option
-@click.option("-a", "--apps", "apps", is_flag=True, help="Applications.")
-@click.option("-s", "--sessions", "sessions", is_flag=True, help="Sessions.")
-@click.option("-e", "--executors", "executors", is_flag=True, help="Executors.")
-@click.option("-t", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
+@click.option("-a", "--application", "--apps", "apps", is_flag=True, help="Applications.")
+@click.option("-s", "--session", "--sessions", "sessions", is_flag=True, help="Sessions.")
+@click.option("-e", "--executor", "--executors", "executors", is_flag=True, help="Executors.")
+@click.option("-t", "--task", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD<op>VALUE",
               help="Repeatable: state=open, created_at>=1700000000, id~echo, state!=closed.")
 @click.option("--sort", "sort", default=None, metavar="[-]FIELD", help="Sort by FIELD; -FIELD for descending.")
-@click.option("--limit", type=click.IntRange(0, 10000), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(0, MAX_LIMIT), default=DEFAULT_LIMIT, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @json_option
 @_errors
 def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, tasks_of: Optional[str],
           filters: Tuple[str, ...], sort: Optional[str], limit: int, offset: int, as_json: bool) -> None:
-    """List applications (-a), sessions (-s), executors (-e) or a session's tasks (-t SESSION_ID).
+    """List applications (-a, --application), sessions (-s, --session), executors (-e, --executor)
+    or a session's tasks (-t, --task SESSION_ID).
 
     Filtering, sorting and paging happen in the manager.
     """
@@ -113,7 +115,7 @@ def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, t
 
 @main.command()
 @manager_option
-@click.option("-a", "--app", "app", default=None, help="Application name.")
+@click.option("-a", "--application", "--app", "app", default=None, help="Application name.")
 @click.option("-s", "--session", "session", default=None, help="Session id.")
 @click.option("-e", "--executor", "executor_id", default=None, help="Executor id.")
 @click.option("-t", "--task", "task_id", type=int, default=None, help="Task id.")

@@ -14,6 +14,7 @@ transaction) before the reply.  Argument names are the record field names
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from typing import Any, Callable, Dict, List, Optional
 
@@ -50,6 +51,7 @@ EXECUTOR_FIELDS = ["id", "state", "hostname", "slots", "used_slots", "instances"
 TASK_FIELDS = ["id", "session", "state", "attempts", "created_at", "finished_at", "error"]
 
 Args = Dict[str, Any]
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")   # a caller-chosen session id
 MAX_OBJECT_WAIT = 60.0   # seconds a get_object may wait for an object to be put (its ``wait``)
 
 
@@ -313,13 +315,20 @@ class ControlRules(Base):
         resreq = args.get("resreq")
         req = Resources.parse(resreq) if resreq else app.spec.resreq
         sid = _arg(args, "id", str, required=False)
+        chosen = sid is not None
         taken = lambda name: name in self.sessions or name in self.creating  # noqa: E731
         if sid is None:
             sid = f"{app.spec.name}-{secrets.token_hex(3)}"
             while taken(sid):
                 sid = f"{app.spec.name}-{secrets.token_hex(3)}"
-        elif taken(sid):
-            raise AlreadyExists(f"session {sid!r} already exists", session=sid)
+        else:   # the caller's own id (Flame's custom session ids)
+            if not SESSION_ID_RE.fullmatch(sid):
+                raise InvalidArgument(f"session id {sid!r} must match {SESSION_ID_RE.pattern}", argument="id")
+            if taken(sid):
+                old = self.sessions.get(sid)
+                why = ("and is closed (session ids are not reused)" if old is not None and old.state != OPEN
+                       else f"and is open: reopen it with Session(session_id={sid!r})")
+                raise AlreadyExists(f"session {sid!r} already exists {why}", session=sid)
         max_instances = _arg(args, "max_instances", int, required=False)
         if max_instances is not None and max_instances < 1:
             raise InvalidArgument("max_instances is at least 1", argument="max_instances")
@@ -345,7 +354,8 @@ class ControlRules(Base):
             raise exc
 
         return Later(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
-                                                        s.context.kind, s.context.encoded(), s.max_instances),
+                                                        s.context.kind, s.context.encoded(), s.max_instances,
+                                                        unique=chosen),
                      then=created, fail=undo)
 
     def do_get_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:

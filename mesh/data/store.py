@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mesh.data.batch import OBJECT_PREFIX, Batch, SavedState
+from mesh.errors import AlreadyExists
 from mesh.wire.protocol import pack, unpack
 
 SCHEMA = """
@@ -216,9 +217,14 @@ class Store:
         ]
 
     def create_session(self, sid: str, app: str, created_at: float, resreq: Dict[str, Any], owner: str,
-                       kind: str, context: bytes, max_instances: Optional[int] = None) -> None:
-        """A new session and its first context snapshot, in one transaction."""
+                       kind: str, context: bytes, max_instances: Optional[int] = None, unique: bool = False) -> None:
+        """A new session and its first context snapshot, in one transaction.  With ``unique`` (an id the
+        caller chose), ``AlreadyExists`` if a session of that id was ever written (a closed one is not in
+        the manager's memory after a restart, and its id is not reused)."""
         with self.tx():
+            if unique and self.db.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is not None:
+                raise AlreadyExists(f"session {sid!r} already exists and is closed (session ids are not reused)",
+                                    session=sid)
             self.put_session(sid, app, "open", created_at, None, resreq, owner, max_instances)
             self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, 0, kind, context))
 
