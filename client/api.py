@@ -125,6 +125,7 @@ class Application(Record):
     spec: Dict[str, Any] = field(default_factory=dict)
     owner: str = ""                 # a temporary application's user (docs/runner.md)
     lease: Optional[str] = None     # a temporary application ends with this lease
+    version: int = 1                # metadata.version; update_application bumps it
 
 
 @dataclass
@@ -146,6 +147,7 @@ class SessionInfo(Record):
     conflicts: int = 0
     resreq: Dict[str, Any] = field(default_factory=dict)
     max_instances: Optional[int] = None   # the session's own bound on its instances, if any
+    version: Optional[int] = None   # the version of its application it was opened on
 
 
 @dataclass
@@ -177,6 +179,8 @@ class TaskInfo(Record):
     finished_at: Optional[float] = None
     error: Optional[Dict[str, Any]] = None
     instance: Optional[str] = None
+    has_result: bool = False   # get_task: the result is kept (its session is open, or closed within result_retention)
+    result: Any = None         # get_task: the entrypoint's return value, when has_result
 
 
 @dataclass
@@ -249,7 +253,9 @@ class Client:
         return self.conn.call("register_application", {"spec": _spec(spec).to_dict(), "replace": replace})
 
     def update_application(self, spec: Any) -> Dict[str, Any]:
-        """Replace a registered application's spec; new instances use it."""
+        """Replace a registered application's spec; new instances use it.  Its ``version`` goes up
+        by one (or to the spec's ``metadata.version`` if that is higher); a session records the
+        version it was opened on."""
         spec = _spec(spec)
         name = spec.name
         if self.get_application(name) is None:
@@ -320,8 +326,19 @@ class Client:
         return self._find("find_tasks", TaskInfo, filter, page, sort, session=session_id)
 
     def get_task(self, task_id: int) -> Optional[TaskInfo]:
-        d = self._get("get_task", {"id": task_id})
-        return None if d is None else _build(TaskInfo, d)
+        """The task's record and, once it succeeded, its result (``has_result``, ``result``) while
+        its session is open and for ``result_retention`` seconds after it closed.  The result is
+        unpickled leniently: an instance of a class this process cannot import comes back as an
+        object holding its fields."""
+        try:
+            d, blob = self.conn.call_blob("get_task", {"id": task_id})
+        except NotFound:
+            return None
+        task = _build(TaskInfo, d)
+        if task.has_result and blob is not None:
+            from .cli_common import _lenient_loads
+            task.result = _lenient_loads(blob)
+        return task
 
     def cancel_task(self, task_id: int) -> None:
         """Cancel a queued task (its caller gets ``Cancelled``); a running task cannot be interrupted."""

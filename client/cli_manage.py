@@ -21,8 +21,8 @@ from .cli_common import (_client, _errors, _jsonable, _lenient_loads, _parse_fil
                          _when, json_option, main, manager_option)
 
 KINDS = {
-    "a": ("applications", ["name", "command", "labels", "created"], "find_applications"),
-    "s": ("sessions", ["id", "application", "state", "pending", "running", "succeeded", "failed", "created"],
+    "a": ("applications", ["name", "version", "command", "labels", "created"], "find_applications"),
+    "s": ("sessions", ["id", "application", "version", "state", "pending", "running", "succeeded", "failed", "created"],
           "find_sessions"),
     "e": ("executors", ["id", "state", "hostname", "slots", "used_slots", "cpu", "memory", "gpu", "labels"],
           "find_executors"),
@@ -62,7 +62,22 @@ def register(manager: Optional[str], path: str, replace: bool, as_json: bool) ->
     spec = load_spec(path)
     with _client(manager) as c:
         app = c.register_application(spec, replace=replace)
-    click.echo(json.dumps(app) if as_json else f"registered {app['name']}")
+    click.echo(json.dumps(app) if as_json else f"registered {app['name']} version {app.get('version', 1)}")
+
+
+@main.command()
+@manager_option
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False), help="Application spec (YAML).")
+@json_option
+@_errors
+def update(manager: Optional[str], path: str, as_json: bool) -> None:
+    """Replace a registered application's spec: a new version (one up, or the spec's
+    metadata.version if higher).  Open sessions keep the version they were opened on."""
+    from mesh.model.spec import load_spec
+    spec = load_spec(path)
+    with _client(manager) as c:
+        app = c.update_application(spec)
+    click.echo(json.dumps(app) if as_json else f"updated {app['name']} to version {app.get('version', 1)}")
 
 
 @main.command()
@@ -135,11 +150,20 @@ def view(manager: Optional[str], app: Optional[str], session: Optional[str], exe
     if obj is None:
         raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
     d = _dict(obj)
-    if as_json:
+    if as_json and kind != "t":
         click.echo(json.dumps(d, default=str))
         return
+    if kind == "t":   # the result, as JSON where it is plain data (zmesh invoke prints it the same way)
+        d["result"] = _plain(d.get("result"))
+        if not d.get("has_result"):
+            d.pop("result", None)
+    if as_json:
+        click.echo(json.dumps(d, default=repr))
+        return
     for k, v in _human(kind, d).items():
-        if k not in ("spec", "capabilities"):
+        if k == "result":
+            v = json.dumps(v) if _jsonable(v) else repr(v)
+        if k not in ("spec", "capabilities", "has_result"):
             click.echo(f"{k:>18}: {v}")
 
 
