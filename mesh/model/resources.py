@@ -104,7 +104,7 @@ class Resources:
         return cls.parse(pairs, field)
 
     @classmethod
-    def parse(cls, value: Union[None, str, Mapping[str, Any]], field: str = "resreq") -> Resources:
+    def parse(cls, value: Union[None, str, Mapping[str, Any], "Resources"], field: str = "resreq") -> Resources:
         """Validate a user/wire mapping, or Flame's string form (:meth:`from_string`); ``field``
         prefixes error messages."""
         if value is None:
