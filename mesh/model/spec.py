@@ -55,7 +55,7 @@ class AppSpec:
     prefetch: Optional[int] = None
     description: str = ""
     task_timeout: Optional[float] = None   # seconds one attempt of a task may run (None: no limit)
-    version: int = 1   # metadata.version: an update of a registered application bumps it (docs/operations.md)
+    version: int = 1   # metadata.version: an update of a registered application bumps it (docs/flame.md)
 
     def bumped(self, old: Optional["AppSpec"]) -> "AppSpec":
         """This spec as it replaces ``old``: its own version if that is newer, else ``old``'s plus one
