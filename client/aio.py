@@ -102,7 +102,8 @@ async def _await(fut: "asyncio.Future[Any]", timeout: Optional[float], what: str
 
 class AsyncSession:
     """A session, asyncio-native: ``async with AsyncSession("app") as s`` opens it (or
-    ``session_id=`` reopens one); leaving closes it (``detach()`` first to keep it open)."""
+    ``session_id=`` reopens one, both create one with that id; ``resreq`` as in Session); leaving
+    closes it (``detach()`` first to keep it open)."""
 
     def __init__(self, name: Optional[str] = None, *, session_id: Optional[str] = None, ctx: Any = None,
                  resreq: ResReq = None, manager: Optional[str] = None,

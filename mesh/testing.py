@@ -78,6 +78,7 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_DRAIN_GRACE": "10",
     "ZMESH_CLOSE_GRACE": "2",
     "ZMESH_RESULT_RETENTION": "60",          # results of closed sessions go after a minute (production: 1 h)
+    "ZMESH_RESULT_MAX_SIZE": str(1024 * 1024),
     "ZMESH_MAX_LEASE_TTL": "600",
     "ZMESH_START_FAILURES": "3",
     "ZMESH_START_BACKOFF": "0.05",            # relaunch after 50 ms, doubling (production: 250 ms)

@@ -190,6 +190,14 @@ def test_a_result_is_kept_while_the_session_is_open_and_for_the_retention_after(
     assert m.store.task_result(tid) is None
 
 
+def test_a_result_over_result_max_size_is_delivered_but_not_kept() -> None:
+    m = Mesh(result_max_size=8)
+    tid = _one_done(m)              # a 14-byte result
+    assert any(bytes(p) == b"PICKLED-RESULT" for s in m.sent if s.peer == b"client" for p in s.payloads)
+    reply, blobs = _get_task(m, tid)
+    assert not reply.result["has_result"] and m.store.task_result(tid) is None
+
+
 def test_without_retention_no_result_is_written() -> None:
     # the negative control: result_retention 0 keeps nothing, so get_task has no result to give
     m = Mesh(result_retention=0.0)

@@ -264,6 +264,7 @@ class TaskRules(Base):
         inflight = inst.inflight
         head = next(iter(inflight), None)
         keep_results, results = self.settings.result_retention > 0, self.batch.results
+        keep_max = self.settings.result_max_size
         for (tid, err), payload in zip(rec.outcomes, payloads):
             t = tasks.get(tid)
             if t is None or t.instance != iid or t.state != RUNNING:
@@ -281,7 +282,8 @@ class TaskRules(Base):
                 s.running -= 1
                 s.counts[state] += 1
             finish(t, state, None if err is None else _json(err))
-            if err is None and keep_results and t.client not in ENGINE_PEERS:   # for get_task (result_retention)
+            if err is None and keep_results and len(payload) <= keep_max and t.client not in ENGINE_PEERS:
+                # for get_task (result_retention); the engines' own tasks are read back by them
                 results.append((tid, t.sid, payload))
             if t.keep is not None:   # another task will read this answer on its executor
                 self.keep_answer(t, err, payload)
