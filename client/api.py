@@ -49,6 +49,7 @@ from mesh.errors import InvalidArgument, NotFound
 from mesh.model.spec import AppSpec, load_spec
 
 from .connection import Connection
+from .lenient import _lenient_loads
 
 T = TypeVar("T")
 MAX_PAGE = 10_000   # the manager's largest page (mesh.core.query.MAX_LIMIT)
@@ -336,7 +337,6 @@ class Client:
             return None
         task = _build(TaskInfo, d)
         if task.has_result and blob is not None:
-            from .cli_common import _lenient_loads
             task.result = _lenient_loads(blob)
         return task
 
