@@ -28,8 +28,9 @@ import cloudpickle
 from mesh.data import patch
 from mesh.data.replica import Outcome, Replica
 from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, Unauthenticated
+
 from .connection import Connection, TaskFuture
-from .session import _pickle, decode_context, encode_context
+from .session import ResReq, _pickle, decode_context, encode_context, session_args
 from .streams import StreamBuffer
 
 __all__ = ["AsyncSession", "AsyncPartStream"]
@@ -108,16 +109,15 @@ async def _await(fut: "asyncio.Future[Any]", timeout: Optional[float], what: str
 
 class AsyncSession:
     """A session, asyncio-native: ``async with AsyncSession("app") as s`` opens it (or
-    ``session_id=`` reopens one); leaving closes it (``detach()`` first to keep it open)."""
+    ``session_id=`` reopens one, both create one with that id; ``resreq`` as in Session); leaving
+    closes it (``detach()`` first to keep it open)."""
 
     def __init__(self, name: Optional[str] = None, *, session_id: Optional[str] = None, ctx: Any = None,
-                 resreq: Optional[Dict[str, Any]] = None, manager: Optional[str] = None,
+                 resreq: ResReq = None, manager: Optional[str] = None,
                  connection: Optional[Connection] = None, auth: Any = None, manager_key: Optional[str] = None,
                  max_instances: Optional[int] = None) -> None:
-        if (name is None) == (session_id is None):
-            raise InvalidArgument("AsyncSession takes an application name or session_id=..., exactly one of them")
-        self._name, self._sid, self._ctx, self._resreq = name, session_id, ctx, resreq
-        self._max_instances = max_instances
+        self._args = session_args(name, session_id, resreq, max_instances, "AsyncSession")
+        self._sid, self._ctx = session_id, ctx
         self._own = connection is None
         self._conn = connection or Connection(manager, manager_key=manager_key, auth=auth)
         self._id: Optional[str] = None
@@ -128,12 +128,10 @@ class AsyncSession:
     async def open(self) -> "AsyncSession":
         if self._id is not None:
             return self
-        if self._sid is not None:
+        if self._args is None:
             info = (await self._call("open_session", {"id": self._sid}))[0]
         else:
-            args: Dict[str, Any] = {"application": self._name, "resreq": self._resreq}
-            if self._max_instances is not None:
-                args["max_instances"] = self._max_instances
+            args = dict(self._args)
             blob = None
             if self._ctx is not None:
                 enc = encode_context(self._ctx)
@@ -259,7 +257,7 @@ class AsyncSession:
             return await _bridge().watch(conn.call_future(method, args, blob, timeout))
 
     def __repr__(self) -> str:
-        return f"<AsyncSession {self._id or self._name or self._sid}>"
+        return f"<AsyncSession {self._id or self._sid or self._args and self._args['application']}>"
 
 
 def _value(replica: Replica) -> Any:

@@ -7,7 +7,13 @@ object or ``None``; ``find_x(filter=..., page=..., sort=...)`` returns a
     c.find_sessions(filter={"state": "open", "created_at": (">=", t0)},
                     page={"limit": 50, "offset": 0}, sort={"by": "created_at", "order": "descending"})
 
-Filter ops: ``=`` ``!`` ``~`` (substring) ``<`` ``<=`` ``>`` ``>=``.
+Filter ops: ``=`` ``!`` ``~`` (substring) ``<`` ``<=`` ``>`` ``>=`` (:class:`FilterOperator`), as
+``(op, value)`` or as the FLAME Hub client's shorthand, a string that starts with the op::
+
+    c.find_sessions(filter={"application": "~echo", "state": "!closed", "created_at": ">2026-01-01"})
+
+Dates and times (ISO, UTC unless they say otherwise) compare with the epoch fields.  A page is
+50 records unless ``page`` says otherwise (``mesh.core.query.DEFAULT_LIMIT``).
 
 A :class:`Page` is a sequence (``for s in page``, ``len``, ``page[0]``,
 ``page[:10]``) that also carries ``total``, the number of matches over all
@@ -38,10 +44,12 @@ from typing import (
     overload,
 )
 
+from mesh.core.query import FilterOperator
 from mesh.errors import InvalidArgument, NotFound
 from mesh.model.spec import AppSpec, load_spec
 
 from .connection import Connection
+from .lenient import _lenient_loads
 
 T = TypeVar("T")
 MAX_PAGE = 10_000   # the manager's largest page (mesh.core.query.MAX_LIMIT)
@@ -72,6 +80,14 @@ def _build(cls: Type[T], d: Mapping[str, Any]) -> T:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _condition(value: Any) -> Any:
+    """A filter condition as it travels: ``(op, value)`` as a list, a :class:`FilterOperator` as its
+    symbol; the shorthand string (``"~echo"``) as it is (the manager reads it)."""
+    if isinstance(value, (tuple, list)):
+        return [x.value if isinstance(x, FilterOperator) else x for x in value]
+    return value
 
 
 def _renamed(**old_to_new: str) -> Callable[[F], F]:
@@ -110,6 +126,7 @@ class Application(Record):
     spec: Dict[str, Any] = field(default_factory=dict)
     owner: str = ""                 # a temporary application's user (docs/runner.md)
     lease: Optional[str] = None     # a temporary application ends with this lease
+    version: int = 1                # metadata.version; update_application bumps it
 
 
 @dataclass
@@ -131,6 +148,7 @@ class SessionInfo(Record):
     conflicts: int = 0
     resreq: Dict[str, Any] = field(default_factory=dict)
     max_instances: Optional[int] = None   # the session's own bound on its instances, if any
+    version: Optional[int] = None   # the version of its application it was opened on
 
 
 @dataclass
@@ -162,6 +180,8 @@ class TaskInfo(Record):
     finished_at: Optional[float] = None
     error: Optional[Dict[str, Any]] = None
     instance: Optional[str] = None
+    has_result: bool = False   # get_task: the result is kept (its session is open, or closed within result_retention)
+    result: Any = None         # get_task: the entrypoint's return value, when has_result
 
 
 @dataclass
@@ -234,7 +254,9 @@ class Client:
         return self.conn.call("register_application", {"spec": _spec(spec).to_dict(), "replace": replace})
 
     def update_application(self, spec: Any) -> Dict[str, Any]:
-        """Replace a registered application's spec; new instances use it."""
+        """Replace a registered application's spec; new instances use it.  Its ``version`` goes up
+        by one (or to the spec's ``metadata.version`` if that is higher); a session records the
+        version it was opened on."""
         spec = _spec(spec)
         name = spec.name
         if self.get_application(name) is None:
@@ -273,7 +295,7 @@ class Client:
 
     def find_applications(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                           sort: Optional[Mapping[str, Any]] = None) -> Page[Application]:
-        """Registered applications, filtered, sorted and paged by the manager (default: the first 100):
+        """Registered applications, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_applications", Application, filter, page, sort)
 
@@ -289,7 +311,7 @@ class Client:
 
     def find_sessions(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                       sort: Optional[Mapping[str, Any]] = None) -> Page[SessionInfo]:
-        """Sessions you may read, filtered, sorted and paged by the manager (default: the first 100):
+        """Sessions you may read, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_sessions", SessionInfo, filter, page, sort)
 
@@ -300,13 +322,23 @@ class Client:
 
     def find_tasks(self, session_id: str, filter: Optional[Mapping[str, Any]] = None,
                    page: Optional[Mapping[str, Any]] = None, sort: Optional[Mapping[str, Any]] = None) -> Page[TaskInfo]:
-        """Tasks of one session, filtered, sorted and paged by the manager (default: the first 100):
+        """Tasks of one session, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_tasks", TaskInfo, filter, page, sort, session=session_id)
 
     def get_task(self, task_id: int) -> Optional[TaskInfo]:
-        d = self._get("get_task", {"id": task_id})
-        return None if d is None else _build(TaskInfo, d)
+        """The task's record and, once it succeeded, its result (``has_result``, ``result``) while
+        its session is open and for ``result_retention`` seconds after it closed.  The result is
+        unpickled leniently: an instance of a class this process cannot import comes back as an
+        object holding its fields."""
+        try:
+            d, blob = self.conn.call_blob("get_task", {"id": task_id})
+        except NotFound:
+            return None
+        task = _build(TaskInfo, d)
+        if task.has_result and blob is not None:
+            task.result = _lenient_loads(blob)
+        return task
 
     def cancel_task(self, task_id: int) -> None:
         """Cancel a queued task (its caller gets ``Cancelled``); a running task cannot be interrupted."""
@@ -323,7 +355,7 @@ class Client:
 
     def find_executors(self, filter: Optional[Mapping[str, Any]] = None, page: Optional[Mapping[str, Any]] = None,
                        sort: Optional[Mapping[str, Any]] = None) -> Page[ExecutorInfo]:
-        """Connected executors, filtered, sorted and paged by the manager (default: the first 100):
+        """Connected executors, filtered, sorted and paged by the manager (default: the first 50):
         a :class:`Page`."""
         return self._find("find_executors", ExecutorInfo, filter, page, sort)
 
@@ -436,7 +468,7 @@ class Client:
 
     def _find(self, method: str, cls: Type[T], filter: Optional[Mapping[str, Any]],
               page: Optional[Mapping[str, Any]], sort: Optional[Mapping[str, Any]], **extra: Any) -> Page[T]:
-        args: Dict[str, Any] = {"filter": {k: list(v) if isinstance(v, tuple) else v for k, v in (filter or {}).items()},
+        args: Dict[str, Any] = {"filter": {k: _condition(v) for k, v in (filter or {}).items()},
                                 "page": dict(page or {}), "sort": dict(sort or {}), **extra}
         r = self.conn.call(method, args)
         return Page([_build(cls, d) for d in r["items"]], r["total"])

@@ -10,10 +10,8 @@ import concurrent.futures
 import dataclasses
 import datetime
 import functools
-import io
 import json
 import os
-import pickle
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +19,8 @@ import click
 import zmq
 
 from mesh.errors import DeadlineExceeded, MeshError, Unavailable
+
+from .lenient import _lenient_loads, _LenientUnpickler, _Unknown  # noqa: F401 (the CLI's names for them)
 from mesh.ops.config import default_manager
 
 if TYPE_CHECKING:
@@ -141,24 +141,6 @@ def _sort(spec: Optional[str]) -> Dict[str, str]:
 
 
 # -- answers and results, decoded leniently ----------------------------------------------------------
-class _Unknown:
-    """Stands in for a class of the service that this machine cannot import (its fields kept)."""
-
-
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Unknown,), {"__module__": module})
-
-
-def _lenient_loads(data: Any) -> Any:
-    """An answer, unpickled even where the service's own classes are not importable (the CLI runs
-    anywhere): such an object comes back as its fields."""
-    return _LenientUnpickler(io.BytesIO(bytes(data))).load()
-
-
 def _plain(v: Any) -> Any:
     """A dataclass or NamedTuple answer, or one of a class unknown here, as its fields (JSON)."""
     if isinstance(v, _Unknown):

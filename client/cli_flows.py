@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import click
 
+from mesh.core.query import DEFAULT_LIMIT
 from mesh.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from mesh.model import flows as model
 
@@ -244,7 +245,7 @@ def _raise_for_state(c: Any, view: Dict[str, Any]) -> None:
               help="Repeatable: name~sim, owner=alice, version>=2.")
 @click.option("--sort", "sort", default="name", show_default=True, metavar="[-]FIELD",
               help="Sort by FIELD; -FIELD for descending.")
-@click.option("--limit", type=click.IntRange(0, MAX_PAGE), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(0, MAX_PAGE), default=DEFAULT_LIMIT, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @json_option
 @_errors
@@ -402,7 +403,7 @@ def cancel(manager: Optional[str], run_id: str, as_json: bool) -> None:
 @click.option("--sort", "sort", default="created_at", show_default=True, metavar="[-]FIELD",
               help="Sort by FIELD; -FIELD (or --desc) for descending.")
 @click.option("--desc", is_flag=True, help="Sort descending.")
-@click.option("--limit", type=click.IntRange(0, MAX_PAGE), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(0, MAX_PAGE), default=DEFAULT_LIMIT, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @json_option
 @_errors
@@ -453,7 +454,7 @@ def _runs_of(c: Any, name: str, filt: Dict[str, Any], order: Dict[str, str], lim
 # -- schedules ---------------------------------------------------------------------------------
 @flow.command()
 @manager_option
-@click.option("--limit", type=click.IntRange(0, MAX_PAGE), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(0, MAX_PAGE), default=DEFAULT_LIMIT, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @json_option
 @_errors

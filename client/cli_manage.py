@@ -14,14 +14,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 
+from mesh.core.query import DEFAULT_LIMIT, MAX_LIMIT
 from mesh.errors import DeadlineExceeded, InvalidArgument, NotFound
 
 from .cli_common import (_client, _errors, _jsonable, _lenient_loads, _parse_filter, _plain, _sort, _table,
                          _when, json_option, main, manager_option)
 
 KINDS = {
-    "a": ("applications", ["name", "command", "labels", "created"], "find_applications"),
-    "s": ("sessions", ["id", "application", "state", "pending", "running", "succeeded", "failed", "created"],
+    "a": ("applications", ["name", "version", "command", "labels", "created"], "find_applications"),
+    "s": ("sessions", ["id", "application", "version", "state", "pending", "running", "succeeded", "failed", "created"],
           "find_sessions"),
     "e": ("executors", ["id", "state", "hostname", "slots", "used_slots", "cpu", "memory", "gpu", "labels"],
           "find_executors"),
@@ -61,7 +62,22 @@ def register(manager: Optional[str], path: str, replace: bool, as_json: bool) ->
     spec = load_spec(path)
     with _client(manager) as c:
         app = c.register_application(spec, replace=replace)
-    click.echo(json.dumps(app) if as_json else f"registered {app['name']}")
+    click.echo(json.dumps(app) if as_json else f"registered {app['name']} version {app.get('version', 1)}")
+
+
+@main.command()
+@manager_option
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False), help="Application spec (YAML).")
+@json_option
+@_errors
+def update(manager: Optional[str], path: str, as_json: bool) -> None:
+    """Replace a registered application's spec: a new version (one up, or the spec's
+    metadata.version if higher).  Open sessions keep the version they were opened on."""
+    from mesh.model.spec import load_spec
+    spec = load_spec(path)
+    with _client(manager) as c:
+        app = c.update_application(spec)
+    click.echo(json.dumps(app) if as_json else f"updated {app['name']} to version {app.get('version', 1)}")
 
 
 @main.command()
@@ -77,20 +93,21 @@ def unregister(manager: Optional[str], name: str) -> None:
 
 @main.command(name="list")
 @manager_option
-@click.option("-a", "--apps", "apps", is_flag=True, help="Applications.")
-@click.option("-s", "--sessions", "sessions", is_flag=True, help="Sessions.")
-@click.option("-e", "--executors", "executors", is_flag=True, help="Executors.")
-@click.option("-t", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
+@click.option("-a", "--application", "--apps", "apps", is_flag=True, help="Applications.")
+@click.option("-s", "--session", "--sessions", "sessions", is_flag=True, help="Sessions.")
+@click.option("-e", "--executor", "--executors", "executors", is_flag=True, help="Executors.")
+@click.option("-t", "--task", "--tasks", "tasks_of", default=None, metavar="SESSION_ID", help="Tasks of one session.")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD<op>VALUE",
               help="Repeatable: state=open, created_at>=1700000000, id~echo, state!=closed.")
 @click.option("--sort", "sort", default=None, metavar="[-]FIELD", help="Sort by FIELD; -FIELD for descending.")
-@click.option("--limit", type=click.IntRange(0, 10000), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(0, MAX_LIMIT), default=DEFAULT_LIMIT, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @json_option
 @_errors
 def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, tasks_of: Optional[str],
           filters: Tuple[str, ...], sort: Optional[str], limit: int, offset: int, as_json: bool) -> None:
-    """List applications (-a), sessions (-s), executors (-e) or a session's tasks (-t SESSION_ID).
+    """List applications (-a, --application), sessions (-s, --session), executors (-e, --executor)
+    or a session's tasks (-t, --task SESSION_ID).
 
     Filtering, sorting and paging happen in the manager.
     """
@@ -113,7 +130,7 @@ def list_(manager: Optional[str], apps: bool, sessions: bool, executors: bool, t
 
 @main.command()
 @manager_option
-@click.option("-a", "--app", "app", default=None, help="Application name.")
+@click.option("-a", "--application", "--app", "app", default=None, help="Application name.")
 @click.option("-s", "--session", "session", default=None, help="Session id.")
 @click.option("-e", "--executor", "executor_id", default=None, help="Executor id.")
 @click.option("-t", "--task", "task_id", type=int, default=None, help="Task id.")
@@ -133,11 +150,20 @@ def view(manager: Optional[str], app: Optional[str], session: Optional[str], exe
     if obj is None:
         raise NotFound(f"{KINDS[kind][0][:-1]} {key!r} does not exist")
     d = _dict(obj)
-    if as_json:
+    if as_json and kind != "t":
         click.echo(json.dumps(d, default=str))
         return
+    if kind == "t":   # the result, as JSON where it is plain data (zmesh invoke prints it the same way)
+        d["result"] = _plain(d.get("result"))
+        if not d.get("has_result"):
+            d.pop("result", None)
+    if as_json:
+        click.echo(json.dumps(d, default=repr))
+        return
     for k, v in _human(kind, d).items():
-        if k not in ("spec", "capabilities"):
+        if k == "result":
+            v = json.dumps(v) if _jsonable(v) else repr(v)
+        if k not in ("spec", "capabilities", "has_result"):
             click.echo(f"{k:>18}: {v}")
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import pickle
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import cloudpickle
 
 from mesh.data import patch
 from mesh.errors import DeadlineExceeded, InvalidArgument
+from mesh.model.resources import Resources
 from mesh.wire.protocol import pack, unpack
 
 from .connection import Connection
@@ -48,28 +49,53 @@ def decode_context(kind: str, data: bytes) -> Any:
     return unpack(data) if kind == "doc" else cloudpickle.loads(data)
 
 
+ResReq = Union[str, Mapping[str, Any], Resources, None]
+
+
+def session_args(name: Optional[str], session_id: Optional[str], resreq: ResReq,
+                 max_instances: Optional[int], who: str = "Session") -> Optional[Dict[str, Any]]:
+    """The ``create_session`` arguments of a ``Session(...)`` call, or None when it reopens
+    ``session_id`` (no name).  With both, the session is created with that id (Flame's custom
+    session ids).  ``resreq`` is checked here, so a typo fails before anything is sent."""
+    if name is None and session_id is None:
+        raise InvalidArgument(f"{who} takes an application name, session_id=... to reopen a session, or both "
+                              "to create one with that id")
+    if name is None:
+        if resreq is not None or max_instances is not None:
+            raise InvalidArgument(f"{who}(session_id=...) reopens a session: resreq and max_instances belong "
+                                  "to a new one (give the application name too)")
+        return None
+    args: Dict[str, Any] = {"application": name,
+                            "resreq": Resources.parse(resreq).to_dict() if resreq else None}
+    if session_id is not None:
+        args["id"] = session_id
+    if max_instances is not None:   # this session's own bound (beside its application's)
+        args["max_instances"] = max_instances
+    return args
+
+
 class Session:
-    """Open a new session of application ``name``, or reopen ``session_id``.
+    """Open a new session of application ``name``, or reopen ``session_id``; with both, create a
+    session of ``name`` with the id ``session_id`` (``AlreadyExists`` if the id is taken).
+
+    ``resreq``: each instance's resources, as a mapping (``{"cpu": 2, "memory": "4g"}``) or
+    Flame's string (``"cpu=2,mem=4g,gpu=0"``); default: the application's.
 
     Thread-safe: many threads may submit through one session; all tasks share
     one connection to the manager.
     """
 
     def __init__(self, name: Optional[str] = None, *, session_id: Optional[str] = None, ctx: Any = None,
-                 resreq: Optional[Dict[str, Any]] = None, manager: Optional[str] = None,
+                 resreq: ResReq = None, manager: Optional[str] = None,
                  connection: Optional[Connection] = None, auth: Any = None,
                  manager_key: Optional[str] = None, max_instances: Optional[int] = None) -> None:
-        if (name is None) == (session_id is None):
-            raise InvalidArgument("Session takes an application name or session_id=..., exactly one of them")
+        args = session_args(name, session_id, resreq, max_instances)
         self._own = connection is None
         self._conn = connection or Connection(manager, manager_key=manager_key, auth=auth)
         try:
-            if session_id is not None:
+            if args is None:
                 info = self._conn.call("open_session", {"id": session_id})
             else:
-                args: Dict[str, Any] = {"application": name, "resreq": resreq}
-                if max_instances is not None:   # this session's own bound (beside its application's)
-                    args["max_instances"] = max_instances
                 blob = None
                 if ctx is not None:
                     enc = encode_context(ctx)

@@ -77,6 +77,8 @@ FAST: Mapping[str, str] = types.MappingProxyType({
     "ZMESH_INSTANCE_START_TIMEOUT": "15",    # python start-up on a loaded 2-core machine fits
     "ZMESH_DRAIN_GRACE": "10",
     "ZMESH_CLOSE_GRACE": "2",
+    "ZMESH_RESULT_RETENTION": "60",          # results of closed sessions go after a minute (production: 1 h)
+    "ZMESH_RESULT_MAX_SIZE": str(1024 * 1024),
     "ZMESH_MAX_LEASE_TTL": "600",
     "ZMESH_START_FAILURES": "3",
     "ZMESH_START_BACKOFF": "0.05",            # relaunch after 50 ms, doubling (production: 250 ms)
@@ -92,7 +94,7 @@ passes under.  Not set: ``prefetch`` and ``queue_target`` (scheduling policy, no
 bound), ``metrics_host``, ``writer_nice`` (a priority) and ``unsafe_ack_before_commit`` (a negative control's switch).  Merge it: ``LocalMesh(env={**FAST, "ZMESH_SEND_HWM": "20"})``."""
 
 NOT_SHRUNK = frozenset({"prefetch", "queue_target", "metrics_host", "unsafe_ack_before_commit", "writer_nice",
-                        "stream_window"})   # a window is not a timer: tests set it where it matters
+                        "stream_window"})   # windows and switches, not timers or limits to shrink
 
 
 def fast_settings(**overrides: Any) -> Settings:

@@ -157,8 +157,9 @@ def test_malformed_settings_in_the_environment_are_invalid_argument(monkeypatch)
     assert "soon" in str(exc)
 
 
-def test_session_needs_a_name_or_an_id_exactly():
-    for kwargs in ({}, {"name": "echo-app", "session_id": "x"}):
+def test_session_needs_a_name_or_an_id_and_a_reopen_takes_no_new_settings():
+    # (a name and an id together create a session with that id: docs/flame.md, tests/test_parity.py)
+    for kwargs in ({}, {"session_id": "x", "resreq": "cpu=1"}, {"session_id": "x", "max_instances": 2}):
         exc = _raises(BOUND, lambda: Session(**kwargs), InvalidArgument)
         assert isinstance(exc, ValueError)
 

@@ -99,8 +99,8 @@ def test_crashing_instance_is_retried_then_fails_and_others_succeed(mesh, client
 
 
 def test_reopen_session_by_id_and_exclusive_arguments(mesh):
-    with pytest.raises(ValueError):
-        Session("echo-app", session_id="x")
+    with pytest.raises(ValueError):   # a reopen takes no new settings (name and id together: test_parity.py)
+        Session(session_id="x", resreq={"cpu": 1})
     with Session("tools", ctx={"k": 1}) as s:
         again = Session(session_id=s.id())
         try:

@@ -158,7 +158,7 @@ def test_public_api_exports():
     assert set(client.__all__) == {"Client", "Connection", "Session", "ObjectRef", "put_object", "get_object",
                                    "update_object", "patch_object", "delete_object", "Runner", "ObjectFuture",
                                    "SessionContext", "Functions", "EgressRecord", "AsyncSession",
-                                   "AsyncPartStream", "PartStream"}
+                                   "AsyncPartStream", "PartStream", "FilterOperator"}
     assert set(executor.__all__) == {"Instance", "StatefulFunctions", "ValueSpec", "Address", "Context",
                                      "TypedValue", "RequestReplyHandler", "AsyncRequestReplyHandler"}
     for mod in (client, executor):

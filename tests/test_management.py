@@ -76,6 +76,15 @@ def test_find_sessions_filters_sorts_and_pages_in_the_manager(busy_mesh):
             c.find_sessions(page={"limit": -1})
 
 
+def test_the_default_page_is_fifty_as_in_the_hub_client(busy_mesh):
+    with Client(busy_mesh.endpoint) as c:
+        page = c.find_sessions()
+        assert len(page.items) == 50 and page.total == 302   # 300 + work + stuck
+        assert len(c.list_sessions()) == 302                  # the list_* aliases still read every page
+    rows = json.loads(CliRunner().invoke(main, ["list", "-s", "--json", "--manager", busy_mesh.endpoint]).output)
+    assert len(rows) == 50
+
+
 def test_find_tasks_and_get_task(busy_mesh):
     with Client(busy_mesh.endpoint) as c:
         work = busy_mesh.ids["work"]

@@ -105,6 +105,7 @@ class Core(TaskRules, StreamRules, MemberRules, ContextRules, LeaseRules, Result
         """The clock: heartbeats, evictions, slow starters, expired objects, then placement."""
         self.now = now
         for step in (self.check_liveness, self.check_deadlines, self.expire_objects, self.expire_leases,
+                     self.expire_results,
                      self.expire_object_waits, self.expire_context_watches, self.flow_clock,
                      self.function_clock,
                      self.plan):
@@ -178,7 +179,7 @@ class Core(TaskRules, StreamRules, MemberRules, ContextRules, LeaseRules, Result
                 doc.replay(patches)
             self.sessions[rec["id"]] = Session(rec["id"], rec["app"], Resources.parse(rec["resreq"]),
                                                rec["created_at"], doc, owner=rec["owner"],
-                                               max_instances=rec.get("max_instances"))
+                                               max_instances=rec.get("max_instances"), version=rec.get("version"))
         for key, sid, expires_at, (kind, version, data, patches) in saved.objects:
             doc = Document.from_wire(kind, data, version)
             doc.replay(patches)

@@ -44,6 +44,7 @@ class Base:
         self.apps: Dict[str, App] = {}
         self.sessions: Dict[str, Session] = {}
         self.creating: Set[str] = set()            # session ids taken by a create not yet on disk
+        self.results_pruned_at = 0.0               # when expire_results last ran (mesh/core/tasks.py)
         self.executors: Dict[str, Executor] = {}
         self.instances: Dict[str, Instance] = {}
         self.peers: Dict[bytes, Any] = {}          # ROUTER identity -> Executor | Instance

@@ -14,6 +14,7 @@ transaction) before the reply.  Argument names are the record field names
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from typing import Any, Callable, Dict, List, Optional
 
@@ -42,14 +43,15 @@ from mesh.ops import keys
 from mesh.ops.log import event
 from mesh.wire.protocol import VERSION, Reply, Request
 
-APP_FIELDS = ["name", "command", "working_directory", "description", "created_at", "labels"]
-SESSION_FIELDS = ["id", "application", "state", "created_at", "closed_at", "pending", "running", "succeeded",
+APP_FIELDS = ["name", "version", "command", "working_directory", "description", "created_at", "labels"]
+SESSION_FIELDS = ["id", "application", "version", "state", "created_at", "closed_at", "pending", "running", "succeeded",
                   "failed", "cancelled", "instances", "context_version", "bytes_in", "conflicts"]
 EXECUTOR_FIELDS = ["id", "state", "hostname", "slots", "used_slots", "instances", "cpu", "memory", "gpu",
                    "python", "last_seen", "joined_at", "labels"]
-TASK_FIELDS = ["id", "session", "state", "attempts", "created_at", "finished_at", "error"]
+TASK_FIELDS = ["id", "session", "state", "attempts", "created_at", "finished_at", "error"]   # find_tasks
 
 Args = Dict[str, Any]
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")   # a caller-chosen session id
 MAX_OBJECT_WAIT = 60.0   # seconds a get_object may wait for an object to be put (its ``wait``)
 
 
@@ -261,6 +263,7 @@ class ControlRules(Base):
             raise AlreadyExists(f"application {spec.name!r} is already registered; unregister it or update it",
                                 application=spec.name)
         created = old.created_at if old else self.now
+        spec = spec.bumped(old.spec if old else None)
 
         def registered(_: Any) -> Dict[str, Any]:
             self.apps[spec.name] = App(spec, created)
@@ -313,17 +316,25 @@ class ControlRules(Base):
         resreq = args.get("resreq")
         req = Resources.parse(resreq) if resreq else app.spec.resreq
         sid = _arg(args, "id", str, required=False)
+        chosen = sid is not None
         taken = lambda name: name in self.sessions or name in self.creating  # noqa: E731
         if sid is None:
             sid = f"{app.spec.name}-{secrets.token_hex(3)}"
             while taken(sid):
                 sid = f"{app.spec.name}-{secrets.token_hex(3)}"
-        elif taken(sid):
-            raise AlreadyExists(f"session {sid!r} already exists", session=sid)
+        else:   # the caller's own id (Flame's custom session ids)
+            if not SESSION_ID_RE.fullmatch(sid):
+                raise InvalidArgument(f"session id {sid!r} must match {SESSION_ID_RE.pattern}", argument="id")
+            if taken(sid):
+                old = self.sessions.get(sid)
+                why = ("and is closed (session ids are not reused)" if old is not None and old.state != OPEN
+                       else f"and is open: reopen it with Session(session_id={sid!r})")
+                raise AlreadyExists(f"session {sid!r} already exists {why}", session=sid)
         max_instances = _arg(args, "max_instances", int, required=False)
         if max_instances is not None and max_instances < 1:
             raise InvalidArgument("max_instances is at least 1", argument="max_instances")
-        s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name, max_instances=max_instances)
+        s = Session(sid, app.spec.name, req, self.now, doc, owner=who.name, max_instances=max_instances,
+                    version=app.spec.version)
         lease = self.attach(_arg(args, "lease", str, required=False), who)
         self.creating.add(sid)   # the id is taken now; the session exists for others once it is on disk
 
@@ -345,7 +356,8 @@ class ControlRules(Base):
             raise exc
 
         return Later(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
-                                                        s.context.kind, s.context.encoded(), s.max_instances),
+                                                        s.context.kind, s.context.encoded(), s.max_instances,
+                                                        unique=chosen, version=s.version),
                      then=created, fail=undo)
 
     def do_get_session(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
@@ -463,18 +475,29 @@ class ControlRules(Base):
                      then=lambda rows: self._find(self._task_rows(s.id, rows), TASK_FIELDS, args))
 
     def do_get_task(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Later:
+        """The task's record; with ``has_result`` true, its result (pickled, as the instance sent it:
+        the manager never unpickles) as the blob frame, while its session is open and for
+        ``result_retention`` seconds after it closed."""
         tid = _arg(args, "id", int)
 
-        def found(row: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        def read(store: Any) -> Any:
+            return store.get_task(tid), store.task_result(tid)
+
+        def found(got: Any) -> Any:
+            row, output = got
             t = self.tasks.get(tid)
             if row is None and t is not None:
                 row = self._memory_row(t)
             if row is None or row["session"] not in self.sessions:
                 raise NotFound(f"task {tid} does not exist", task=tid)
-            self._session(row["session"], who)
-            return self._overlay(row)
+            s = self._session(row["session"], who)
+            row = self._overlay(row)
+            kept = s.state == OPEN or s.closed_at is not None and \
+                self.now < s.closed_at + self.settings.result_retention
+            row["has_result"] = output is not None and kept
+            return WithBlob(row, output) if row["has_result"] else row
 
-        return Later(lambda store: store.get_task(tid), then=found)
+        return Later(read, then=found)
 
     def do_cancel_task(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         tid = _arg(args, "id", int)

@@ -14,7 +14,7 @@ import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mesh.core.base import AUTH_ERRORS, Base, log
+from mesh.core.base import AUTH_ERRORS, ENGINE_PEERS, Base, log
 from mesh.core.effects import Call
 from mesh.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError, NotFound,
                          ResourceExhausted, TaskFailed, Unavailable)
@@ -263,6 +263,8 @@ class TaskRules(Base):
         done: List[Task] = []
         inflight = inst.inflight
         head = next(iter(inflight), None)
+        keep_results, results = self.settings.result_retention > 0, self.batch.results
+        keep_max = self.settings.result_max_size
         for (tid, err), payload in zip(rec.outcomes, payloads):
             t = tasks.get(tid)
             if t is None or t.instance != iid or t.state != RUNNING:
@@ -280,6 +282,9 @@ class TaskRules(Base):
                 s.running -= 1
                 s.counts[state] += 1
             finish(t, state, None if err is None else _json(err))
+            if err is None and keep_results and len(payload) <= keep_max and t.client not in ENGINE_PEERS:
+                # for get_task (result_retention); the engines' own tasks are read back by them
+                results.append((tid, t.sid, payload))
             if t.keep is not None:   # another task will read this answer on its executor
                 self.keep_answer(t, err, payload)
             observe(now - t.created_at)
@@ -309,6 +314,16 @@ class TaskRules(Base):
                 self.stop_instance(inst)
             elif self.waiting or inst.draining or s is None or s.state != OPEN:
                 self.plan_soon()   # an idle instance may serve a session that waits
+
+    def expire_results(self) -> None:
+        """Now and then (a tenth of the retention, at most once a minute), drop the results of
+        sessions closed longer ago than ``result_retention`` (get_task stops answering them at once)."""
+        retention = self.settings.result_retention
+        if retention <= 0 or self.now < self.results_pruned_at + min(60.0, retention / 10):
+            return
+        self.results_pruned_at = self.now
+        cutoff = self.now - retention
+        self.call(Call(lambda store: store.prune_results(cutoff), label="prune results"))
 
     def keep_outputs(self, done: Sequence[Task], items: Sequence[Outcome], frames: Sequence[Any]) -> None:
         """Answers that could not be delivered are written down for the client's resend."""

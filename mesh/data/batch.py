@@ -30,6 +30,8 @@ class Batch:
     deleted_objects: List[str] = field(default_factory=list)
     # answers kept for a client's resend: (client id, tag, task id, state, output, error)
     answers: List[Tuple[str, int, int, str, Optional[bytes], Optional[str]]] = field(default_factory=list)
+    # results kept for get_task (Settings.result_retention): (task id, session id, pickled output)
+    results: List[Tuple[int, str, Any]] = field(default_factory=list)
     # task ids handed out up to here (and beyond) are reserved on disk: never handed out twice
     task_ids_reserved: Optional[int] = None
     # instance ids (EXECUTOR.N) up to here are reserved on disk: a restart never hands one out again
@@ -65,8 +67,8 @@ class Batch:
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.finished or self.logged or self.patches or self.snapshots or self.objects
-                    or self.deleted_objects or self.answers or self.leases or self.rows or self.task_ids_reserved is not None
-                    or self.instance_ids_reserved is not None)
+                    or self.deleted_objects or self.answers or self.results or self.leases or self.rows
+                    or self.task_ids_reserved is not None or self.instance_ids_reserved is not None)
 
 
 Context = Tuple[str, int, bytes, List[Tuple[int, Optional[bytes], Optional[bytes]]]]  # kind, version, snapshot, patches

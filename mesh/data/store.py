@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mesh.data.batch import OBJECT_PREFIX, Batch, SavedState
+from mesh.errors import AlreadyExists
 from mesh.wire.protocol import pack, unpack
 
 SCHEMA = """
@@ -29,7 +30,7 @@ CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, app TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
-    closed_at REAL, resreq TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '', max_instances INTEGER);
+    closed_at REAL, resreq TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '', max_instances INTEGER, version INTEGER);
 CREATE TABLE IF NOT EXISTS snapshots (
     session TEXT PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS patches (
@@ -48,6 +49,9 @@ CREATE INDEX IF NOT EXISTS task_log_by_last ON task_log (last);
 CREATE TABLE IF NOT EXISTS answers (
     client TEXT NOT NULL, tag INTEGER NOT NULL, id INTEGER NOT NULL, state TEXT NOT NULL, output BLOB, error TEXT,
     PRIMARY KEY (client, tag, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY, session TEXT NOT NULL, output BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS results_by_session ON results (session);
 CREATE TABLE IF NOT EXISTS executor_keys (
     public TEXT PRIMARY KEY, name TEXT NOT NULL, added_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
@@ -203,6 +207,8 @@ class Store:
                             "AND (output IS NOT NULL OR error IS NOT NULL)")
         if "max_instances" not in [r[1] for r in self.db.execute("PRAGMA table_info(sessions)")]:
             self.db.execute("ALTER TABLE sessions ADD COLUMN max_instances INTEGER")   # (added in schema 2)
+        if "version" not in [r[1] for r in self.db.execute("PRAGMA table_info(sessions)")]:
+            self.db.execute("ALTER TABLE sessions ADD COLUMN version INTEGER")   # the application's version it ran
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
     # -- registry -------------------------------------------------------------
@@ -222,27 +228,34 @@ class Store:
     # -- sessions -------------------------------------------------------------
     def put_session(self, sid: str, app: str, state: str, created_at: float,
                     closed_at: Optional[float], resreq: Dict[str, Any], owner: str = "",
-                    max_instances: Optional[int] = None) -> None:
+                    max_instances: Optional[int] = None, version: Optional[int] = None) -> None:
         self.db.execute(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "INSERT INTO sessions (id, app, state, created_at, closed_at, resreq, owner, max_instances, version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
             "state=excluded.state, closed_at=excluded.closed_at",
-            (sid, app, state, created_at, closed_at, json.dumps(resreq), owner, max_instances),
+            (sid, app, state, created_at, closed_at, json.dumps(resreq), owner, max_instances, version),
         )
 
     def load_sessions(self) -> List[Dict[str, Any]]:
-        cur = self.db.execute("SELECT id, app, state, created_at, closed_at, resreq, owner, max_instances "
+        cur = self.db.execute("SELECT id, app, state, created_at, closed_at, resreq, owner, max_instances, version "
                               "FROM sessions")
         return [
             {"id": r[0], "app": r[1], "state": r[2], "created_at": r[3], "closed_at": r[4],
-             "resreq": json.loads(r[5]), "owner": r[6], "max_instances": r[7]}
+             "resreq": json.loads(r[5]), "owner": r[6], "max_instances": r[7], "version": r[8]}
             for r in cur.fetchall()
         ]
 
     def create_session(self, sid: str, app: str, created_at: float, resreq: Dict[str, Any], owner: str,
-                       kind: str, context: bytes, max_instances: Optional[int] = None) -> None:
-        """A new session and its first context snapshot, in one transaction."""
+                       kind: str, context: bytes, max_instances: Optional[int] = None, unique: bool = False,
+                       version: Optional[int] = None) -> None:
+        """A new session and its first context snapshot, in one transaction.  With ``unique`` (an id the
+        caller chose), ``AlreadyExists`` if a session of that id was ever written (a closed one is not in
+        the manager's memory after a restart, and its id is not reused)."""
         with self.tx():
-            self.put_session(sid, app, "open", created_at, None, resreq, owner, max_instances)
+            if unique and self.db.execute("SELECT 1 FROM sessions WHERE id=?", (sid,)).fetchone() is not None:
+                raise AlreadyExists(f"session {sid!r} already exists and is closed (session ids are not reused)",
+                                    session=sid)
+            self.put_session(sid, app, "open", created_at, None, resreq, owner, max_instances, version)
             self.db.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)", (sid, 0, kind, context))
 
     def close_session(self, sid: str, closed_at: float) -> None:
@@ -447,6 +460,16 @@ class Store:
                     return rec
         return None
 
+    def task_result(self, tid: int) -> Optional[bytes]:
+        """A finished task's pickled result, while it is kept (``Settings.result_retention``)."""
+        row = self.db.execute("SELECT output FROM results WHERE id=?", (tid,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def prune_results(self, closed_before: float) -> int:
+        """Drop the results of sessions closed before ``closed_before``; how many went."""
+        return self.db.execute("DELETE FROM results WHERE session IN (SELECT id FROM sessions WHERE state='closed' "
+                               "AND closed_at < ?)", (closed_before,)).rowcount
+
     def task_rows(self, sid: str) -> List[Dict[str, Any]]:
         """Every task record of a session, without payloads (for find_tasks), by id."""
         rows = [self._task_record(r) for r in self.db.execute(self._OPEN_COLUMNS + "WHERE session=?", (sid,))]
@@ -466,6 +489,8 @@ class Store:
                 self._log_records(batch.logged)
             if batch.answers:
                 self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)", batch.answers)
+            if batch.results:
+                self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", batch.results)
             if batch.task_ids_reserved is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('task_ids_reserved', ?)",
                                 (str(batch.task_ids_reserved),))

@@ -43,7 +43,8 @@ class App:
         d = self.spec.to_dict()
         return {"name": self.spec.name, "command": self.spec.command, "arguments": list(self.spec.arguments),
                 "working_directory": self.spec.working_directory, "labels": dict(self.spec.labels),
-                "description": self.spec.description, "created_at": self.created_at, "spec": d,
+                "description": self.spec.description, "version": self.spec.version,
+                "created_at": self.created_at, "spec": d,
                 "owner": self.owner, "lease": self.lease}
 
 
@@ -115,6 +116,7 @@ class Session:
     deferred: int = 0                  # tasks held back (in SUBMITs) while the store is behind
     max_instances: Optional[int] = None   # at most this many instances (and the app's own bound)
     hint: int = 0                      # instances wanted with no task queued (a functions session's probe)
+    version: Optional[int] = None      # the version of its application it was opened on (None: older records)
 
     def view(self) -> Dict[str, Any]:
         return {"id": self.id, "application": self.app, "state": self.state, "created_at": self.created_at,
@@ -122,7 +124,8 @@ class Session:
                 "running": self.running, "succeeded": self.counts[SUCCEEDED], "failed": self.counts[FAILED],
                 "cancelled": self.counts[CANCELLED], "instances": len(self.instances),
                 "context_version": self.context.version, "context_kind": self.context.kind,
-                "bytes_in": self.bytes_in, "conflicts": self.conflicts, "max_instances": self.max_instances}
+                "bytes_in": self.bytes_in, "conflicts": self.conflicts, "max_instances": self.max_instances,
+                "version": self.version}
 
 
 @dataclass

@@ -9,19 +9,24 @@ Memory sizes accept ``int`` bytes or strings with a unit suffix.  Every suffix
 is *binary* (k = 1024, m = 1024**2, g = 1024**3, t = 1024**4, p = 1024**5),
 whether written ``4g``, ``4G``, ``4gi``, ``4GiB`` or ``4gb``: users mostly mean
 "gigabytes" loosely, and one rule is easier to reason about than two.
+
+Flame's string form is accepted too, wherever a request is: ``"cpu=2,mem=4g,gpu=0"``
+(:meth:`Resources.from_string`; ``mem`` and ``memory`` are the same key, in the string and in a
+mapping).
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Union
 
 from mesh.errors import InvalidArgument
 
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4, "p": 1024 ** 5}
 _SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgtp]?)(?:i?b?)", re.IGNORECASE)
 _KEYS = ("cpu", "memory", "gpu")
+_ALIASES = {"mem": "memory"}   # Flame's spelling of memory
 _EPS = 1e-9  # cpu is fractional; tolerate float rounding from repeated +/-
 
 
@@ -75,20 +80,52 @@ class Resources:
     gpu: int = 0
 
     @classmethod
-    def parse(cls, value: Optional[Mapping[str, Any]], field: str = "resreq") -> Resources:
-        """Validate a user/wire mapping; ``field`` prefixes error messages."""
+    def from_string(cls, text: str, field: str = "resreq") -> Resources:
+        """Flame's form, ``"cpu=2,mem=4g,gpu=0"``: comma-separated ``key=value`` pairs, keys
+        ``cpu``, ``mem`` (or ``memory``) and ``gpu``, each at most once; values as in :meth:`parse`.
+        An empty string is no request."""
+        if not isinstance(text, str):
+            raise InvalidArgument(f"{field} must be a string like 'cpu=2,mem=4g', got {type(text).__name__}",
+                                  field=field)
+        pairs: Dict[str, str] = {}
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            key = key.strip().lower()
+            if not sep or not value.strip():
+                raise InvalidArgument(f"{field}: {part!r} is not key=value: give a mapping or a string "
+                                      "like 'cpu=2,mem=4g,gpu=0'",
+                                      field=field)
+            if key in pairs or _ALIASES.get(key, key) in {_ALIASES.get(k, k) for k in pairs}:
+                raise InvalidArgument(f"{field}: {key!r} is given twice", field=f"{field}.{key}")
+            pairs[key] = value.strip()
+        return cls.parse(pairs, field)
+
+    @classmethod
+    def parse(cls, value: Union[None, str, Mapping[str, Any], "Resources"], field: str = "resreq") -> Resources:
+        """Validate a user/wire mapping, or Flame's string form (:meth:`from_string`); ``field``
+        prefixes error messages."""
         if value is None:
             return cls()
         if isinstance(value, Resources):
             return value
+        if isinstance(value, str):
+            return cls.from_string(value, field)
         if not isinstance(value, Mapping):
             raise InvalidArgument(
-                f"{field} must be a mapping, got {type(value).__name__}", field=field)
+                f"{field} must be a mapping or a string like 'cpu=2,mem=4g', got {type(value).__name__}",
+                field=field)
         for key in value:
-            if key not in _KEYS:
+            if key not in _KEYS and key not in _ALIASES:
                 raise InvalidArgument(
-                    f"unknown key {field}.{key} (expected one of: {', '.join(_KEYS)})",
+                    f"unknown key {field}.{key} (expected one of: {', '.join(_KEYS)}, or mem)",
                     field=f"{field}.{key}")
+        if "mem" in value:
+            if "memory" in value:
+                raise InvalidArgument(f"{field} gives both mem and memory (the same key)", field=f"{field}.mem")
+            value = {("memory" if k == "mem" else k): v for k, v in value.items()}
         cpu = value.get("cpu", 0)
         if cpu is None:
             cpu = 0
@@ -106,6 +143,8 @@ class Resources:
         memory = 0 if memory is None else parse_memory(memory, f"{field}.memory")
         gpu = value.get("gpu")
         gpu = 0 if gpu is None else gpu
+        if isinstance(gpu, str) and gpu.strip().isdigit():   # "gpu=1" in the string form
+            gpu = int(gpu)
         if not _is_number(gpu) or not math.isfinite(gpu) or gpu != int(gpu):
             raise InvalidArgument(f"{field}.gpu must be an integer", field=f"{field}.gpu")
         if gpu < 0:

@@ -10,6 +10,7 @@ failed submit.  Every error names the field path, e.g. ``spec.command``.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
@@ -23,7 +24,7 @@ from mesh.model.resources import Resources
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _TOP_KEYS = ("metadata", "spec")
-_META_KEYS = ("name", "description")
+_META_KEYS = ("name", "description", "version")
 _SPEC_KEYS = ("working_directory", "command", "arguments", "environments", "labels",
               "resreq", "max_instances", "max_retries", "prefetch", "task_timeout")
 DEFAULT_MAX_RETRIES = 3
@@ -54,11 +55,19 @@ class AppSpec:
     prefetch: Optional[int] = None
     description: str = ""
     task_timeout: Optional[float] = None   # seconds one attempt of a task may run (None: no limit)
+    version: int = 1   # metadata.version: an update of a registered application bumps it (docs/flame.md)
+
+    def bumped(self, old: Optional["AppSpec"]) -> "AppSpec":
+        """This spec as it replaces ``old``: its own version if that is newer, else ``old``'s plus one
+        (an update always makes a new version; sessions record the version they ran)."""
+        if old is None or self.version > old.version:
+            return self
+        return dataclasses.replace(self, version=old.version + 1)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain msgpack/JSON-able dict in the YAML layout (fresh copies)."""
         return {
-            "metadata": {"name": self.name, "description": self.description},
+            "metadata": {"name": self.name, "description": self.description, "version": self.version},
             "spec": {
                 "working_directory": self.working_directory,
                 "command": self.command,
@@ -209,6 +218,7 @@ def _build(data: Any, base_dir: Optional[str]) -> AppSpec:
         workdir = os.path.normpath(os.path.join(base_dir, workdir))
 
     max_retries = _opt_int(spec.get("max_retries"), "spec.max_retries", 0)
+    version = _opt_int(meta.get("version"), "metadata.version", 1)
     return AppSpec(
         name=name,
         command=command,
@@ -222,4 +232,5 @@ def _build(data: Any, base_dir: Optional[str]) -> AppSpec:
         prefetch=_opt_int(spec.get("prefetch"), "spec.prefetch", 1),
         task_timeout=_opt_seconds(spec.get("task_timeout"), "spec.task_timeout"),
         description=_opt_str(meta.get("description"), "metadata.description") or "",
+        version=1 if version is None else version,
     )

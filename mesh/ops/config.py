@@ -108,6 +108,15 @@ class Settings:
     """Seconds a launched instance has to say hello before it counts as crashed."""
     max_lease_ttl: float = 3600.0
     """Longest time to live a lease may ask for (its holder renews it well within that)."""
+    result_retention: float = 3600.0
+    """Seconds a task's result stays retrievable (``Client.get_task``, ``zmesh view -t``) after its
+    session closes; while the session is open it always is.  Each result is written to the
+    database with its task's record (as pickled bytes: the manager never unpickles it) and
+    removed past this.  0: results are not kept (nothing extra is written)."""
+    result_max_size: int = 1024 * 1024
+    """Largest result kept for ``get_task`` (see ``result_retention``); a larger one is delivered to
+    its caller as always but not written a second time (a 10 MiB write per task costs more than
+    reading it back later is worth; get_task then says ``has_result`` false)."""
     close_grace: float = 30.0
     """Seconds the tasks still running when their session closes may finish; then their instances
     are stopped and the tasks cancelled (an idle instance is free at once)."""
