@@ -128,7 +128,7 @@ class TaskFuture(concurrent.futures.Future):
                 raise concurrent.futures.InvalidStateError(f"this task's future is already {self._state.lower()}")
             self._result, self._exception = result, exc
             self._state = _futures.FINISHED
-            callback = self._on_settle
+            callback, self._on_settle = self._on_settle, None
         if callback is not None:
             callback(self)
         return True
@@ -145,10 +145,19 @@ class TaskFuture(concurrent.futures.Future):
     def set_result(self, result: Any) -> None:
         if not self._settle_quietly(result, None):
             super().set_result(result)
+            self._settled_loudly()
 
     def set_exception(self, exception: Optional[BaseException]) -> None:
         if not self._settle_quietly(None, exception):
             super().set_exception(exception)
+            self._settled_loudly()
+
+    def _settled_loudly(self) -> None:
+        """Settled through the Condition (someone observed it after ``when_settled``): call back too."""
+        with _LAZY:
+            callback, self._on_settle = self._on_settle, None
+        if callback is not None:
+            callback(self)
 
     def result(self, timeout: Optional[float] = None) -> Any:
         if self._state == _futures.FINISHED:   # answered already: no Condition needed to read it
