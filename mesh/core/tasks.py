@@ -204,27 +204,16 @@ class TaskRules(Base):
             credit = inst.credit_limit(target) - len(inst.inflight)
             if credit <= 0:
                 continue
-            items: List[Tuple[int, int]] = []
-            frames: List[Any] = []
+            chosen: List[Tuple[int, Task]] = []
             while credit > 0 and pending:
-                t = tasks.get(pending.popleft())
+                tid = pending.popleft()
+                t = tasks.get(tid)
                 if t is None or t.state != PENDING:
                     continue
-                t.state = RUNNING
-                t.attempt += 1          # counted before the run: at-least-once, see docs/reliability.md
-                t.instance = inst.id
-                items.append((t.id, t.attempt))
-                frames.append(t.payload)
+                chosen.append((tid, t))
                 credit -= 1
-            if items:
-                idle = not inst.inflight
-                inst.inflight.update(dict.fromkeys(i[0] for i in items))
-                if idle:
-                    inst.busy_since = self.now
-                    self.start_clock(inst)
-                s.running += len(items)
-                self.send(inst.identity, Tasks(s.id, s.context.version, items), frames,
-                          if_lost=functools.partial(self.undelivered, inst, items))
+            if chosen:
+                self._give(inst, s, chosen)
             if not pending:
                 break
         if pending:
