@@ -984,3 +984,11 @@ def test_a_session_bounds_its_own_instances_beside_its_application(mesh: Mesh) -
     # And the bound survives a restart
     mesh.commit()
     assert [r["max_instances"] for r in mesh.store.load_sessions() if r["id"] == "one"] == [1]
+
+
+def test_an_executor_lists_its_instances_with_their_application_and_session(mesh: Mesh) -> None:
+    running(mesh, 1)
+    [ex] = mesh.ok("find_executors")["items"]
+    [inst] = ex["instance_list"]
+    assert (inst["application"], inst["session"], inst["ready"]) == ("echo", "s1", True)
+    assert ex["cpu_used"] >= 0 and "memory_used" in ex

@@ -36,7 +36,7 @@ from mesh.errors import (
 from mesh.model import auth
 from mesh.model import flows as flow_model
 from mesh.model.auth import INSECURE, Principal
-from mesh.model.records import CANCELLED, CLOSED, OPEN, RUNNING, App, Session, Task
+from mesh.model.records import CANCELLED, CLOSED, OPEN, RUNNING, App, Executor, Session, Task
 from mesh.model.resources import Resources
 from mesh.model.spec import AppSpec
 from mesh.ops import keys
@@ -441,10 +441,25 @@ class ControlRules(Base):
         return ex
 
     def do_find_executors(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        return self._find([e.view() for e in self.executors.values()], EXECUTOR_FIELDS, args)
+        return self._find([self._executor_view(e, who) for e in self.executors.values()], EXECUTOR_FIELDS, args)
 
     def do_get_executor(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
-        return self._executor(_arg(args, "id", str)).view()
+        return self._executor_view(self._executor(_arg(args, "id", str)), who)
+
+    def _executor_view(self, e: Executor, who: Principal) -> Dict[str, Any]:
+        """An executor with its instances: application, and session when ``who`` may read it."""
+        view = e.view()
+        rows = []
+        for iid in sorted(e.instances):
+            inst = self.instances.get(iid)
+            if inst is None:
+                continue
+            s = inst.session
+            rows.append({"id": iid, "application": inst.app, "ready": inst.identity is not None,
+                         "busy": bool(inst.inflight), "draining": inst.draining,
+                         "session": s.id if s is not None and who.may_read(s.owner) else None})
+        view["instance_list"] = rows
+        return view
 
     def do_drain_executor(self, args: Args, blob: Optional[bytes] = None, who: Principal = INSECURE) -> Dict[str, Any]:
         ex = self._executor(_arg(args, "id", str))

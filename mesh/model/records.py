@@ -149,6 +149,7 @@ class Executor:
         return {"id": self.id, "state": self.state, "cache": dict(self.cache), "slots": self.slots, "used_slots": self.used_slots,
                 "instances": len(self.instances), "hostname": self.caps.get("hostname"),
                 "cpu": self.capacity.cpu, "memory": self.capacity.memory, "gpu": self.capacity.gpu,
+                "cpu_used": self.allocated.cpu, "memory_used": self.allocated.memory, "gpu_used": self.allocated.gpu,
                 "labels": dict(self.labels), "python": self.caps.get("python"),
                 "last_seen": self.last_seen, "joined_at": self.joined_at, "capabilities": dict(self.caps)}
 

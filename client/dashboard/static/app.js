@@ -52,11 +52,14 @@
   function executors(s) {
     const rows = s.executors.map((e) => `<tr data-executor="${esc(e.id)}"><td>${esc(e.id)}</td>
       <td class="state state-${esc(e.state)}">${esc(e.state)}</td><td>${labels(e.labels)}</td>
-      <td>${e.used_slots}/${e.slots}</td><td>${e.cpu}</td><td>${bytes(e.memory)}</td><td>${e.gpu}</td>
-      <td>${e.instances}</td><td>${esc(e.hostname)}</td><td>${when(e.last_seen)}</td>
+      <td>${e.used_slots}/${e.slots}</td><td>${e.cpu_used ?? 0}/${e.cpu}</td>
+      <td>${bytes(e.memory_used ?? 0)}/${bytes(e.memory)}</td><td>${e.gpu_used ?? 0}/${e.gpu}</td>
+      <td class="instances">${(e.instance_list || []).map((i) => `<div>${esc(i.id)}: ${esc(i.application)}${
+        i.session ? ` <a href="/sessions/${encodeURIComponent(i.session)}">${esc(i.session)}</a>` : ""}${
+        i.busy ? " (busy)" : ""}</div>`).join("") || e.instances}</td><td>${esc(e.hostname)}</td><td>${when(e.last_seen)}</td>
       <td><button class="drain" data-executor="${esc(e.id)}" ${e.state === "alive" ? "" : "disabled"}>drain</button></td></tr>`);
     main.innerHTML = `<table id="executors"><thead><tr><th>name</th><th>state</th><th>labels</th><th>slots used/total</th>
-      <th>CPU</th><th>memory</th><th>GPU</th><th>instances</th><th>host</th><th>last seen</th><th></th></tr></thead>
+      <th>CPU used/advertised</th><th>memory used/advertised</th><th>GPU used/advertised</th><th>instances</th><th>host</th><th>last seen</th><th></th></tr></thead>
       <tbody>${rows.join("")}</tbody></table>`;
   }
   main.addEventListener("click", async (ev) => {
