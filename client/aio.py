@@ -99,12 +99,19 @@ def _bridge() -> _Bridge:
 
 
 async def _await(fut: "asyncio.Future[Any]", timeout: Optional[float], what: str) -> Any:
+    """``fut``'s result, or DeadlineExceeded after ``timeout`` seconds (``fut`` is then cancelled).
+    Not ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation of the awaiting task that
+    arrives as ``fut`` completes, and a cancelled consumer would go on (a stream would not stop)."""
     if timeout is None:
         return await fut
     try:
-        return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
-        raise DeadlineExceeded(f"{what}: no answer within {timeout}s", timeout=timeout) from None
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+    finally:
+        if not fut.done():
+            fut.cancel()
+    if not done:
+        raise DeadlineExceeded(f"{what}: no answer within {timeout}s", timeout=timeout)
+    return fut.result()
 
 
 class AsyncSession:
