@@ -550,6 +550,7 @@ class Connection:
         deadline = None if timeout is None else start + timeout
         answered = False
         parts: List[Any] = []   # a streaming entrypoint's parts: its answer is all of them
+        heard = start            # when the direct socket last had something
         try:
             transport.send(sock, encode(self._submit(sid, [tag], False), [payload]), flags=0)
             until = start + SYNC_BUDGET if deadline is None else min(deadline, start + SYNC_BUDGET)
@@ -560,7 +561,13 @@ class Connection:
                     break
                 if not sock.poll(int(min(left, 0.05) * 1000) + 1):
                     self._check_alive()
+                    if parts and time.monotonic() - heard > self.settings.resend_after:
+                        answered = True   # a stream gone silent (its manager restarted?): not picked up again
+                        self._window.give()
+                        raise Unavailable(f"the stream went silent for {self.settings.resend_after:g}s after "
+                                          f"{len(parts)} parts", session=sid, parts=len(parts))
                     continue
+                heard = time.monotonic()
                 answer = self._direct_answer(sock, sid, tag, parts)
                 if answer is not None:
                     answered = True
