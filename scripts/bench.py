@@ -128,6 +128,25 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _terminate)
 
 
+def parse_sized(ap: "argparse.ArgumentParser", argv: Optional[List[str]], full: Dict[str, Any],
+                quick: Dict[str, Any], quick_help: str, peer: Optional[Tuple[str, str]] = None) -> Any:
+    """The benchmarks' shared options, parsed: ``--quick``, ``--json``, ``--silent``, the hidden
+    ``--PEER-child``/``--PEER-module`` (a test names a missing module), and every size option the
+    caller left unset (None) taken from ``full`` or, with ``--quick``, ``quick``."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    if peer is not None:
+        name, module = peer
+        ap.add_argument(f"--{name}-child", help=argparse.SUPPRESS)
+        ap.add_argument(f"--{name}-module", default=module, help=argparse.SUPPRESS)
+    opts = ap.parse_args(argv)
+    for key, value in (quick if opts.quick else full).items():
+        if getattr(opts, key, None) is None:
+            setattr(opts, key, value)
+    return opts
+
+
 def write_json(path: Optional[str], res: Dict[str, Any], indent: int = 1) -> None:
     """Write a benchmark's figures to ``path`` (``--json``); no path, nothing written."""
     if path:

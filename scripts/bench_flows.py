@@ -50,7 +50,7 @@ for p in (ROOT, HERE):
         sys.path.insert(0, p)
 
 import bench_peers  # noqa: E402
-from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, sayer, write_json  # noqa: E402
+from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, parse_sized, sayer, write_json  # noqa: E402
 from bench_runner import ratio, summary  # noqa: E402
 
 from client import Client, Session  # noqa: E402
@@ -272,16 +272,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--runs", type=int, default=None, help="counted runs of each system (default 5)")
     ap.add_argument("--tasks", type=int, default=None, help="work tasks in the fan-out (default 1000)")
     ap.add_argument("--no-dask", dest="dask", action="store_false", help="do not measure Dask")
-    ap.add_argument("--quick", action="store_true", help="1 run of 200 work tasks (smoke test)")
-    ap.add_argument("--json", help="also write every run's figures here")
-    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
-    ap.add_argument("--dask-child", help=argparse.SUPPRESS)
-    ap.add_argument("--dask-module", default="distributed", help=argparse.SUPPRESS)   # tests name a missing one
-    opts = ap.parse_args(argv)
-    cfg = QUICK if opts.quick else FULL
-    for key in ("runs", "tasks"):
-        if getattr(opts, key) is None:
-            setattr(opts, key, cfg[key])
+    opts = parse_sized(ap, argv, FULL, QUICK, "1 run of 200 work tasks (smoke test)",
+                       peer=("dask", "distributed"))
     if min(opts.runs, opts.tasks) < 1:
         ap.error("--runs and --tasks must be positive")
     if opts.dask_child:

@@ -50,7 +50,7 @@ for p in (ROOT, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, sayer, stream_count, write_json  # noqa: E402
+from bench import _table, cpu_seconds, exit_on_sigterm, noop_spec, parse_sized, sayer, stream_count, write_json  # noqa: E402
 from bench_peers import one_at_a_time  # noqa: E402
 from bench_runner import ratio, summary  # noqa: E402
 
@@ -238,14 +238,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--tasks", type=int, default=None, help="plain no-op tasks per throughput run (default 40000)")
     ap.add_argument("--window", type=int, default=None, help="plain tasks in flight (default 500)")
     ap.add_argument("--latency", type=int, default=None, help="calls / invokes per latency series (default 1000)")
-    ap.add_argument("--quick", action="store_true", help="1 small run (smoke test)")
-    ap.add_argument("--json", help="also write every run's figures here")
-    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
-    opts = ap.parse_args(argv)
-    cfg = QUICK if opts.quick else FULL
-    for key in cfg:
-        if getattr(opts, key) is None:
-            setattr(opts, key, cfg[key])
+    opts = parse_sized(ap, argv, FULL, QUICK, "1 small run (smoke test)")
     if min(opts.runs, opts.ids, opts.tasks, opts.window, opts.latency) < 1 or min(opts.hops, opts.fan) < 2:
         ap.error("counts must be positive (--hops and --fan at least 2)")
 

@@ -71,7 +71,7 @@ for p in (ROOT, HERE):
 
 import bench_limit  # noqa: E402
 import bench_peers  # noqa: E402
-from bench import _table, exit_on_sigterm, sayer, write_json  # noqa: E402
+from bench import _table, exit_on_sigterm, parse_sized, sayer, write_json  # noqa: E402
 
 from client import Client, Runner, Session  # noqa: E402
 from client import runner_package  # noqa: E402
@@ -454,16 +454,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--calls", type=int, default=None, help="calls in flight for throughput (default 5000)")
     ap.add_argument("--latency", type=int, default=None, help="one-at-a-time calls per side and run (default 500)")
     ap.add_argument("--no-ray", dest="ray", action="store_false", help="do not measure Ray")
-    ap.add_argument("--quick", action="store_true", help="1 run, 300 calls, 30 one at a time (for tests)")
-    ap.add_argument("--json", help="also write every run's figures here")
-    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
-    ap.add_argument("--ray-child", help=argparse.SUPPRESS)
-    ap.add_argument("--ray-module", default="ray", help=argparse.SUPPRESS)   # tests name a missing one
-    opts = ap.parse_args(argv)
-    cfg = QUICK if opts.quick else FULL
-    for key in ("runs", "calls", "latency"):
-        if getattr(opts, key) is None:
-            setattr(opts, key, cfg[key])
+    opts = parse_sized(ap, argv, FULL, QUICK, "1 run, 300 calls, 30 one at a time (for tests)",
+                       peer=("ray", "ray"))
     if min(opts.runs, opts.calls, opts.latency) < 1:
         ap.error("--runs, --calls and --latency must be positive")
     if opts.ray_child:

@@ -51,7 +51,7 @@ for p in (ROOT, HERE):
 
 import bench_limit  # noqa: E402
 import bench_peers  # noqa: E402
-from bench import _table, exit_on_sigterm, noop_spec, sayer, write_json  # noqa: E402
+from bench import _table, exit_on_sigterm, noop_spec, parse_sized, sayer, write_json  # noqa: E402
 from bench_hotpath import settle  # noqa: E402
 from bench_runner import ratio, summary  # noqa: E402
 
@@ -304,16 +304,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--latency", type=int, default=None, help="sequential awaits per run (default 500)")
     ap.add_argument("--first", type=int, default=None, help="time-to-first-part samples per run (default 100)")
     ap.add_argument("--no-ray", dest="ray", action="store_false", help="do not measure Ray")
-    ap.add_argument("--quick", action="store_true", help="1 run, 2,000 parts and calls (for tests)")
-    ap.add_argument("--json", help="also write every run's figures here")
-    ap.add_argument("--silent", action="store_true", help="no progress lines on stderr")
-    ap.add_argument("--ray-child", help=argparse.SUPPRESS)
-    ap.add_argument("--ray-module", default="ray", help=argparse.SUPPRESS)   # tests name a missing one
-    opts = ap.parse_args(argv)
-    cfg = QUICK if opts.quick else FULL
-    for key in ("runs", "parts", "calls", "window", "latency", "first"):
-        if getattr(opts, key) is None:
-            setattr(opts, key, cfg[key])
+    opts = parse_sized(ap, argv, FULL, QUICK, "1 run, 2,000 parts and calls (for tests)",
+                       peer=("ray", "ray"))
     if min(opts.runs, opts.parts, opts.calls, opts.window, opts.latency, opts.first) < 1:
         ap.error("--runs, --parts, --calls, --window, --latency and --first must be positive")
     if opts.ray_child:
