@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import sys
 from typing import Any, Iterator
 
@@ -70,3 +71,21 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 def client(mesh: LocalMesh) -> Iterator[Client]:
     with Client(mesh.endpoint) as c:
         yield c
+
+
+def zmesh_cli(mesh: Any, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``zmesh ARGS`` as a real process against ``mesh`` (its exit code and one-line errors)."""
+    env = {**os.environ, "ZMESH_MANAGER": mesh.endpoint, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=HERE)
+
+
+def mesh_with_app(tmp_path_factory: Any, spec: dict, name: str, **kwargs: Any) -> Iterator[LocalMesh]:
+    """A module's own mesh (1 executor x 2 slots, FAST timers) with the application ``spec``."""
+    m = LocalMesh(**{"executors": 1, "slots": 2, "env": FAST, "log_dir": str(tmp_path_factory.mktemp(name)),
+                     **kwargs})
+    with m:
+        with Client(m.endpoint) as c:
+            c.register_application(spec)
+        yield m
+

@@ -16,9 +16,9 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import FAST, HERE
+from conftest import HERE, mesh_with_app, zmesh_cli
 
-from client import Client, Functions
+from client import Functions
 from client.cli import main
 from client.local import LocalMesh
 from mesh import errors
@@ -30,17 +30,10 @@ APP = {"metadata": {"name": "fn-demo"},
 
 @pytest.fixture(scope="module")
 def fmesh(tmp_path_factory):
-    m = LocalMesh(executors=1, slots=2, env=FAST, log_dir=str(tmp_path_factory.mktemp("fn-cli")))
-    with m:
-        with Client(m.endpoint) as c:
-            c.register_application(APP)
-        yield m
+    yield from mesh_with_app(tmp_path_factory, APP, "fn-cli")
 
 
-def _zmesh(mesh, *args, timeout=60):
-    env = {**os.environ, "ZMESH_MANAGER": mesh.endpoint}
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=HERE)
+_zmesh = zmesh_cli
 
 
 def test_send_call_state_and_list(fmesh):

@@ -15,9 +15,8 @@ import threading
 import time
 
 import pytest
-from conftest import FAST, HERE, wait_until
+from conftest import HERE, mesh_with_app, wait_until, zmesh_cli
 
-from client import Client
 from client.local import LocalMesh
 from mesh import errors
 
@@ -28,20 +27,14 @@ APP = {"metadata": {"name": "stream-cli"},
 
 @pytest.fixture(scope="module")
 def smesh(tmp_path_factory):
-    m = LocalMesh(executors=1, slots=2, env=FAST, log_dir=str(tmp_path_factory.mktemp("stream-cli")))
-    with m:
-        with Client(m.endpoint) as c:
-            c.register_application(APP)
-        yield m
+    yield from mesh_with_app(tmp_path_factory, APP, "stream-cli")
 
 
 def _env(mesh) -> dict:
     return {**os.environ, "ZMESH_MANAGER": mesh.endpoint, "PYTHONUNBUFFERED": "1"}
 
 
-def _zmesh(mesh, *args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(mesh), cwd=HERE)
+_zmesh = zmesh_cli
 
 
 def test_parts_print_in_order_one_line_each(smesh):
