@@ -23,7 +23,8 @@ from conftest import FAST, ROOT, tools_spec, wait_until
 
 from client import Client, Functions, Session
 from client.dashboard.query import CONTEXT_SHOWN, context_view, parse_filter, parse_find, task_graph
-from client.flows import Flow, Parameter
+from client.flows import Flow
+from test_flows import failing_flow
 from client.dashboard.sampler import parse_metrics, quantile
 from client.local import LocalMesh, end_process
 from mesh import errors
@@ -241,22 +242,7 @@ def served(dash) -> Dict[str, Any]:
         c.register_application(FN_SPEC)
         with Functions(dash.endpoint) as fn:
             assert fn.call("test/count", "ann", Tick("m1"), timeout=WAIT * 2) == 1
-        f = Flow("dash-failing", client=c)
-
-        @f.task
-        def first(x: int) -> int:
-            return x + 1
-
-        @f.task
-        def explode(y: int) -> int:
-            raise ValueError(f"cannot use {y}")
-
-        @f.task
-        def after(z: int) -> int:
-            return z
-
-        with f:
-            after(explode(first(Parameter("x"))))
+        f = failing_flow("dash-failing", c)
         with pytest.raises(errors.TaskFailed):
             f.run_and_return({"x": 1}, timeout=WAIT * 2)
         [run] = c.find_flow_runs(filter={"flows": "dash-failing"})

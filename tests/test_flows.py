@@ -85,6 +85,27 @@ def build_flows(client: Client, directory: str):
     return sim, analyze
 
 
+def failing_flow(name: str, client: Client) -> Flow:
+    """first -> explode -> after, where explode raises ValueError("cannot use 2") for x = 1."""
+    f = Flow(name, client=client)
+
+    @f.task
+    def first(x: int) -> int:
+        return x + 1
+
+    @f.task
+    def explode(y: int) -> int:
+        raise ValueError(f"cannot use {y}")
+
+    @f.task
+    def after(z: int) -> int:
+        return z
+
+    with f:
+        after(explode(first(Parameter("x"))))
+    return f
+
+
 @pytest.fixture
 def mesh(tmp_path):
     m = LocalMesh(executors=2, slots=1, env=FAST, log_dir=str(tmp_path))
@@ -119,22 +140,7 @@ def test_a_flow_of_flows_maps_raw_file_and_db_and_runs_independent_tasks_togethe
 
 def test_run_and_return_and_a_failing_task_names_itself_with_its_remote_traceback(mesh):
     with Client(mesh.endpoint) as c:
-        f = Flow("failing", client=c)
-
-        @f.task
-        def first(x: int) -> int:
-            return x + 1
-
-        @f.task
-        def explode(y: int) -> int:
-            raise ValueError(f"cannot use {y}")
-
-        @f.task
-        def after(z: int) -> int:
-            return z
-
-        with f:
-            after(explode(first(Parameter("x"))))
+        f = failing_flow("failing", c)
         with pytest.raises(TaskFailed) as info:
             f.run_and_return({"x": 1}, timeout=60)
         err = info.value
