@@ -370,8 +370,9 @@ class Instance:
 
     def _stream(self, tid: int, gen: Any) -> Any:
         """Send each part as it is made, never more than the consumer's credit ahead; the end is
-        an empty answer.  Credit -1 (the caller broke off) closes the generator (its ``finally``
-        runs) and answers ``cancelled``; an exception after some parts answers it."""
+        an answer carrying the part count.  Credit -1 (the caller broke off) closes the generator
+        (its ``finally`` runs) and answers ``cancelled``; an exception after some parts is raised to
+        :meth:`_run_one`, which answers it like any task's."""
         sock = self._sock
         assert sock is not None
         credits = self._credit
@@ -396,13 +397,7 @@ class Instance:
                     return None, stream_end(seq)   # the client checks it got every part
                 transport.send(sock, encode(Parts([(tid, seq)]), [_dumps(part)]), flags=0)
                 seq += 1
-        except MeshError as exc:
-            return exc.to_wire(), b""
-        except BaseException as exc:  # noqa: B902 - the stream failed, the instance lives on
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            return _failure(exc), b""
-        finally:
+        finally:   # an error of the generator is answered by _run_one, which called this
             credits.pop(tid, None)
 
     def _close_generator(self, gen: Any, agen: bool) -> None:
