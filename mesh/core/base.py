@@ -204,6 +204,12 @@ class Base:
     def close_session(self, s: Session, why: str) -> None:
         raise NotImplementedError
 
+    def close_and_record(self, s: Session, why: str) -> None:
+        raise NotImplementedError
+
+    def open_engine_session(self, sid: str, app_name: str, owner: str) -> Session:
+        raise NotImplementedError
+
     def wait_for_object(self, peer: bytes, rid: int, waiting: Any) -> None:
         raise NotImplementedError
 

@@ -345,9 +345,7 @@ class ControlRules(Base):
                 lease.sessions.add(sid)
                 self.save_lease(lease)
             elif lease is not None:   # the lease ended while the session was written: it ends too
-                self.close_session(s, f"ended with its lease {lease.id}")
-                self.call(Call(lambda store, i, at: store.close_session(i, at), (sid, s.closed_at),
-                               label="close_session"))
+                self.close_and_record(s, f"ended with its lease {lease.id}")
             event(log, logging.INFO, "session opened", session=sid, application=app.spec.name)
             return s.view()
 
@@ -380,6 +378,21 @@ class ControlRules(Base):
             return s.view()
 
         return Later(lambda store: store.close_session(s.id, s.closed_at), then=closed)
+
+    def close_and_record(self, s: Session, why: str) -> None:
+        """:meth:`close_session`, and the closing written down (a store call after the batch)."""
+        self.close_session(s, why)
+        self.call(Call(lambda store, i, at: store.close_session(i, at), (s.id, s.closed_at), label="close_session"))
+
+    def open_engine_session(self, sid: str, app_name: str, owner: str) -> Session:
+        """A session the manager opens for one of its engines (flows, functions): in memory at once,
+        written by a store call after the batch."""
+        app = self.apps[app_name]
+        s = self.sessions[sid] = Session(sid, app_name, app.spec.resreq, self.now, Document(), owner=owner)
+        self.call(Call(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
+                                                          s.context.kind, s.context.encoded(), None),
+                       label="engine session"))
+        return s
 
     def close_session(self, s: Session, why: str) -> None:
         """Close ``s`` in memory (the caller writes it down): its queued tasks are cancelled, its running

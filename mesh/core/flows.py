@@ -33,7 +33,6 @@ from mesh.core import query
 from mesh.core.base import FLOW_PEER, Base, log
 from mesh.core.control import Args, Later, RunWait, _arg
 from mesh.core.effects import Call
-from mesh.data.context import Document
 from mesh.errors import (Cancelled, FailedPrecondition, Internal, InvalidArgument, MeshError, NotFound,
                          PermissionDenied)
 from mesh.model import flows as model
@@ -254,17 +253,12 @@ class FlowRules(Base):
         s = self.sessions.get(sid) if sid else None
         if s is not None and s.state == OPEN:
             return s
-        app = self.apps[app_name]
         sid = f"flow-{run.h['id']}-{len(run.h['sessions']) + 1}"
         while sid in self.sessions or sid in self.creating:
             sid += "x"
-        s = Session(sid, app_name, app.spec.resreq, self.now, Document(), owner=run.h["owner"])
-        self.sessions[sid] = s
+        s = self.open_engine_session(sid, app_name, run.h["owner"])
         run.h["sessions"][app_name] = sid
         self._save_run(run)
-        self.call(Call(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
-                                                          s.context.kind, s.context.encoded(), None),
-                       label="flow session"))
         return s
 
     def _flow_app(self, labels: Dict[str, str]) -> str:
@@ -445,9 +439,7 @@ class FlowRules(Base):
         for sid in run.h["sessions"].values():
             s = self.sessions.get(sid)
             if s is not None and s.state == OPEN:
-                self.close_session(s, f"ended with flow run {run.h['id']}")
-                self.call(Call(lambda store, i, at: store.close_session(i, at), (sid, s.closed_at),
-                               label="close flow session"))
+                self.close_and_record(s, f"ended with flow run {run.h['id']}")
         if any(v[0] == run.h["id"] for v in self.flow_tags.values()):   # answers that will never come
             self.flow_tags = {k: v for k, v in self.flow_tags.items() if v[0] != run.h["id"]}
         event(log, logging.INFO, "flow run ended", run=run.h["id"], state=state)

@@ -27,8 +27,6 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 from mesh.core import query
 from mesh.core.base import FN_PEER, Base, log
 from mesh.core.control import Args, CallWait, EgressWait, Later, _arg
-from mesh.core.effects import Call
-from mesh.data.context import Document
 from mesh.errors import DeadlineExceeded, InvalidArgument, NotFound
 from mesh.model import functions as model
 from mesh.model.auth import INSECURE, Principal
@@ -230,23 +228,16 @@ class FunctionRules(Base):
         s = self.sessions.get(sid) if sid else None
         if s is not None and s.state == OPEN:
             return s
-        app = self.apps[app_name]
         sid = f"fn-{app_name}-{self.fn_cid[3:]}"
-        s = Session(sid, app_name, app.spec.resreq, self.now, Document(), owner="")
-        self.sessions[sid] = s
+        s = self.open_engine_session(sid, app_name, "")
         self.fn_sessions[app_name] = sid
-        self.call(Call(lambda store: store.create_session(s.id, s.app, s.created_at, s.resreq.to_dict(), s.owner,
-                                                          s.context.kind, s.context.encoded(), None),
-                       label="functions session"))
         self.plan_soon()
         return s
 
     def _close_fn_session(self, app: str) -> None:
         s = self.sessions.get(self.fn_sessions.pop(app, ""))
         if s is not None and s.state == OPEN:
-            self.close_session(s, "serves no function")
-            self.call(Call(lambda store, i, at: store.close_session(i, at), (s.id, s.closed_at),
-                           label="close functions session"))
+            self.close_and_record(s, "serves no function")
 
     def _dispatch(self, a: Addr) -> None:
         """Hand the address's queued messages (up to FN_BATCH) to its type's application."""
@@ -500,9 +491,7 @@ class FunctionRules(Base):
             self.egress_next[typename] = last + 1
         for s in list(self.sessions.values()):
             if s.id.startswith("fn-") and s.state == OPEN:
-                self.close_session(s, "belonged to the manager's last run")
-                self.call(Call(lambda store, i, at: store.close_session(i, at), (s.id, s.closed_at),
-                               label="close functions session"))
+                self.close_and_record(s, "belonged to the manager's last run")
         for a in list(self.addrs.values()):
             self._dispatch(a)
 

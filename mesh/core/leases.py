@@ -107,9 +107,7 @@ class LeaseRules(Base):
         for sid in sorted(lease.sessions):
             s = self.sessions.get(sid)
             if s is not None and s.state == OPEN:
-                self.close_session(s, f"its lease {lease.id} was {reason}")
-                self.call(Call(lambda store, i, at: store.close_session(i, at), (s.id, s.closed_at),
-                               label="close_session"))
+                self.close_and_record(s, f"its lease {lease.id} was {reason}")
                 closed.append(sid)
         self.delete_objects([k for k in sorted(lease.objects) if k in self.objects.items])
         removed = []
